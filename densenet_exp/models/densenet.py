@@ -1,0 +1,289 @@
+"""DenseNet with its three design knobs exposed: growth rate, compression and bottleneck.
+
+Huang, Liu, van der Maaten, Weinberger, "Densely Connected Convolutional Networks",
+CVPR 2017 (arXiv:1608.06993). Memory-efficient mode follows Pleiss et al., "Memory-Efficient
+Implementation of DenseNets" (arXiv:1707.06990).
+
+With the default arguments the parameter names and shapes are exactly those of
+``torchvision.models.densenet121``, so torchvision's ImageNet weights load unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint as checkpoint
+from torch import Tensor, nn
+
+STEMS = ("imagenet", "cifar")
+
+
+class DenseLayer(nn.Module):
+    """One composite layer H_l: BN-ReLU-Conv1x1(bn_size*k)-BN-ReLU-Conv3x3(k) with bottleneck
+    ("-B"), else BN-ReLU-Conv3x3(k). Reads the concatenation of every earlier feature map."""
+
+    def __init__(
+        self,
+        in_features: int,
+        growth_rate: int,
+        bn_size: int,
+        bottleneck: bool,
+        drop_rate: float,
+        memory_efficient: bool,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(in_features)
+        self.relu1 = nn.ReLU(inplace=True)
+        if bottleneck:
+            self.conv1 = nn.Conv2d(in_features, bn_size * growth_rate, 1, bias=False)
+            self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
+            self.relu2 = nn.ReLU(inplace=True)
+            self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, 3, padding=1, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(in_features, growth_rate, 3, padding=1, bias=False)
+        self.bottleneck = bottleneck
+        self.drop_rate = float(drop_rate)
+        self.memory_efficient = memory_efficient
+
+    def _first_conv(self, *inputs: Tensor) -> Tensor:
+        # The concatenation is the memory hog: in memory-efficient mode this whole function is
+        # recomputed in backward, so its (quadratically growing) output is never stored.
+        out = self.conv1(self.relu1(self.norm1(torch.cat(inputs, 1))))
+        return F.dropout(out, self.drop_rate, self.training) if self.drop_rate else out
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        if self.memory_efficient and torch.is_grad_enabled() and any(f.requires_grad for f in features):
+            out = checkpoint.checkpoint(self._first_conv, *features, use_reentrant=False)
+        else:
+            out = self._first_conv(*features)
+        if self.bottleneck:
+            out = self.conv2(self.relu2(self.norm2(out)))
+            if self.drop_rate:
+                out = F.dropout(out, self.drop_rate, self.training)
+        return out
+
+
+class DenseBlock(nn.ModuleDict):
+    """`num_layers` dense layers; layer l sees the block input and the outputs of layers < l."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        in_features: int,
+        growth_rate: int,
+        bn_size: int,
+        bottleneck: bool,
+        drop_rate: float,
+        memory_efficient: bool,
+    ) -> None:
+        super().__init__()
+        for i in range(num_layers):
+            layer = DenseLayer(
+                in_features + i * growth_rate, growth_rate, bn_size, bottleneck, drop_rate, memory_efficient
+            )
+            self.add_module(f"denselayer{i + 1}", layer)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Keep a list and concatenate once per layer inside the layer (not once per block
+        # iteration here), so memory-efficient mode can recompute that concatenation.
+        features = [x]
+        for layer in self.values():
+            features.append(layer(features))
+        return torch.cat(features, 1)
+
+
+class Transition(nn.Sequential):
+    """BN-ReLU-Conv1x1 to floor(theta * m) maps, then 2x2 average pooling with stride 2."""
+
+    def __init__(self, in_features: int, out_features: int, drop_rate: float = 0.0) -> None:
+        super().__init__()
+        self.add_module("norm", nn.BatchNorm2d(in_features))
+        self.add_module("relu", nn.ReLU(inplace=True))
+        self.add_module("conv", nn.Conv2d(in_features, out_features, 1, bias=False))
+        if drop_rate:
+            self.add_module("drop", nn.Dropout(drop_rate))
+        # ceil_mode keeps odd maps (7x7 from a 28x28 input) from shrinking to zero; for the even
+        # sizes of a 224x224 input it is identical to torchvision's pooling.
+        self.add_module("pool", nn.AvgPool2d(2, stride=2, ceil_mode=True))
+
+
+def _check(name: str, value: object, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is invalid: expected {allowed}")
+
+
+def transition_width(in_features: int, compression: float) -> int:
+    """Maps a transition keeps: floor(theta * m), at least one."""
+    return max(1, math.floor(compression * in_features))
+
+
+class DenseNet(nn.Module):
+    """DenseNet of Huang et al. 2017 with growth rate k, compression theta and bottleneck as knobs.
+
+    Args:
+        growth_rate: k, new feature maps per dense layer.
+        block_config: dense layers per block.
+        compression: theta in (0, 1]; a transition outputs floor(theta * m) maps ("-C" when < 1).
+        bottleneck: put a 1x1 conv to bn_size*k maps before each 3x3 conv ("-B").
+        bn_size: bottleneck width multiplier.
+        num_init_features: maps of the first convolution.
+        drop_rate: dropout after each convolution but the first (the paper's no-augmentation setting).
+        num_classes: classifier outputs.
+        in_channels: input image channels (1 for grayscale).
+        stem: "imagenet" (7x7/2 conv, BN-ReLU, 3x3/2 max-pool) or "cifar" (3x3/1 conv).
+        memory_efficient: recompute concatenation, BN, ReLU and the first conv in backward.
+    """
+
+    def __init__(
+        self,
+        growth_rate: int = 32,
+        block_config: Sequence[int] = (6, 12, 24, 16),
+        compression: float = 0.5,
+        bottleneck: bool = True,
+        bn_size: int = 4,
+        num_init_features: int = 64,
+        drop_rate: float = 0.0,
+        num_classes: int = 1000,
+        in_channels: int = 3,
+        stem: str = "imagenet",
+        memory_efficient: bool = False,
+    ) -> None:
+        super().__init__()
+        _check_int = lambda name, v: _check(  # noqa: E731
+            name, v, isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"
+        )
+        _check_int("growth_rate", growth_rate)
+        _check(
+            "block_config",
+            block_config,
+            isinstance(block_config, Sequence)
+            and len(block_config) > 0
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in block_config),
+            "a non-empty sequence of integers >= 1",
+        )
+        _check(
+            "compression",
+            compression,
+            isinstance(compression, (int, float)) and not isinstance(compression, bool) and 0 < compression <= 1,
+            "a number in (0, 1]",
+        )
+        _check("bottleneck", bottleneck, isinstance(bottleneck, bool), "true or false")
+        _check_int("bn_size", bn_size)
+        _check_int("num_init_features", num_init_features)
+        _check(
+            "drop_rate",
+            drop_rate,
+            isinstance(drop_rate, (int, float)) and not isinstance(drop_rate, bool) and 0 <= drop_rate < 1,
+            "a number in [0, 1)",
+        )
+        _check_int("num_classes", num_classes)
+        _check_int("in_channels", in_channels)
+        _check("stem", stem, stem in STEMS, f"one of {', '.join(STEMS)}")
+
+        self.growth_rate = growth_rate
+        self.compression = float(compression)
+        self.bottleneck = bottleneck
+        self.block_config = tuple(block_config)
+
+        if stem == "imagenet":
+            layers = [
+                ("conv0", nn.Conv2d(in_channels, num_init_features, 7, stride=2, padding=3, bias=False)),
+                ("norm0", nn.BatchNorm2d(num_init_features)),
+                ("relu0", nn.ReLU(inplace=True)),
+                ("pool0", nn.MaxPool2d(3, stride=2, padding=1)),
+            ]
+        else:
+            # Pre-activation: the first dense layer's BN-ReLU follows this conv directly.
+            layers = [("conv0", nn.Conv2d(in_channels, num_init_features, 3, padding=1, bias=False))]
+        self.features = nn.Sequential(OrderedDict(layers))
+
+        width = num_init_features
+        for i, num_layers in enumerate(self.block_config):
+            block = DenseBlock(num_layers, width, growth_rate, bn_size, bottleneck, drop_rate, memory_efficient)
+            self.features.add_module(f"denseblock{i + 1}", block)
+            width += num_layers * growth_rate
+            if i != len(self.block_config) - 1:
+                out = transition_width(width, compression)
+                self.features.add_module(f"transition{i + 1}", Transition(width, out, drop_rate))
+                width = out
+        self.features.add_module(f"norm{len(self.block_config) + 1}", nn.BatchNorm2d(width))
+        self.classifier = nn.Linear(width, num_classes)
+        self.num_features = width
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)  # He initialization, as in the paper
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.features(x), inplace=True)
+        out = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
+        return self.classifier(out)
+
+
+def _preset(growth_rate: int, block_config: tuple[int, ...], num_init_features: int, overrides: dict) -> DenseNet:
+    kwargs = {"growth_rate": growth_rate, "block_config": block_config, "num_init_features": num_init_features}
+    kwargs.update(overrides)
+    return DenseNet(**kwargs)
+
+
+def densenet121(**overrides) -> DenseNet:
+    """DenseNet-121 (paper Table 1): k=32, blocks 6-12-24-16."""
+    return _preset(32, (6, 12, 24, 16), 64, overrides)
+
+
+def densenet161(**overrides) -> DenseNet:
+    """DenseNet-161 (paper Table 1): k=48, blocks 6-12-36-24, 96 initial maps."""
+    return _preset(48, (6, 12, 36, 24), 96, overrides)
+
+
+def densenet169(**overrides) -> DenseNet:
+    """DenseNet-169 (paper Table 1): k=32, blocks 6-12-32-32."""
+    return _preset(32, (6, 12, 32, 32), 64, overrides)
+
+
+def densenet201(**overrides) -> DenseNet:
+    """DenseNet-201 (paper Table 1): k=32, blocks 6-12-48-32."""
+    return _preset(32, (6, 12, 48, 32), 64, overrides)
+
+
+def densenet264(**overrides) -> DenseNet:
+    """DenseNet-264 (paper Table 1): k=32, blocks 6-12-64-48."""
+    return _preset(32, (6, 12, 64, 48), 64, overrides)
+
+
+def densenet_cifar(
+    depth: int = 100,
+    growth_rate: int = 12,
+    bottleneck: bool = True,
+    compression: float = 0.5,
+    num_classes: int = 10,
+    **overrides,
+) -> DenseNet:
+    """The paper's CIFAR/SVHN family: three dense blocks of (depth-4)/3 layers, half that with
+    bottleneck; first conv of 16 maps, or 2k for DenseNet-BC; 3x3 stem. DenseNet-BC (L=100, k=12)
+    is ``densenet_cifar(100, 12, True, 0.5)``."""
+    _check("depth", depth, isinstance(depth, int) and depth >= 7 and (depth - 4) % 3 == 0, "4 + 3n for n >= 1")
+    per_block = (depth - 4) // 3
+    if bottleneck:
+        _check("depth", depth, per_block % 2 == 0, "4 + 6n with bottleneck (two convs per layer)")
+        per_block //= 2
+    kwargs = {
+        "growth_rate": growth_rate,
+        "block_config": (per_block,) * 3,
+        "compression": compression,
+        "bottleneck": bottleneck,
+        "num_init_features": 2 * growth_rate if bottleneck and compression < 1 else 16,
+        "num_classes": num_classes,
+        "stem": "cifar",
+    }
+    kwargs.update(overrides)
+    return DenseNet(**kwargs)
