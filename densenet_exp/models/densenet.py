@@ -10,6 +10,7 @@ With the default arguments the parameter names and shapes are exactly those of
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -20,6 +21,22 @@ import torch.utils.checkpoint as checkpoint
 from torch import Tensor, nn
 
 STEMS = ("imagenet", "cifar")
+
+
+@contextlib.contextmanager
+def _frozen_running_stats(norm: nn.BatchNorm2d):
+    """Run `norm` exactly as before but leave its running statistics untouched: momentum 0 keeps
+    running_mean/var bit for bit (the op still saves the same tensors for backward, which
+    checkpoint's recomputation check requires) and num_batches_tracked is restored."""
+    momentum, tracked = norm.momentum, norm.num_batches_tracked
+    saved = tracked.clone() if tracked is not None else None
+    norm.momentum = 0.0
+    try:
+        yield
+    finally:
+        norm.momentum = momentum
+        if saved is not None:
+            tracked.copy_(saved)
 
 
 class DenseLayer(nn.Module):
@@ -55,9 +72,16 @@ class DenseLayer(nn.Module):
         out = self.conv1(self.relu1(self.norm1(torch.cat(inputs, 1))))
         return F.dropout(out, self.drop_rate, self.training) if self.drop_rate else out
 
+    def _checkpoint_contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        # The recomputation in backward runs norm1 a second time; without this its running
+        # statistics (and num_batches_tracked) would be updated twice per training step.
+        return contextlib.nullcontext(), _frozen_running_stats(self.norm1)
+
     def forward(self, features: list[Tensor]) -> Tensor:
         if self.memory_efficient and torch.is_grad_enabled() and any(f.requires_grad for f in features):
-            out = checkpoint.checkpoint(self._first_conv, *features, use_reentrant=False)
+            out = checkpoint.checkpoint(
+                self._first_conv, *features, use_reentrant=False, context_fn=self._checkpoint_contexts
+            )
         else:
             out = self._first_conv(*features)
         if self.bottleneck:

@@ -1,0 +1,253 @@
+"""Side-by-side benchmark of the train step and inference of DenseNets and ResNets.
+
+    python -m densenet_exp.bench                                  # CPU, 32x32, batch 32
+    python -m densenet_exp.bench --size 224 --batch 32 --steps 5 --reference tv_densenet121
+    python -m densenet_exp.bench --models densenet121,densenet121:fast,timm_densenet121
+
+Each entry runs in its own process (a clean allocator and a clean peak-memory counter), warms up,
+then times several steps; the table reports medians, peak memory, FLOPs and each entry's ratio
+to the reference entry measured in the same run. An entry `NAME:fast` is NAME with the
+harness's fast path (channels_last, bf16 autocast where the CPU or GPU supports it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+DEFAULT_MODELS = (
+    "densenet121",
+    "densenet121:fast",
+    "densenet121_me",
+    "tv_densenet121",
+    "tv_densenet121_me",
+    "timm_densenet121",
+    "resnet18",
+    "resnet50",
+)
+
+
+def _ours(**kwargs: Any) -> Callable[[int], nn.Module]:
+    def build(num_classes: int) -> nn.Module:
+        from .models import densenet121
+
+        return densenet121(num_classes=num_classes, **kwargs)
+
+    return build
+
+
+def _torchvision(name: str, **kwargs: Any) -> Callable[[int], nn.Module]:
+    def build(num_classes: int) -> nn.Module:
+        import torchvision
+
+        return getattr(torchvision.models, name)(weights=None, num_classes=num_classes, **kwargs)
+
+    return build
+
+
+def _timm(name: str) -> Callable[[int], nn.Module]:
+    def build(num_classes: int) -> nn.Module:
+        import timm  # a bench extra: `pip install -e '.[dev]'`
+
+        return timm.create_model(name, pretrained=False, num_classes=num_classes)
+
+    return build
+
+
+MODELS: dict[str, Callable[[int], nn.Module]] = {
+    "densenet121": _ours(),
+    "densenet121_me": _ours(memory_efficient=True),
+    "tv_densenet121": _torchvision("densenet121"),
+    "tv_densenet121_me": _torchvision("densenet121", memory_efficient=True),
+    "timm_densenet121": _timm("densenet121"),
+    "resnet18": _torchvision("resnet18"),
+    "resnet50": _torchvision("resnet50"),
+}
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    flags = open("/proc/cpuinfo").read() if sys.platform.startswith("linux") else ""
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def peak_memory_mb(device: torch.device, baseline_kib: int) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline_kib) / 1024
+
+
+def measure(entry: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Time one entry in this process: train steps, then inference; medians of `args.steps`."""
+    name, _, options = entry.partition(":")
+    fast = options == "fast"
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    y = torch.randint(0, args.num_classes, (args.batch,), device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    model = MODELS[name](args.num_classes).to(device)
+    from .probes import count_flops
+
+    flops = count_flops(model, (1, 3, args.size, args.size))
+    autocast_dtype = torch.bfloat16 if (fast or args.precision == "bf16") and bf16_supported(device) else None
+    if fast:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def train_step() -> None:
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def infer_step() -> None:
+        with torch.no_grad(), torch.autocast(
+            device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+        ):
+            model(x)
+
+    results: dict[str, Any] = {"entry": entry, "params": sum(p.numel() for p in model.parameters()), **flops}
+    for mode, step in (("train", train_step), ("infer", infer_step)):
+        model.train(mode == "train")
+        times = []
+        for i in range(args.warmup + args.steps):
+            sync()
+            start = time.perf_counter()
+            step()
+            sync()
+            if i >= args.warmup:
+                times.append(time.perf_counter() - start)
+        results[f"{mode}_images_per_s"] = args.batch / statistics.median(times)
+        if mode == "train":
+            results["peak_memory_mb"] = peak_memory_mb(device, baseline)
+    results["precision"] = "bf16" if autocast_dtype is not None else "fp32"
+    return results
+
+
+def run_entry(entry: str, argv: list[str]) -> dict[str, Any]:
+    """Measure one entry in a fresh process."""
+    cmd = [sys.executable, "-m", "densenet_exp.bench", *argv, "--child", entry]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"entry": entry, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def format_table(rows: list[dict[str, Any]], reference: str) -> str:
+    ref = next((r for r in rows if r["entry"] == reference and "error" not in r), None)
+    header = (
+        f"| model | params (M) | GMACs/img | precision | train img/s | infer img/s | peak train mem (MB) "
+        f"| train x {reference} | infer x {reference} | mem x {reference} |"
+    )
+    lines = [header, "|" + "---|" * 10]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['entry']} | error: {r['error']} |" + " |" * 8)
+            continue
+
+        def ratio(key: str) -> str:
+            return f"{r[key] / ref[key]:.2f}" if ref and ref[key] else ""
+
+        lines.append(
+            f"| {r['entry']} | {r['params'] / 1e6:.2f} | {r['macs'] / 1e9:.3f} | {r['precision']} "
+            f"| {r['train_images_per_s']:.1f} | {r['infer_images_per_s']:.1f} | {r['peak_memory_mb']:.0f} "
+            f"| {ratio('train_images_per_s')} | {ratio('infer_images_per_s')} | {ratio('peak_memory_mb')} |"
+        )
+    return "\n".join(lines)
+
+
+def log_to_mlflow(rows: list[dict[str, Any]], table: str, args: argparse.Namespace) -> str:
+    from pathlib import Path
+    import tempfile
+
+    import mlflow
+
+    from .tracking import ensure_experiment, tracking_uri
+
+    client = mlflow.MlflowClient(tracking_uri(args.tracking_uri, Path.cwd()))
+    run = client.create_run(ensure_experiment(client, "bench"), tags={"mlflow.runName": f"bench-{args.size}px"})
+    for key in ("size", "batch", "steps", "warmup", "threads", "device", "precision", "reference"):
+        client.log_param(run.info.run_id, key, getattr(args, key))
+    for r in rows:
+        for key in ("train_images_per_s", "infer_images_per_s", "peak_memory_mb", "macs", "flops", "params"):
+            if key in r:
+                client.log_metric(run.info.run_id, f"{r['entry'].replace(':', '_')}.{key}", r[key])
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "bench.md").write_text(table + "\n")
+        (Path(tmp) / "bench.json").write_text(json.dumps(rows, indent=1))
+        client.log_artifacts(run.info.run_id, tmp)
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m densenet_exp.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated entries, NAME or NAME:fast")
+    p.add_argument("--reference", default="tv_densenet121", help="entry the ratios divide by")
+    p.add_argument("--size", type=int, default=32, help="input resolution")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per mode (median reported)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="for every entry")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--log-mlflow", action="store_true", help="log the table to the MLflow experiment 'bench'")
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    for entry in args.models.split(","):
+        name, _, options = entry.partition(":")
+        if name not in MODELS or options not in ("", "fast"):
+            p.error(f"--models entry {entry!r} is invalid: expected NAME or NAME:fast, NAME one of {', '.join(MODELS)}")
+    for key in ("size", "batch", "steps", "threads", "num_classes"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')}={getattr(args, key)} is invalid: expected an integer >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.child:
+        print(json.dumps(measure(args.child, args)))
+        return []
+    passthrough = [a for a in argv if not a.startswith("--log-mlflow")]
+    rows = []
+    for entry in args.models.split(","):
+        print(f"measuring {entry} ...", file=sys.stderr, flush=True)
+        rows.append(run_entry(entry, passthrough))
+    table = format_table(rows, args.reference)
+    print(
+        f"{args.device}, {args.threads} threads, {args.size}x{args.size}, batch {args.batch}, "
+        f"median of {args.steps} steps after {args.warmup} warm-up"
+    )
+    print(table)
+    if args.log_mlflow:
+        print(f"logged to MLflow run {log_to_mlflow(rows, table, args)}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

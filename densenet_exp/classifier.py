@@ -1,0 +1,114 @@
+"""The LightningModule every run trains: any image classifier, cross-entropy, torchmetrics
+accuracy, and the optimizer and learning-rate schedule its config names."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+SCHEDULERS = ("constant", "multistep", "cosine", "onecycle")
+
+
+class ImageClassifier(L.LightningModule):
+    """Train, validate and test `model`; metrics are logged once per epoch (`train/loss`,
+    `train/acc`, `val/loss`, `val/acc`, `lr`, then `test/loss`, `test/acc`[, `test/acc_top5`]), so
+    no step waits on the tracking store and a resumed run logs every epoch exactly once."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        optim: Mapping[str, Any],
+        label_smoothing: float = 0.0,
+        channels_last: bool = False,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.optim = dict(optim)
+        self.label_smoothing = label_smoothing
+        self.channels_last = channels_last
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        # torch.compile wraps the forward only; `self.model` stays the plain module for probes.
+        self.forward_fn = torch.compile(self.model) if compile else self.model
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        # Top-5 says little with 10 classes or fewer.
+        self.test_top5 = MulticlassAccuracy(num_classes, top_k=5, average="micro") if num_classes > 10 else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.forward_fn(x)
+
+    def _loss(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        x, y = batch
+        logits = self(x)
+        return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing), logits, y
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss, logits, y = self._loss(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step}: "
+                "lower optim.lr or check the data"
+            )
+        self.train_acc.update(logits, y)
+        self.log("loss", loss, prog_bar=True, logger=False)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=False, on_epoch=True)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        loss, logits, y = self._loss(batch)
+        self.val_acc.update(logits, y)
+        self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        loss, logits, y = self._loss(batch)
+        self.test_acc.update(logits, y)
+        self.log("test/loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
+        self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
+        if self.test_top5 is not None:
+            self.test_top5.update(logits, y)
+            self.log("test/acc_top5", self.test_top5, on_step=False, on_epoch=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.optim
+        name = cfg["name"]
+        kwargs: dict[str, Any] = {"lr": cfg["lr"], "weight_decay": cfg.get("weight_decay", 0.0)}
+        if name == "sgd":
+            kwargs.update(momentum=cfg.get("momentum", 0.0), nesterov=cfg.get("nesterov", False))
+        optimizer = OPTIMIZERS[name](self.parameters(), **kwargs)
+        scheduler = cfg.get("scheduler", "constant")
+        epochs = self.trainer.max_epochs
+        if scheduler == "multistep":
+            # Milestones are fractions of the run (the paper: 50% and 75% of the epochs).
+            milestones = [max(1, round(f * epochs)) for f in cfg.get("milestones", (0.5, 0.75))]
+            sched = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=cfg.get("gamma", 0.1))
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        if scheduler == "cosine":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        if scheduler == "onecycle":
+            sched = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer,
+                max_lr=cfg["lr"],
+                total_steps=int(self.trainer.estimated_stepping_batches),
+                pct_start=cfg.get("pct_start", 0.25),
+            )
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return {"optimizer": optimizer}

@@ -1,0 +1,289 @@
+"""Data sets as Lightning data modules.
+
+Data that fits in memory (Fashion-MNIST, CIFAR, synthetic) is held as one uint8 tensor and
+served a whole batch per index operation, on the GPU when training runs there: no per-image
+PIL decoding, no collation, no worker processes. ImageNet-style folders go through
+torchvision's usual per-image pipeline.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+# Per-channel statistics of each training set, for normalization.
+STATS = {
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "synthetic": ((0.5,), (0.25,)),
+}
+AUGMENTATIONS = ("none", "flip", "crop", "crop_flip")
+
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+FASHION_MNIST_HELP = (
+    "install Debian's package (apt-get install dataset-fashion-mnist, which fills "
+    "/usr/share/datasets/fashion-mnist), point data.root at a folder with the idx files, "
+    "or set data.download=true to let torchvision download it"
+)
+
+
+class DataNotFoundError(FileNotFoundError):
+    """The data set's files are not where the config says."""
+
+
+class TensorImages(Dataset):
+    """Images (N, C, H, W) uint8 and labels (N,), indexed one batch of indices at a time.
+
+    Normalization and augmentation run on the whole batch, on whatever device the tensors are.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, mean: tuple, std: tuple, augment: str = "none") -> None:
+        self.images, self.labels, self.augment = images, labels, augment
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def to(self, device: torch.device) -> TensorImages:
+        self.images, self.labels = self.images.to(device), self.labels.to(device)
+        self.mean, self.std = self.mean.to(device), self.std.to(device)
+        return self
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: list[int] | Tensor) -> tuple[Tensor, Tensor]:
+        index = torch.as_tensor(index, device=self.images.device)
+        x = self.images[index].float().div_(255)
+        if "crop" in self.augment:
+            x = random_crop(x, padding=4)
+        if "flip" in self.augment:
+            flip = torch.rand(len(x), device=x.device) < 0.5
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        return (x - self.mean) / self.std, self.labels[index]
+
+
+def random_crop(x: Tensor, padding: int) -> Tensor:
+    """Per-image random crop after zero padding (the paper's "+" augmentation), batched."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (n, 1, 1, 1), device=x.device)
+    dx = torch.randint(0, 2 * padding + 1, (n, 1, 1, 1), device=x.device)
+    rows = dy + torch.arange(h, device=x.device).view(1, 1, h, 1)
+    cols = dx + torch.arange(w, device=x.device).view(1, 1, 1, w)
+    flat_index = (rows * padded.shape[-1] + cols).expand(n, c, h, w).reshape(n, c, h * w)
+    return padded.flatten(2).gather(2, flat_index).view(n, c, h, w)
+
+
+class IndexBatches(Sampler):
+    """Yields lists of indices, one per batch: shuffled with a generator seeded by (seed, epoch)
+    so that a resumed run sees the same order, and sharded by rank under DDP."""
+
+    def __init__(
+        self, size: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool, rank: int = 0, world_size: int = 1
+    ) -> None:
+        self.size, self.batch_size, self.shuffle, self.seed = size, batch_size, shuffle, seed
+        self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _shard(self) -> Tensor:
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        else:
+            order = torch.arange(self.size)
+        per_rank = self.size // self.world_size if self.drop_last or self.world_size > 1 else self.size
+        return order[self.rank :: self.world_size][:per_rank]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        shard = self._shard()
+        for batch in shard.split(self.batch_size):
+            if self.drop_last and len(batch) < self.batch_size:
+                return
+            yield batch.tolist()
+
+    def __len__(self) -> int:
+        n = len(self._shard())
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an idx file (the MNIST format), gzipped or not."""
+    raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def find_fashion_mnist(root: Path) -> Path | None:
+    """The folder holding the idx files: `root` itself (Debian's layout) or torchvision's
+    `root/FashionMNIST/raw`."""
+    for folder in (root, root / "FashionMNIST" / "raw"):
+        name = FASHION_MNIST_FILES["train"][0]
+        if (folder / name).exists() or (folder / f"{name}.gz").exists():
+            return folder
+    return None
+
+
+def _idx_path(folder: Path, name: str) -> Path:
+    plain = folder / name
+    return plain if plain.exists() else folder / f"{name}.gz"
+
+
+def load_fashion_mnist(root: Path, download: bool) -> dict[str, tuple[Tensor, Tensor]]:
+    folder = find_fashion_mnist(root)
+    if folder is None and download:
+        import torchvision
+
+        torchvision.datasets.FashionMNIST(str(root), train=True, download=True)
+        torchvision.datasets.FashionMNIST(str(root), train=False, download=True)
+        folder = find_fashion_mnist(root)
+    if folder is None:
+        raise DataNotFoundError(f"data.root={str(root)!r} holds no Fashion-MNIST files: {FASHION_MNIST_HELP}")
+    splits = {}
+    for split, (images, labels) in FASHION_MNIST_FILES.items():
+        x = torch.from_numpy(read_idx(_idx_path(folder, images)).copy()).unsqueeze(1)
+        y = torch.from_numpy(read_idx(_idx_path(folder, labels)).astype(np.int64))
+        splits[split] = (x, y)
+    return splits
+
+
+def load_cifar(name: str, root: Path, download: bool) -> dict[str, tuple[Tensor, Tensor]]:
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    splits = {}
+    for split in ("train", "test"):
+        try:
+            ds = cls(str(root), train=split == "train", download=download)
+        except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
+            raise DataNotFoundError(
+                f"data.root={str(root)!r} holds no {name} data ({err}); set data.download=true or point data.root "
+                "at a folder with torchvision's cifar-10-batches-py / cifar-100-python"
+            ) from err
+        splits[split] = (torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets))
+    return splits
+
+
+def make_synthetic(
+    num_classes: int, channels: int, size: int, n_train: int, n_test: int, seed: int
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Noise around one fixed random template per class: learnable, for tests only."""
+    g = torch.Generator().manual_seed(seed)
+    templates = torch.rand(num_classes, channels, size, size, generator=g)
+    splits = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        y = torch.randint(0, num_classes, (n,), generator=g)
+        x = 0.6 * templates[y] + 0.4 * torch.rand(n, channels, size, size, generator=g)
+        splits[split] = ((x * 255).to(torch.uint8), y)
+    return splits
+
+
+class ImageDataModule(L.LightningDataModule):
+    """One data module for every data set of the harness; `cfg` is the `data` config group."""
+
+    def __init__(self, cfg: Mapping[str, Any], seed: int = 0) -> None:
+        super().__init__()
+        self.cfg = dict(cfg)
+        self.seed = seed
+        self.name = self.cfg["name"]
+        self.datasets: dict[str, Dataset] = {}
+
+    # Lightning calls setup on every rank; loading is cheap enough to repeat per rank.
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        cfg = self.cfg
+        if self.name == "imagefolder":
+            self.datasets = self._image_folders()
+            return
+        root = Path(str(cfg.get("root") or "data")).expanduser()
+        if self.name == "fashion_mnist":
+            splits = load_fashion_mnist(root, bool(cfg.get("download", False)))
+        elif self.name in ("cifar10", "cifar100"):
+            splits = load_cifar(self.name, root, bool(cfg.get("download", False)))
+        else:
+            splits = make_synthetic(
+                cfg["num_classes"], cfg["channels"], cfg["image_size"], cfg["train_size"], cfg["test_size"], cfg["seed"]
+            )
+        x, y = splits["train"]
+        # The validation split is fixed by data.split_seed, independent of the training seed,
+        # so every run of a sweep is validated on the same images.
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.get("split_seed", 0)))
+        n_val = int(cfg.get("val_size", 0))
+        val_idx, train_idx = order[:n_val], order[n_val:]
+        if cfg.get("train_size") and self.name != "synthetic":
+            train_idx = train_idx[: cfg["train_size"]]
+        mean, std = STATS[self.name]
+        test_x, test_y = splits["test"]
+        if cfg.get("test_size") and self.name != "synthetic":
+            test_x, test_y = test_x[: cfg["test_size"]], test_y[: cfg["test_size"]]
+        self.datasets = {
+            "train": TensorImages(x[train_idx], y[train_idx], mean, std, cfg.get("augment", "none")),
+            "val": TensorImages(x[val_idx], y[val_idx], mean, std),
+            "test": TensorImages(test_x, test_y, mean, std),
+        }
+        device = self.trainer.strategy.root_device if self.trainer is not None else None
+        if device is not None and device.type == "cuda":
+            for ds in self.datasets.values():
+                ds.to(device)
+
+    def _image_folders(self) -> dict[str, Dataset]:
+        import torchvision.transforms.v2 as T
+        from torchvision.datasets import ImageFolder
+
+        cfg, root = self.cfg, Path(str(self.cfg["root"])).expanduser()
+        size = cfg["image_size"]
+        mean, std = STATS["imagefolder"]
+        to_tensor = [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
+        train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *to_tensor])
+        eval_tf = T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), *to_tensor])
+        test_dir = root / "test" if (root / "test").is_dir() else root / "val"
+        return {
+            "train": ImageFolder(str(root / "train"), train_tf),
+            "val": ImageFolder(str(root / "val"), eval_tf),
+            "test": ImageFolder(str(test_dir), eval_tf),
+        }
+
+    def _loader(self, split: str) -> DataLoader:
+        ds = self.datasets[split]
+        train = split == "train"
+        batch_size = self.cfg["batch_size"] if train else self.cfg.get("eval_batch_size") or self.cfg["batch_size"]
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        if isinstance(ds, TensorImages):
+            sampler = IndexBatches(len(ds), batch_size, train, self.seed, drop_last=train, rank=rank, world_size=world)
+            return DataLoader(ds, sampler=sampler, batch_size=None)
+        workers = int(self.cfg.get("num_workers", 0))
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")

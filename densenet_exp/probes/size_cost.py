@@ -1,0 +1,185 @@
+"""Size and cost of a model: parameters, multiply-adds, peak memory and throughput."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+# ru_maxrss is in KiB on Linux and in bytes on macOS.
+_MAXRSS_BYTES = 1 if sys.platform == "darwin" else 1024
+MIB = 2**20
+
+
+def count_parameters(model: nn.Module) -> int:
+    """All parameters, trainable or not (the figure torchvision publishes)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
+    """Multiply-adds and FLOPs of one forward pass, per image.
+
+    Convention: FLOPs = 2 x multiply-adds (MACs). ``torch.utils.flop_counter`` reports FLOPs that
+    way, so MACs = flops / 2; torchvision's "GFLOPS" column is in fact GMACs. Only convolutions and
+    matrix products count (BN, ReLU and pooling are free), as in torchvision's figures.
+
+    Args:
+        model: counted in eval mode under ``torch.no_grad``; the mode of every submodule is restored.
+        input_shape: ``(C, H, W)`` of one image, or ``(N, C, H, W)`` (the count is divided by N).
+    """
+    shape = tuple(int(d) for d in input_shape)
+    if len(shape) == 3:
+        shape = (1, *shape)
+    param = next(model.parameters(), None)
+    x = torch.zeros(
+        shape,
+        device=param.device if param is not None else None,
+        dtype=param.dtype if param is not None and param.is_floating_point() else None,
+    )
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    flops = counter.get_total_flops() // shape[0]
+    return {"macs": flops // 2, "flops": flops}
+
+
+def _input_tensor(batch: Any) -> Tensor:
+    """The images of a batch: the batch itself, its first element, or its first tensor value."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, dict):
+        return next(v for v in batch.values() if isinstance(v, Tensor))
+    return _input_tensor(batch[0])
+
+
+def _max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _MAXRSS_BYTES / MIB
+
+
+class SizeCostProbe(pl.Callback):
+    """Logs what a model costs.
+
+    - ``params``, ``macs_per_image``, ``flops_per_image``: once, at the first training batch's
+      image size.
+    - ``train_images_per_s``, ``epoch_time_s``, ``peak_memory_mb``: every training epoch.
+      Throughput is images over the summed time of the training steps (forward, backward and
+      optimizer step; data loading excluded), skipping the first ``warmup_steps`` of each epoch.
+      Epoch time is wall time from epoch start to epoch end, validation included. Peak memory is
+      ``torch.cuda.max_memory_allocated`` on a GPU, else the growth of the process's peak resident
+      memory since fit start (so it misses memory the process had already peaked at before).
+    - ``infer_images_per_s``: once, at the end of training: median of ``infer_repeats`` eval-mode
+      ``no_grad`` forwards of one random batch of the training batch's shape.
+    """
+
+    def __init__(self, warmup_steps: int = 3, infer_repeats: int = 5) -> None:
+        if not (isinstance(warmup_steps, int) and warmup_steps >= 0):
+            raise ValueError(f"warmup_steps={warmup_steps!r} is invalid: expected an integer >= 0")
+        if not (isinstance(infer_repeats, int) and infer_repeats >= 1):
+            raise ValueError(f"infer_repeats={infer_repeats!r} is invalid: expected an integer >= 1")
+        self.warmup_steps = warmup_steps
+        self.infer_repeats = infer_repeats
+        self._batch_shape: tuple[int, ...] | None = None
+
+    @staticmethod
+    def _sync(pl_module: pl.LightningModule) -> None:
+        # CUDA kernels run asynchronously: wait for them before reading the clock.
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    @staticmethod
+    def _log(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._batch_shape = None
+        self._fit_start_rss_mb = _max_rss_mb()
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_start = time.perf_counter()
+        self._step_seconds: list[float] = []
+        self._step_images: list[int] = []
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        images = _input_tensor(batch)
+        if self._batch_shape is None:
+            self._batch_shape = tuple(images.shape)
+            if trainer.is_global_zero:
+                model = getattr(pl_module, "model", pl_module)
+                cost = count_flops(model, self._batch_shape[1:])
+                self._log(
+                    trainer,
+                    {
+                        "params": count_parameters(model),
+                        "macs_per_image": cost["macs"],
+                        "flops_per_image": cost["flops"],
+                    },
+                )
+        self._step_batch_size = len(images)
+        self._step_start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._sync(pl_module)
+        self._step_seconds.append(time.perf_counter() - self._step_start)
+        self._step_images.append(self._step_batch_size)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._step_seconds:
+            return
+        # Keep at least one step when an epoch is shorter than the warm-up.
+        skip = min(self.warmup_steps, len(self._step_seconds) - 1)
+        if pl_module.device.type == "cuda":
+            peak_mb = torch.cuda.max_memory_allocated(pl_module.device) / MIB
+        else:
+            peak_mb = _max_rss_mb() - self._fit_start_rss_mb
+        self._log(
+            trainer,
+            {
+                "train_images_per_s": sum(self._step_images[skip:]) / sum(self._step_seconds[skip:]),
+                "epoch_time_s": time.perf_counter() - self._epoch_start,
+                "peak_memory_mb": peak_mb,
+            },
+        )
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # on_train_end, not on_fit_end: by fit end the strategy has moved the model back to the CPU.
+        if self._batch_shape is None or not trainer.is_global_zero:
+            return
+        model = getattr(pl_module, "model", pl_module)
+        param = next(model.parameters())
+        x = torch.randn(self._batch_shape, device=param.device, dtype=param.dtype)
+        modes = {m: m.training for m in model.modules()}
+        model.eval()
+        seconds = []
+        try:
+            with torch.no_grad():
+                for _ in range(self.infer_repeats + 1):  # the first forward is warm-up
+                    self._sync(pl_module)
+                    start = time.perf_counter()
+                    model(x)
+                    self._sync(pl_module)
+                    seconds.append(time.perf_counter() - start)
+        finally:
+            for m, training in modes.items():
+                m.training = training
+        self._log(trainer, {"infer_images_per_s": len(x) / statistics.median(seconds[1:])})

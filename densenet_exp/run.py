@@ -1,0 +1,231 @@
+"""Train one configuration, or sweep many with `-m`, tracked in MLflow.
+
+    python -m densenet_exp.run                                    # one run, embedded defaults
+    python -m densenet_exp.run experiment=quickstart              # what `make run` runs
+    python -m densenet_exp.run -m experiment=smoke growth_rate=12,32
+
+Order of work in a job: compose and validate the config (bad input stops here, before any run
+exists), build model and data, find the run to resume or create one, train, test, close the run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
+from mlflow.entities import RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from omegaconf import DictConfig, OmegaConf
+
+from .classifier import ImageClassifier
+from .data import ImageDataModule
+from .models import DENSENET_KNOBS, build_model, is_densenet
+from .probes import build_probes
+from .tracking import (
+    RunLogger,
+    config_hash,
+    end_run,
+    ensure_experiment,
+    find_resumable_run,
+    flatten,
+    git_state,
+    parent_run_id,
+    record_failed_job,
+    resolved_config,
+    retry_locked,
+    system_facts,
+    tracking_uri,
+)
+from .validate import ConfigError, validate_config
+
+log = logging.getLogger("densenet_exp")
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+JOB_ARGS_ENV = "DENSENET_EXP_JOB_ARGS"
+
+
+def apply_knobs(cfg: dict[str, Any]) -> None:
+    """Fold the top-level knobs into a DenseNet's model config (null keeps the preset's value)
+    and write the effective values back, so every run records the k, theta and B it trained.
+    Other architectures have no such knobs: theirs are recorded as null."""
+    model = cfg["model"]
+    densenet = is_densenet(str(model.get("arch", "")))
+    for knob in DENSENET_KNOBS:
+        if densenet:
+            if cfg.get(knob) is not None:
+                model[knob] = cfg[knob]
+            cfg[knob] = model.get(knob)
+        else:
+            cfg[knob] = None
+
+
+def variant_name(cfg: dict[str, Any]) -> str:
+    """`densenet121-k12-c0.5-B`: the model and the knobs it was trained with."""
+    name = cfg["model"].get("name") or cfg["model"]["arch"]
+    if cfg.get("growth_rate") is None:
+        return name
+    return f"{name}-k{cfg['growth_rate']}-c{float(cfg['compression']):g}" + ("-B" if cfg["bottleneck"] else "")
+
+
+def open_run(client: MlflowClient, plain: dict[str, Any], hc: Any, root: Path) -> tuple[str, Path, str | None]:
+    """The MLflow run this job logs to: the unfinished run of the same config when it left a
+    last checkpoint (then training resumes from it), else a new run. Returns the run id, the
+    checkpoint folder and the checkpoint to resume from."""
+    tracking = plain["tracking"]
+    experiment_id = ensure_experiment(client, tracking["experiment"])
+    chash = config_hash(plain)
+    resumed = find_resumable_run(client, experiment_id, chash) if tracking["resume"] else None
+    if resumed is not None:
+        run_id = resumed.info.run_id
+        ckpt_dir = Path(resumed.data.tags["checkpoint_dir"])
+        retry_locked(lambda: client.update_run(run_id, status="RUNNING"))
+        log.info("resuming MLflow run %s from %s", run_id, ckpt_dir / "last.ckpt")
+        return run_id, ckpt_dir, str(ckpt_dir / "last.ckpt")
+    out_dir = Path(hc.runtime.output_dir).resolve()
+    ckpt_dir = out_dir / "checkpoints"
+    tags = {
+        MLFLOW_RUN_NAME: variant_name(plain),
+        "variant": variant_name(plain),
+        "config_hash": chash,
+        "seed": str(plain["seed"]),
+        "overrides": " ".join(hc.overrides.task),
+        "output_dir": str(out_dir),
+        "checkpoint_dir": str(ckpt_dir),
+        **git_state(root),
+    }
+    if hc.mode == RunMode.MULTIRUN:
+        tags.update({"sweep_job": str(hc.job.num), "sweep_dir": str(Path(hc.sweep.dir).resolve())})
+        parent = parent_run_id(Path(hc.sweep.dir))
+        if parent:
+            tags.update({MLFLOW_PARENT_RUN_ID: parent, "sweep_id": parent})
+    run = retry_locked(lambda: client.create_run(experiment_id, tags=tags))
+    return run.info.run_id, ckpt_dir, None
+
+
+def record_new_run(client: MlflowClient, run_id: str, logger: RunLogger, trainer: L.Trainer, plain: dict) -> None:
+    """What a new run records before training: system facts, flattened params, config YAML."""
+    facts = system_facts(str(trainer.strategy.root_device))
+    retry_locked(lambda: client.log_batch(run_id, tags=[RunTag(k, v) for k, v in facts.items()]))
+    logger.log_hyperparams(flatten(plain))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.yaml"
+        path.write_text(OmegaConf.to_yaml(plain))
+        client.log_artifact(run_id, str(path))
+
+
+def train(cfg: DictConfig, hc: Any) -> dict[str, Any]:
+    """Run one job of the harness; returns its summary."""
+    started = time.perf_counter()
+    root = Path(hc.runtime.cwd)
+    plain = resolved_config(cfg)
+    apply_knobs(plain)
+    validate_config(plain)
+    L.seed_everything(plain["seed"], workers=True, verbose=False)
+    try:
+        probes = build_probes(plain.get("probes"))
+        model = build_model(plain["model"])
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    module = ImageClassifier(
+        model,
+        num_classes=plain["data"]["num_classes"],
+        optim=plain["optim"],
+        label_smoothing=plain["loss"]["label_smoothing"],
+        channels_last=plain["speed"]["channels_last"],
+        compile=plain["speed"]["compile"],
+    )
+    datamodule = ImageDataModule(plain["data"], seed=plain["seed"])
+    # Lightning starts DDP ranks > 0 by re-running this command: tell them which job to run.
+    os.environ[JOB_ARGS_ENV] = json.dumps([*hc.overrides.task, f"hydra.run.dir={hc.runtime.output_dir}"])
+
+    uri = tracking_uri(plain["tracking"]["uri"], root)
+    client = MlflowClient(uri)
+    chief = rank_zero_only.rank == 0
+    if chief:
+        run_id, ckpt_dir, ckpt_path = open_run(client, plain, hc, root)
+    else:  # other ranks log nothing; they only need the checkpoint to resume from
+        run_id, ckpt_dir, ckpt_path = None, Path(hc.runtime.output_dir) / "checkpoints", None
+    logger = RunLogger(experiment_name=plain["tracking"]["experiment"], tracking_uri=uri, run_id=run_id)
+    error: BaseException | None = None
+    try:
+        checkpoint = ModelCheckpoint(
+            dirpath=ckpt_dir, filename="best-{epoch}", monitor="val/acc", mode="max", save_top_k=1, save_last=True
+        )
+        trainer = L.Trainer(
+            **plain["trainer"], logger=logger, callbacks=[checkpoint, *probes], use_distributed_sampler=False
+        )
+        if chief and ckpt_path is None:
+            record_new_run(client, run_id, logger, trainer, plain)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        results = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+        if chief and plain["tracking"]["log_checkpoint"] and checkpoint.best_model_path:
+            client.log_artifact(run_id, checkpoint.best_model_path, "checkpoints")
+    except BaseException as err:
+        error = err
+        raise
+    finally:
+        if chief and isinstance(error, (KeyboardInterrupt, SystemExit)):
+            retry_locked(lambda: client.set_terminated(run_id, "KILLED"))
+        elif chief:
+            end_run(client, run_id, error)
+    summary = {
+        "variant": variant_name(plain),
+        "test_acc": float(results["test/acc"]),
+        "params": sum(p.numel() for p in model.parameters()),
+        "wall_s": time.perf_counter() - started,
+        "run_id": run_id,
+    }
+    if chief:
+        print(
+            f"{summary['variant']}: test accuracy {summary['test_acc']:.4f}, {summary['params'] / 1e6:.3f}M "
+            f"parameters, {summary['wall_s']:.1f} s, MLflow run {run_id}",
+            flush=True,
+        )
+    return summary
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    hc = HydraConfig.get()
+    try:
+        return train(cfg, hc)["test_acc"]
+    except Exception as err:
+        if hc.mode == RunMode.MULTIRUN:
+            # One failed job must not stop the sweep; SweepParentRun reports it at the end.
+            record_failed_job(Path(hc.sweep.dir), hc.job.num, list(hc.overrides.task), err)
+            log.error("job #%s failed: %s: %s", hc.job.num, type(err).__name__, err)
+            return None
+        if isinstance(err, ConfigError):
+            # Nothing was created but Hydra's output folder: remove it and say what is wrong.
+            shutil.rmtree(hc.runtime.output_dir, ignore_errors=True)
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        raise
+
+
+def ddp_rank_argv(argv: list[str], env: dict[str, str]) -> list[str]:
+    """Lightning re-runs the command line for DDP ranks > 0. Under `-m` that would start the whole
+    sweep again in each rank (a known Hydra and Lightning pitfall), so such a rank runs only
+    the job that started it, in that job's output folder."""
+    job_args = env.get(JOB_ARGS_ENV)
+    if job_args is None or env.get("LOCAL_RANK", "0") == "0":
+        return argv
+    return [argv[0], *json.loads(job_args), "hydra.output_subdir=null", f"hydra.job.name=rank{env['LOCAL_RANK']}"]
+
+
+if __name__ == "__main__":
+    sys.argv = ddp_rank_argv(sys.argv, dict(os.environ))
+    main()

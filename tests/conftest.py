@@ -1,0 +1,64 @@
+"""Shared fixtures: run the harness's command line against a throwaway MLflow store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Store:
+    """A SQLite MLflow store in a temporary folder and a way to run the CLI against it."""
+
+    path: Path
+
+    @property
+    def uri(self) -> str:
+        return f"sqlite:///{self.path / 'mlflow.db'}"
+
+    def client(self):
+        import mlflow
+
+        return mlflow.MlflowClient(self.uri)
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DENSENET_EXP_"))}
+        env.update(MLFLOW_TRACKING_URI=self.uri, PYTHONUNBUFFERED="1")
+        env.pop("HYDRA_FULL_ERROR", None)
+        return env
+
+    def command(self, *overrides: str, multirun: bool = False, out: str = "out") -> list[str]:
+        dirs = [f"hydra.sweep.dir={self.path / out}"] if multirun else [f"hydra.run.dir={self.path / out}"]
+        return [sys.executable, "-m", "densenet_exp.run", *(["-m"] if multirun else []), *overrides, *dirs]
+
+    def run(self, *overrides: str, multirun: bool = False, out: str = "out", timeout: int = 600):
+        return subprocess.run(
+            self.command(*overrides, multirun=multirun, out=out),
+            cwd=ROOT,
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def runs(self, experiment: str = "smoke"):
+        client = self.client()
+        exp = client.get_experiment_by_name(experiment)
+        return [] if exp is None else client.search_runs([exp.experiment_id])
+
+    def all_runs(self):
+        client = self.client()
+        ids = [e.experiment_id for e in client.search_experiments()]
+        return client.search_runs(ids) if ids else []
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(tmp_path)

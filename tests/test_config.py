@@ -1,0 +1,96 @@
+"""Config composition: every preset composes, validates and builds; the top-level knobs steer
+DenseNets only; helpers that name runs and hash configs behave."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from conftest import ROOT
+from densenet_exp.models import build_model
+from densenet_exp.run import apply_knobs, ddp_rank_argv, variant_name
+from densenet_exp.tracking import config_hash, flatten
+from densenet_exp.validate import ConfigError, validate_config
+
+MODELS = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+
+
+def composed(*overrides: str) -> dict:
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    apply_knobs(plain)
+    return plain
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_preset_composes_and_builds(model):
+    cfg = composed(f"model={model}")
+    validate_config(cfg)
+    net = build_model(cfg["model"])
+    last = [m for m in net.modules() if isinstance(m, torch.nn.Linear)][-1]
+    assert last.out_features == 10
+    first = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first.in_channels == 1  # grayscale data, no resizing
+    if sum(p.numel() for p in net.parameters()) < 2_000_000:  # the ImageNet-size presets are too slow here
+        assert net(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(experiment):
+    cfg = composed(f"experiment={experiment}")
+    assert cfg["tracking"]["experiment"] == experiment
+    assert cfg["model"]["arch"]
+
+
+def test_knobs_override_the_preset_and_are_recorded():
+    cfg = composed("model=densenet121", "growth_rate=12", "bottleneck=false")
+    assert cfg["model"]["growth_rate"] == 12 and cfg["model"]["bottleneck"] is False
+    assert cfg["compression"] == 0.5  # null knob: the preset's value is recorded
+    assert variant_name(cfg) == "densenet121-k12-c0.5"
+    assert variant_name(composed("model=densenet_bc100_k12")) == "densenet_bc100_k12-k12-c0.5-B"
+    resnet = composed("model=resnet18", "growth_rate=12")
+    assert resnet["growth_rate"] is None and "growth_rate" not in resnet["model"]
+    assert variant_name(resnet) == "resnet18"
+
+
+def test_ablation_experiment_sweeps_the_grid():
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=ablation"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    grid = 1
+    for values in params.values():
+        grid *= len(str(values).split(","))
+    assert grid == 3 * 2 * 2 * 3
+
+
+def test_config_hash_ignores_tracking_but_not_knobs():
+    cfg = composed("experiment=smoke")
+    same = composed("experiment=smoke", "tracking.experiment=other")
+    other = composed("experiment=smoke", "growth_rate=8")
+    assert config_hash(cfg) == config_hash(same) != config_hash(other)
+
+
+def test_flatten_nests_keys_with_dots():
+    assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {"a.b": 1, "a.c.d": [1, 2], "e": None}
+
+
+def test_validation_names_key_value_and_allowed():
+    cfg = composed("experiment=smoke")
+    cfg["optim"]["scheduler"] = "sometimes"
+    with pytest.raises(ConfigError, match=r"optim.scheduler='sometimes' is invalid: expected one of constant"):
+        validate_config(cfg)
+
+
+def test_ddp_ranks_rerun_only_their_own_job():
+    argv = ["run.py", "-m", "growth_rate=12,32", "hydra.run.dir=x"]
+    job = json.dumps(["growth_rate=32", "hydra.run.dir=/out/1"])
+    assert ddp_rank_argv(argv, {}) == argv
+    assert ddp_rank_argv(argv, {"LOCAL_RANK": "0", "DENSENET_EXP_JOB_ARGS": job}) == argv
+    child = ddp_rank_argv(argv, {"LOCAL_RANK": "1", "DENSENET_EXP_JOB_ARGS": job})
+    assert "-m" not in child and "growth_rate=32" in child and "hydra.run.dir=/out/1" in child

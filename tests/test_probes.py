@@ -1,0 +1,293 @@
+"""Probes: exact feature-reuse matrices, gradient-flow coverage, FLOPs against torchvision's
+published figures, and end-to-end runs logged to MLflow."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from lightning.pytorch.loggers import MLFlowLogger
+from omegaconf import OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from densenet_exp.models import CifarResNet, DenseNet, densenet121
+from densenet_exp.probes import (
+    PROBES,
+    ConvergenceProbe,
+    FeatureReuseProbe,
+    GradientFlowProbe,
+    SizeCostProbe,
+    build_probes,
+    count_flops,
+    count_parameters,
+    feature_reuse,
+    feature_reuse_summary,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning")
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "probes"
+ALL_ON = {name: True for name in PROBES} | {"gradient_flow_every_n_steps": 2, "size_cost_infer_repeats": 2}
+SIZE_COST_KEYS = {
+    "params",
+    "macs_per_image",
+    "flops_per_image",
+    "peak_memory_mb",
+    "train_images_per_s",
+    "infer_images_per_s",
+    "epoch_time_s",
+}
+GRADIENT_KEYS = {"grad_norm_first", "grad_norm_last", "grad_first_last_ratio", "grad_norm_min_over_max"}
+REUSE_KEYS = {
+    "reuse_early_share",
+    "reuse_transition_on_block_input",
+    "reuse_on_transition_output",
+    "reuse_classifier_late_share",
+}
+CONVERGENCE_KEYS = {f"{what}_to_{pct}pct" for what in ("epochs", "seconds") for pct in (50, 90, 95, 99)}
+PROBE_KEYS = SIZE_COST_KEYS | GRADIENT_KEYS | REUSE_KEYS | CONVERGENCE_KEYS
+
+
+def tiny_densenet(bottleneck: bool = True) -> DenseNet:
+    # Block 1: input 4 maps, layers read 4, 6; transition reads 8 -> 4. Block 2: layers read 4, 6, 8;
+    # the classifier reads 10.
+    return DenseNet(
+        growth_rate=2,
+        block_config=(2, 3),
+        num_init_features=4,
+        bn_size=2,
+        bottleneck=bottleneck,
+        stem="cifar",
+        num_classes=3,
+        in_channels=1,
+    )
+
+
+class TinyClassifier(L.LightningModule):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        x, y = batch
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True)
+        self.log(f"{stage}/acc", (logits.argmax(1) == y).float().mean(), on_step=False, on_epoch=True)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def loader() -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(16, 1, 8, 8, generator=generator), torch.randint(0, 3, (16,), generator=generator))
+    return DataLoader(data, batch_size=4)
+
+
+def fit(model: nn.Module, callbacks: list, logger, root: Path) -> L.Trainer:
+    trainer = L.Trainer(
+        max_epochs=2,
+        limit_train_batches=3,
+        limit_val_batches=2,
+        logger=logger,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        accelerator="cpu",
+        default_root_dir=root,
+    )
+    trainer.fit(TinyClassifier(model), loader(), loader())
+    return trainer
+
+
+# ---------------------------------------------------------------- feature reuse, by hand
+
+
+def set_weights_to_minus_channel_index(model: DenseNet) -> None:
+    """Every weight reading input map c is -(c + 1): the L1 norm per map is (c + 1) times the
+    number of weights reading it (outputs x kernel taps)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                channel = torch.arange(1, m.weight.shape[1] + 1, dtype=m.weight.dtype)
+                m.weight.copy_(-channel.view(1, -1, *[1] * (m.weight.dim() - 2)).expand_as(m.weight))
+
+
+@pytest.mark.parametrize("bottleneck", [True, False])
+def test_feature_reuse_matches_hand_computation(bottleneck):
+    model = tiny_densenet(bottleneck)
+    set_weights_to_minus_channel_index(model)
+    # Weights per input map: first conv 1x1 with bn_size*k = 4 outputs, or 3x3 with k = 2
+    # outputs; transition 1x1 with 4 outputs; classifier 3 outputs.
+    layer = 4 if bottleneck else 2 * 9
+    transition, classifier = 4, 3
+    nan = math.nan
+    # Mean of (c + 1) over a source's maps: block input 0..3 -> 2.5; then 4..5 -> 5.5;
+    # 6..7 -> 7.5; 8..9 -> 9.5.
+    block1 = [
+        [2.5 * layer, 2.5 * layer, 2.5 * transition],
+        [nan, 5.5 * layer, 5.5 * transition],
+        [nan, nan, 7.5 * transition],
+    ]
+    block2 = [
+        [2.5 * layer, 2.5 * layer, 2.5 * layer, 2.5 * classifier],
+        [nan, 5.5 * layer, 5.5 * layer, 5.5 * classifier],
+        [nan, nan, 7.5 * layer, 7.5 * classifier],
+        [nan, nan, nan, 9.5 * classifier],
+    ]
+    matrices = feature_reuse(model)
+    assert [m.shape for m in matrices] == [(3, 3), (4, 4)]
+    np.testing.assert_allclose(matrices[0], block1, equal_nan=True)
+    np.testing.assert_allclose(matrices[1], block2, equal_nan=True)
+
+    summary = feature_reuse_summary(matrices)
+    # Last layers: block 1 layer 2 reads 2.5 and 5.5 (per `layer`), block 2 layer 3 reads 2.5, 5.5, 7.5.
+    assert summary["reuse_early_share"] == pytest.approx((2.5 / 8 + 2.5 / 15.5) / 2)
+    assert summary["reuse_transition_on_block_input"] == pytest.approx(2.5 / 15.5)
+    assert summary["reuse_on_transition_output"] == pytest.approx((2.5 / 8 + 2.5 / 15.5) / 2)
+    # Later half of block 2's four sources: the outputs of layers 2 and 3.
+    assert summary["reuse_classifier_late_share"] == pytest.approx((7.5 + 9.5) / 25)
+
+
+def test_feature_reuse_takes_abs_and_each_output_into_account():
+    model = tiny_densenet()
+    set_weights_to_minus_channel_index(model)
+    with torch.no_grad():
+        model.features.denseblock1.denselayer2.conv1.weight[0, 4:6] = 3.0  # was -5, -6 in output 0
+    # Source 1 of layer 2: maps 4 and 5 have L1 norms 3 + 3 * 5 and 3 + 3 * 6 over 4 outputs.
+    assert feature_reuse(model)[0][1, 1] == pytest.approx((18 + 21) / 2)
+
+
+# ---------------------------------------------------------------- gradient flow, FLOPs, config
+
+
+def test_gradient_flow_records_every_conv_and_linear_layer(tmp_path):
+    model = tiny_densenet()
+    probe = GradientFlowProbe(every_n_steps=2)
+    fit(model, [probe], logger=False, root=tmp_path)
+    table = probe.table()
+    expected = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert sorted(table.step.unique()) == [0, 2, 4]
+    for _, records in table.groupby("step"):
+        assert records.layer.tolist() == expected
+        assert records.depth.tolist() == list(range(len(expected)))
+    assert table.kind.iloc[-1] == "Linear" and table.layer.iloc[-1] == "classifier"
+    assert (table.grad_norm > 0).all()
+    summary = probe.summary()
+    assert summary["grad_first_last_ratio"] == pytest.approx(
+        (table[table.depth == 0].grad_norm.to_numpy() / table[table.layer == "classifier"].grad_norm.to_numpy()).mean()
+    )
+    assert 0 < summary["grad_norm_min_over_max"] <= 1
+
+
+def test_flops_match_torchvision_published_macs():
+    # torchvision's model docs: densenet121 2.83 GMACs, resnet50 4.09 GMACs at 224x224.
+    densenet = count_flops(densenet121(), (3, 224, 224))
+    assert densenet["flops"] == 2 * densenet["macs"]
+    assert densenet["macs"] / 1e9 == pytest.approx(2.83, rel=0.02)
+    assert count_flops(torchvision.models.resnet50(), (1, 3, 224, 224))["macs"] / 1e9 == pytest.approx(4.09, rel=0.02)
+    assert count_parameters(densenet121()) == 7_978_856
+
+
+def test_count_flops_restores_module_modes():
+    model = tiny_densenet().train()
+    model.features.norm3.eval()  # e.g. a frozen BN
+    count_flops(model, (1, 8, 8))
+    assert model.training and model.features.denseblock1.training and not model.features.norm3.training
+
+
+def test_build_probes_from_config_group():
+    built = {name: build_probes(OmegaConf.load(CONF / f"{name}.yaml")) for name in ("all", "default", "none")}
+    assert [type(p) for p in built["all"]] == [SizeCostProbe, GradientFlowProbe, FeatureReuseProbe, ConvergenceProbe]
+    assert len(built["default"]) == 4 and built["none"] == []
+    assert build_probes(None) == [] and build_probes({}) == []
+    (probe,) = build_probes({"gradient_flow": True, "gradient_flow_every_n_steps": 7, "size_cost": False})
+    assert isinstance(probe, GradientFlowProbe) and probe.every_n_steps == 7
+
+
+def test_build_probes_rejects_unknown_keys_and_bad_values():
+    with pytest.raises(ValueError, match=r"probes\.gradient_flow_every=50 .*gradient_flow_every_n_steps"):
+        build_probes({"gradient_flow": True, "gradient_flow_every": 50})
+    with pytest.raises(ValueError, match=r"probes\.size_cost='yes'"):
+        build_probes({"size_cost": "yes"})
+    with pytest.raises(ValueError, match="every_n_steps=0"):
+        build_probes({"gradient_flow": True, "gradient_flow_every_n_steps": 0})
+
+
+# ---------------------------------------------------------------- end to end, through MLflow
+
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    return root, f"sqlite:///{root}/mlflow.db"
+
+
+def run_logged(model: nn.Module, probes_cfg: dict, tracking, tmp_path) -> tuple[mlflow.MlflowClient, str]:
+    root, uri = tracking
+    logger = MLFlowLogger(experiment_name="t", tracking_uri=uri, artifact_location=str(root / "artifacts"))
+    fit(model, build_probes(probes_cfg), logger, tmp_path)
+    return mlflow.MlflowClient(uri), logger.run_id
+
+
+def artifacts(client: mlflow.MlflowClient, run_id: str) -> set[str]:
+    return {f.path for top in client.list_artifacts(run_id) for f in client.list_artifacts(run_id, top.path)}
+
+
+def test_densenet_run_logs_every_probe(tracking, tmp_path):
+    model = tiny_densenet()
+    client, run_id = run_logged(model, ALL_ON, tracking, tmp_path)
+    metrics = client.get_run(run_id).data.metrics
+    assert PROBE_KEYS <= metrics.keys()
+    assert metrics["params"] == count_parameters(model)
+    assert metrics["macs_per_image"] == count_flops(model, (1, 8, 8))["macs"] > 0
+    assert metrics["epochs_to_99pct"] <= 2 and metrics["seconds_to_99pct"] > 0
+    assert len(client.get_metric_history(run_id, "epoch_time_s")) == 2
+    assert artifacts(client, run_id) == {
+        "gradient_flow/grad_norms.csv",
+        "gradient_flow/grad_flow.png",
+        "feature_reuse/heatmap.png",
+        "feature_reuse/matrices.json",
+    }
+    local = Path(client.download_artifacts(run_id, "", str(tmp_path / "downloaded")))
+    table = pd.read_csv(local / "gradient_flow" / "grad_norms.csv")
+    assert list(table.columns) == ["step", "depth", "layer", "kind", "grad_norm"]
+    assert sorted(table.step.unique()) == [0, 2, 4]
+    saved = json.loads((local / "feature_reuse" / "matrices.json").read_text())
+    np.testing.assert_allclose(np.array(saved[1], dtype=float), feature_reuse(model)[1], equal_nan=True)
+    assert saved[0][2][0] is None  # layer 1 cannot read layer 2
+
+
+def test_probes_off_log_none_of_their_keys(tracking, tmp_path):
+    client, run_id = run_logged(tiny_densenet(), dict.fromkeys(PROBES, False), tracking, tmp_path)
+    metrics = client.get_run(run_id).data.metrics
+    assert "val/acc" in metrics and not PROBE_KEYS & metrics.keys()
+    assert artifacts(client, run_id) == set()
+
+
+def test_resnet_run_logs_size_cost_and_gradients_but_no_feature_reuse(tracking, tmp_path):
+    client, run_id = run_logged(CifarResNet(8, num_classes=3, in_channels=1), ALL_ON, tracking, tmp_path)
+    metrics = client.get_run(run_id).data.metrics
+    assert SIZE_COST_KEYS | GRADIENT_KEYS | CONVERGENCE_KEYS <= metrics.keys()
+    assert not REUSE_KEYS & metrics.keys()
+    assert artifacts(client, run_id) == {"gradient_flow/grad_norms.csv", "gradient_flow/grad_flow.png"}
