@@ -6,7 +6,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PORT ?= 5000
 
-.PHONY: setup data run test test-slow test-all ui bench clean
+.PHONY: setup data run test test-slow test-all ui server bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -37,6 +37,10 @@ test-all: setup
 
 ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(PORT)
+
+# A team tracking server on 127.0.0.1: PostgreSQL backend where Debian's postgresql is installed.
+server: setup
+	PORT=$(PORT) tools/tracking-server
 
 bench: setup
 	$(PY) -m densenet_exp.bench

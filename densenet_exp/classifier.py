@@ -10,6 +10,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
@@ -42,8 +43,12 @@ class ImageClassifier(L.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_images = SumMetric()  # how many images the test accuracy covers, over all ranks
         # Top-5 says little with 10 classes or fewer.
         self.test_top5 = MulticlassAccuracy(num_classes, top_k=5, average="micro") if num_classes > 10 else None
+
+    # Under DDP, losses are averaged over ranks (sync_dist) and torchmetrics accuracies sum
+    # their counts over ranks, so rank 0 logs the accuracy of the whole data set.
 
     def forward(self, x: Tensor) -> Tensor:
         if self.channels_last:
@@ -64,7 +69,7 @@ class ImageClassifier(L.LightningModule):
             )
         self.train_acc.update(logits, y)
         self.log("loss", loss, prog_bar=True, logger=False)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
+        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 
@@ -74,14 +79,16 @@ class ImageClassifier(L.LightningModule):
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         loss, logits, y = self._loss(batch)
         self.val_acc.update(logits, y)
-        self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
         self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         loss, logits, y = self._loss(batch)
         self.test_acc.update(logits, y)
-        self.log("test/loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
+        self.log("test/loss", loss, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
         self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
+        self.test_images.update(len(y))
+        self.log("test/images", self.test_images, on_step=False, on_epoch=True)
         if self.test_top5 is not None:
             self.test_top5.update(logits, y)
             self.log("test/acc_top5", self.test_top5, on_step=False, on_epoch=True)

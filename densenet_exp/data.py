@@ -107,8 +107,10 @@ class IndexBatches(Sampler):
             order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
         else:
             order = torch.arange(self.size)
-        per_rank = self.size // self.world_size if self.drop_last or self.world_size > 1 else self.size
-        return order[self.rank :: self.world_size][:per_rank]
+        shard = order[self.rank :: self.world_size]
+        # Training shards are cut to equal length so every rank takes the same number of steps;
+        # evaluation shards keep every image (uneven shards are fine: metrics sync per epoch).
+        return shard[: self.size // self.world_size] if self.drop_last else shard
 
     def __iter__(self) -> Iterator[list[int]]:
         shard = self._shard()

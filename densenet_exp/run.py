@@ -22,6 +22,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -40,6 +41,7 @@ from .tracking import (
     config_hash,
     end_run,
     ensure_experiment,
+    find_finished_run,
     find_resumable_run,
     flatten,
     git_state,
@@ -47,6 +49,7 @@ from .tracking import (
     record_failed_job,
     resolved_config,
     retry_locked,
+    runs_of_config,
     system_facts,
     tracking_uri,
 )
@@ -80,26 +83,29 @@ def variant_name(cfg: dict[str, Any]) -> str:
     return f"{name}-k{cfg['growth_rate']}-c{float(cfg['compression']):g}" + ("-B" if cfg["bottleneck"] else "")
 
 
-def open_run(client: MlflowClient, plain: dict[str, Any], hc: Any, root: Path) -> tuple[str, Path, str | None]:
-    """The MLflow run this job logs to: the unfinished run of the same config when it left a
-    last checkpoint (then training resumes from it), else a new run. Returns the run id, the
-    checkpoint folder and the checkpoint to resume from."""
-    tracking = plain["tracking"]
-    experiment_id = ensure_experiment(client, tracking["experiment"])
-    chash = config_hash(plain)
-    resumed = find_resumable_run(client, experiment_id, chash) if tracking["resume"] else None
-    if resumed is not None:
-        run_id = resumed.info.run_id
-        ckpt_dir = Path(resumed.data.tags["checkpoint_dir"])
-        retry_locked(lambda: client.update_run(run_id, status="RUNNING"))
-        log.info("resuming MLflow run %s from %s", run_id, ckpt_dir / "last.ckpt")
-        return run_id, ckpt_dir, str(ckpt_dir / "last.ckpt")
+def cpu_threads(configured: int | None, hc: Any) -> int | None:
+    """Torch threads for this job: the configured number, else a share of the cores when a joblib
+    launcher runs jobs side by side (two jobs of two threads each on two cores stall each other
+    badly), else torch's default (None)."""
+    if configured:
+        return int(configured)
+    launcher = hc.get("launcher") or {}
+    if "joblib" in str(launcher.get("_target_", "")).lower():
+        jobs = int(launcher.get("n_jobs") or 1)
+        cores = os.cpu_count() or 1
+        return max(1, cores // (cores if jobs < 1 else jobs))
+    return None
+
+
+def create_run(client: MlflowClient, experiment_id: str, plain: dict[str, Any], hc: Any, root: Path) -> tuple[str, Path]:
+    """A new MLflow run for this job, tagged with its variant, config hash, overrides, output
+    folder, git state and, in a sweep, its parent run. Returns the run id and checkpoint folder."""
     out_dir = Path(hc.runtime.output_dir).resolve()
     ckpt_dir = out_dir / "checkpoints"
     tags = {
         MLFLOW_RUN_NAME: variant_name(plain),
         "variant": variant_name(plain),
-        "config_hash": chash,
+        "config_hash": config_hash(plain),
         "seed": str(plain["seed"]),
         "overrides": " ".join(hc.overrides.task),
         "output_dir": str(out_dir),
@@ -112,7 +118,7 @@ def open_run(client: MlflowClient, plain: dict[str, Any], hc: Any, root: Path) -
         if parent:
             tags.update({MLFLOW_PARENT_RUN_ID: parent, "sweep_id": parent})
     run = retry_locked(lambda: client.create_run(experiment_id, tags=tags))
-    return run.info.run_id, ckpt_dir, None
+    return run.info.run_id, ckpt_dir
 
 
 def record_new_run(client: MlflowClient, run_id: str, logger: RunLogger, trainer: L.Trainer, plain: dict) -> None:
@@ -134,6 +140,9 @@ def train(cfg: DictConfig, hc: Any) -> dict[str, Any]:
     apply_knobs(plain)
     validate_config(plain)
     L.seed_everything(plain["seed"], workers=True, verbose=False)
+    threads = cpu_threads(plain.get("cpu_threads"), hc)
+    if threads:
+        torch.set_num_threads(threads)
     try:
         probes = build_probes(plain.get("probes"))
         model = build_model(plain["model"])
@@ -151,14 +160,33 @@ def train(cfg: DictConfig, hc: Any) -> dict[str, Any]:
     # Lightning starts DDP ranks > 0 by re-running this command: tell them which job to run.
     os.environ[JOB_ARGS_ENV] = json.dumps([*hc.overrides.task, f"hydra.run.dir={hc.runtime.output_dir}"])
 
-    uri = tracking_uri(plain["tracking"]["uri"], root)
+    tracking = plain["tracking"]
+    uri = tracking_uri(tracking["uri"], root)
     client = MlflowClient(uri)
-    chief = rank_zero_only.rank == 0
-    if chief:
-        run_id, ckpt_dir, ckpt_path = open_run(client, plain, hc, root)
-    else:  # other ranks log nothing; they only need the checkpoint to resume from
+    chief = rank_zero_only.rank == 0  # only rank 0 writes to MLflow
+    experiment_id = ensure_experiment(client, tracking["experiment"])
+    previous = runs_of_config(client, experiment_id, config_hash(plain))
+    finished = find_finished_run(previous)
+    if hc.mode == RunMode.MULTIRUN and tracking["skip_finished"] and finished is not None:
+        # Re-running a sweep redoes only its failed and missing jobs.
+        acc = finished.data.metrics.get("test/acc", float("nan"))
+        print(f"{variant_name(plain)}: skipped, already FINISHED as MLflow run {finished.info.run_id} "
+              f"(test accuracy {acc:.4f}); tracking.skip_finished=false trains it again", flush=True)
+        val_acc = finished.data.metrics.get("val/acc")
+        return {"variant": variant_name(plain), "test_acc": acc, "val_acc": val_acc, "run_id": finished.info.run_id}
+    resumable = find_resumable_run(previous) if tracking["resume"] else None
+    if resumable is not None:
+        run_id = resumable.info.run_id
+        ckpt_dir = Path(resumable.data.tags["checkpoint_dir"])
+        ckpt_path: str | None = str(ckpt_dir / "last.ckpt")
+        if chief:
+            retry_locked(lambda: client.update_run(run_id, status="RUNNING"))
+            log.info("resuming MLflow run %s from %s", run_id, ckpt_path)
+    elif chief:
+        (run_id, ckpt_dir), ckpt_path = create_run(client, experiment_id, plain, hc, root), None
+    else:
         run_id, ckpt_dir, ckpt_path = None, Path(hc.runtime.output_dir) / "checkpoints", None
-    logger = RunLogger(experiment_name=plain["tracking"]["experiment"], tracking_uri=uri, run_id=run_id)
+    logger = RunLogger(experiment_name=tracking["experiment"], tracking_uri=uri, run_id=run_id)
     error: BaseException | None = None
     try:
         checkpoint = ModelCheckpoint(
@@ -170,8 +198,9 @@ def train(cfg: DictConfig, hc: Any) -> dict[str, Any]:
         if chief and ckpt_path is None:
             record_new_run(client, run_id, logger, trainer, plain)
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        val_acc = float(trainer.callback_metrics["val/acc"])  # test() resets callback_metrics
         results = trainer.test(module, datamodule=datamodule, verbose=False)[0]
-        if chief and plain["tracking"]["log_checkpoint"] and checkpoint.best_model_path:
+        if chief and tracking["log_checkpoint"] and checkpoint.best_model_path:
             client.log_artifact(run_id, checkpoint.best_model_path, "checkpoints")
     except BaseException as err:
         error = err
@@ -184,6 +213,7 @@ def train(cfg: DictConfig, hc: Any) -> dict[str, Any]:
     summary = {
         "variant": variant_name(plain),
         "test_acc": float(results["test/acc"]),
+        "val_acc": val_acc,
         "params": sum(p.numel() for p in model.parameters()),
         "wall_s": time.perf_counter() - started,
         "run_id": run_id,
@@ -199,9 +229,10 @@ def train(cfg: DictConfig, hc: Any) -> dict[str, Any]:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    """Returns the final validation accuracy: the objective of a hyperparameter search."""
     hc = HydraConfig.get()
     try:
-        return train(cfg, hc)["test_acc"]
+        return train(cfg, hc)["val_acc"]
     except Exception as err:
         if hc.mode == RunMode.MULTIRUN:
             # One failed job must not stop the sweep; SweepParentRun reports it at the end.

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from hydra.experimental.callback import Callback
 from lightning.pytorch.loggers import MLFlowLogger
-from mlflow.entities import Run, RunStatus
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from omegaconf import DictConfig, OmegaConf
@@ -113,30 +113,40 @@ def system_facts(device: str) -> dict[str, str]:
 
 
 class RunLogger(MLFlowLogger):
-    """Lightning's MLflow logger, except that the harness, not each fit or test, ends the run:
-    Lightning would mark it FINISHED after `fit` although `test` still has to log."""
+    """Lightning's MLflow logger, except that the harness, not each fit or test, ends the run
+    (Lightning would mark it FINISHED after `fit` although `test` still has to log), and writes
+    retry while parallel jobs hold the SQLite store's lock."""
 
     def finalize(self, status: str = "success") -> None:
         pass
 
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        retry_locked(lambda: super(RunLogger, self).log_metrics(metrics, step))
 
-def find_resumable_run(client: MlflowClient, experiment_id: str, chash: str) -> Run | None:
-    """The newest run of this exact config that never ended (killed) and left a last checkpoint."""
-    runs = retry_locked(
+    def log_hyperparams(self, params: Any) -> None:
+        retry_locked(lambda: super(RunLogger, self).log_hyperparams(params))
+
+
+def runs_of_config(client: MlflowClient, experiment_id: str, chash: str) -> list[Run]:
+    """Every run of this exact config (same config hash), newest first."""
+    return retry_locked(
         lambda: client.search_runs(
-            [experiment_id],
-            f"tags.config_hash = '{chash}'",
-            order_by=["attributes.start_time DESC"],
-            max_results=50,
+            [experiment_id], f"tags.config_hash = '{chash}'", order_by=["attributes.start_time DESC"]
         )
     )
+
+
+def find_resumable_run(runs: list[Run]) -> Run | None:
+    """The newest run that never ended (killed) and left a last checkpoint."""
     for run in runs:
-        if run.info.status not in ("RUNNING", "KILLED"):
-            continue
         ckpt = Path(run.data.tags.get("checkpoint_dir", "")) / "last.ckpt"
-        if ckpt.is_file():
+        if run.info.status in ("RUNNING", "KILLED") and ckpt.is_file():
             return run
     return None
+
+
+def find_finished_run(runs: list[Run]) -> Run | None:
+    return next((run for run in runs if run.info.status == "FINISHED"), None)
 
 
 def end_run(client: MlflowClient, run_id: str, error: BaseException | None) -> None:
@@ -237,22 +247,3 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     assert isinstance(container, dict)
     container.pop("hydra", None)
     return container
-
-
-__all__ = [
-    "RunLogger",
-    "RunStatus",
-    "SweepParentRun",
-    "config_hash",
-    "end_run",
-    "ensure_experiment",
-    "find_resumable_run",
-    "flatten",
-    "git_state",
-    "parent_run_id",
-    "record_failed_job",
-    "resolved_config",
-    "retry_locked",
-    "system_facts",
-    "tracking_uri",
-]

@@ -102,5 +102,7 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     validate_data(cfg["data"])
     validate_optim(cfg["optim"])
     _int_at_least("trainer.max_epochs", cfg["trainer"].get("max_epochs"), 1)
+    if cfg.get("cpu_threads") is not None:
+        _int_at_least("cpu_threads", cfg["cpu_threads"], 1)
     ls = cfg.get("loss", {}).get("label_smoothing", 0.0)
     _require("loss.label_smoothing", ls, _is_number(ls) and 0 <= ls < 1, "a number in [0, 1)")

@@ -94,3 +94,23 @@ def test_ddp_ranks_rerun_only_their_own_job():
     assert ddp_rank_argv(argv, {"LOCAL_RANK": "0", "DENSENET_EXP_JOB_ARGS": job}) == argv
     child = ddp_rank_argv(argv, {"LOCAL_RANK": "1", "DENSENET_EXP_JOB_ARGS": job})
     assert "-m" not in child and "growth_rate=32" in child and "hydra.run.dir=/out/1" in child
+
+
+def test_optuna_search_space_parses_into_distributions():
+    import optuna
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from densenet_exp.search import distribution
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["hparams_search=optuna"], return_hydra_config=True)
+    assert cfg.hydra.sweeper._target_ == "hydra_plugins.densenet_exp_search.OptunaSweeper"
+    parser = OverridesParser.create()
+    dists = {o.get_key_element(): distribution(o) for o in parser.parse_overrides(
+        [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()])}
+    assert dists["growth_rate"] == optuna.distributions.CategoricalDistribution([8, 12, 16, 24, 32])
+    assert dists["compression"] == optuna.distributions.FloatDistribution(0.25, 1.0)
+    assert dists["optim.lr"] == optuna.distributions.FloatDistribution(0.01, 0.5, log=True)
+    (plain,) = parser.parse_overrides(["x=growth_rate"])
+    with pytest.raises(ValueError, match="hydra.sweeper.params.x"):
+        distribution(plain)

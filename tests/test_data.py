@@ -107,3 +107,33 @@ def test_flip_augmentation_mirrors_about_half_the_images():
     plain = images.float() / 255
     flipped = (x == plain.flip(-1)).flatten(1).all(1) & ~(x == plain).flatten(1).all(1)
     assert 150 < flipped.sum().item() < 250
+
+
+def test_image_folder_serves_resized_normalized_batches(tmp_path: Path):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for label, color in (("cat", (255, 0, 0)), ("dog", (0, 0, 255))):
+            folder = tmp_path / split / label
+            folder.mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (20 + i, 18), color).save(folder / f"{i}.png")
+    cfg = {"name": "imagefolder", "root": str(tmp_path), "image_size": 16, "batch_size": 4, "num_workers": 0}
+    validate_data({**cfg, "augment": "none"})
+    dm = ImageDataModule(cfg)
+    dm.setup()
+    x, y = next(iter(dm.val_dataloader()))
+    assert x.shape == (4, 3, 16, 16) and sorted(set(y.tolist())) <= [0, 1]
+    assert dm.datasets["test"].root == str(tmp_path / "val")  # no test/ folder: val doubles as test
+    with pytest.raises(ConfigError, match="data.root=.*train/ and val/"):
+        validate_data({**cfg, "root": str(tmp_path / "train")})
+
+
+def test_synthetic_data_is_seeded_and_learnable_in_shape():
+    cfg = {"name": "synthetic", "num_classes": 3, "channels": 1, "image_size": 8, "train_size": 64,
+           "test_size": 16, "val_size": 16, "seed": 5, "batch_size": 8}
+    a, b = ImageDataModule(cfg), ImageDataModule(cfg)
+    a.setup()
+    b.setup()
+    assert torch.equal(a.datasets["train"].images, b.datasets["train"].images)
+    assert (len(a.datasets["train"]), len(a.datasets["val"]), len(a.datasets["test"])) == (48, 16, 16)

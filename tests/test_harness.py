@@ -14,6 +14,11 @@ from conftest import ROOT
 from densenet_exp.tracking import ensure_experiment
 
 SMOKE = ("experiment=smoke", "probes=none")
+PROBE_METRICS = {
+    "params", "macs_per_image", "flops_per_image", "peak_memory_mb", "train_images_per_s", "infer_images_per_s",
+    "epoch_time_s", "grad_norm_first", "grad_norm_last", "grad_first_last_ratio", "epochs_to_90pct",
+}
+REUSE_METRICS = {"reuse_early_share", "reuse_classifier_late_share", "reuse_transition_on_block_input"}
 
 
 def metric_steps(client, run_id: str, key: str) -> list[int]:
@@ -42,6 +47,7 @@ def test_sweep_nests_finished_children_under_one_parent(store):
         assert tags["device"] == "cpu" and tags["version.torch"] and "git_dirty" in tags
         assert "growth_rate=12,32" not in tags["overrides"] and "experiment=smoke" in tags["overrides"]
         assert [a.path for a in client.list_artifacts(run.info.run_id) if a.path == "config.yaml"]
+        assert PROBE_METRICS | REUSE_METRICS <= set(run.data.metrics)  # the default probes are on
     # The summary line of each run names variant, accuracy, parameters, time and run id.
     assert result.stdout.count("test accuracy") == 2
 
@@ -125,6 +131,7 @@ def test_same_config_and_seed_give_identical_metrics(store):
     assert a.info.run_id != b.info.run_id
     assert a.data.metrics == b.data.metrics
     assert set(a.data.metrics) >= {"train/loss", "val/acc", "test/acc"}
+    assert not (PROBE_METRICS | REUSE_METRICS) & set(a.data.metrics)  # probes off: none of theirs
     client = store.client()
     assert [m.value for m in client.get_metric_history(a.info.run_id, "train/loss")] == [
         m.value for m in client.get_metric_history(b.info.run_id, "train/loss")
@@ -150,3 +157,13 @@ def test_checkpoint_is_logged_and_loads_with_weights_only(store):
     state = torch.load(local, weights_only=True)
     assert any(k.startswith("model.features.denseblock1") for k in state["state_dict"])
     assert Path(run.data.tags["checkpoint_dir"], "last.ckpt").is_file()
+
+
+def test_resnet_run_carries_probe_metrics_but_no_feature_reuse(store):
+    result = store.run("experiment=smoke", "model=resnet20", "trainer.max_epochs=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = store.runs("smoke")
+    assert run.info.run_name == "resnet20" and run.data.params["growth_rate"] == "None"
+    assert PROBE_METRICS <= set(run.data.metrics) and not REUSE_METRICS & set(run.data.metrics)
+    artifacts = {a.path for a in store.client().list_artifacts(run.info.run_id, "gradient_flow")}
+    assert artifacts == {"gradient_flow/grad_norms.csv", "gradient_flow/grad_flow.png"}

@@ -317,7 +317,8 @@ def test_invalid_knobs_raise(kwargs, message):
 
 
 def test_build_model_unknown_arch():
-    with pytest.raises(ValueError, match=r"model\.arch='vgg16' is invalid: expected one of densenet, densenet121, .*resnet_cifar"):
+    expected = r"model\.arch='vgg16' is invalid: expected one of densenet, densenet121, .*resnet_cifar"
+    with pytest.raises(ValueError, match=expected):
         build_model({"arch": "vgg16"})
     with pytest.raises(ValueError, match=r"model\.arch=None is invalid"):
         build_model({"growth_rate": 12})

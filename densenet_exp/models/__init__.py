@@ -51,7 +51,7 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
     kwargs = dict(cfg)
     arch = kwargs.pop("arch", None)
     kwargs.pop("name", None)
-    if arch not in ARCHITECTURES:
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
         raise ValueError(f"model.arch={arch!r} is invalid: expected one of {', '.join(ARCHITECTURES)}")
     if "block_config" in kwargs and kwargs["block_config"] is not None:
         kwargs["block_config"] = tuple(kwargs["block_config"])

@@ -142,7 +142,8 @@ def _check(name: str, value: object, ok: bool, allowed: str) -> None:
 
 def transition_width(in_features: int, compression: float) -> int:
     """Maps a transition keeps: floor(theta * m), at least one."""
-    return max(1, math.floor(compression * in_features))
+    # Rounding first keeps float error from flooring 0.29 * 100 = 28.999... to 28.
+    return max(1, math.floor(round(compression * in_features, 9)))
 
 
 class DenseNet(nn.Module):

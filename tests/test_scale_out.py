@@ -1,0 +1,112 @@
+"""Scale-out on real engines: parallel sweeps (joblib), submitit's local launcher, DDP on CPU,
+and sweeps that resume by skipping finished configurations."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+import torch
+import yaml
+
+from conftest import ROOT
+from densenet_exp.tracking import ensure_experiment
+
+SMOKE = ("experiment=smoke", "probes=none")
+
+
+def children(store):
+    return [r for r in store.runs("smoke") if "mlflow.parentRunId" in r.data.tags]
+
+
+def test_parallel_joblib_sweep_loses_nothing_in_one_sqlite_store(store):
+    result = store.run(*SMOKE, "seed=0,1,2,3", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", multirun=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = children(store)
+    assert sorted(r.data.params["seed"] for r in runs) == ["0", "1", "2", "3"]
+    client = store.client()
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert len(client.get_metric_history(run.info.run_id, "val/acc")) == 2
+        assert {"test/acc", "train/loss", "lr"} <= set(run.data.metrics)
+    assert "locked" not in result.stderr
+
+
+def test_submitit_local_launcher_finishes_both_jobs(store):
+    result = store.run(*SMOKE, "seed=0,1", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+                       multirun=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = children(store)
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" and "test/acc" in r.data.metrics for r in runs)
+
+
+def test_ddp_on_cpu_logs_one_run_with_accuracy_over_all_ranks(store):
+    from densenet_exp.data import ImageDataModule
+    from densenet_exp.models import build_model
+
+    result = store.run(*SMOKE, "trainer=ddp", "trainer.max_epochs=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in result.stdout + result.stderr  # a second process joined
+    runs = store.all_runs()
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run = runs[0]
+    assert run.data.params["trainer.strategy"] == "ddp" and run.data.params["trainer.devices"] == "2"
+    # Each rank tests half of the 256-image slice; the logged figures cover both halves.
+    assert run.data.metrics["test/images"] == 256
+    # And the accuracy is that of the whole slice: evaluate rank 0's final weights on every test
+    # image here. (Rank 1's BatchNorm statistics differ by its last batch, hence the tolerance.)
+    local = store.client().download_artifacts(run.info.run_id, "config.yaml", str(store.path))
+    cfg = yaml.safe_load(open(local).read())
+    model = build_model(cfg["model"])
+    state = torch.load(store.path / "out" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    model.eval()
+    dm = ImageDataModule(cfg["data"], seed=cfg["seed"])
+    dm.setup()
+    test = dm.datasets["test"]
+    with torch.no_grad():
+        x, y = test[list(range(len(test)))]
+        acc = (model(x).argmax(1) == y).float().mean().item()
+    assert abs(run.data.metrics["test/acc"] - acc) <= 4 / 256
+
+
+def test_rerun_sweep_skips_finished_jobs_and_redoes_the_rest(store):
+    overrides = (*SMOKE, "seed=0,1", "data.train_size=1024")
+    ensure_experiment(store.client(), "smoke")
+    proc = subprocess.Popen(store.command(*overrides, multirun=True), cwd=ROOT, env=store.env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if any(r.info.status == "FINISHED" for r in children(store)):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "sweep ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        proc.kill()
+    (first,) = [r for r in children(store) if r.info.status == "FINISHED"]
+
+    result = store.run(*overrides, multirun=True, out="again")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("skipped, already FINISHED") == 1
+    finished = [r for r in children(store) if r.info.status == "FINISHED"]
+    assert sorted(r.data.params["seed"] for r in finished) == ["0", "1"]
+    assert first.info.run_id in {r.info.run_id for r in finished}  # not trained again
+
+
+def test_optuna_search_runs_each_trial_as_a_child_run(store):
+    result = store.run(*SMOKE, "hparams_search=optuna", "model=densenet_tiny", "trainer.max_epochs=1",
+                       "hydra.sweeper.n_trials=3", "tracking.experiment=smoke", multirun=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = children(store)
+    assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
+    best = max(r.data.metrics["val/acc"] for r in runs)
+    results = yaml.safe_load((store.path / "out" / "optimization_results.yaml").read_text())
+    assert results["completed"] == 3 and abs(results["best_value"] - best) < 1e-6
+    assert f"best value {best:.4f}" in result.stdout
+    for run in runs:  # the searched values reached the model
+        assert run.data.params["growth_rate"] in {"8", "12", "16", "24", "32"}
+        assert 0.25 <= float(run.data.params["compression"]) <= 1.0

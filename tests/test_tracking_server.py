@@ -1,0 +1,112 @@
+"""Shared tracking: runs logged over HTTP to `mlflow server` (PostgreSQL backend in CI, where
+DENSENET_EXP_SERVER_BACKEND names it; SQLite otherwise), and a server outage loses nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, Store
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`tools/tracking-server` on a free port of 127.0.0.1, restartable on the same port."""
+
+    def __init__(self, state: Path) -> None:
+        self.port, self.state, self.proc = free_port(), state, None
+        self.backend = os.environ.get("DENSENET_EXP_SERVER_BACKEND") or f"sqlite:///{state / 'server.db'}"
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        env = {**os.environ, "PORT": str(self.port), "STATE_DIR": str(self.state), "BACKEND_URI": self.backend,
+               "MLFLOW": str(ROOT / ".venv" / "bin" / "mlflow")}
+        self.proc = subprocess.Popen([str(ROOT / "tools" / "tracking-server")], env=env, cwd=ROOT,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if urllib.request.urlopen(f"{self.uri}/health", timeout=2).read() == b"OK":
+                    return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"mlflow server did not come up on {self.uri}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(30)
+
+
+@pytest.fixture
+def server(tmp_path: Path):
+    srv = Server(tmp_path / "server")
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+class HttpStore(Store):
+    def __init__(self, path: Path, uri: str) -> None:
+        super().__init__(path)
+        self._uri = uri
+
+    @property
+    def uri(self) -> str:  # type: ignore[override]
+        return self._uri
+
+
+def test_sweep_over_http_records_params_metrics_and_artifacts(server, tmp_path):
+    store = HttpStore(tmp_path, server.uri)
+    name = f"http-{uuid.uuid4().hex[:8]}"
+    result = store.run("experiment=smoke", "probes=none", f"tracking.experiment={name}", "seed=0,1", multirun=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = [r for r in store.runs(name) if "mlflow.parentRunId" in r.data.tags]
+    assert len(runs) == 2
+    client = store.client()
+    for run in runs:
+        assert run.info.status == "FINISHED" and run.data.params["data.name"] == "fashion_mnist"
+        assert len(client.get_metric_history(run.info.run_id, "val/acc")) == 2 and "test/acc" in run.data.metrics
+        assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml"]
+
+
+def test_server_outage_during_a_run_loses_nothing(server, tmp_path):
+    store = HttpStore(tmp_path, server.uri)
+    name = f"outage-{uuid.uuid4().hex[:8]}"
+    overrides = ("experiment=smoke", "probes=none", f"tracking.experiment={name}", "trainer.max_epochs=3",
+                 "data.train_size=2048")
+    proc = subprocess.Popen(store.command(*overrides), cwd=ROOT, env=store.env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    client = store.client()
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        runs = store.runs(name)
+        if runs and client.get_metric_history(runs[0].info.run_id, "val/acc"):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "run ended before the outage"
+    server.stop()  # the server goes away mid-run ...
+    time.sleep(5)
+    server.start()  # ... and comes back on the same port: the client's retries deliver the rest
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-3000:]
+    (run,) = store.runs(name)
+    assert run.info.status == "FINISHED" and "test/acc" in run.data.metrics
+    for key in ("train/loss", "val/acc", "lr"):
+        assert len(client.get_metric_history(run.info.run_id, key)) == 3, key
