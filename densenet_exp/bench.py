@@ -200,6 +200,73 @@ def log_to_mlflow(rows: list[dict[str, Any]], table: str, args: argparse.Namespa
     return run.info.run_id
 
 
+OVERHEAD_OVERRIDES = (
+    "experiment=quickstart", "probes=none", "probes.size_cost=true", "trainer.max_epochs=1",
+    "trainer.precision=32-true", "trainer.enable_progress_bar=false",
+)
+
+
+def bare_epoch(overrides: list[str]) -> float:
+    """Seconds for one epoch (train, then validation) of a plain PyTorch loop over the same model,
+    data, batches and optimizer as the harness run with `overrides`."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from .classifier import ImageClassifier
+    from .data import ImageDataModule
+    from .models import build_model
+    from .run import CONF_DIR, apply_knobs
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
+    apply_knobs(cfg)
+    torch.manual_seed(cfg["seed"])
+    torch.use_deterministic_algorithms(cfg["trainer"]["deterministic"])  # as the harness's Trainer does
+    model = build_model(cfg["model"])
+    dm = ImageDataModule(cfg["data"], seed=cfg["seed"])
+    dm.setup()
+    train, val = dm.train_dataloader(), dm.val_dataloader()
+    optimizer = ImageClassifier.build_optimizer(model.parameters(), cfg["optim"])
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg["optim"]["lr"], total_steps=len(train))
+    start = time.perf_counter()
+    model.train()
+    for x, y in train:
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    model.eval()
+    with torch.no_grad():
+        correct = sum((model(x).argmax(1) == y).sum().item() for x, y in val)
+    assert correct >= 0
+    return time.perf_counter() - start
+
+
+def harness_overhead(args: argparse.Namespace) -> dict[str, float]:
+    """One epoch through `python -m densenet_exp.run` against a bare loop, each in a fresh process."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    import mlflow
+
+    overrides = [*OVERHEAD_OVERRIDES, f"data.train_size={args.train_size}", f"cpu_threads={args.threads}"]
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+        cmd = [sys.executable, "-m", "densenet_exp.run", *overrides, f"hydra.run.dir={tmp}/run"]
+        subprocess.run(cmd, env=env, check=True, capture_output=True)
+        client = mlflow.MlflowClient(uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+        harness = run.data.metrics["epoch_time_s"]
+        Path(tmp, "overrides.json").write_text(json.dumps(overrides))
+        bare_cmd = [sys.executable, "-m", "densenet_exp.bench", "--threads", str(args.threads),
+                    "--bare-epoch", str(Path(tmp, "overrides.json"))]
+        bare = float(subprocess.run(bare_cmd, check=True, capture_output=True, text=True).stdout.split()[-1])
+    return {"harness_epoch_s": harness, "bare_epoch_s": bare, "overhead": harness / bare - 1}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m densenet_exp.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated entries, NAME or NAME:fast")
@@ -214,7 +281,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--log-mlflow", action="store_true", help="log the table to the MLflow experiment 'bench'")
     p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--overhead", action="store_true",
+                   help="instead: one epoch through the harness (Lightning, MLflow, probes off) vs a bare loop")
+    p.add_argument("--train-size", type=int, default=8192, help="training images for --overhead")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--bare-epoch", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for entry in args.models.split(","):
         name, _, options = entry.partition(":")
@@ -233,6 +304,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.child:
         print(json.dumps(measure(args.child, args)))
         return []
+    if args.bare_epoch:
+        print(bare_epoch(json.loads(open(args.bare_epoch).read())))
+        return []
+    if args.overhead:
+        result = harness_overhead(args)
+        print(
+            f"one epoch, {args.train_size} images, {args.threads} threads: harness {result['harness_epoch_s']:.1f} s, "
+            f"bare loop {result['bare_epoch_s']:.1f} s, overhead {100 * result['overhead']:+.1f}%"
+        )
+        return [result]
     passthrough = [a for a in argv if not a.startswith("--log-mlflow")]
     rows = []
     for entry in args.models.split(","):

@@ -93,13 +93,16 @@ class ImageClassifier(L.LightningModule):
             self.test_top5.update(logits, y)
             self.log("test/acc_top5", self.test_top5, on_step=False, on_epoch=True)
 
+    @staticmethod
+    def build_optimizer(params: Any, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
+        kwargs: dict[str, Any] = {"lr": cfg["lr"], "weight_decay": cfg.get("weight_decay", 0.0)}
+        if cfg["name"] == "sgd":
+            kwargs.update(momentum=cfg.get("momentum", 0.0), nesterov=cfg.get("nesterov", False))
+        return OPTIMIZERS[cfg["name"]](params, **kwargs)
+
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = self.optim
-        name = cfg["name"]
-        kwargs: dict[str, Any] = {"lr": cfg["lr"], "weight_decay": cfg.get("weight_decay", 0.0)}
-        if name == "sgd":
-            kwargs.update(momentum=cfg.get("momentum", 0.0), nesterov=cfg.get("nesterov", False))
-        optimizer = OPTIMIZERS[name](self.parameters(), **kwargs)
+        optimizer = self.build_optimizer(self.parameters(), cfg)
         scheduler = cfg.get("scheduler", "constant")
         epochs = self.trainer.max_epochs
         if scheduler == "multistep":

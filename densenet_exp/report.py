@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import markdown
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -56,8 +57,12 @@ from .results import (
 from .tracking import retry_locked, tracking_uri
 
 KNOB_LABELS = {"growth_rate": "growth rate k", "compression": "compression θ", "bottleneck": "bottleneck B"}
-# family -> (colour, marker, line style); other architectures get grey dots.
-FAMILY_STYLE = {"densenet": ("tab:blue", "o", "-"), "resnet": ("tab:orange", "s", "--"), "plain": ("tab:gray", "^", ":")}
+# family -> (colour, marker, line style); other architectures get purple dots.
+FAMILY_STYLE = {
+    "densenet": ("tab:blue", "o", "-"),
+    "resnet": ("tab:orange", "s", "--"),
+    "plain": ("tab:gray", "^", ":"),
+}
 
 
 def _style(family: str) -> tuple[str, str, str]:
@@ -76,15 +81,15 @@ def _level(value: object) -> str:
 
 def plot_accuracy_vs_cost(summary: pd.DataFrame, data: str) -> Figure:
     """Test accuracy (mean ± std over seeds) against parameters and against FLOPs per image, one
-    line per family sorted by cost: the layout of the paper's Figure 3."""
+    colour and marker per family: the layout of the paper's Figure 3."""
     rows = summary[summary["data"] == data]
     fig = Figure(figsize=(12, 4.8), layout="constrained")
     for ax, cost, label in zip(fig.subplots(1, 2), ("params", "flops_per_image"), ("parameters", "FLOPs per image")):
         for family, group in rows.groupby("family"):
             colour, marker, line = _style(str(family))
-            group = group.dropna(subset=[f"{cost} mean", "test/acc mean"]).sort_values(f"{cost} mean")
+            group = group.dropna(subset=[f"{cost} mean", "test/acc mean"])
             ax.errorbar(group[f"{cost} mean"], group["test/acc mean"], yerr=group["test/acc std"], color=colour,
-                        marker=marker, linestyle=line, capsize=3, label=FAMILY_NAMES.get(str(family), family))
+                        marker=marker, linestyle="none", capsize=3, label=FAMILY_NAMES.get(str(family), family))
             for _, row in group.iterrows():
                 ax.annotate(row["variant"], (row[f"{cost} mean"], row["test/acc mean"]), fontsize=7,
                             xytext=(4, 4), textcoords="offset points")
@@ -95,7 +100,7 @@ def plot_accuracy_vs_cost(summary: pd.DataFrame, data: str) -> Figure:
         ax.grid(True, which="both", alpha=0.3)
         if ax.has_data():
             ax.legend()
-    fig.suptitle(f"{data}: test accuracy against parameters and FLOPs (mean ± std over seeds; cf. the paper's Figure 3)")
+    fig.suptitle(f"{data}: test accuracy against parameters and FLOPs (mean ± std over seeds; cf. the paper's Fig. 3)")
     return fig
 
 
@@ -131,7 +136,8 @@ def plot_interactions(runs: pd.DataFrame, data: str, metric: str = "test/acc") -
     for ax, other in zip(fig.subplots(1, 2), ("compression", "bottleneck")):
         means = dense.pivot_table(index="growth_rate", columns=other, values=metric, aggfunc="mean")
         for level in means.columns:
-            ax.plot(means.index.astype(float), means[level], marker="o", label=f"{KNOB_LABELS[other]} = {_level(level)}")
+            label = f"{KNOB_LABELS[other]} = {_level(level)}"
+            ax.plot(means.index.astype(float), means[level], marker="o", label=label)
         ax.set(xlabel=KNOB_LABELS["growth_rate"], ylabel=f"mean {metric}", title=f"k x {KNOB_LABELS[other]}")
         ax.set_xticks(means.index.astype(float))
         ax.grid(True, alpha=0.3)
@@ -182,7 +188,9 @@ def plot_gradient_flow(norms: pd.DataFrame, data: str) -> Figure | None:
     return fig
 
 
-def feature_reuse_figures(runs: pd.DataFrame, matrices: dict[str, list[np.ndarray]], folder: Path) -> list[tuple[Path, str]]:
+def feature_reuse_figures(
+    runs: pd.DataFrame, matrices: dict[str, list[np.ndarray]], folder: Path
+) -> list[tuple[Path, str]]:
     """One heatmap per DenseNet configuration, the mean of its runs' feature-reuse matrices
     (from feature_reuse_matrices) drawn like the paper's Figure 5, saved in `folder`: [(png, caption)]."""
     figures = []
@@ -240,49 +248,42 @@ def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
 # --- the document ----------------------------------------------------------------------------
 
 
-def _markdown_table(frame: pd.DataFrame) -> str:
-    # pandas' to_markdown needs tabulate, which the project does not install.
-    cell = lambda v: "" if v is None or (not isinstance(v, str) and pd.isna(v)) else str(v).replace("|", "\\|")  # noqa: E731
-    lines = ["| " + " | ".join(map(cell, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join(lines)
-
-
 def _file_name(name: str) -> str:
     return re.sub(r"[^\w.-]+", "_", name) + ".png"
 
 
-def _inline_html(text: str) -> str:
-    """The markdown the report's text uses, **bold** and `code`, as HTML."""
-    text = html.escape(text, quote=False)
-    text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
-    return re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+def _cell(value: object) -> str:
+    blank = value is None or (not isinstance(value, str) and pd.isna(value))
+    return "" if blank else str(value).replace("|", "\\|")
 
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1300px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}
-th{background:#f3f3f3}img{max-width:100%;display:block}figure{margin:1.5em 0}figcaption{color:#555;font-size:13px}
-code{background:#f3f3f3;padding:0 3px}"""
+th{background:#f3f3f3}img{max-width:100%;display:block}code{background:#f3f3f3;padding:0 3px}
+p>em{color:#555;font-size:13px}"""
 
 
 @dataclass
 class Document:
-    """The report's content, rendered to markdown (PNGs beside it) or one HTML file."""
+    """The report as markdown, with its PNGs saved beside it; `html` renders it with the
+    `markdown` package and embeds each image as a data URI, so the HTML file stands alone."""
 
     folder: Path
-    blocks: list[tuple[str, object]] = field(default_factory=list)
+    parts: list[str] = field(default_factory=list)
+    figures: list[Path] = field(default_factory=list)
 
     def heading(self, text: str, level: int = 2) -> None:
-        self.blocks.append(("heading", (level, text)))
+        self.parts.append("#" * level + " " + text)
 
     def text(self, text: str) -> None:
-        self.blocks.append(("text", text))
+        self.parts.append(text)
 
     def bullets(self, items: Sequence[str]) -> None:
-        self.blocks.append(("bullets", list(items)))
+        self.parts.append("\n".join(f"- {item}" for item in items))
 
     def table(self, frame: pd.DataFrame) -> None:
-        self.blocks.append(("table", frame))
+        cells = frame.astype(object).map(_cell).rename(columns=_cell)
+        self.parts.append(cells.to_markdown(index=False, tablefmt="github"))
 
     def figure(self, fig: Figure | None, name: str, caption: str) -> None:
         """Save `fig` as <name>.png in the folder and show it here (nothing when fig is None)."""
@@ -292,44 +293,20 @@ class Document:
             self.image(path, caption)
 
     def image(self, path: Path, caption: str) -> None:
-        self.blocks.append(("image", (path, caption)))
+        self.figures.append(path)
+        self.parts.append(f"![{caption}]({path.name})\n\n*{caption}*")
 
     def images(self) -> list[Path]:
-        return [value[0] for kind, value in self.blocks if kind == "image"]
+        return list(self.figures)
 
     def markdown(self) -> str:
-        parts = []
-        for kind, value in self.blocks:
-            if kind == "heading":
-                parts.append("#" * value[0] + " " + value[1])
-            elif kind == "text":
-                parts.append(value)
-            elif kind == "bullets":
-                parts.append("\n".join(f"- {item}" for item in value))
-            elif kind == "table":
-                parts.append(_markdown_table(value))
-            else:
-                parts.append(f"![{value[1]}]({value[0].name})\n\n*{value[1]}*")
-        return "\n\n".join(parts) + "\n"
+        return "\n\n".join(self.parts) + "\n"
 
     def html(self, title: str) -> str:
-        parts = []
-        for kind, value in self.blocks:
-            if kind == "heading":
-                parts.append(f"<h{value[0]}>{_inline_html(value[1])}</h{value[0]}>")
-            elif kind == "text":
-                parts.append(f"<p>{_inline_html(value)}</p>")
-            elif kind == "bullets":
-                parts.append("<ul>" + "".join(f"<li>{_inline_html(i)}</li>" for i in value) + "</ul>")
-            elif kind == "table":
-                cells = value.astype("string").fillna("").map(_inline_html).rename(columns=_inline_html)
-                parts.append(cells.to_html(index=False, escape=False, border=0))
-            else:
-                data = base64.b64encode(value[0].read_bytes()).decode()
-                caption = html.escape(value[1])
-                parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{caption}">'
-                             f"<figcaption>{caption}</figcaption></figure>")
-        body = "\n".join(parts)
+        body = markdown.markdown(self.markdown(), extensions=["tables"])
+        for path in self.figures:
+            data = base64.b64encode(path.read_bytes()).decode()
+            body = body.replace(f'src="{path.name}"', f'src="data:image/png;base64,{data}"')
         return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
                 f"<style>{_CSS}</style></head>\n<body>\n{body}\n</body></html>\n")
 

@@ -283,7 +283,10 @@ def welch(a: np.ndarray, b: np.ndarray) -> tuple[float, float] | None:
     when neither varies (a test needs a spread)."""
     if len(a) < 2 or len(b) < 2 or (np.ptp(a) == 0 and np.ptp(b) == 0):
         return None
-    result = stats.ttest_ind(a, b, equal_var=False)
+    # From the summary statistics: the same test, without scipy's precision warning when one side is constant.
+    result = stats.ttest_ind_from_stats(
+        a.mean(), a.std(ddof=1), len(a), b.mean(), b.std(ddof=1), len(b), equal_var=False
+    )
     return float(result.statistic), float(result.pvalue)
 
 
@@ -315,11 +318,11 @@ def directional(a: np.ndarray, b: np.ndarray | float, higher: bool) -> tuple[str
             return "inconclusive", "no spread over seeds, equal means", None
         return _by_sign(sign * diff), "no spread over seeds: means compared", None
     if fixed:
-        result, name, n = stats.ttest_1samp(a, b), f"one-sample t-test against {b:.4g}", f"n = {len(a)}"
+        result = stats.ttest_1samp(a, b)
+        t, p, name = float(result.statistic), float(result.pvalue), f"one-sample t-test against {b:.4g} (n = {len(a)})"
     else:
-        result, name, n = stats.ttest_ind(a, b, equal_var=False), "Welch's t-test", f"n = {len(a)}, {len(b)}"
-    t, p = float(result.statistic), float(result.pvalue)
-    text = f"{name}: t = {t:.3g}, p = {p:.3g} ({n})"
+        (t, p), name = welch(a, b), f"Welch's t-test (n = {len(a)}, {len(b)})"
+    text = f"{name}: t = {t:.3g}, p = {p:.3g}"
     if p < ALPHA:
         return _by_sign(sign * diff), text, p
     return "inconclusive", f"{text}; not significant at {ALPHA}", p
@@ -398,12 +401,12 @@ def _params_claim(data: str, dense: list[Config], resnets: list[Config], d: Conf
     else:
         pair, verdict = (d, r), "inconclusive"
         evidence = f"no smaller net matches the other family's best: DenseNet {acc(d)}; ResNet {acc(r)}"
-    test = welch(pair[0].values("test/acc"), pair[1].values("test/acc"))
+    a, b = (c.values("test/acc") for c in pair)
+    test = welch(a, b)
     if test:
-        text = f"Welch's t-test on test accuracy: t = {test[0]:.3g}, p = {test[1]:.3g}"
+        text = f"Welch's t-test on test accuracy (n = {len(a)}, {len(b)}): t = {test[0]:.3g}, p = {test[1]:.3g}"
     else:
-        few = min(len(c.values("test/acc")) for c in pair) < 2
-        text = "single seed: no test" if few else "no spread over seeds: no test"
+        text = "single seed: no test" if min(len(a), len(b)) < 2 else "no spread over seeds: no test"
     return Claim(name, data, verdict, evidence, text, test[1] if test else None)
 
 
@@ -433,26 +436,25 @@ def evaluate_claims(runs: pd.DataFrame, matrices: dict[str, list[np.ndarray]] | 
     ResNet baseline. `matrices` from feature_reuse_matrices. A data set without both families gets
     inconclusive verdicts that say what is missing."""
     claims = []
-    for data, group in runs.groupby("data", sort=True):
-        configs = _configs(group)
+    for key, group in runs.groupby("data", sort=True):
+        data, configs = str(key), _configs(group)
         dense = [c for c in configs if c.family == "densenet"]
         resnets = [c for c in configs if c.family == "resnet"]
         d, r = _most_accurate(dense), _most_accurate(resnets)
-        claims.append(_reuse_claim(str(data), d, matrices or {}) if d else _missing("feature reuse", str(data), "no DenseNet"))
+        claims.append(_reuse_claim(data, d, matrices or {}) if d else _missing("feature reuse", data, "no DenseNet"))
         if d is None or r is None:
             missing = "no DenseNet" if d is None else "no ResNet baseline"
-            claims += [_missing(n, str(data), missing) for n in RULES if n != "feature reuse"]
+            claims += [_missing(name, data, missing) for name in RULES if name != "feature reuse"]
             continue
-        plain = [c.describe("grad_first_last_ratio") for c in configs if c.family == "plain"]
-        memory = pd.concat([d.runs, r.runs])
-        zeros = int(((memory["device"] == "cpu") & (memory.get("peak_memory_mb") == 0)).sum())
+        plain = "".join(f"; plain: {c.describe('grad_first_last_ratio')}" for c in configs if c.family == "plain")
+        both = pd.concat([d.runs, r.runs])
+        zeros = int(((both["device"] == "cpu") & (both.get("peak_memory_mb") == 0)).sum())
         cpu_note = f"; {zeros} CPU runs read 0 (their process had peaked before)" if zeros else ""
         claims += [
-            _params_claim(str(data), dense, resnets, d, r),
-            _compare_claim("stronger gradient flow", str(data), d, r, "grad_first_last_ratio", True,
-                           "".join(f"; plain: {p}" for p in plain)),
-            _compare_claim("higher memory cost", str(data), d, r, "peak_memory_mb", True, cpu_note),
-            _compare_claim("higher compute cost", str(data), d, r, "train_images_per_s", False),
+            _params_claim(data, dense, resnets, d, r),
+            _compare_claim("stronger gradient flow", data, d, r, "grad_first_last_ratio", True, plain),
+            _compare_claim("higher memory cost", data, d, r, "peak_memory_mb", True, cpu_note),
+            _compare_claim("higher compute cost", data, d, r, "train_images_per_s", False),
         ]
     order = list(RULES)
     return sorted(claims, key=lambda c: (c.data, order.index(c.claim)))

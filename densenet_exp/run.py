@@ -97,6 +97,16 @@ def cpu_threads(configured: int | None, hc: Any) -> int | None:
     return None
 
 
+def use_channels_last(setting: bool | str, trainer_cfg: dict[str, Any]) -> bool:
+    """`auto`: channels_last where it pays off: on a GPU, and with bf16 on a CPU (oneDNN's bf16
+    convolutions want it); plain fp32 on a CPU stays NCHW, the reference path."""
+    if setting != "auto":
+        return bool(setting)
+    accelerator = str(trainer_cfg.get("accelerator", "cpu"))
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return on_gpu or "bf16" in str(trainer_cfg.get("precision", ""))
+
+
 def create_run(client: MlflowClient, experiment_id: str, plain: dict[str, Any], hc: Any, root: Path) -> tuple[str, Path]:
     """A new MLflow run for this job, tagged with its variant, config hash, overrides, output
     folder, git state and, in a sweep, its parent run. Returns the run id and checkpoint folder."""
@@ -132,6 +142,35 @@ def record_new_run(client: MlflowClient, run_id: str, logger: RunLogger, trainer
         client.log_artifact(run_id, str(path))
 
 
+def choose_run(
+    client: MlflowClient, experiment_id: str, previous: list, plain: dict[str, Any], hc: Any, chief: bool
+) -> tuple[str | None, Path, str | None]:
+    """The run this job logs to, its checkpoint folder and the checkpoint to resume from: the
+    newest unfinished run of this config that left a last checkpoint, else a new run (rank 0
+    creates it; other DDP ranks log nothing)."""
+    resumable = find_resumable_run(previous) if plain["tracking"]["resume"] else None
+    if resumable is not None:
+        run_id = resumable.info.run_id
+        ckpt_dir = Path(resumable.data.tags["checkpoint_dir"])
+        if chief:
+            retry_locked(lambda: client.update_run(run_id, status="RUNNING"))
+            log.info("resuming MLflow run %s from %s", run_id, ckpt_dir / "last.ckpt")
+        return run_id, ckpt_dir, str(ckpt_dir / "last.ckpt")
+    if chief:
+        return *create_run(client, experiment_id, plain, hc, Path(hc.runtime.cwd)), None
+    return None, Path(hc.runtime.output_dir) / "checkpoints", None
+
+
+def skipped(plain: dict[str, Any], finished: Any) -> dict[str, Any]:
+    """A sweep job whose config already has a FINISHED run: report that run, train nothing."""
+    metrics = finished.data.metrics
+    print(f"{variant_name(plain)}: skipped, already FINISHED as MLflow run {finished.info.run_id} "
+          f"(test accuracy {metrics.get('test/acc', float('nan')):.4f}); tracking.skip_finished=false trains it "
+          "again", flush=True)
+    return {"variant": variant_name(plain), "test_acc": metrics.get("test/acc"), "val_acc": metrics.get("val/acc"),
+            "run_id": finished.info.run_id}
+
+
 def train(cfg: DictConfig, hc: Any) -> dict[str, Any]:
     """Run one job of the harness; returns its summary."""
     started = time.perf_counter()
@@ -153,7 +192,7 @@ def train(cfg: DictConfig, hc: Any) -> dict[str, Any]:
         num_classes=plain["data"]["num_classes"],
         optim=plain["optim"],
         label_smoothing=plain["loss"]["label_smoothing"],
-        channels_last=plain["speed"]["channels_last"],
+        channels_last=use_channels_last(plain["speed"]["channels_last"], plain["trainer"]),
         compile=plain["speed"]["compile"],
     )
     datamodule = ImageDataModule(plain["data"], seed=plain["seed"])
@@ -168,25 +207,10 @@ def train(cfg: DictConfig, hc: Any) -> dict[str, Any]:
     previous = runs_of_config(client, experiment_id, config_hash(plain))
     finished = find_finished_run(previous)
     if hc.mode == RunMode.MULTIRUN and tracking["skip_finished"] and finished is not None:
-        # Re-running a sweep redoes only its failed and missing jobs.
-        acc = finished.data.metrics.get("test/acc", float("nan"))
-        print(f"{variant_name(plain)}: skipped, already FINISHED as MLflow run {finished.info.run_id} "
-              f"(test accuracy {acc:.4f}); tracking.skip_finished=false trains it again", flush=True)
-        val_acc = finished.data.metrics.get("val/acc")
-        return {"variant": variant_name(plain), "test_acc": acc, "val_acc": val_acc, "run_id": finished.info.run_id}
-    resumable = find_resumable_run(previous) if tracking["resume"] else None
-    if resumable is not None:
-        run_id = resumable.info.run_id
-        ckpt_dir = Path(resumable.data.tags["checkpoint_dir"])
-        ckpt_path: str | None = str(ckpt_dir / "last.ckpt")
-        if chief:
-            retry_locked(lambda: client.update_run(run_id, status="RUNNING"))
-            log.info("resuming MLflow run %s from %s", run_id, ckpt_path)
-    elif chief:
-        (run_id, ckpt_dir), ckpt_path = create_run(client, experiment_id, plain, hc, root), None
-    else:
-        run_id, ckpt_dir, ckpt_path = None, Path(hc.runtime.output_dir) / "checkpoints", None
-    logger = RunLogger(experiment_name=tracking["experiment"], tracking_uri=uri, run_id=run_id)
+        return skipped(plain, finished)
+    run_id, ckpt_dir, ckpt_path = choose_run(client, experiment_id, previous, plain, hc, chief)
+    unsent = Path(hc.runtime.output_dir) / "unsent_metrics.jsonl"
+    logger = RunLogger(experiment_name=tracking["experiment"], tracking_uri=uri, run_id=run_id, unsent=unsent)
     error: BaseException | None = None
     try:
         checkpoint = ModelCheckpoint(

@@ -117,11 +117,22 @@ class RunLogger(MLFlowLogger):
     (Lightning would mark it FINISHED after `fit` although `test` still has to log), and writes
     retry while parallel jobs hold the SQLite store's lock."""
 
+    def __init__(self, *args: Any, unsent: Path | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.unsent = unsent
+
     def finalize(self, status: str = "success") -> None:
         pass
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        retry_locked(lambda: super(RunLogger, self).log_metrics(metrics, step))
+        try:
+            retry_locked(lambda: super(RunLogger, self).log_metrics(metrics, step))
+        except Exception:
+            # The store is gone past MLflow's own retries: keep the figures on disk, then fail loudly.
+            if self.unsent is not None:
+                with self.unsent.open("a") as f:
+                    f.write(json.dumps({"run_id": self.run_id, "step": step, "metrics": dict(metrics)}) + "\n")
+            raise
 
     def log_hyperparams(self, params: Any) -> None:
         retry_locked(lambda: super(RunLogger, self).log_hyperparams(params))

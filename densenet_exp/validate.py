@@ -102,6 +102,10 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     validate_data(cfg["data"])
     validate_optim(cfg["optim"])
     _int_at_least("trainer.max_epochs", cfg["trainer"].get("max_epochs"), 1)
+    speed = cfg.get("speed", {})
+    cl = speed.get("channels_last", "auto")
+    _require("speed.channels_last", cl, cl == "auto" or isinstance(cl, bool), "auto, true or false")
+    _require("speed.compile", speed.get("compile", False), isinstance(speed.get("compile", False), bool), "true or false")
     if cfg.get("cpu_threads") is not None:
         _int_at_least("cpu_threads", cfg["cpu_threads"], 1)
     ls = cfg.get("loss", {}).get("label_smoothing", 0.0)

@@ -114,3 +114,13 @@ def test_optuna_search_space_parses_into_distributions():
     (plain,) = parser.parse_overrides(["x=growth_rate"])
     with pytest.raises(ValueError, match="hydra.sweeper.params.x"):
         distribution(plain)
+
+
+def test_slurm_launcher_defaults(monkeypatch):
+    monkeypatch.setenv("SLURM_PARTITION", "gpu-a100")
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=4"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.partition == "gpu-a100" and launcher.tasks_per_node == 4 and launcher.timeout_min == 240

@@ -75,6 +75,12 @@ CIFAR = {
 BLOCKS = [np.full((7, 7), 1.0) for _ in range(3)]  # three blocks of L = 6 layers: uniform share 1/6
 
 
+def has_row(markdown: str, *cells: str) -> bool:
+    """Whether a markdown table row holds these cells side by side (whatever the padding)."""
+    pattern = r"\|\s*" + r"\s*\|\s*".join(re.escape(c) for c in cells) + r"\s*\|"
+    return re.search(pattern, markdown) is not None
+
+
 def add_run(client, experiment_id: str, variant: str, params: dict, metrics: dict, seed: int, data: str,
             status: str = "FINISHED", tags: dict | None = None, artifacts: dict | None = None) -> str:
     run = client.create_run(experiment_id, run_name=variant, tags={"variant": variant, "device": "cpu", **(tags or {})})
@@ -149,6 +155,19 @@ def test_load_runs_skips_parent_and_report_runs_and_keeps_unfinished_for_listing
     assert resnet["family"] == "resnet" and pd.isna(resnet["growth_rate"]) and pd.isna(resnet["bottleneck"])
     with pytest.raises(results.ExperimentNotFound, match="no experiment 'nope'"):
         results.load_runs("nope", store.uri)
+
+
+def test_learning_curves_and_gradient_norms_read_history_and_artifacts(known):
+    store, _ = known
+    done = results.finished(results.load_runs(EXPERIMENT, store.uri))
+    curves = results.learning_curves(done, store.uri)
+    assert len(curves) == 2 * 9  # two epochs of the nine fashion_mnist runs; the cifar10 runs logged none
+    resnet = curves[curves["variant"] == "resnet20"].sort_values(["seed", "epoch"])
+    assert resnet["epoch"].tolist() == [1, 2] * 3
+    assert resnet["value"].tolist() == pytest.approx([0.5, 0.6, 0.5, 0.61, 0.5, 0.62])
+    norms = results.gradient_norms(done, store.uri)
+    assert len(norms) == 3 * 5 and set(norms["family"]) == {"densenet", "resnet"}
+    assert norms.groupby("run_id")["relative_depth"].apply(list).map(lambda d: d == [0, 0.25, 0.5, 0.75, 1]).all()
 
 
 def test_pooling_problems_name_runs_that_differ_in_more_than_the_seed(known):
@@ -259,7 +278,10 @@ def test_published_figures_are_keyed_by_preset_data_set_and_knobs(known):
     store, _ = known
     published = results.published_beside_ours(results.finished(results.load_runs(EXPERIMENT, store.uri)))
     got = {(r["model"], r["published"]): r for _, r in published.iterrows()}
-    assert set(got) == {("densenet_bc100_k12", "DenseNet-BC (L=100, k=12)"), ("resnet110", "ResNet-110 (He et al. 2016)")}
+    assert set(got) == {
+        ("densenet_bc100_k12", "DenseNet-BC (L=100, k=12)"),
+        ("resnet110", "ResNet-110 (He et al. 2016)"),
+    }
     bc = got["densenet_bc100_k12", "DenseNet-BC (L=100, k=12)"]
     assert bc["published error %"] == 4.51 and bc["published accuracy"] == pytest.approx(0.9549)
     assert bc["our accuracy mean"] == 0.80 and bc["runs"] == 1 and "Table 2" in bc["source"]
@@ -275,10 +297,10 @@ def test_report_cli_writes_the_folder_and_logs_a_report_run_it_then_ignores(know
         assert report.main(["--experiment", EXPERIMENT, "--tracking-uri", store.uri, "--out", str(out)]) == 0
         assert "12 finished runs in 6 configurations, 2 left out" in capsys.readouterr().out
     text = (out / "report.md").read_text()
-    assert "| FAILED |" in text and "RuntimeError: boom" in text and "| RUNNING |" in text
+    assert has_row(text, "FAILED") and "RuntimeError: boom" in text and has_row(text, "RUNNING")
     assert "single seed, so no std" in text and "1 (single seed: no std)" in text
-    assert "| fashion_mnist | higher compute cost | **contradicted** |" in text
-    assert "| cifar10 | fewer parameters for the same accuracy | **contradicted** |" in text
+    assert has_row(text, "fashion_mnist", "higher compute cost", "**contradicted**")
+    assert has_row(text, "cifar10", "fewer parameters for the same accuracy", "**contradicted**")
     for rule in results.RULES.values():
         assert rule in text
     assert "DenseNet-BC (L=100, k=12)" in text and "4.51" in text
@@ -322,11 +344,12 @@ def test_report_of_a_real_sweep_writes_every_file_and_embeds_its_images(tiny_rep
     assert names == {"report.md", "report.html", *figures, "feature_reuse_fashion_mnist_densenet_tiny-k4-c0.5-B.png"}
     page = (tiny_report / "report.html").read_text()
     assert "src=\"file" not in page and ".png\"" not in page  # nothing but data URIs
-    embedded = [base64.b64decode(s) for s in re.findall(r'<img src="data:image/png;base64,([^"]+)"', page)]
+    embedded = [base64.b64decode(s) for s in re.findall(r'<img[^>]*\bsrc="data:image/png;base64,([^"]+)"', page)]
     assert sorted(embedded) == sorted((tiny_report / n).read_bytes() for n in names if n.endswith(".png"))
     text = (tiny_report / "report.md").read_text()
-    assert "| densenet_tiny | 4 | 0.5 | yes | 2 | 0, 1 |" in text and "| resnet20 |  |  |  | 2 | 0, 1 |" in text
-    assert text.count("| fashion_mnist |") == len(results.RULES)  # one verdict per claim
+    assert has_row(text, "densenet_tiny", "4", "0.5", "yes", "2", "0, 1")
+    assert has_row(text, "resnet20", "", "", "", "2", "0, 1")
+    assert len(re.findall(r"\|\s*fashion_mnist\s*\|", text)) == len(results.RULES)  # one verdict per claim
 
 
 @pytest.mark.slow
@@ -367,7 +390,8 @@ def kernel_python_prefix() -> str:
     from jupyter_client import KernelManager
 
     command = KernelManager(kernel_name="python3").format_kernel_cmd()
-    return subprocess.run([command[0], "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True).stdout.strip()
+    prefix = subprocess.run([command[0], "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True)
+    return prefix.stdout.strip()
 
 
 @pytest.mark.parametrize("name", ["densenet_vs_resnet", "ablation"])

@@ -110,3 +110,17 @@ def test_server_outage_during_a_run_loses_nothing(server, tmp_path):
     assert run.info.status == "FINISHED" and "test/acc" in run.data.metrics
     for key in ("train/loss", "val/acc", "lr"):
         assert len(client.get_metric_history(run.info.run_id, key)) == 3, key
+
+
+def test_metrics_are_kept_on_disk_when_the_store_is_gone_for_good(tmp_path, monkeypatch):
+    import json
+
+    from densenet_exp.tracking import RunLogger
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # no server will ever answer: fail fast
+    logger = RunLogger(experiment_name="x", tracking_uri=f"http://127.0.0.1:{free_port()}", run_id="abc",
+                       unsent=tmp_path / "unsent.jsonl")
+    with pytest.raises(Exception):
+        logger.log_metrics({"val/acc": 0.5}, step=3)
+    (line,) = (tmp_path / "unsent.jsonl").read_text().splitlines()
+    assert json.loads(line) == {"run_id": "abc", "step": 3, "metrics": {"val/acc": 0.5}}

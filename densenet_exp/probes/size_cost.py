@@ -69,6 +69,27 @@ def _max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _MAXRSS_BYTES / MIB
 
 
+def _proc_status_mb(field: str) -> float | None:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process, so each run of a sweep that runs
+    its jobs in one process sees its own peak. Linux only; False where it is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 class SizeCostProbe(pl.Callback):
     """Logs what a model costs.
 
@@ -78,8 +99,8 @@ class SizeCostProbe(pl.Callback):
       Throughput is images over the summed time of the training steps (forward, backward and
       optimizer step; data loading excluded), skipping the first ``warmup_steps`` of each epoch.
       Epoch time is wall time from epoch start to epoch end, validation included. Peak memory is
-      ``torch.cuda.max_memory_allocated`` on a GPU, else the growth of the process's peak resident
-      memory since fit start (so it misses memory the process had already peaked at before).
+      ``torch.cuda.max_memory_allocated`` on a GPU, else the peak resident memory since fit start
+      above the resident memory at fit start (Linux: VmHWM, reset at fit start).
     - ``infer_images_per_s``: once, at the end of training: median of ``infer_repeats`` eval-mode
       ``no_grad`` forwards of one random batch of the training batch's shape.
     """
@@ -107,7 +128,10 @@ class SizeCostProbe(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._batch_shape = None
-        self._fit_start_rss_mb = _max_rss_mb()
+        # Peak resident memory since fit start: VmHWM after resetting it, where Linux allows;
+        # else the growth of the process's lifetime peak (blind to an earlier, higher peak).
+        self._peak_was_reset = _reset_peak_rss()
+        self._fit_start_rss_mb = _proc_status_mb("VmRSS") if self._peak_was_reset else _max_rss_mb()
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
 
@@ -150,6 +174,8 @@ class SizeCostProbe(pl.Callback):
         skip = min(self.warmup_steps, len(self._step_seconds) - 1)
         if pl_module.device.type == "cuda":
             peak_mb = torch.cuda.max_memory_allocated(pl_module.device) / MIB
+        elif self._peak_was_reset:
+            peak_mb = (_proc_status_mb("VmHWM") or 0.0) - self._fit_start_rss_mb
         else:
             peak_mb = _max_rss_mb() - self._fit_start_rss_mb
         self._log(
