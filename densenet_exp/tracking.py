@@ -19,7 +19,7 @@ from hydra.experimental.callback import Callback
 from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_RUN_NAME
 from omegaconf import DictConfig, OmegaConf
 
 PARENT_ID_FILE = "mlflow_parent_run_id"
@@ -131,7 +131,7 @@ class RunLogger(MLFlowLogger):
             # The store is gone past MLflow's own retries: keep the figures on disk, then fail loudly.
             if self.unsent is not None:
                 with self.unsent.open("a") as f:
-                    f.write(json.dumps({"run_id": self.run_id, "step": step, "metrics": dict(metrics)}) + "\n")
+                    f.write(json.dumps({"run_id": self._run_id, "step": step, "metrics": dict(metrics)}) + "\n")
             raise
 
     def log_hyperparams(self, params: Any) -> None:

@@ -18,38 +18,21 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
+from densenet_exp.classifier import ImageClassifier
 from densenet_exp.models import densenet_cifar
 from densenet_exp.probes import PROBES, build_probes
 
 ALL_PROBES = Path(__file__).resolve().parents[1] / "conf" / "probes" / "all.yaml"
 
 
-class Classifier(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.model = densenet_cifar(40, 12, bottleneck=False, compression=1.0, in_channels=1, num_classes=10)
-
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
-        x, y = batch
-        logits = self.model(x)
-        loss = F.cross_entropy(logits, y)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True)
-        self.log(f"{stage}/acc", (logits.argmax(1) == y).float().mean(), on_step=False, on_epoch=True)
-        return loss
-
-    def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
-
-    def validation_step(self, batch, batch_idx):
-        self._step(batch, "val")
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+def Classifier() -> ImageClassifier:
+    """The harness's LightningModule around DenseNet (L=40, k=12)."""
+    model = densenet_cifar(40, 12, bottleneck=False, compression=1.0, in_channels=1, num_classes=10)
+    return ImageClassifier(model, num_classes=10, optim={"name": "sgd", "lr": 0.1, "momentum": 0.9})
 
 
 class EpochTimer(L.Callback):

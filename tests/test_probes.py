@@ -13,13 +13,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from densenet_exp.classifier import ImageClassifier
 from densenet_exp.models import CifarResNet, DenseNet, densenet121
 from densenet_exp.probes import (
     PROBES,
@@ -73,27 +73,13 @@ def tiny_densenet(bottleneck: bool = True) -> DenseNet:
     )
 
 
-class TinyClassifier(L.LightningModule):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
+def TinyClassifier(model: nn.Module) -> ImageClassifier:
+    """The harness's own LightningModule around a tiny model."""
+    return ImageClassifier(model, num_classes=model_outputs(model), optim={"name": "sgd", "lr": 0.05})
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
-        x, y = batch
-        logits = self.model(x)
-        loss = F.cross_entropy(logits, y)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True)
-        self.log(f"{stage}/acc", (logits.argmax(1) == y).float().mean(), on_step=False, on_epoch=True)
-        return loss
 
-    def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
-
-    def validation_step(self, batch, batch_idx):
-        self._step(batch, "val")
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
+def model_outputs(model: nn.Module) -> int:
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
 
 
 def loader() -> DataLoader:
