@@ -244,7 +244,8 @@ def bare_epoch(overrides: list[str]) -> float:
 
 
 def harness_overhead(args: argparse.Namespace) -> dict[str, float]:
-    """One epoch through `python -m densenet_exp.run` against a bare loop, each in a fresh process."""
+    """One epoch through `python -m densenet_exp.run` against a bare loop, each in a fresh process,
+    alternating `args.repeats` times; medians, since processes on a shared CPU vary by several %."""
     import os
     import tempfile
     from pathlib import Path
@@ -252,19 +253,22 @@ def harness_overhead(args: argparse.Namespace) -> dict[str, float]:
     import mlflow
 
     overrides = [*OVERHEAD_OVERRIDES, f"data.train_size={args.train_size}", f"cpu_threads={args.threads}"]
+    harness, bare = [], []
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-        cmd = [sys.executable, "-m", "densenet_exp.run", *overrides, f"hydra.run.dir={tmp}/run"]
-        subprocess.run(cmd, env=env, check=True, capture_output=True)
-        client = mlflow.MlflowClient(uri)
-        (run,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
-        harness = run.data.metrics["epoch_time_s"]
         Path(tmp, "overrides.json").write_text(json.dumps(overrides))
         bare_cmd = [sys.executable, "-m", "densenet_exp.bench", "--threads", str(args.threads),
                     "--bare-epoch", str(Path(tmp, "overrides.json"))]
-        bare = float(subprocess.run(bare_cmd, check=True, capture_output=True, text=True).stdout.split()[-1])
-    return {"harness_epoch_s": harness, "bare_epoch_s": bare, "overhead": harness / bare - 1}
+        for i in range(args.repeats):
+            cmd = [sys.executable, "-m", "densenet_exp.run", *overrides, f"hydra.run.dir={tmp}/run{i}"]
+            subprocess.run(cmd, env=env, check=True, capture_output=True)
+            bare.append(float(subprocess.run(bare_cmd, check=True, capture_output=True, text=True).stdout.split()[-1]))
+        client = mlflow.MlflowClient(uri)
+        runs = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+        harness = [run.data.metrics["epoch_time_s"] for run in runs]
+    h, b = statistics.median(harness), statistics.median(bare)
+    return {"harness_epoch_s": h, "bare_epoch_s": b, "overhead": h / b - 1}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -284,6 +288,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overhead", action="store_true",
                    help="instead: one epoch through the harness (Lightning, MLflow, probes off) vs a bare loop")
     p.add_argument("--train-size", type=int, default=8192, help="training images for --overhead")
+    p.add_argument("--repeats", type=int, default=3, help="alternating runs of each for --overhead (median)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--bare-epoch", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -291,7 +296,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         name, _, options = entry.partition(":")
         if name not in MODELS or options not in ("", "fast"):
             p.error(f"--models entry {entry!r} is invalid: expected NAME or NAME:fast, NAME one of {', '.join(MODELS)}")
-    for key in ("size", "batch", "steps", "threads", "num_classes"):
+    for key in ("size", "batch", "steps", "threads", "num_classes", "repeats", "train_size"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')}={getattr(args, key)} is invalid: expected an integer >= 1")
     return args
@@ -310,8 +315,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.overhead:
         result = harness_overhead(args)
         print(
-            f"one epoch, {args.train_size} images, {args.threads} threads: harness {result['harness_epoch_s']:.1f} s, "
-            f"bare loop {result['bare_epoch_s']:.1f} s, overhead {100 * result['overhead']:+.1f}%"
+            f"one epoch, {args.train_size} images, {args.threads} threads, median of {args.repeats}: harness "
+            f"{result['harness_epoch_s']:.1f} s, bare loop {result['bare_epoch_s']:.1f} s, "
+            f"overhead {100 * result['overhead']:+.1f}%"
         )
         return [result]
     passthrough = [a for a in argv if not a.startswith("--log-mlflow")]
