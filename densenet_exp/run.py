@@ -17,6 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,12 @@ from .tracking import (
 from .validate import ConfigError, validate_config
 
 log = logging.getLogger("densenet_exp")
+
+# Third-party notices that say nothing about the run: an advert, a deprecation inside Lightning,
+# and a hint about per-step logging, which the harness does not do.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging interval")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 JOB_ARGS_ENV = "DENSENET_EXP_JOB_ARGS"
 

@@ -1,0 +1,30 @@
+"""The side-by-side benchmark runs each entry in its own process and prints a table of figures
+with ratios to the reference measured in the same run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_bench_prints_a_table_with_ratios_to_the_reference():
+    cmd = [sys.executable, "-m", "densenet_exp.bench", "--models", "densenet121,densenet121:fast,resnet18",
+           "--reference", "densenet121", "--size", "32", "--batch", "4", "--steps", "1", "--warmup", "1",
+           "--num-classes", "10"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in result.stdout.splitlines() if line.startswith("| ") and "model" not in line}
+    assert set(rows) == {"densenet121", "densenet121:fast", "resnet18"}
+    params, macs, precision, train, infer, mem, train_ratio, infer_ratio, mem_ratio = rows["densenet121"]
+    assert float(params) == 6.96 and (train_ratio, infer_ratio, mem_ratio) == ("1.00", "1.00", "1.00")
+    assert float(rows["resnet18"][1]) > 0 and float(rows["resnet18"][3]) > 0
+    assert rows["densenet121:fast"][2] in {"bf16", "fp32"}  # bf16 only where the CPU has it
+
+
+def test_bench_rejects_unknown_entries():
+    result = subprocess.run([sys.executable, "-m", "densenet_exp.bench", "--models", "densenet999"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--models entry 'densenet999' is invalid" in result.stderr
