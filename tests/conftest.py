@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,3 +64,11 @@ class Store:
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
     return Store(tmp_path)
+
+
+def run_until(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float = 300) -> None:
+    """Wait until `ready()` holds while `proc` still runs; fail if `proc` ends first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.1)
+    assert proc.poll() is None, "the process ended before the moment the test waits for: give it more work"

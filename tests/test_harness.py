@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_until
 from densenet_exp.tracking import ensure_experiment
 
 SMOKE = ("experiment=smoke", "probes=none")
@@ -53,19 +52,18 @@ def test_sweep_nests_finished_children_under_one_parent(store):
 
 
 def test_killed_run_resumes_into_the_same_mlflow_run(store):
-    overrides = (*SMOKE, "trainer.max_epochs=3", "data.train_size=3072")
+    overrides = (*SMOKE, "trainer.max_epochs=3", "data.train_size=6144")
     ensure_experiment(store.client(), "smoke")  # create the store first: polling must not race its migration
     proc = subprocess.Popen(store.command(*overrides), cwd=ROOT, env=store.env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     ckpt = store.path / "out" / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 300
+
+    def first_epoch_done() -> bool:
+        runs = store.runs("smoke")
+        return ckpt.exists() and bool(runs) and bool(metric_steps(store.client(), runs[0].info.run_id, "train/loss"))
+
     try:
-        while time.time() < deadline and proc.poll() is None:
-            runs = store.runs("smoke")
-            if ckpt.exists() and runs and metric_steps(store.client(), runs[0].info.run_id, "train/loss"):
-                break
-            time.sleep(0.1)
-        assert proc.poll() is None, "run ended before it could be killed: make its epochs longer"
+        run_until(proc, first_epoch_done)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     finally:

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 
 import torch
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, run_until
 from densenet_exp.tracking import ensure_experiment
 
 SMOKE = ("experiment=smoke", "probes=none")
@@ -72,17 +71,12 @@ def test_ddp_on_cpu_logs_one_run_with_accuracy_over_all_ranks(store):
 
 
 def test_rerun_sweep_skips_finished_jobs_and_redoes_the_rest(store):
-    overrides = (*SMOKE, "seed=0,1", "data.train_size=1024")
+    overrides = (*SMOKE, "seed=0,1", "data.train_size=4096")
     ensure_experiment(store.client(), "smoke")
     proc = subprocess.Popen(store.command(*overrides, multirun=True), cwd=ROOT, env=store.env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
     try:
-        while time.time() < deadline and proc.poll() is None:
-            if any(r.info.status == "FINISHED" for r in children(store)):
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, "sweep ended before it could be killed"
+        run_until(proc, lambda: any(r.info.status == "FINISHED" for r in children(store)))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     finally:
