@@ -6,8 +6,10 @@
 
 Each entry runs in its own process (a clean allocator and a clean peak-memory counter), warms up,
 then times several steps; the table reports medians, peak memory, FLOPs and each entry's ratio
-to the reference entry measured in the same run. An entry `NAME:fast` is NAME with the
-harness's fast path (channels_last, bf16 autocast where the CPU or GPU supports it).
+to the reference entry measured in the same run, then the performance goals as ratios of
+entries of that same run. `NAME` alone is the model as its library ships it (NCHW, fp32, the
+default allocator); `NAME:fp32fast` adds the harness's fp32 speed settings (channels_last, and on
+a CPU glibc keeping freed memory); `NAME:fast` adds bf16 autocast where the CPU or GPU has it.
 """
 
 from __future__ import annotations
@@ -25,16 +27,28 @@ from typing import Any
 import torch
 from torch import nn
 
+from .speed import bf16_supported, keep_freed_memory, use_channels_last
+
 DEFAULT_MODELS = (
     "densenet121",
+    "densenet121:fp32fast",
     "densenet121:fast",
     "densenet121_me",
     "tv_densenet121",
+    "tv_densenet121:fp32fast",
     "tv_densenet121_me",
     "timm_densenet121",
+    "timm_densenet121:fp32fast",
     "resnet18",
     "resnet50",
 )
+
+# What an entry's `:OPTION` switches on, as the harness's `speed` settings do on this device.
+OPTIONS: dict[str, tuple[str, ...]] = {
+    "": (),
+    "fp32fast": ("channels_last", "keep_freed_memory"),
+    "fast": ("channels_last", "keep_freed_memory", "bf16"),
+}
 
 
 def _ours(**kwargs: Any) -> Callable[[int], nn.Module]:
@@ -75,13 +89,6 @@ MODELS: dict[str, Callable[[int], nn.Module]] = {
 }
 
 
-def bf16_supported(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    flags = open("/proc/cpuinfo").read() if sys.platform.startswith("linux") else ""
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def peak_memory_mb(device: torch.device, baseline_kib: int) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
@@ -90,9 +97,11 @@ def peak_memory_mb(device: torch.device, baseline_kib: int) -> float:
 
 def measure(entry: str, args: argparse.Namespace) -> dict[str, Any]:
     """Time one entry in this process: train steps, then inference; medians of `args.steps`."""
-    name, _, options = entry.partition(":")
-    fast = options == "fast"
+    name, _, option = entry.partition(":")
+    switches = OPTIONS[option]
     device = torch.device(args.device)
+    if "keep_freed_memory" in switches:
+        keep_freed_memory(True, {"accelerator": device.type})
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     y = torch.randint(0, args.num_classes, (args.batch,), device=device)
@@ -103,8 +112,9 @@ def measure(entry: str, args: argparse.Namespace) -> dict[str, Any]:
     from .probes import count_flops
 
     flops = count_flops(model, (1, 3, args.size, args.size))
-    autocast_dtype = torch.bfloat16 if (fast or args.precision == "bf16") and bf16_supported(device) else None
-    if fast:
+    bf16 = "bf16" in switches or args.precision == "bf16"
+    autocast_dtype = torch.bfloat16 if bf16 and bf16_supported(device) else None
+    if "channels_last" in switches:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -176,6 +186,31 @@ def format_table(rows: list[dict[str, Any]], reference: str) -> str:
     return "\n".join(lines)
 
 
+# (description, numerator entry, denominator entry, measure, goal): ratio >= goal, or <= for memory.
+GOALS = (
+    ("train ours / timm, eager fp32", "densenet121", "timm_densenet121", "train_images_per_s", 1.0),
+    ("train ours / torchvision, eager fp32", "densenet121", "tv_densenet121", "train_images_per_s", 1.3),
+    ("train ours fp32fast / timm eager", "densenet121:fp32fast", "timm_densenet121", "train_images_per_s", 1.0),
+    ("train ours fp32fast / torchvision eager", "densenet121:fp32fast", "tv_densenet121", "train_images_per_s", 1.3),
+    ("train ours fast / timm eager", "densenet121:fast", "timm_densenet121", "train_images_per_s", 1.3),
+    ("peak memory ours ME / torchvision ME", "densenet121_me", "tv_densenet121_me", "peak_memory_mb", 1.0),
+    ("train ours ME / ours", "densenet121_me", "densenet121", "train_images_per_s", 0.9),
+)
+
+
+def format_goals(rows: list[dict[str, Any]]) -> str:
+    """One line per goal whose two entries were measured in this run: the ratio, the goal, met or not."""
+    by_entry = {r["entry"]: r for r in rows if "error" not in r}
+    lines = []
+    for text, num, den, key, goal in GOALS:
+        if num in by_entry and den in by_entry and by_entry[den][key]:
+            ratio = by_entry[num][key] / by_entry[den][key]
+            memory = key == "peak_memory_mb"
+            met = ratio <= goal if memory else ratio >= goal
+            lines.append(f"- {text}: {ratio:.2f} (goal {'<=' if memory else '>='} {goal}) {'met' if met else 'NOT met'}")
+    return "\n".join(lines)
+
+
 def log_to_mlflow(rows: list[dict[str, Any]], table: str, args: argparse.Namespace) -> str:
     from pathlib import Path
     import tempfile
@@ -208,7 +243,7 @@ OVERHEAD_OVERRIDES = (
 
 def bare_epoch(overrides: list[str]) -> float:
     """Seconds for one epoch (train, then validation) of a plain PyTorch loop over the same model,
-    data, batches and optimizer as the harness run with `overrides`."""
+    data, batches, optimizer and speed settings as the harness run with `overrides`."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -222,7 +257,15 @@ def bare_epoch(overrides: list[str]) -> float:
     apply_knobs(cfg)
     torch.manual_seed(cfg["seed"])
     torch.use_deterministic_algorithms(cfg["trainer"]["deterministic"])  # as the harness's Trainer does
+    keep_freed_memory(cfg["speed"]["keep_freed_memory"], cfg["trainer"])
     model = build_model(cfg["model"])
+    layout = torch.channels_last if use_channels_last(cfg["speed"]["channels_last"], cfg["trainer"]) else None
+    if layout:
+        model = model.to(memory_format=layout)
+
+    def as_harness(x: torch.Tensor) -> torch.Tensor:  # as ImageClassifier.forward lays a batch out
+        return x.contiguous(memory_format=layout) if layout else x
+
     dm = ImageDataModule(cfg["data"], seed=cfg["seed"])
     dm.setup()
     train, val = dm.train_dataloader(), dm.val_dataloader()
@@ -231,14 +274,14 @@ def bare_epoch(overrides: list[str]) -> float:
     start = time.perf_counter()
     model.train()
     for x, y in train:
-        loss = nn.functional.cross_entropy(model(x), y)
+        loss = nn.functional.cross_entropy(model(as_harness(x)), y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         schedule.step()
     model.eval()
     with torch.no_grad():
-        correct = sum((model(x).argmax(1) == y).sum().item() for x, y in val)
+        correct = sum((model(as_harness(x)).argmax(1) == y).sum().item() for x, y in val)
     assert correct >= 0
     return time.perf_counter() - start
 
@@ -273,12 +316,13 @@ def harness_overhead(args: argparse.Namespace) -> dict[str, float]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m densenet_exp.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated entries, NAME or NAME:fast")
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                   help=f"comma-separated entries, NAME or NAME:OPTION, OPTION one of {', '.join(o for o in OPTIONS if o)}")
     p.add_argument("--reference", default="tv_densenet121", help="entry the ratios divide by")
     p.add_argument("--size", type=int, default=32, help="input resolution")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=5, help="timed steps per mode (median reported)")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first: a CPU step speeds up over the first few")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="for every entry")
@@ -293,9 +337,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bare-epoch", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for entry in args.models.split(","):
-        name, _, options = entry.partition(":")
-        if name not in MODELS or options not in ("", "fast"):
-            p.error(f"--models entry {entry!r} is invalid: expected NAME or NAME:fast, NAME one of {', '.join(MODELS)}")
+        name, _, option = entry.partition(":")
+        if name not in MODELS or option not in OPTIONS:
+            p.error(f"--models entry {entry!r} is invalid: expected NAME or NAME:OPTION, NAME one of "
+                    f"{', '.join(MODELS)}, OPTION one of {', '.join(o for o in OPTIONS if o)}")
     for key in ("size", "batch", "steps", "threads", "num_classes", "repeats", "train_size"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')}={getattr(args, key)} is invalid: expected an integer >= 1")
@@ -331,6 +376,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         f"median of {args.steps} steps after {args.warmup} warm-up"
     )
     print(table)
+    goals = format_goals(rows)
+    if goals:
+        print("\ngoals, ratios of entries above:\n" + goals)
     if args.log_mlflow:
         print(f"logged to MLflow run {log_to_mlflow(rows, table, args)}")
     return rows

@@ -37,6 +37,7 @@ from .classifier import ImageClassifier
 from .data import ImageDataModule
 from .models import DENSENET_KNOBS, build_model, is_densenet
 from .probes import build_probes
+from .speed import keep_freed_memory, use_channels_last
 from .tracking import (
     RunLogger,
     config_hash,
@@ -102,16 +103,6 @@ def cpu_threads(configured: int | None, hc: Any) -> int | None:
         cores = os.cpu_count() or 1
         return max(1, cores // (cores if jobs < 1 else jobs))
     return None
-
-
-def use_channels_last(setting: bool | str, trainer_cfg: dict[str, Any]) -> bool:
-    """`auto`: channels_last where it pays off: on a GPU, and with bf16 on a CPU (oneDNN's bf16
-    convolutions want it); plain fp32 on a CPU stays NCHW, the reference path."""
-    if setting != "auto":
-        return bool(setting)
-    accelerator = str(trainer_cfg.get("accelerator", "cpu"))
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    return on_gpu or "bf16" in str(trainer_cfg.get("precision", ""))
 
 
 def create_run(client: MlflowClient, experiment_id: str, plain: dict[str, Any], hc: Any, root: Path) -> tuple[str, Path]:
@@ -189,6 +180,7 @@ def train(cfg: DictConfig, hc: Any) -> dict[str, Any]:
     threads = cpu_threads(plain.get("cpu_threads"), hc)
     if threads:
         torch.set_num_threads(threads)
+    keep_freed_memory(plain["speed"].get("keep_freed_memory", "auto"), plain["trainer"])
     try:
         probes = build_probes(plain.get("probes"))
         model = build_model(plain["model"])

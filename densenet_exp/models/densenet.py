@@ -10,33 +10,74 @@ With the default arguments the parameter names and shapes are exactly those of
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint as checkpoint
 from torch import Tensor, nn
 
 STEMS = ("imagenet", "cifar")
 
 
-@contextlib.contextmanager
-def _frozen_running_stats(norm: nn.BatchNorm2d):
-    """Run `norm` exactly as before but leave its running statistics untouched: momentum 0 keeps
-    running_mean/var bit for bit (the op still saves the same tensors for backward, which
-    checkpoint's recomputation check requires) and num_batches_tracked is restored."""
-    momentum, tracked = norm.momentum, norm.num_batches_tracked
-    saved = tracked.clone() if tracked is not None else None
-    norm.momentum = 0.0
-    try:
-        yield
-    finally:
-        norm.momentum = momentum
-        if saved is not None:
-            tracked.copy_(saved)
+class _EfficientNormReluConv(torch.autograd.Function):
+    """conv(relu(batch_norm(cat(features)))) in training mode, keeping for backward only the
+    features (which the block keeps anyway) and the batch statistics.
+
+    The concatenation and its normalized copy grow with depth and dominate a DenseNet's memory;
+    they are recomputed in backward, one layer at a time (Pleiss et al.'s shared-memory recipe).
+    Unlike ``torch.utils.checkpoint`` the convolution is not run again: its output is kept, as
+    the next BN needs it anyway, so only cheap elementwise work is repeated.
+    """
+
+    @staticmethod
+    def forward(ctx, norm_weight: Tensor, norm_bias: Tensor, running_mean: Tensor | None,  # type: ignore[override]
+                running_var: Tensor | None, momentum: float, eps: float, conv_weight: Tensor, padding: int,
+                *features: Tensor) -> Tensor:
+        x = torch.cat(features, 1) if len(features) > 1 else features[0]
+        z, mean, invstd = torch.ops.aten.native_batch_norm(
+            x, norm_weight, norm_bias, running_mean, running_var, True, momentum, eps
+        )
+        del x
+        out = F.conv2d(z.relu_(), conv_weight, padding=padding)  # autocast, if on, casts here
+        ctx.save_for_backward(norm_weight, norm_bias, conv_weight, mean, invstd, *features)
+        ctx.eps, ctx.padding, ctx.conv_dtype = eps, padding, out.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        norm_weight, norm_bias, conv_weight, mean, invstd, *features = ctx.saved_tensors
+        # At most three maps of the concatenation's size are alive at once, as in the forward.
+        x = torch.cat(features, 1) if len(features) > 1 else features[0]
+        # The forward's normalized maps again, from its batch statistics: one fused pass.
+        scale = invstd * norm_weight
+        shape = (1, -1, 1, 1)
+        z = torch.addcmul((norm_bias - mean * scale).view(shape), x, scale.view(shape)).to(x.dtype).relu_()
+        del x
+        grad_z, grad_conv_weight, _ = torch.ops.aten.convolution_backward(
+            grad, z.to(ctx.conv_dtype), conv_weight.to(ctx.conv_dtype), None, [1, 1], [ctx.padding] * 2, [1, 1],
+            False, [0, 0], 1, [True, ctx.needs_input_grad[6], False],
+        )
+        grad_z = torch.ops.aten.threshold_backward(grad_z.to(z.dtype), z, 0)  # ReLU's gradient
+        del z
+        grad_x, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_batch_norm_backward(
+            grad_z, torch.cat(features, 1) if len(features) > 1 else features[0], norm_weight, None, None, mean, invstd, True, ctx.eps, [True, True, True]
+        )
+        grad_features = torch.split(grad_x, [f.shape[1] for f in features], 1)
+        if grad_conv_weight is not None:
+            grad_conv_weight = grad_conv_weight.to(conv_weight.dtype)
+        return (grad_norm_weight, grad_norm_bias, None, None, None, None, grad_conv_weight, None, *grad_features)
+
+
+def _running_stats_factor(norm: nn.BatchNorm2d) -> float:
+    """The running-statistics momentum a training-mode ``norm`` uses for this batch, counting the
+    batch as nn.BatchNorm2d.forward does."""
+    if norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+    if norm.momentum is None:  # a cumulative average
+        return 1.0 / float(norm.num_batches_tracked)
+    return norm.momentum
 
 
 class DenseLayer(nn.Module):
@@ -54,11 +95,9 @@ class DenseLayer(nn.Module):
     ) -> None:
         super().__init__()
         self.norm1 = nn.BatchNorm2d(in_features)
-        self.relu1 = nn.ReLU(inplace=True)
         if bottleneck:
             self.conv1 = nn.Conv2d(in_features, bn_size * growth_rate, 1, bias=False)
             self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
-            self.relu2 = nn.ReLU(inplace=True)
             self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, 3, padding=1, bias=False)
         else:
             self.conv1 = nn.Conv2d(in_features, growth_rate, 3, padding=1, bias=False)
@@ -66,26 +105,22 @@ class DenseLayer(nn.Module):
         self.drop_rate = float(drop_rate)
         self.memory_efficient = memory_efficient
 
-    def _first_conv(self, *inputs: Tensor) -> Tensor:
-        # The concatenation is the memory hog: in memory-efficient mode this whole function is
-        # recomputed in backward, so its (quadratically growing) output is never stored.
-        out = self.conv1(self.relu1(self.norm1(torch.cat(inputs, 1))))
-        return F.dropout(out, self.drop_rate, self.training) if self.drop_rate else out
-
-    def _checkpoint_contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-        # The recomputation in backward runs norm1 a second time; without this its running
-        # statistics (and num_batches_tracked) would be updated twice per training step.
-        return contextlib.nullcontext(), _frozen_running_stats(self.norm1)
+    def _norm_relu_conv(self, norm: nn.BatchNorm2d, conv: nn.Conv2d, features: list[Tensor]) -> Tensor:
+        if self.memory_efficient and self.training and torch.is_grad_enabled():
+            # Neither the concatenation nor a BN-ReLU output is stored: the first grows with
+            # depth, the second (4k maps after the bottleneck) is 4x what the layer adds.
+            return _EfficientNormReluConv.apply(
+                norm.weight, norm.bias, norm.running_mean, norm.running_var, _running_stats_factor(norm), norm.eps,
+                conv.weight, conv.padding[0], *features,
+            )
+        return conv(F.relu(norm(torch.cat(features, 1) if len(features) > 1 else features[0]), inplace=True))
 
     def forward(self, features: list[Tensor]) -> Tensor:
-        if self.memory_efficient and torch.is_grad_enabled() and any(f.requires_grad for f in features):
-            out = checkpoint.checkpoint(
-                self._first_conv, *features, use_reentrant=False, context_fn=self._checkpoint_contexts
-            )
-        else:
-            out = self._first_conv(*features)
+        out = self._norm_relu_conv(self.norm1, self.conv1, features)
+        if self.drop_rate:
+            out = F.dropout(out, self.drop_rate, self.training)
         if self.bottleneck:
-            out = self.conv2(self.relu2(self.norm2(out)))
+            out = self._norm_relu_conv(self.norm2, self.conv2, [out])
             if self.drop_rate:
                 out = F.dropout(out, self.drop_rate, self.training)
         return out
@@ -160,7 +195,7 @@ class DenseNet(nn.Module):
         num_classes: classifier outputs.
         in_channels: input image channels (1 for grayscale).
         stem: "imagenet" (7x7/2 conv, BN-ReLU, 3x3/2 max-pool) or "cifar" (3x3/1 conv).
-        memory_efficient: recompute concatenation, BN, ReLU and the first conv in backward.
+        memory_efficient: keep neither the concatenation nor its BN-ReLU for backward; recompute them.
     """
 
     def __init__(
