@@ -34,6 +34,7 @@ DEFAULT_MODELS = (
     "densenet121:fp32fast",
     "densenet121:fast",
     "densenet121_me",
+    "densenet121_me:fp32fast",
     "tv_densenet121",
     "tv_densenet121:fp32fast",
     "tv_densenet121_me",
@@ -195,6 +196,7 @@ GOALS = (
     ("train ours fast / timm eager", "densenet121:fast", "timm_densenet121", "train_images_per_s", 1.3),
     ("peak memory ours ME / torchvision ME", "densenet121_me", "tv_densenet121_me", "peak_memory_mb", 1.0),
     ("train ours ME / ours", "densenet121_me", "densenet121", "train_images_per_s", 0.9),
+    ("train ours ME / ours, both fp32fast", "densenet121_me:fp32fast", "densenet121:fp32fast", "train_images_per_s", 0.9),
 )
 
 
