@@ -21,6 +21,10 @@ from torch import Tensor, nn
 STEMS = ("imagenet", "cifar")
 
 
+def _concat(features: Sequence[Tensor]) -> Tensor:
+    return torch.cat(list(features), 1) if len(features) > 1 else features[0]
+
+
 class _EfficientNormReluConv(torch.autograd.Function):
     """conv(relu(batch_norm(cat(features)))) in training mode, keeping for backward only the
     features (which the block keeps anyway) and the batch statistics.
@@ -35,7 +39,7 @@ class _EfficientNormReluConv(torch.autograd.Function):
     def forward(ctx, norm_weight: Tensor, norm_bias: Tensor, running_mean: Tensor | None,  # type: ignore[override]
                 running_var: Tensor | None, momentum: float, eps: float, conv_weight: Tensor, padding: int,
                 *features: Tensor) -> Tensor:
-        x = torch.cat(features, 1) if len(features) > 1 else features[0]
+        x = _concat(features)
         z, mean, invstd = torch.ops.aten.native_batch_norm(
             x, norm_weight, norm_bias, running_mean, running_var, True, momentum, eps
         )
@@ -49,7 +53,7 @@ class _EfficientNormReluConv(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         norm_weight, norm_bias, conv_weight, mean, invstd, *features = ctx.saved_tensors
         # At most three maps of the concatenation's size are alive at once, as in the forward.
-        x = torch.cat(features, 1) if len(features) > 1 else features[0]
+        x = _concat(features)
         # The forward's normalized maps again, from its batch statistics: one fused pass.
         scale = invstd * norm_weight
         shape = (1, -1, 1, 1)
@@ -62,7 +66,7 @@ class _EfficientNormReluConv(torch.autograd.Function):
         grad_z = torch.ops.aten.threshold_backward(grad_z.to(z.dtype), z, 0)  # ReLU's gradient
         del z
         grad_x, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_batch_norm_backward(
-            grad_z, torch.cat(features, 1) if len(features) > 1 else features[0], norm_weight, None, None, mean, invstd, True, ctx.eps, [True, True, True]
+            grad_z, _concat(features), norm_weight, None, None, mean, invstd, True, ctx.eps, [True, True, True]
         )
         grad_features = torch.split(grad_x, [f.shape[1] for f in features], 1)
         if grad_conv_weight is not None:
@@ -113,7 +117,7 @@ class DenseLayer(nn.Module):
                 norm.weight, norm.bias, norm.running_mean, norm.running_var, _running_stats_factor(norm), norm.eps,
                 conv.weight, conv.padding[0], *features,
             )
-        return conv(F.relu(norm(torch.cat(features, 1) if len(features) > 1 else features[0]), inplace=True))
+        return conv(F.relu(norm(_concat(features)), inplace=True))
 
     def forward(self, features: list[Tensor]) -> Tensor:
         out = self._norm_relu_conv(self.norm1, self.conv1, features)
