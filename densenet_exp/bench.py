@@ -102,7 +102,7 @@ def measure(entry: str, args: argparse.Namespace) -> dict[str, Any]:
     switches = OPTIONS[option]
     device = torch.device(args.device)
     if "keep_freed_memory" in switches:
-        keep_freed_memory(True, {"accelerator": device.type})
+        keep_freed_memory("auto", {"accelerator": device.type})  # as the harness: on a CPU only
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     y = torch.randint(0, args.num_classes, (args.batch,), device=device)

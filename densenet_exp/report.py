@@ -86,7 +86,7 @@ def plot_accuracy_vs_cost(summary: pd.DataFrame, data: str) -> Figure:
     fig = Figure(figsize=(12, 4.8), layout="constrained")
     for ax, cost, label in zip(fig.subplots(1, 2), ("params", "flops_per_image"), ("parameters", "FLOPs per image")):
         for family, group in rows.groupby("family"):
-            colour, marker, line = _style(str(family))
+            colour, marker, _ = _style(str(family))  # points, no lines: families are not series
             group = group.dropna(subset=[f"{cost} mean", "test/acc mean"])
             ax.errorbar(group[f"{cost} mean"], group["test/acc mean"], yerr=group["test/acc std"], color=colour,
                         marker=marker, linestyle="none", capsize=3, label=FAMILY_NAMES.get(str(family), family))

@@ -1,7 +1,7 @@
 """Per-device speed settings of a run: memory format and how the C allocator treats freed memory.
 
 Each is a switch under `speed` in the config, with `auto` picking what measured faster on that
-device (figures in README, "Performance"); none changes what is computed, only how fast.
+device (figures in README, "Benchmark"); none changes what is computed, only how fast.
 """
 
 from __future__ import annotations

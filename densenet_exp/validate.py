@@ -107,7 +107,8 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     _require("speed.channels_last", cl, cl == "auto" or isinstance(cl, bool), "auto, true or false")
     keep = speed.get("keep_freed_memory", "auto")
     _require("speed.keep_freed_memory", keep, keep == "auto" or isinstance(keep, bool), "auto, true or false")
-    _require("speed.compile", speed.get("compile", False), isinstance(speed.get("compile", False), bool), "true or false")
+    compile_ = speed.get("compile", False)
+    _require("speed.compile", compile_, isinstance(compile_, bool), "true or false")
     if cfg.get("cpu_threads") is not None:
         _int_at_least("cpu_threads", cfg["cpu_threads"], 1)
     ls = cfg.get("loss", {}).get("label_smoothing", 0.0)

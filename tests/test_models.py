@@ -170,6 +170,18 @@ def _twin_models(bottleneck: bool, drop_rate: float) -> tuple[DenseNet, DenseNet
     return normal.train(), efficient.train()
 
 
+def _recomputing_nodes(out: torch.Tensor) -> int:
+    """Nodes of `out`'s autograd graph that recompute a BN-ReLU in backward."""
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack += [next_node for next_node, _ in node.next_functions]
+    return sum(type(node).__name__ == "_EfficientNormReluConvBackward" for node in seen)
+
+
 @pytest.mark.parametrize("drop_rate", [0.0, 0.2])
 @pytest.mark.parametrize("bottleneck", [True, False], ids=["B", "noB"])
 def test_memory_efficient_same_outputs_and_gradients(bottleneck, drop_rate):
@@ -181,10 +193,14 @@ def test_memory_efficient_same_outputs_and_gradients(bottleneck, drop_rate):
         xi = x.clone().requires_grad_(True)
         torch.manual_seed(1)  # same dropout masks
         out = model(xi)
+        recomputing = _recomputing_nodes(out)
         (out * target).sum().backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        results.append((out.detach(), xi.grad, grads, copy.deepcopy(model.state_dict())))
-    (out_n, gx_n, g_n, sd_n), (out_e, gx_e, g_e, sd_e) = results
+        results.append((out.detach(), xi.grad, grads, recomputing, copy.deepcopy(model.state_dict())))
+    (out_n, gx_n, g_n, rec_n, sd_n), (out_e, gx_e, g_e, rec_e, sd_e) = results
+    # The efficient model really recomputes: every BN-ReLU-conv of every layer, none in the normal one.
+    n_layers = sum(normal.block_config)
+    assert rec_n == 0 and rec_e == n_layers * (2 if bottleneck else 1)
     torch.testing.assert_close(out_e, out_n, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gx_e, gx_n, rtol=1e-5, atol=1e-6)
     assert g_n.keys() == g_e.keys()
