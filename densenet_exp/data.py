@@ -196,6 +196,12 @@ def make_synthetic(
     return splits
 
 
+def has_validation_split(cfg: Mapping[str, Any]) -> bool:
+    """Whether runs on this data config validate: an ImageFolder set has its own val/ folder, the
+    in-memory sets hold out `val_size` training images (0: train on all, validate on none)."""
+    return cfg["name"] == "imagefolder" or int(cfg.get("val_size") or 0) > 0
+
+
 class ImageDataModule(L.LightningDataModule):
     """One data module for every data set of the harness; `cfg` is the `data` config group."""
 

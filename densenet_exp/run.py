@@ -34,7 +34,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from omegaconf import DictConfig, OmegaConf
 
 from .classifier import ImageClassifier
-from .data import ImageDataModule
+from .data import ImageDataModule, has_validation_split
 from .models import DENSENET_KNOBS, build_model, is_densenet
 from .probes import build_probes
 from .speed import keep_freed_memory, use_channels_last
@@ -91,18 +91,24 @@ def variant_name(cfg: dict[str, Any]) -> str:
     return f"{name}-k{cfg['growth_rate']}-c{float(cfg['compression']):g}" + ("-B" if cfg["bottleneck"] else "")
 
 
+def parallel_jobs(hc: Any) -> int:
+    """How many jobs of this sweep run side by side on this machine: a joblib launcher's n_jobs
+    (-1 or less: one per core), else 1."""
+    launcher = hc.get("launcher") or {}
+    if "joblib" not in str(launcher.get("_target_", "")).lower():
+        return 1
+    jobs = int(launcher.get("n_jobs") or 1)
+    return (os.cpu_count() or 1) if jobs < 1 else jobs
+
+
 def cpu_threads(configured: int | None, hc: Any) -> int | None:
-    """Torch threads for this job: the configured number, else a share of the cores when a joblib
-    launcher runs jobs side by side (two jobs of two threads each on two cores stall each other
-    badly), else torch's default (None)."""
+    """Torch threads for this job: the configured number, else a share of the cores when jobs run
+    side by side (two jobs of two threads each on two cores stall each other badly), else torch's
+    default (None)."""
     if configured:
         return int(configured)
-    launcher = hc.get("launcher") or {}
-    if "joblib" in str(launcher.get("_target_", "")).lower():
-        jobs = int(launcher.get("n_jobs") or 1)
-        cores = os.cpu_count() or 1
-        return max(1, cores // (cores if jobs < 1 else jobs))
-    return None
+    jobs = parallel_jobs(hc)
+    return max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
 
 
 def create_run(client: MlflowClient, experiment_id: str, plain: dict[str, Any], hc: Any, root: Path) -> tuple[str, Path]:
@@ -114,6 +120,8 @@ def create_run(client: MlflowClient, experiment_id: str, plain: dict[str, Any], 
         MLFLOW_RUN_NAME: variant_name(plain),
         "variant": variant_name(plain),
         "config_hash": config_hash(plain),
+        # Jobs that shared the cores while timing must not be compared with jobs that had them alone.
+        "parallel_jobs": str(parallel_jobs(hc)),
         "seed": str(plain["seed"]),
         "overrides": " ".join(hc.overrides.task),
         "output_dir": str(out_dir),
@@ -212,16 +220,23 @@ def train(cfg: DictConfig, hc: Any) -> dict[str, Any]:
     logger = RunLogger(experiment_name=tracking["experiment"], tracking_uri=uri, run_id=run_id, unsent=unsent)
     error: BaseException | None = None
     try:
+        # Without a validation split (data.val_size=0, e.g. the paper's final runs on all 50k
+        # images) nothing validates: only the last checkpoint is kept, and the test, as always,
+        # runs on the last epoch's weights.
+        validated = has_validation_split(plain["data"])
         checkpoint = ModelCheckpoint(
-            dirpath=ckpt_dir, filename="best-{epoch}", monitor="val/acc", mode="max", save_top_k=1, save_last=True
+            dirpath=ckpt_dir, filename="best-{epoch}", monitor="val/acc" if validated else None, mode="max",
+            save_top_k=1 if validated else 0, save_last=True,
         )
         trainer = L.Trainer(
-            **plain["trainer"], logger=logger, callbacks=[checkpoint, *probes], use_distributed_sampler=False
+            **plain["trainer"], **({} if validated else {"limit_val_batches": 0}), logger=logger,
+            callbacks=[checkpoint, *probes], use_distributed_sampler=False,
         )
         if chief and ckpt_path is None:
             record_new_run(client, run_id, logger, trainer, plain)
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        val_acc = float(trainer.callback_metrics["val/acc"])  # test() resets callback_metrics
+        # test() resets callback_metrics
+        val_acc = float(trainer.callback_metrics["val/acc"]) if validated else None
         results = trainer.test(module, datamodule=datamodule, verbose=False)[0]
         if chief and tracking["log_checkpoint"] and checkpoint.best_model_path:
             client.log_artifact(run_id, checkpoint.best_model_path, "checkpoints")

@@ -79,10 +79,9 @@ def main() -> None:
     parser.add_argument("--val-batches", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--every-n-steps", type=int, default=5, help="gradient-flow records (all.yaml: 50)")
     args = parser.parse_args()
 
-    on = dict(OmegaConf.to_container(OmegaConf.load(ALL_PROBES))) | {"gradient_flow_every_n_steps": args.every_n_steps}
+    on = dict(OmegaConf.to_container(OmegaConf.load(ALL_PROBES)))
     off = dict.fromkeys(PROBES, False)
     print(f"probes on: {on}")
     times: dict[str, list[tuple[float, float]]] = {"on": [], "off": []}

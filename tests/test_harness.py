@@ -15,7 +15,8 @@ from densenet_exp.tracking import ensure_experiment
 SMOKE = ("experiment=smoke", "probes=none")
 PROBE_METRICS = {
     "params", "macs_per_image", "flops_per_image", "peak_memory_mb", "train_images_per_s", "infer_images_per_s",
-    "epoch_time_s", "grad_norm_first", "grad_norm_last", "grad_first_last_ratio", "epochs_to_90pct",
+    "epoch_time_s", "grad/early_rel_init", "grad/early_over_late_init", "epochs_to_90pct",
+    "memory/train_step_mb", "memory/activations_mb",
 }
 REUSE_METRICS = {"reuse_early_share", "reuse_classifier_late_share", "reuse_transition_on_block_input"}
 
@@ -164,4 +165,4 @@ def test_resnet_run_carries_probe_metrics_but_no_feature_reuse(store):
     assert run.info.run_name == "resnet20" and run.data.params["growth_rate"] == "None"
     assert PROBE_METRICS <= set(run.data.metrics) and not REUSE_METRICS & set(run.data.metrics)
     artifacts = {a.path for a in store.client().list_artifacts(run.info.run_id, "gradient_flow")}
-    assert artifacts == {"gradient_flow/grad_norms.csv", "gradient_flow/grad_flow.png"}
+    assert artifacts == {"gradient_flow/relative_grads.csv", "gradient_flow/relative_grads.png"}

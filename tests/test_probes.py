@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from densenet_exp.classifier import ImageClassifier
-from densenet_exp.models import CifarResNet, DenseNet, densenet121
+from densenet_exp.models import CifarResNet, DenseNet, build_model, densenet121
 from densenet_exp.probes import (
     PROBES,
     ConvergenceProbe,
@@ -32,22 +32,27 @@ from densenet_exp.probes import (
     count_parameters,
     feature_reuse,
     feature_reuse_summary,
+    gradient_flow,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning")
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "probes"
-ALL_ON = {name: True for name in PROBES} | {"gradient_flow_every_n_steps": 2, "size_cost_infer_repeats": 2}
+MODELS = CONF.parent / "model"
+ALL_ON = {name: True for name in PROBES} | {"size_cost_infer_repeats": 2}
 SIZE_COST_KEYS = {
     "params",
     "macs_per_image",
     "flops_per_image",
     "peak_memory_mb",
+    "memory/activations_mb",
+    "memory/train_step_mb",
     "train_images_per_s",
     "infer_images_per_s",
     "epoch_time_s",
 }
-GRADIENT_KEYS = {"grad_norm_first", "grad_norm_last", "grad_first_last_ratio", "grad_norm_min_over_max"}
+GRADIENT_KEYS = {f"grad/{what}_{phase}" for what in ("early_rel", "early_over_late") for phase in ("init", "epoch1")}
+GRADIENT_ARTIFACTS = {"gradient_flow/relative_grads.csv", "gradient_flow/relative_grads.png"}
 REUSE_KEYS = {
     "reuse_early_share",
     "reuse_transition_on_block_input",
@@ -167,23 +172,43 @@ def test_feature_reuse_takes_abs_and_each_output_into_account():
 # ---------------------------------------------------------------- gradient flow, FLOPs, config
 
 
-def test_gradient_flow_records_every_conv_and_linear_layer(tmp_path):
+def test_gradient_flow_records_every_layer_at_init_and_after_epoch_one(tmp_path):
     model = tiny_densenet()
-    probe = GradientFlowProbe(every_n_steps=2)
-    fit(model, [probe], logger=False, root=tmp_path)
+    probe = GradientFlowProbe()
+    fit(model, [probe], logger=False, root=tmp_path)  # 2 epochs of 3 steps
     table = probe.table()
     expected = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    assert sorted(table.step.unique()) == [0, 2, 4]
-    for _, records in table.groupby("step"):
+    assert table.groupby("phase")["step"].first().to_dict() == {"init": 0, "epoch1": 3}
+    for _, records in table.groupby("phase"):
         assert records.layer.tolist() == expected
         assert records.depth.tolist() == list(range(len(expected)))
+        assert records.relative_depth.iloc[0] == 0 and records.relative_depth.iloc[-1] == 1
     assert table.kind.iloc[-1] == "Linear" and table.layer.iloc[-1] == "classifier"
     assert (table.grad_norm > 0).all()
-    summary = probe.summary()
-    assert summary["grad_first_last_ratio"] == pytest.approx(
-        (table[table.depth == 0].grad_norm.to_numpy() / table[table.layer == "classifier"].grad_norm.to_numpy()).mean()
-    )
-    assert 0 < summary["grad_norm_min_over_max"] <= 1
+    np.testing.assert_allclose(table.relative_grad, table.grad_norm / table.weight_norm)
+    summary = gradient_flow.summarize(table)
+    init = table[table.phase == "init"]
+    early = init[init.relative_depth <= 0.25].relative_grad.mean()
+    assert summary["grad/early_rel_init"] == pytest.approx(early)
+    assert summary["grad/early_over_late_init"] == pytest.approx(early / init[init.relative_depth >= 0.75].relative_grad.mean())
+
+
+def test_gradient_flow_of_a_deep_plain_net_is_distorted_by_orders_of_magnitude_at_initialization():
+    """The paper's premise, on real models at initialization: in a 110-layer net without shortcuts
+    the early layers' relative gradient is orders of magnitude away from the late layers'. With
+    batch norm it explodes rather than vanishes (cf. Yang et al. 2019, "A mean field theory of
+    batch normalization"); a DenseNet's and a ResNet's stay within an order of magnitude."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    decades = {}
+    for name in ("plain110", "resnet110", "densenet_small"):
+        cfg = OmegaConf.to_container(OmegaConf.load(MODELS / f"{name}.yaml"))
+        model = build_model({**cfg, "in_channels": 1, "num_classes": 10} | ({"stem": "cifar"} if "stem" in cfg else {}))
+        nn.functional.cross_entropy(model(x), y).backward()
+        table = gradient_flow.relative_gradients(gradient_flow.weighted_layers(model), "init", 0)
+        decades[name] = abs(math.log10(gradient_flow.summarize(table)["grad/early_over_late_init"]))
+    assert decades["plain110"] > 3
+    assert decades["densenet_small"] < 1 and decades["resnet110"] < 1
 
 
 def test_flops_match_torchvision_published_macs():
@@ -207,17 +232,17 @@ def test_build_probes_from_config_group():
     assert [type(p) for p in built["all"]] == [SizeCostProbe, GradientFlowProbe, FeatureReuseProbe, ConvergenceProbe]
     assert len(built["default"]) == 4 and built["none"] == []
     assert build_probes(None) == [] and build_probes({}) == []
-    (probe,) = build_probes({"gradient_flow": True, "gradient_flow_every_n_steps": 7, "size_cost": False})
-    assert isinstance(probe, GradientFlowProbe) and probe.every_n_steps == 7
+    (probe,) = build_probes({"size_cost": True, "size_cost_warmup_steps": 7, "gradient_flow": False})
+    assert isinstance(probe, SizeCostProbe) and probe.warmup_steps == 7
 
 
 def test_build_probes_rejects_unknown_keys_and_bad_values():
-    with pytest.raises(ValueError, match=r"probes\.gradient_flow_every=50 .*gradient_flow_every_n_steps"):
+    with pytest.raises(ValueError, match=r"probes\.gradient_flow_every=50 .*size_cost_warmup_steps"):
         build_probes({"gradient_flow": True, "gradient_flow_every": 50})
     with pytest.raises(ValueError, match=r"probes\.size_cost='yes'"):
         build_probes({"size_cost": "yes"})
-    with pytest.raises(ValueError, match="every_n_steps=0"):
-        build_probes({"gradient_flow": True, "gradient_flow_every_n_steps": 0})
+    with pytest.raises(ValueError, match="warmup_steps=-1"):
+        build_probes({"size_cost": True, "size_cost_warmup_steps": -1})
 
 
 # ---------------------------------------------------------------- end to end, through MLflow
@@ -249,16 +274,11 @@ def test_densenet_run_logs_every_probe(tracking, tmp_path):
     assert metrics["macs_per_image"] == count_flops(model, (1, 8, 8))["macs"] > 0
     assert metrics["epochs_to_99pct"] <= 2 and metrics["seconds_to_99pct"] > 0
     assert len(client.get_metric_history(run_id, "epoch_time_s")) == 2
-    assert artifacts(client, run_id) == {
-        "gradient_flow/grad_norms.csv",
-        "gradient_flow/grad_flow.png",
-        "feature_reuse/heatmap.png",
-        "feature_reuse/matrices.json",
-    }
+    assert artifacts(client, run_id) == GRADIENT_ARTIFACTS | {"feature_reuse/heatmap.png", "feature_reuse/matrices.json"}
     local = Path(client.download_artifacts(run_id, "", str(tmp_path / "downloaded")))
-    table = pd.read_csv(local / "gradient_flow" / "grad_norms.csv")
-    assert list(table.columns) == ["step", "depth", "layer", "kind", "grad_norm"]
-    assert sorted(table.step.unique()) == [0, 2, 4]
+    table = pd.read_csv(local / "gradient_flow" / "relative_grads.csv")
+    assert list(table.columns) == gradient_flow.COLUMNS
+    assert table.phase.unique().tolist() == ["init", "epoch1"]
     saved = json.loads((local / "feature_reuse" / "matrices.json").read_text())
     np.testing.assert_allclose(np.array(saved[1], dtype=float), feature_reuse(model)[1], equal_nan=True)
     assert saved[0][2][0] is None  # layer 1 cannot read layer 2
@@ -276,4 +296,76 @@ def test_resnet_run_logs_size_cost_and_gradients_but_no_feature_reuse(tracking, 
     metrics = client.get_run(run_id).data.metrics
     assert SIZE_COST_KEYS | GRADIENT_KEYS | CONVERGENCE_KEYS <= metrics.keys()
     assert not REUSE_KEYS & metrics.keys()
-    assert artifacts(client, run_id) == {"gradient_flow/grad_norms.csv", "gradient_flow/grad_flow.png"}
+    assert artifacts(client, run_id) == GRADIENT_ARTIFACTS
+
+
+# ---------------------------------------------------------------- training-step memory
+
+
+class Recorder(L.pytorch.loggers.Logger):
+    """A logger that keeps every metric it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics: dict[str, float] = {}
+
+    name, version = "recorder", 0
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.metrics.update(metrics)
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+
+def saved_bytes_of_one_forward(model: nn.Module, batch_size: int) -> int:
+    """Bytes saved for backward by one training forward and loss, each storage once, parameters
+    excluded: what SizeCostProbe must report as activations, computed outside Lightning."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x, y = next(iter(loader()))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = nn.functional.cross_entropy(TinyClassifier(model).train()(x[:batch_size]), y[:batch_size])
+    del loss
+    return sum(storages.values())
+
+
+def test_train_step_memory_is_saved_tensors_plus_model_state_whatever_ran_before(tmp_path):
+    """Three jobs in one process: the same model reads the same figure first and third, and it
+    matches saved_tensors_hooks bytes plus parameters, gradients and SGD's momentum-free state."""
+    figures = []
+    for model in (tiny_densenet(), CifarResNet(8, num_classes=3, in_channels=1), tiny_densenet()):
+        recorder = Recorder()
+        fit(model, [SizeCostProbe(warmup_steps=0, infer_repeats=1)], recorder, tmp_path)
+        figures.append(recorder.metrics)
+    assert figures[0]["memory/train_step_mb"] == figures[2]["memory/train_step_mb"]
+    assert figures[0]["memory/train_step_mb"] != figures[1]["memory/train_step_mb"]
+    model = tiny_densenet()
+    expected_saved = saved_bytes_of_one_forward(model, batch_size=4)
+    param_bytes = sum(p.nbytes for p in model.parameters())
+    mib = 2**20
+    assert figures[0]["memory/activations_mb"] == pytest.approx(expected_saved / mib, rel=0.01)
+    # SGD without momentum keeps no state: parameters + gradients.
+    assert figures[0]["memory/train_step_mb"] == pytest.approx((expected_saved + 2 * param_bytes) / mib, rel=0.01)
+
+
+def test_train_step_memory_counts_optimizer_state(tmp_path):
+    recorders = []
+    for momentum in (0.0, 0.9):
+        model, recorder = tiny_densenet(), Recorder()
+        trainer = L.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, logger=recorder,
+                            callbacks=[SizeCostProbe(warmup_steps=0, infer_repeats=1)], enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                            default_root_dir=tmp_path)
+        module = ImageClassifier(model, num_classes=3, optim={"name": "sgd", "lr": 0.05, "momentum": momentum})
+        trainer.fit(module, loader())
+        recorders.append(recorder.metrics)
+    # A momentum buffer per parameter: exactly the parameters' bytes more.
+    param_mb = sum(p.nbytes for p in tiny_densenet().parameters()) / 2**20
+    assert recorders[1]["memory/train_step_mb"] - recorders[0]["memory/train_step_mb"] == pytest.approx(param_mb)

@@ -26,7 +26,6 @@ PROBES: dict[str, type[pl.Callback]] = {
 OPTIONS: dict[str, tuple[str, str]] = {
     "size_cost_warmup_steps": ("size_cost", "warmup_steps"),
     "size_cost_infer_repeats": ("size_cost", "infer_repeats"),
-    "gradient_flow_every_n_steps": ("gradient_flow", "every_n_steps"),
     "convergence_fractions": ("convergence", "fractions"),
     "convergence_monitor": ("convergence", "monitor"),
 }
@@ -34,7 +33,7 @@ OPTIONS: dict[str, tuple[str, str]] = {
 
 def build_probes(cfg: Mapping[str, Any] | None) -> list[pl.Callback]:
     """The callbacks of the probes switched on in ``cfg``, e.g. ``{"size_cost": True,
-    "gradient_flow": True, "gradient_flow_every_n_steps": 50}``. A probe that is false or missing
+    "gradient_flow": True, "size_cost_warmup_steps": 3}``. A probe that is false or missing
     is not built; its options are then ignored. Unknown keys raise ``ValueError``."""
     cfg = dict(cfg or {})
     allowed = [*PROBES, *OPTIONS]

@@ -1,8 +1,10 @@
-"""Gradient flow: the gradient norm of every conv and linear weight, by depth.
+"""Gradient flow: the relative gradient ||grad|| / ||weight|| of every conv and linear layer, by depth.
 
-Tests the vanishing-gradient claim: in a plain deep net the first layers' gradients are orders of
-magnitude below the last layers'; shortcuts (ResNet) and dense connections (DenseNet) keep them
-close.
+Tests the vanishing-gradient claim (Huang et al. 2017, Section 1; He et al. 2016): in a deep net
+without shortcuts the first layers' gradients are orders of magnitude below the last layers';
+shortcuts (ResNet) and dense connections (DenseNet) keep them close. Raw gradient norms scale with a
+layer's size and weight decay shrinks weights during training, so each gradient is divided by its
+own weight's norm: the relative change one SGD step makes to that layer.
 """
 
 from __future__ import annotations
@@ -11,112 +13,133 @@ import tempfile
 from pathlib import Path
 
 import lightning.pytorch as pl
-import numpy as np
 import pandas as pd
 import torch
 from lightning.pytorch.loggers import MLFlowLogger
-from matplotlib import colormaps
-from matplotlib.cm import ScalarMappable
-from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from torch import nn
 
 ARTIFACT_PATH = "gradient_flow"
+TABLE = "relative_grads.csv"
+COLUMNS = ["phase", "step", "depth", "relative_depth", "layer", "kind", "grad_norm", "weight_norm", "relative_grad"]
+# The two moments of a run: the first optimizer step (at initialization) and the first step after
+# one epoch of training.
+PHASES = ("init", "epoch1")
+EARLY, LATE = 0.25, 0.75  # relative depths that bound the "early" and "late" layers
+
+
+def weighted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every conv and linear layer in registration order, which is the forward order for the models
+    here (a parallel shortcut conv comes after its block's convs)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def relative_gradients(layers: list[tuple[str, nn.Module]], phase: str, step: int) -> pd.DataFrame:
+    """One row per layer (COLUMNS) from the gradients the layers hold now; depth 0 is the first
+    conv, relative depth 1 the classifier."""
+    with torch.no_grad():
+        norms = torch.stack([
+            torch.stack([
+                torch.linalg.vector_norm(m.weight.grad).float() if m.weight.grad is not None
+                else torch.tensor(float("nan"), device=m.weight.device),
+                torch.linalg.vector_norm(m.weight).float(),
+            ])
+            for _, m in layers
+        ]).tolist()  # a single device-to-host copy
+    last = max(len(layers) - 1, 1)
+    return pd.DataFrame(
+        [
+            {"phase": phase, "step": step, "depth": depth, "relative_depth": depth / last, "layer": name,
+             "kind": type(module).__name__, "grad_norm": g, "weight_norm": w, "relative_grad": g / w if w else float("nan")}
+            for depth, ((name, module), (g, w)) in enumerate(zip(layers, norms))
+        ],
+        columns=COLUMNS,
+    )
+
+
+def summarize(table: pd.DataFrame) -> dict[str, float]:
+    """Per phase: `grad/early_rel_<phase>`, the mean relative gradient of the layers at relative depth
+    <= EARLY, and `grad/early_over_late_<phase>`, that mean over the mean at relative depth >= LATE."""
+    metrics = {}
+    for phase, rows in table.groupby("phase"):
+        early = rows.loc[rows["relative_depth"] <= EARLY, "relative_grad"].mean()
+        late = rows.loc[rows["relative_depth"] >= LATE, "relative_grad"].mean()
+        metrics[f"grad/early_rel_{phase}"] = float(early)
+        metrics[f"grad/early_over_late_{phase}"] = float(early / late) if late else float("nan")
+    return metrics
+
+
+def plot(table: pd.DataFrame, title: str) -> Figure:
+    """Relative gradient against relative depth on a log scale, one line per phase."""
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for (phase, rows), style in zip(table.groupby("phase", sort=False), ("-", "--")):
+        ax.plot(rows["relative_depth"], rows["relative_grad"], style, marker=".", linewidth=1,
+                label={"init": "at initialization", "epoch1": "after epoch 1"}.get(str(phase), str(phase)))
+    ax.set_yscale("log")
+    ax.set_xlabel("relative depth (0 = first conv, 1 = classifier)")
+    ax.set_ylabel("||weight gradient|| / ||weight||")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    return fig
 
 
 class GradientFlowProbe(pl.Callback):
-    """Records the L2 norm of the weight gradient of every ``nn.Conv2d`` and ``nn.Linear`` at
-    optimizer step 0 and every ``every_n_steps`` steps after.
+    """Records the relative gradient of every ``nn.Conv2d`` and ``nn.Linear`` weight at the first
+    optimizer step (phase ``init``) and at the first optimizer step of the second epoch (phase
+    ``epoch1``; absent in a one-epoch run). Taken in ``on_before_optimizer_step``: after gradient
+    accumulation and AMP unscaling, before clipping and before the step changes the weights. Other
+    steps cost one comparison.
 
-    Depth is the layer's index in module-registration order (0 = first layer), which is the order
-    of the forward pass for the models here (a parallel shortcut conv comes after its block's
-    convs). Norms are taken in ``on_before_optimizer_step``: after gradient accumulation and AMP
-    unscaling, before clipping. Other steps cost one integer test.
-
-    At the end of training logs ``gradient_flow/grad_norms.csv`` (step, depth, layer, kind,
-    grad_norm), ``gradient_flow/grad_flow.png`` and the scalars ``grad_norm_first``,
-    ``grad_norm_last``, ``grad_first_last_ratio`` (first layer's norm over the last layer's, mean
-    over recorded steps) and ``grad_norm_min_over_max`` (smallest over largest norm across
-    layers, mean over recorded steps).
+    At the end of training logs ``gradient_flow/relative_grads.csv`` (COLUMNS), a plot
+    ``gradient_flow/relative_grads.png`` and the scalars of ``summarize``.
     """
 
-    def __init__(self, every_n_steps: int = 50) -> None:
-        if not (isinstance(every_n_steps, int) and not isinstance(every_n_steps, bool) and every_n_steps >= 1):
-            raise ValueError(f"every_n_steps={every_n_steps!r} is invalid: expected an integer >= 1")
-        self.every_n_steps = every_n_steps
+    def __init__(self) -> None:
         self.layers: list[tuple[str, nn.Module]] = []
-        self.steps: list[int] = []
-        self.norms: list[list[float]] = []  # one row per recorded step, one column per layer
+        self.records: list[pd.DataFrame] = []  # restored from a checkpoint on resume
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        model = getattr(pl_module, "model", pl_module)
-        self.layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-        self.steps, self.norms = [], []
+        self.layers = weighted_layers(getattr(pl_module, "model", pl_module))
+
+    def _phase(self, trainer: pl.Trainer) -> str | None:
+        if trainer.global_step == 0:
+            return "init"
+        return "epoch1" if trainer.current_epoch == 1 else None  # recorded at its first step only
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        step = trainer.global_step
-        if step % self.every_n_steps or not trainer.is_global_zero or (self.steps and self.steps[-1] == step):
-            return
-        nan = torch.tensor(float("nan"), device=pl_module.device)
-        norms = [
-            torch.linalg.vector_norm(m.weight.grad.detach()).float() if m.weight.grad is not None else nan
-            for _, m in self.layers
-        ]
-        self.steps.append(step)
-        self.norms.append(torch.stack(norms).tolist())  # a single device-to-host copy
+        phase = self._phase(trainer)
+        if phase is None or not trainer.is_global_zero or any((t["phase"] == phase).any() for t in self.records):
+            return  # a resumed run may pass the same step again
+        self.records.append(relative_gradients(self.layers, phase, trainer.global_step))
+
+    # Kept in checkpoints, so a resumed run still logs the phases recorded before the kill.
+    def state_dict(self) -> dict:
+        return {"records": [t.to_dict("list") for t in self.records]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.records = [pd.DataFrame(t, columns=COLUMNS) for t in state_dict.get("records", [])]
 
     def table(self) -> pd.DataFrame:
-        """The records: one row per recorded step and layer."""
-        names = [n for n, _ in self.layers]
-        kinds = [type(m).__name__ for _, m in self.layers]
-        return pd.DataFrame(
-            [
-                {"step": step, "depth": depth, "layer": names[depth], "kind": kinds[depth], "grad_norm": norm}
-                for step, row in zip(self.steps, self.norms)
-                for depth, norm in enumerate(row)
-            ],
-            columns=["step", "depth", "layer", "kind", "grad_norm"],
-        )
-
-    def summary(self) -> dict[str, float]:
-        norms = np.array(self.norms)  # (steps, layers)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return {
-                "grad_norm_first": float(norms[:, 0].mean()),
-                "grad_norm_last": float(norms[:, -1].mean()),
-                "grad_first_last_ratio": float((norms[:, 0] / norms[:, -1]).mean()),
-                "grad_norm_min_over_max": float((np.nanmin(norms, 1) / np.nanmax(norms, 1)).mean()),
-            }
-
-    def plot(self, path: str | Path) -> None:
-        """Norm against depth on a log scale, one line per recorded step, coloured by step."""
-        fig = Figure(figsize=(7, 4.5))
-        ax = fig.subplots()
-        colour = ScalarMappable(Normalize(min(self.steps), max(max(self.steps), 1)), colormaps["viridis"])
-        for step, row in zip(self.steps, self.norms):
-            ax.plot(range(len(row)), row, marker=".", linewidth=1, color=colour.to_rgba(step))
-        ax.set_yscale("log")
-        ax.set_xlabel("depth (conv/linear layer index, 0 = first)")
-        ax.set_ylabel("weight gradient L2 norm")
-        ax.set_title("Gradient flow")
-        ax.grid(True, which="both", alpha=0.3)
-        fig.colorbar(colour, ax=ax, label="optimizer step")
-        fig.savefig(path, dpi=120, bbox_inches="tight")
+        return pd.concat(self.records, ignore_index=True) if self.records else pd.DataFrame(columns=COLUMNS)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.steps or not trainer.is_global_zero:
+        if not self.records or not trainer.is_global_zero:
             return
+        table = self.table()
         for logger in trainer.loggers:
-            logger.log_metrics(self.summary(), step=trainer.global_step)
+            logger.log_metrics(summarize(table), step=trainer.global_step)
         mlflow_loggers = [lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)]
         if not mlflow_loggers:
             return
         with tempfile.TemporaryDirectory() as tmp:
-            paths = [Path(tmp, "grad_norms.csv"), Path(tmp, "grad_flow.png")]
-            self.table().to_csv(paths[0], index=False)
-            self.plot(paths[1])
+            paths = [Path(tmp, TABLE), Path(tmp, "relative_grads.png")]
+            table.to_csv(paths[0], index=False)
             for logger in mlflow_loggers:
+                name = logger.experiment.get_run(logger.run_id).info.run_name
+                plot(table, f"Gradient flow: {name}").savefig(paths[1], dpi=120)
                 for path in paths:
                     logger.experiment.log_artifact(logger.run_id, str(path), artifact_path=ARTIFACT_PATH)

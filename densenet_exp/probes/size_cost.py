@@ -1,4 +1,4 @@
-"""Size and cost of a model: parameters, multiply-adds, peak memory and throughput."""
+"""Size and cost of a model: parameters, multiply-adds, training-step memory and throughput."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -65,6 +65,45 @@ def _input_tensor(batch: Any) -> Tensor:
     return _input_tensor(batch[0])
 
 
+class SavedTensorBytes(torch.autograd.graph.saved_tensors_hooks):
+    """Counts the bytes autograd saves for backward while active: each storage once (a tensor
+    saved by two ops, or views of one buffer, cost memory once), parameters excluded (they exist
+    whether or not anything is saved). Casts of the weights under autocast are counted: they are
+    real copies. This is the activation memory of a training step, independent of the allocator,
+    of what ran earlier in the process and of the device."""
+
+    def __init__(self, parameters: Iterable[Tensor]) -> None:
+        self._skip = {p.untyped_storage().data_ptr() for p in parameters}
+        self.storages: dict[int, int] = {}
+        super().__init__(self._pack, lambda t: t)
+
+    def _pack(self, t: Tensor) -> Tensor:
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. wrappers)
+            return t
+        if storage.data_ptr() not in self._skip:
+            self.storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.storages.values())
+
+
+def model_state_bytes(
+    model: nn.Module, optimizers: Sequence[torch.optim.Optimizer], only_existing_grads: bool = False
+) -> int:
+    """Parameters, their gradients (one per trainable parameter, or only those allocated now) and
+    the optimizers' state."""
+    params = sum(p.nbytes for p in model.parameters())
+    grads = sum(p.nbytes for p in model.parameters() if (p.grad is not None if only_existing_grads else p.requires_grad))
+    state = sum(
+        v.nbytes for opt in optimizers for s in opt.state.values() for v in s.values() if isinstance(v, Tensor)
+    )
+    return params + grads + state
+
+
 def _max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _MAXRSS_BYTES / MIB
 
@@ -101,6 +140,13 @@ class SizeCostProbe(pl.Callback):
       Epoch time is wall time from epoch start to epoch end, validation included. Peak memory is
       ``torch.cuda.max_memory_allocated`` on a GPU, else the peak resident memory since fit start
       above the resident memory at fit start (Linux: VmHWM, reset at fit start).
+    - ``memory/activations_mb``, ``memory/train_step_mb``: once, at the first training step:
+      the bytes saved for backward (``SavedTensorBytes``) at the run's batch size and precision,
+      and that plus parameters, gradients and optimizer state (``model_state_bytes``, read after
+      the step, when the optimizer state exists). Deterministic: the same model, batch and
+      precision give the same figure on any device and whatever ran before in the process. On a
+      GPU also ``memory/gpu_step_peak_mb``: ``torch.cuda.max_memory_allocated`` during that step
+      less what was allocated before it apart from the model (the in-memory data set).
     - ``infer_images_per_s``: once, at the end of training: median of ``infer_repeats`` eval-mode
       ``no_grad`` forwards of one random batch of the training batch's shape.
     """
@@ -113,6 +159,7 @@ class SizeCostProbe(pl.Callback):
         self.warmup_steps = warmup_steps
         self.infer_repeats = infer_repeats
         self._batch_shape: tuple[int, ...] | None = None
+        self._saved: SavedTensorBytes | None = None
 
     @staticmethod
     def _sync(pl_module: pl.LightningModule) -> None:
@@ -128,6 +175,7 @@ class SizeCostProbe(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._batch_shape = None
+        self._saved, self._saved_closed, self._memory_logged = None, False, False
         # Peak resident memory since fit start: VmHWM after resetting it, where Linux allows;
         # else the growth of the process's lifetime peak (blind to an earlier, higher peak).
         self._peak_was_reset = _reset_peak_rss()
@@ -158,7 +206,27 @@ class SizeCostProbe(pl.Callback):
                     },
                 )
         self._step_batch_size = len(images)
+        if self._saved is None and trainer.is_global_zero and not self._memory_logged:
+            self._start_memory_count(pl_module)
         self._step_start = time.perf_counter()
+
+    def _start_memory_count(self, pl_module: pl.LightningModule) -> None:
+        model = getattr(pl_module, "model", pl_module)
+        if pl_module.device.type == "cuda":
+            # What is allocated before the step apart from the model's own state: the data set.
+            existing = model_state_bytes(model, pl_module.trainer.optimizers, only_existing_grads=True)
+            self._gpu_other_bytes = torch.cuda.memory_allocated(pl_module.device) - existing
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+        self._saved = SavedTensorBytes(model.parameters())
+        self._saved.__enter__()
+
+    def _stop_memory_count(self) -> None:
+        if self._saved is not None and not self._saved_closed:
+            self._saved.__exit__(None, None, None)
+            self._saved_closed = True
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        self._stop_memory_count()  # the forward is done: everything backward needs is saved
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -166,6 +234,20 @@ class SizeCostProbe(pl.Callback):
         self._sync(pl_module)
         self._step_seconds.append(time.perf_counter() - self._step_start)
         self._step_images.append(self._step_batch_size)
+        if self._saved is not None and not self._memory_logged:
+            self._stop_memory_count()
+            self._log(trainer, self._memory_metrics(pl_module))
+            self._memory_logged = True
+
+    def _memory_metrics(self, pl_module: pl.LightningModule) -> dict[str, float]:
+        model = getattr(pl_module, "model", pl_module)
+        state = model_state_bytes(model, pl_module.trainer.optimizers)
+        metrics = {"memory/activations_mb": self._saved.nbytes / MIB,
+                   "memory/train_step_mb": (self._saved.nbytes + state) / MIB}
+        if pl_module.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(pl_module.device) - self._gpu_other_bytes
+            metrics["memory/gpu_step_peak_mb"] = peak / MIB
+        return metrics
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._step_seconds:
