@@ -6,7 +6,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PORT ?= 5000
 
-.PHONY: setup data run test test-slow test-all ui server bench clean
+.PHONY: setup data run test test-slow test-all ui server bench study study-report clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -44,6 +44,25 @@ server: setup
 
 bench: setup
 	$(PY) -m densenet_exp.bench
+
+# The Fashion-MNIST study (conf/experiment/study_fmnist.yaml): the DenseNet knob grid, then the
+# baselines, 3 seeds each, into the default store; `study-report` rebuilds its committed report.
+STUDY := docs/results/study_fmnist
+# One seed at a time over every arm, so a study cut short still has every arm.
+study: setup
+	for seed in 0 1 2; do \
+	  $(PY) -m densenet_exp.run -m experiment=study_fmnist model=resnet20,resnet56,plain20 seed=$$seed && \
+	  $(PY) -m densenet_exp.run -m experiment=study_fmnist growth_rate=12,24 compression=0.5,1.0 bottleneck=true,false seed=$$seed \
+	  || exit 1; done
+	$(PY) -m densenet_exp.export save --experiment study_fmnist --out $(STUDY)/runs.jsonl.gz
+
+# Regenerates $(STUDY)/report.md from the committed runs, without training: they are loaded into a
+# throwaway store first.
+study-report: setup
+	@d=$$(mktemp -d) && \
+	$(PY) -m densenet_exp.export load $(STUDY)/runs.jsonl.gz --tracking-uri sqlite:///$$d/mlflow.db && \
+	$(PY) -m densenet_exp.report --experiment study_fmnist --tracking-uri sqlite:///$$d/mlflow.db --out $(STUDY); \
+	s=$$?; rm -rf $$d; exit $$s
 
 clean:
 	rm -rf outputs reports
