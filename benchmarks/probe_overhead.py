@@ -1,7 +1,7 @@
 """Time a smoke-size epoch with every probe on (``conf/probes/all.yaml``) against every probe off,
 alternating runs, and print the overhead ratio (median of each). Not a test: takes minutes.
 
-    .venv/bin/python tests/measure_probe_overhead.py [--batches 20 --batch-size 16 --repeats 3]
+    .venv/bin/python benchmarks/probe_overhead.py [--batches 20 --batch-size 16 --repeats 3]
 
 Model: DenseNet (L=40, k=12) on synthetic 1x28x28 images. Two figures are printed: the training
 epoch's wall time (what the per-step hooks cost) and the whole fit's (adding the once-per-run work:

@@ -1,6 +1,6 @@
 """Peak memory of one training step of DenseNet-121, normal vs memory-efficient mode.
 
-    .venv/bin/python tests/measure_memory.py [--batch 32] [--size 224]
+    .venv/bin/python benchmarks/memory.py [--batch 32] [--size 224]
 
 Each configuration runs in its own subprocess (so no allocator cache or earlier peak leaks into
 the next one): build the model and a batch, record the resident set size, run one SGD step
