@@ -58,7 +58,7 @@ from .results import (
     summarize,
 )
 from .store import retry_locked, tracking_uri
-from .verdicts import DEFAULT_MARGIN_PP, Judgement, claims_table, conclusion, evaluate_claims, method
+from .verdicts import DEFAULT_MARGIN_PP, NOISY_CV, Judgement, claims_table, conclusion, evaluate_claims, method
 
 
 def feature_reuse_figures(
@@ -100,6 +100,8 @@ def format_stat(row: pd.Series, metric: str) -> str:
         text += f" ± {format_number(row[f'{metric} std'])}"
         if pd.notna(row[f"{metric} ci_low"]):
             text += f" [{format_number(row[f'{metric} ci_low'])}, {format_number(row[f'{metric} ci_high'])}]"
+        if metric.endswith("images_per_s") and row[f"{metric} cv"] > NOISY_CV:
+            text += f" (noisy: CV {row[f'{metric} cv']:.0%})"  # timings are flagged, not judged
     return text + (f" (n={n})" if n < row["runs"] else "")
 
 
@@ -124,7 +126,6 @@ def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
 def format_claims(judged: Judgement, data: str) -> pd.DataFrame:
     """One data set's claims as the report prints them: full text, p-values to 3 digits."""
     table = claims_table([c for c in judged.claims if c.data == data]).drop(columns="data")
-    table["verdict"] = table["verdict"].map(lambda v: Markup(f"**{esc(v)}**"))
     for column in ("p", "p (Holm)"):
         table[column] = table[column].map(lambda p: "" if p is None or pd.isna(p) else f"{p:.3g}")
     return table
@@ -138,17 +139,12 @@ def _file_name(name: str) -> str:
 
 
 def esc(value: object) -> str:
-    """A value from the store, safe in markdown and HTML: no raw tags, no table breaks."""
-    return html.escape(str(value), quote=False).replace("|", "\\|")
-
-
-class Markup(str):
-    """Markdown built by the report from escaped parts: a table cell keeps it as it is."""
+    """A value from the store, safe in markdown and HTML: markdown passes raw HTML through only
+    where a `<` opens a tag, so that is escaped (and `|`, which would break a table row)."""
+    return str(value).replace("<", "&lt;").replace("|", "\\|")
 
 
 def _cell(value: object) -> str:
-    if isinstance(value, Markup):
-        return value
     blank = value is None or (not isinstance(value, str) and pd.isna(value))
     return "" if blank else esc(value)
 
@@ -178,8 +174,10 @@ class Document:
     def bullets(self, items: Sequence[str]) -> None:
         self.parts.append("\n".join(f"- {item}" for item in items))
 
-    def table(self, frame: pd.DataFrame) -> None:
+    def table(self, frame: pd.DataFrame, bold: Sequence[str] = ()) -> None:
         cells = frame.astype(object).map(_cell).rename(columns=_cell)
+        for column in bold:
+            cells[column] = cells[column].map(lambda v: f"**{v}**" if v else v)
         self.parts.append(cells.to_markdown(index=False, tablefmt="github"))
 
     def figure(self, fig: Figure | None, name: str, caption: str) -> None:
@@ -223,7 +221,7 @@ def _claims_section(doc: Document, judged: Judgement) -> None:
         doc.text("No finished runs: nothing to judge.")
     for data in sorted(judged.selections):
         doc.heading(esc(data), 3)
-        doc.table(format_claims(judged, data))
+        doc.table(format_claims(judged, data), bold=["verdict"])
         family = judged.families.get(data, [])
         doc.text(f"Holm-Bonferroni family ({len(family)} tests): "
                  + ("; ".join(family) if family else "none (no claim had a test)") + ".")

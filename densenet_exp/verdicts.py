@@ -369,7 +369,7 @@ def params_claim(data: str, sel: Selection, configs: list[Config], margin_pp: fl
         p, low, high = equivalent
         note = (f"TOST within ±{margin_pp:g} pp: p = {p:.3g} (lower {low:.3g}, upper {high:.3g}): "
                 + ("same accuracy" if p < ALPHA else "same accuracy not shown"))
-        claim.evidence += f"; difference {100 * (a.mean() - b.mean()):+.2f} pp"
+        claim.evidence += f"; difference {round(100 * (a.mean() - b.mean()), 2) + 0.0:+.2f} pp"  # no -0.00
     claim.test += f"; {note}"
     return claim, Pair(c, r, equivalent is not None and equivalent[0] < ALPHA, note)
 
@@ -419,6 +419,9 @@ def gradient_claims(data: str, sel: Selection, configs: list[Config]) -> list[Cl
             differ = recipe_differences(dense, other)
             if differ:
                 claims.append(Claim(data, name, NOT_COMPARABLE, evidence, "no test", "; ".join(differ)))
+                continue
+            if not len(dense.values(metric)) or not len(other.values(metric)):
+                claims.append(Claim(data, name, INCONCLUSIVE, evidence, "no test", f"no {metric} logged"))
                 continue
             ratio = other.values(f"grad/early_over_late_{phase}")
             if len(ratio) and np.exp(np.log(ratio).mean()) >= 1:

@@ -377,7 +377,8 @@ def test_report_escapes_every_value_from_the_store(known, tmp_path):
     assert not re.search(r"<img[^>]*onerror", page, re.IGNORECASE)
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page  # shown as text, not run
     text = (tmp_path / "report.md").read_text()
-    assert "<script>" not in text and "<img src=x" not in text and "&lt;img src=x onerror=alert(2)&gt;" in text
+    assert "<script>" not in text and "<img src=x" not in text and "&lt;img src=x onerror=alert(2)>" in text
+    assert "&amp;" not in text  # escaped once
 
 
 def test_report_imports_neither_lightning_nor_torch():
@@ -466,8 +467,8 @@ def test_report_of_a_real_sweep_writes_every_file_and_embeds_its_images(tiny_rep
     embedded = [base64.b64decode(s) for s in re.findall(r'<img[^>]*\bsrc="data:image/png;base64,([^"]+)"', page)]
     assert sorted(embedded) == sorted((tiny_report / n).read_bytes() for n in names if n.endswith(".png"))
     text = (tiny_report / "report.md").read_text()
-    assert has_row(text, "densenet_tiny", "4", "0.5", "yes", "2", "0, 1")
-    assert has_row(text, "resnet20", "", "", "", "2", "0, 1")
+    assert has_row(text, "densenet_tiny", "4", "0.5", "yes", "16", "2", "0, 1")  # depth 1 + 2 * 6 + 2 + 1
+    assert has_row(text, "resnet20", "", "", "", "20", "2", "0, 1")
     assert all(has_row(text, claim) for claim in verdicts.CLAIMS)  # one verdict per claim
     assert "needs >= 3 seeds" in text  # two seeds each: nothing is judged
 
@@ -545,4 +546,4 @@ def test_notebook_runs_top_to_bottom(name, store_kind, request, monkeypatch):
     if store_kind == "known" and name == "ablation":
         assert "ranked on val/acc: densenet_small-k24-c1 then resnet20" in outputs
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
-    assert len(images) >= 3
+    assert len(images) >= 2  # the ablation notebook skips knob plots when every knob has one level
