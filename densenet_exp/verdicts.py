@@ -383,7 +383,7 @@ GRADIENT_RULE = (
     f"the selection rule's order); depths more than {DEPTH_RATIO:g}x apart are not comparable. Metric: "
     "`grad/early_rel_<phase>`, the mean relative gradient ||grad|| / ||weight|| of the layers at relative "
     "depth <= 0.25, at initialization (first optimizer step) and after the first epoch. The claim is against "
-    "vanishing gradients, so it applies only where F* shows them: the mean of F*'s "
+    "vanishing gradients, so it applies only where F* shows them: the geometric mean over seeds of F*'s "
     "`grad/early_over_late_<phase>` (early over late layers, relative depth >= 0.75) below 1; otherwise "
     "inconclusive, saying what F* shows instead. Then D* higher than F* by the directional rule on the log "
     "scale."
@@ -424,16 +424,16 @@ def gradient_claims(data: str, sel: Selection, configs: list[Config]) -> list[Cl
                 claims.append(Claim(data, name, INCONCLUSIVE, evidence, "no test", f"no {metric} logged"))
                 continue
             ratio = other.values(f"grad/early_over_late_{phase}")
-            if len(ratio) and np.exp(np.log(ratio).mean()) >= 1:
-                gm = np.exp(np.log(ratio).mean())
-                what = "exploding" if gm > 10 else "no decay"
-                reason = (f"{other.variant} shows no vanishing gradient: its early layers get {gm:.3g}x the late "
-                          f"layers' relative gradient ({what})")
-                claims.append(Claim(data, name, INCONCLUSIVE, evidence, "no test", reason))
-                continue
             if not len(ratio):
                 claims.append(Claim(data, name, INCONCLUSIVE, evidence, "no test",
                                     f"no grad/early_over_late_{phase} for {other.variant}"))
+                continue
+            early_over_late = float(np.exp(np.log(ratio).mean()))  # geometric mean over seeds
+            if early_over_late >= 1:  # the baseline has no vanishing gradient to alleviate
+                what = "exploding" if early_over_late > 10 else "no decay"
+                reason = (f"{other.variant} shows no vanishing gradient: its early layers get {early_over_late:.3g}x "
+                          f"the late layers' relative gradient ({what})")
+                claims.append(Claim(data, name, INCONCLUSIVE, evidence, "no test", reason))
                 continue
             a, b = dense.values(metric), other.values(metric)
             logged = (np.log10(a), np.log10(b)) if (a > 0).all() and (b > 0).all() else (a, b)
