@@ -1,14 +1,16 @@
 """The ablation report of an experiment or one sweep, read back from MLflow.
 
     python -m densenet_exp.report --experiment ablation [--sweep PARENT_RUN_ID]
-                                  [--tracking-uri URI] [--out DIR]
+                                  [--tracking-uri URI] [--out DIR] [--margin PP]
 
-MLflow's UI compares runs one by one; this aggregates over seeds (densenet_exp.results) and writes
-`report.md`, a self-contained `report.html` (images inlined as data URIs) and the figures as PNGs
-to DIR (default reports/<experiment>[-<sweep>]), then logs the folder as the artifacts of a
-report run (tag report=true) in the same experiment. Later reports skip report runs.
+MLflow's UI compares runs one by one; this aggregates over seeds (densenet_exp.results), judges
+the paper's claims (densenet_exp.verdicts) and writes `report.md`, a self-contained `report.html`
+(images inlined as data URIs, every value from the store escaped and the page sanitized) and the
+figures as PNGs to DIR (default reports/<experiment>[-<sweep>]), then logs the folder as the
+artifacts of a report run (tag report=true) in the same experiment. Later reports skip report
+runs. Its Method section prints every rule exactly as the code applies it.
 
-The plot functions return matplotlib Figures for the notebooks in notebooks/.
+Imports neither torch nor Lightning, so it starts in seconds.
 """
 
 from __future__ import annotations
@@ -25,180 +27,53 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import markdown
+import nh3
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 from mlflow.tracking import MlflowClient
 
-from .probes.feature_reuse import plot_feature_reuse
+from .figures import (
+    level,
+    plot_accuracy_vs_cost,
+    plot_feature_reuse,
+    plot_knob_effects,
+    plot_learning_curves,
+    plot_relative_grads,
+)
 from .results import (
     CONFIG,
-    DIRECTIONAL_RULE,
-    FAMILY_NAMES,
-    RULES,
     SUMMARY_METRICS,
-    Claim,
     ExperimentNotFound,
-    claims_table,
-    evaluate_claims,
+    InvalidRunId,
+    check_run_id,
     feature_reuse_matrices,
     finished,
-    gradient_norms,
     learning_curves,
     load_runs,
     mean_matrices,
     pooling_problems,
     published_beside_ours,
+    relative_grads,
     summarize,
-    t_half_width,
 )
-from .tracking import retry_locked, tracking_uri
-
-KNOB_LABELS = {"growth_rate": "growth rate k", "compression": "compression θ", "bottleneck": "bottleneck B"}
-# family -> (colour, marker, line style); other architectures get purple dots.
-FAMILY_STYLE = {
-    "densenet": ("tab:blue", "o", "-"),
-    "resnet": ("tab:orange", "s", "--"),
-    "plain": ("tab:gray", "^", ":"),
-}
-
-
-def _style(family: str) -> tuple[str, str, str]:
-    return FAMILY_STYLE.get(family, ("tab:purple", ".", "-."))
-
-
-def _level(value: object) -> str:
-    """A knob level as a label: yes/no for the bottleneck, 0.5 for theta, 12 for k."""
-    if isinstance(value, bool | np.bool_):
-        return "yes" if value else "no"
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-# --- figures ---------------------------------------------------------------------------------
-
-
-def plot_accuracy_vs_cost(summary: pd.DataFrame, data: str) -> Figure:
-    """Test accuracy (mean ± std over seeds) against parameters and against FLOPs per image, one
-    colour and marker per family: the layout of the paper's Figure 3."""
-    rows = summary[summary["data"] == data]
-    fig = Figure(figsize=(12, 4.8), layout="constrained")
-    for ax, cost, label in zip(fig.subplots(1, 2), ("params", "flops_per_image"), ("parameters", "FLOPs per image")):
-        for family, group in rows.groupby("family"):
-            colour, marker, _ = _style(str(family))  # points, no lines: families are not series
-            group = group.dropna(subset=[f"{cost} mean", "test/acc mean"])
-            ax.errorbar(group[f"{cost} mean"], group["test/acc mean"], yerr=group["test/acc std"], color=colour,
-                        marker=marker, linestyle="none", capsize=3, label=FAMILY_NAMES.get(str(family), family))
-            for _, row in group.iterrows():
-                ax.annotate(row["variant"], (row[f"{cost} mean"], row["test/acc mean"]), fontsize=7,
-                            xytext=(4, 4), textcoords="offset points")
-        ax.set_xscale("log")
-        ax.tick_params(axis="x", which="minor", labelbottom=False)  # they overlap within a decade
-        ax.set_xlabel(f"{label} (log scale)")
-        ax.set_ylabel("test accuracy")
-        ax.grid(True, which="both", alpha=0.3)
-        if ax.has_data():
-            ax.legend()
-    fig.suptitle(f"{data}: test accuracy against parameters and FLOPs (mean ± std over seeds; cf. the paper's Fig. 3)")
-    return fig
-
-
-def plot_main_effects(runs: pd.DataFrame, data: str, metrics: Sequence[str] = ("test/acc", "params")) -> Figure | None:
-    """Each knob's main effect on each metric over the DenseNet runs on `data`: the mean over all
-    runs at each level (other knobs and seeds pooled) with its 95% t-interval. None without
-    DenseNet runs."""
-    dense = runs[(runs["data"] == data) & (runs["family"] == "densenet")]
-    if dense.empty:
-        return None
-    fig = Figure(figsize=(12, 3.4 * len(metrics)), layout="constrained")
-    for row, metric in zip(fig.subplots(len(metrics), len(KNOB_LABELS), squeeze=False), metrics):
-        for ax, (knob, label) in zip(row, KNOB_LABELS.items()):
-            effect = dense.groupby(knob)[metric].agg(["mean", "std", "count"]) if metric in dense else pd.DataFrame()
-            x = np.arange(len(effect))
-            ax.errorbar(x, effect.get("mean", []), yerr=t_half_width(effect.get("std", []), effect.get("count", [])),
-                        marker="o", capsize=4)
-            ax.set_xticks(x, [_level(v) for v in effect.index])
-            ax.set_xlim(-0.5, max(len(effect), 2) - 0.5)
-            ax.set(xlabel=label, ylabel=metric)
-            ax.grid(True, alpha=0.3)
-    fig.suptitle(f"{data}: main effects over DenseNet runs (mean, 95% t-interval; other knobs and seeds pooled)")
-    return fig
-
-
-def plot_interactions(runs: pd.DataFrame, data: str, metric: str = "test/acc") -> Figure | None:
-    """Interaction plots k x theta and k x bottleneck: the mean of `metric` at each k, one line
-    per level of the other knob (parallel lines: no interaction). None without DenseNet runs."""
-    dense = runs[(runs["data"] == data) & (runs["family"] == "densenet")]
-    if dense.empty or metric not in dense:
-        return None
-    fig = Figure(figsize=(12, 4.2), layout="constrained")
-    for ax, other in zip(fig.subplots(1, 2), ("compression", "bottleneck")):
-        means = dense.pivot_table(index="growth_rate", columns=other, values=metric, aggfunc="mean")
-        for level in means.columns:
-            label = f"{KNOB_LABELS[other]} = {_level(level)}"
-            ax.plot(means.index.astype(float), means[level], marker="o", label=label)
-        ax.set(xlabel=KNOB_LABELS["growth_rate"], ylabel=f"mean {metric}", title=f"k x {KNOB_LABELS[other]}")
-        ax.set_xticks(means.index.astype(float))
-        ax.grid(True, alpha=0.3)
-        if ax.has_data():
-            ax.legend()
-    fig.suptitle(f"{data}: interactions over DenseNet runs (means over seeds and the third knob)")
-    return fig
-
-
-def plot_learning_curves(curves: pd.DataFrame, data: str, metric: str = "val/acc") -> Figure | None:
-    """`metric` per epoch (from learning_curves), mean over seeds with a ± std band, one line per
-    configuration. None without curves on `data`."""
-    rows = curves[curves["data"] == data]
-    if rows.empty:
-        return None
-    fig = Figure(figsize=(8, 4.8), layout="constrained")
-    ax = fig.subplots()
-    stats = rows.groupby(["variant", "epoch"])["value"].agg(["mean", "std"]).reset_index()
-    for variant, line in stats.groupby("variant"):
-        ax.plot(line["epoch"], line["mean"], marker=".", label=variant)
-        spread = line["std"].fillna(0)
-        ax.fill_between(line["epoch"], line["mean"] - spread, line["mean"] + spread, alpha=0.2)
-    ax.set(xlabel="epoch", ylabel=metric, title=f"{data}: {metric} per epoch (mean ± std over seeds)")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    return fig
-
-
-def plot_gradient_flow(norms: pd.DataFrame, data: str) -> Figure | None:
-    """Weight-gradient norm against relative depth (0 = first conv, 1 = classifier), mean over
-    recorded steps and seeds, one line per configuration, line style by family. None without
-    gradient-flow records on `data`."""
-    rows = norms[norms["data"] == data]
-    if rows.empty:
-        return None
-    fig = Figure(figsize=(8, 4.8), layout="constrained")
-    ax = fig.subplots()
-    profile = rows.groupby(["family", "variant", "relative_depth"])["grad_norm"].mean().reset_index()
-    for (family, variant), line in profile.groupby(["family", "variant"]):
-        ax.plot(line["relative_depth"], line["grad_norm"], linestyle=_style(str(family))[2], marker=".",
-                label=f"{variant} ({FAMILY_NAMES.get(str(family), family)})")
-    ax.set_yscale("log")
-    ax.set(xlabel="relative depth (0 = first conv, 1 = classifier)", ylabel="weight gradient L2 norm",
-           title=f"{data}: gradient flow by depth (mean over recorded steps and seeds)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    return fig
+from .store import retry_locked, tracking_uri
+from .verdicts import DEFAULT_MARGIN_PP, NOISY_CV, Judgement, claims_table, conclusion, evaluate_claims, method
 
 
 def feature_reuse_figures(
-    runs: pd.DataFrame, matrices: dict[str, list[np.ndarray]], folder: Path
+    runs: pd.DataFrame, matrices: dict[str, list], folder: Path
 ) -> list[tuple[Path, str]]:
     """One heatmap per DenseNet configuration, the mean of its runs' feature-reuse matrices
-    (from feature_reuse_matrices) drawn like the paper's Figure 5, saved in `folder`: [(png, caption)]."""
+    (from results.feature_reuse_matrices) drawn like the paper's Figure 5, saved in `folder`:
+    [(png, caption)]."""
     figures = []
     for key, group in runs[runs["run_id"].isin(matrices)].groupby(CONFIG, dropna=False, sort=True):
-        variant, data = group["variant"].iloc[0], key[0]
+        variant, data = str(group["variant"].iloc[0]), str(key[0])
         path = folder / _file_name(f"feature_reuse_{data}_{variant}")
-        plot_feature_reuse(mean_matrices([matrices[i] for i in group["run_id"]]), path)
-        figures.append((path, f"{data}: feature reuse of {variant} (mean of {len(group)} runs)."))
+        title = f"{data}: feature reuse of {variant} (mean of {len(group)} runs)"
+        plot_feature_reuse(mean_matrices([matrices[i] for i in group["run_id"]]), title).savefig(path, dpi=100)
+        figures.append((path, f"{title}."))
     return figures
 
 
@@ -222,10 +97,11 @@ def format_stat(row: pd.Series, metric: str) -> str:
         return ""
     text = format_number(row[f"{metric} mean"])
     if n > 1:
-        std = row[f"{metric} std"]
-        text += f" ± {format_number(std)}"
-        if std > 0:
+        text += f" ± {format_number(row[f'{metric} std'])}"
+        if pd.notna(row[f"{metric} ci_low"]):
             text += f" [{format_number(row[f'{metric} ci_low'])}, {format_number(row[f'{metric} ci_high'])}]"
+        if metric.endswith("images_per_s") and row[f"{metric} cv"] > NOISY_CV:
+            text += f" (noisy: CV {row[f'{metric} cv']:.0%})"  # timings are flagged, not judged
     return text + (f" (n={n})" if n < row["runs"] else "")
 
 
@@ -236,12 +112,22 @@ def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
         "model": summary["model"],
         "k": summary["growth_rate"].astype("string").fillna(""),
         "θ": summary["compression"].map(lambda v: "" if pd.isna(v) else f"{v:g}"),
-        "B": summary["bottleneck"].map(lambda v: "" if pd.isna(v) else _level(bool(v))),
+        "B": summary["bottleneck"].map(lambda v: "" if pd.isna(v) else level(bool(v))),
+        "depth": summary["depth"].astype("string").fillna(""),
         "runs": [f"{n} (single seed: no std)" if n == 1 else str(n) for n in summary["runs"]],
         "seeds": summary["seeds"],
+        "epochs": summary["epochs"],
     })
     for metric, label in SUMMARY_METRICS.items():
         table[label] = [format_stat(row, metric) for _, row in summary.iterrows()]
+    return table
+
+
+def format_claims(judged: Judgement, data: str) -> pd.DataFrame:
+    """One data set's claims as the report prints them: full text, p-values to 3 digits."""
+    table = claims_table([c for c in judged.claims if c.data == data]).drop(columns="data")
+    for column in ("p", "p (Holm)"):
+        table[column] = table[column].map(lambda p: "" if p is None or pd.isna(p) else f"{p:.3g}")
     return table
 
 
@@ -252,9 +138,15 @@ def _file_name(name: str) -> str:
     return re.sub(r"[^\w.-]+", "_", name) + ".png"
 
 
+def esc(value: object) -> str:
+    """A value from the store, safe in markdown and HTML: markdown passes raw HTML through only
+    where a `<` opens a tag, so that is escaped (and `|`, which would break a table row)."""
+    return str(value).replace("<", "&lt;").replace("|", "\\|")
+
+
 def _cell(value: object) -> str:
     blank = value is None or (not isinstance(value, str) and pd.isna(value))
-    return "" if blank else str(value).replace("|", "\\|")
+    return "" if blank else esc(value)
 
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1300px;margin:2em auto;padding:0 1em;color:#222}
@@ -266,7 +158,8 @@ p>em{color:#555;font-size:13px}"""
 @dataclass
 class Document:
     """The report as markdown, with its PNGs saved beside it; `html` renders it with the
-    `markdown` package and embeds each image as a data URI, so the HTML file stands alone."""
+    `markdown` package, sanitizes the result with nh3 (no script, no event handler, images
+    only as data URIs) and embeds each image, so the HTML file stands alone."""
 
     folder: Path
     parts: list[str] = field(default_factory=list)
@@ -281,8 +174,10 @@ class Document:
     def bullets(self, items: Sequence[str]) -> None:
         self.parts.append("\n".join(f"- {item}" for item in items))
 
-    def table(self, frame: pd.DataFrame) -> None:
+    def table(self, frame: pd.DataFrame, bold: Sequence[str] = ()) -> None:
         cells = frame.astype(object).map(_cell).rename(columns=_cell)
+        for column in bold:
+            cells[column] = cells[column].map(lambda v: f"**{v}**" if v else v)
         self.parts.append(cells.to_markdown(index=False, tablefmt="github"))
 
     def figure(self, fig: Figure | None, name: str, caption: str) -> None:
@@ -294,7 +189,7 @@ class Document:
 
     def image(self, path: Path, caption: str) -> None:
         self.figures.append(path)
-        self.parts.append(f"![{caption}]({path.name})\n\n*{caption}*")
+        self.parts.append(f"![{esc(caption)}]({path.name})\n\n*{esc(caption)}*")
 
     def images(self) -> list[Path]:
         return list(self.figures)
@@ -307,6 +202,7 @@ class Document:
         for path in self.figures:
             data = base64.b64encode(path.read_bytes()).decode()
             body = body.replace(f'src="{path.name}"', f'src="data:image/png;base64,{data}"')
+        body = nh3.clean(body, url_schemes={"data"})
         return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
                 f"<style>{_CSS}</style></head>\n<body>\n{body}\n</body></html>\n")
 
@@ -314,51 +210,53 @@ class Document:
 # --- the report ------------------------------------------------------------------------------
 
 
-def _claims_section(doc: Document, claims: list[Claim]) -> None:
+def _claims_section(doc: Document, judged: Judgement) -> None:
     doc.heading("Claims of the paper, judged on these runs")
-    doc.text("D is the most accurate DenseNet configuration and R the most accurate ResNet configuration on "
-             "each data set (highest mean test accuracy); each claim is judged per data set by the rule below.")
-    if claims:
-        table = claims_table(claims).drop(columns="p_value")
-        table["verdict"] = table["verdict"].map(lambda v: f"**{v}**")
-        doc.table(table)
-    else:
+    doc.text(f"Each claim is judged per data set by the rules of the Method section, with the margin of \"the same "
+             f"accuracy\" declared before reading the runs: ±{judged.margin_pp:g} percentage points. D and R are "
+             "selected on validation data, never on test data:")
+    notes = [esc(n) for sel in judged.selections.values() for n in sel.notes()]
+    doc.bullets(notes or ["no finished runs"])
+    if not judged.claims:
         doc.text("No finished runs: nothing to judge.")
-    doc.heading("Verdict rules", 3)
-    doc.bullets([f"**{name}**: {rule}" for name, rule in RULES.items()] + [f"**directional rule**: {DIRECTIONAL_RULE}"])
+    for data in sorted(judged.selections):
+        doc.heading(esc(data), 3)
+        doc.table(format_claims(judged, data), bold=["verdict"])
+        family = judged.families.get(data, [])
+        doc.text(f"Holm-Bonferroni family ({len(family)} tests): "
+                 + ("; ".join(family) if family else "none (no claim had a test)") + ".")
 
 
-def write_report(experiment: str, uri: str, out: Path, sweep: str | None = None) -> dict[str, object]:
+def write_report(experiment: str, uri: str, out: Path, sweep: str | None = None,
+                 margin_pp: float = DEFAULT_MARGIN_PP) -> dict[str, object]:
     """Read the runs, write report.md, report.html and the PNGs to `out`; returns what it found
-    (runs, finished, summary, claims, published) for callers and tests."""
+    (runs, finished, summary, judgement, claims, published, files) for callers and tests."""
     out.mkdir(parents=True, exist_ok=True)
     runs = load_runs(experiment, uri, sweep)
     done = finished(runs)
     left_out = runs[runs["status"] != "FINISHED"]
     summary = summarize(done)
     matrices = feature_reuse_matrices(done[done["family"] == "densenet"], uri)
-    claims = evaluate_claims(done, matrices)
+    judged = evaluate_claims(done, matrices, margin_pp)
     published = published_beside_ours(done)
     curves = learning_curves(done, uri)
-    norms = gradient_norms(done, uri)
+    grads = relative_grads(done, uri)
 
     title = f"DenseNet ablation report: {experiment}" + (f", sweep {sweep}" if sweep else "")
     doc = Document(out)
-    doc.heading(title, 1)
-    doc.text(f"Store `{uri}`, experiment `{experiment}`" + (f", sweep `{sweep}`" if sweep else "")
+    doc.heading(esc(title), 1)
+    doc.text(f"Store `{esc(uri)}`, experiment `{esc(experiment)}`" + (f", sweep `{esc(sweep)}`" if sweep else "")
              + f"; written {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}. {len(runs)} training runs read: "
-             f"{len(done)} finished and used, {len(left_out)} left out.")
-    doc.text("One row per configuration (data set, model, k, θ, B): its runs differ only in the seed. Cells "
-             "give mean ± std [95% interval] over seeds, the interval from the t-distribution with n − 1 degrees "
-             "of freedom; a metric that does not vary gets no interval, a single seed gives no std or interval, "
-             "and a blank means no run logged the metric. Data sets are never pooled.")
+             f"{len(done)} finished and used, {len(left_out)} left out. Margin of \"the same accuracy\": "
+             f"±{margin_pp:g} percentage points (--margin).")
 
-    notes = [f"`{c}` on {d}: single seed, so no std, no interval and no significance test"
+    notes = [f"`{esc(c)}` on {esc(d)}: single seed, so no std, no interval and no test"
              for c, d, n in zip(summary["variant"], summary["data"], summary["runs"]) if n == 1]
-    notes += pooling_problems(done)
-    if ((done["device"] == "cpu") & (done.get("peak_memory_mb") == 0)).any():
-        notes.append("On a CPU, `peak_memory_mb` is the growth of the process's peak resident memory during fit; "
-                     "jobs of a sweep that share one process after the first can show 0.")
+    notes += [esc(p) for p in pooling_problems(done)]
+    no_val = done[(done["val_size"] == 0).fillna(False).astype(bool)] if "val_size" in done else done.iloc[:0]
+    if len(no_val):
+        notes.append(f"{len(no_val)} run(s) trained without a validation split (data.val_size=0): "
+                     + esc(", ".join(sorted(no_val["variant"].astype(str).unique()))))
     if notes:
         doc.heading("Notes")
         doc.bullets(notes)
@@ -367,23 +265,27 @@ def write_report(experiment: str, uri: str, out: Path, sweep: str | None = None)
     if left_out.empty:
         doc.text("None: every run read finished.")
     else:
-        doc.table(left_out[["variant", "data", "seed", "status", "error", "run_id"]]
-                  .astype("string").fillna("").map(lambda s: s[:200]))
+        doc.table(left_out[["variant", "data", "seed", "status", "error", "run_id"]].astype("string").fillna(""))
 
     doc.heading("Results per configuration")
+    doc.text("One row per configuration (data set, model, k, θ, B): its runs differ only in the seed. Cells give "
+             "mean ± std [95% interval] over seeds (intervals as in the Method section: they stay inside the "
+             "metric's range); a blank means no run logged the metric. Data sets are never pooled.")
     if summary.empty:
         doc.text("No finished runs.")
     for data, table in format_summary(summary).groupby("data", sort=True):
-        doc.heading(str(data), 3)
+        doc.heading(esc(data), 3)
         doc.table(table.drop(columns="data"))
 
-    _claims_section(doc, claims)
+    _claims_section(doc, judged)
+    doc.heading("What this shows")
+    doc.bullets([esc(line) for line in conclusion(judged)] or ["No finished runs."])
 
     doc.heading("Published figures beside ours")
     if published.empty:
-        doc.text("No configuration here matches a published one (matched on model preset, data set, class count, "
-                 "k, θ and B): e.g. `densenet_bc100_k12` on `cifar10` is DenseNet-BC (L=100, k=12), 4.51% error "
-                 "on C10+ (Huang et al. 2017, Table 2); `densenet121` on ImageNet 25.02% top-1 error (Table 3).")
+        doc.text("No configuration here matches a published one (rule in the Method section): e.g. DenseNet-BC "
+                 "(L=100, k=12), `densenet_bc100_k12` on `cifar10` with `data.augment=crop_flip`, 4.51% error on "
+                 "C10+ (Huang et al. 2017, Table 2).")
     else:
         shown = published.copy()
         for column in ("published accuracy", "our accuracy mean", "our accuracy std"):
@@ -397,20 +299,18 @@ def write_report(experiment: str, uri: str, out: Path, sweep: str | None = None)
     for data in datasets:
         doc.figure(plot_accuracy_vs_cost(summary, data), f"accuracy_vs_cost_{data}",
                    f"{data}: DenseNet variants and baselines, test accuracy against parameters and FLOPs per image.")
-    doc.heading("Main effects and interactions of the DenseNet knobs")
+    doc.heading("Effects of the DenseNet knobs")
     for data in datasets:
-        doc.figure(plot_main_effects(done, data), f"main_effects_{data}",
-                   f"{data}: main effect of each knob on test accuracy and parameters.")
-        doc.figure(plot_interactions(done, data), f"interactions_{data}",
-                   f"{data}: interactions k x θ and k x B on test accuracy.")
+        doc.figure(plot_knob_effects(done, data), f"knob_effects_{data}",
+                   f"{data}: each knob with two or more levels, one line per setting of the others.")
     doc.heading("Learning curves")
     for data in datasets:
         doc.figure(plot_learning_curves(curves, data), f"learning_curves_{data}",
                    f"{data}: validation accuracy per epoch.")
     doc.heading("Gradient flow by depth")
     for data in datasets:
-        doc.figure(plot_gradient_flow(norms, data), f"gradient_flow_{data}",
-                   f"{data}: weight-gradient norm by relative depth (from gradient_flow/grad_norms.csv).")
+        doc.figure(plot_relative_grads(grads, data), f"gradient_flow_{data}",
+                   f"{data}: relative gradient by relative depth (from gradient_flow/relative_grads.csv).")
     doc.heading("Feature reuse")
     doc.text("Mean over seeds of each DenseNet configuration's `feature_reuse/matrices.json`, drawn like the "
              "paper's Figure 5: pixel (s, l) is the mean |weight| per input map with which layer l reads source "
@@ -418,11 +318,19 @@ def write_report(experiment: str, uri: str, out: Path, sweep: str | None = None)
     for path, caption in feature_reuse_figures(done, matrices, out):
         doc.image(path, caption)
 
+    doc.heading("Method")
+    doc.bullets(method_lines(margin_pp))
+
     (out / "report.md").write_text(doc.markdown())
     (out / "report.html").write_text(doc.html(title))
     files = [out / "report.md", out / "report.html", *doc.images()]
-    return {"runs": runs, "finished": done, "summary": summary, "claims": claims, "published": published,
-            "files": files}
+    return {"runs": runs, "finished": done, "summary": summary, "judgement": judged, "claims": judged.claims,
+            "published": published, "files": files}
+
+
+def method_lines(margin_pp: float) -> list[str]:
+    """The Method section's bullets: verdicts.method's rules, verbatim."""
+    return [f"**{name}**: {text}" for name, text in method(margin_pp)]
 
 
 def log_report(files: Sequence[Path], experiment: str, uri: str, sweep: str | None = None) -> str:
@@ -439,20 +347,35 @@ def log_report(files: Sequence[Path], experiment: str, uri: str, sweep: str | No
     return run.info.run_id
 
 
+def _margin(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 100:
+        raise argparse.ArgumentTypeError(f"--margin={text!r} is invalid: expected percentage points in (0, 100)")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m densenet_exp.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiment", required=True, help="MLflow experiment name (tracking.experiment)")
     parser.add_argument("--sweep", help="parent run id of one sweep (tag sweep_id of its runs); default: all runs")
     parser.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db")
     parser.add_argument("--out", type=Path, help="report folder; default: reports/<experiment>[-<sweep>]")
+    parser.add_argument("--margin", type=_margin, default=DEFAULT_MARGIN_PP,
+                        help="margin of 'the same accuracy' in percentage points, declared before reading the runs "
+                             f"(default {DEFAULT_MARGIN_PP:g})")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per downloaded file
     uri = tracking_uri(args.tracking_uri, Path.cwd())
-    out = args.out or Path("reports") / (args.experiment + (f"-{args.sweep[:8]}" if args.sweep else ""))
     try:
-        found = write_report(args.experiment, uri, out, args.sweep)
-    except ExperimentNotFound as err:
+        if args.sweep is not None:
+            check_run_id(args.sweep)  # before it names a folder or enters a search filter
+        out = args.out or Path("reports") / (args.experiment + (f"-{args.sweep[:8]}" if args.sweep else ""))
+        found = write_report(args.experiment, uri, out, args.sweep, args.margin)
+    except (ExperimentNotFound, InvalidRunId) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     run_id = log_report(found["files"], args.experiment, uri, args.sweep)

@@ -20,12 +20,11 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 from lightning.pytorch.loggers import MLFlowLogger
-from matplotlib import colormaps
-from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
 from torch import Tensor
 
+from densenet_exp.figures import plot_feature_reuse as feature_reuse_figure
 from densenet_exp.models.densenet import DenseBlock, DenseNet
+from densenet_exp.verdicts import figure5_ratios
 
 ARTIFACT_PATH = "feature_reuse"
 
@@ -63,17 +62,20 @@ def feature_reuse(model: DenseNet) -> list[np.ndarray]:
 
 
 def feature_reuse_summary(matrices: Sequence[np.ndarray]) -> dict[str, float]:
-    """Scalars of the paper's three findings. Shares are of a target column's sum over sources
-    (of per-map averages, so a wide block input is not favoured by its width); means over blocks.
+    """Scalars of the paper's Figure 5 observations (a)-(d), each the ratio to what uniform
+    weighting gives (densenet_exp.verdicts.FIGURE5_RULE, which the report judges from the
+    matrices themselves): ``reuse/early_over_uniform``, ``reuse/transition_early_over_uniform``,
+    ``reuse/transition_output_over_uniform``, ``reuse/classifier_late_over_uniform``.
 
-    - ``reuse_early_share``: share the last layer of each block puts on the block input
-      (early features are used throughout a block).
+    Also descriptive shares of a target column's sum over sources (of per-map averages, so a wide
+    block input is not favoured by its width), means over blocks; no verdict reads them:
+
+    - ``reuse_early_share``: share the last layer of each block puts on the block input (in
+      blocks 2.. that is the transition output, which the paper finds little used).
     - ``reuse_transition_on_block_input``: share each transition puts on its block's input.
-    - ``reuse_on_transition_output``: share layers 2..L of blocks 2.. put on the block input, i.e.
-      on the previous transition's output (the paper finds it small: why compression helps).
-      Layer 1 is left out: it has no other source.
+    - ``reuse_on_transition_output``: share layers 2..L of blocks 2.. put on the block input.
     - ``reuse_classifier_late_share``: share the classifier puts on the later half of the last
-      block's sources (the last floor((L+1)/2) of them; the paper finds it high).
+      block's sources (the last floor((L+1)/2) of them).
 
     Transition scalars are left out for a single-block net.
     """
@@ -89,30 +91,12 @@ def feature_reuse_summary(matrices: Sequence[np.ndarray]) -> dict[str, float]:
         on_transition = [sh[0, 1:-1] for sh in shares[1:] if sh.shape[1] > 2]
         if on_transition:
             summary["reuse_on_transition_output"] = float(np.mean([s.mean() for s in on_transition]))
-    return summary
+    return {**summary, **figure5_ratios(matrices)}
 
 
-def plot_feature_reuse(matrices: Sequence[np.ndarray], path: str | Path) -> None:
-    """Heatmaps side by side, one per block, like the paper's Figure 5. Each block is scaled to its
-    own maximum (the conv, transition and classifier weights differ in scale between blocks); the
-    outlined last column is the transition (T) or classifier (C); blank cells cannot connect."""
-    fig = Figure(figsize=(3.6 * len(matrices) + 1, 3.8), layout="constrained")
-    axes = fig.subplots(1, len(matrices), squeeze=False)[0]
-    cmap = colormaps["jet"].with_extremes(bad="white")
-    for b, (ax, matrix) in enumerate(zip(axes, matrices), 1):
-        n = matrix.shape[0]
-        image = ax.imshow(matrix / np.nanmax(matrix), cmap=cmap, vmin=0, vmax=1, origin="upper")
-        ax.add_patch(Rectangle((n - 1.5, -0.5), 1, n, fill=False, edgecolor="black", linewidth=1.5))
-        every = max(1, math.ceil(n / 10))
-        ticks = list(range(0, n, every))
-        ax.set_xticks(ticks, [str(t + 1) if t < n - 1 else "" for t in ticks])
-        ax.set_yticks(ticks, [str(t) for t in ticks])
-        ax.secondary_xaxis("top").set_xticks([n - 1], ["T" if b < len(matrices) else "C"])
-        ax.set_title(f"Dense block {b}", pad=14)
-        ax.set_xlabel("target layer (l)")
-        ax.set_ylabel("source layer (s)")
-    fig.colorbar(image, ax=list(axes), label="mean |w| per input map (block max = 1)")
-    fig.savefig(path, dpi=120)
+def plot_feature_reuse(matrices: Sequence[np.ndarray], path: str | Path, title: str = "") -> None:
+    """Save densenet_exp.figures.plot_feature_reuse (the paper's Figure 5 layout) to `path`."""
+    feature_reuse_figure(matrices, title).savefig(path, dpi=120)
 
 
 class FeatureReuseProbe(pl.Callback):
@@ -132,7 +116,7 @@ class FeatureReuseProbe(pl.Callback):
             return
         with tempfile.TemporaryDirectory() as tmp:
             paths = [Path(tmp, "heatmap.png"), Path(tmp, "matrices.json")]
-            plot_feature_reuse(matrices, paths[0])
+            plot_feature_reuse(matrices, paths[0], title=f"Feature reuse of run {mlflow_loggers[0].run_id}")
             as_lists = [[[None if math.isnan(v) else v for v in row] for row in m.tolist()] for m in matrices]
             paths[1].write_text(json.dumps(as_lists))
             for logger in mlflow_loggers:
