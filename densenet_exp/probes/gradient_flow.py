@@ -16,8 +16,9 @@ import lightning.pytorch as pl
 import pandas as pd
 import torch
 from lightning.pytorch.loggers import MLFlowLogger
-from matplotlib.figure import Figure
 from torch import nn
+
+from ..figures import plot_gradient_flow_run
 
 ARTIFACT_PATH = "gradient_flow"
 TABLE = "relative_grads.csv"
@@ -67,22 +68,6 @@ def summarize(table: pd.DataFrame) -> dict[str, float]:
         metrics[f"grad/early_rel_{phase}"] = float(early)
         metrics[f"grad/early_over_late_{phase}"] = float(early / late) if late else float("nan")
     return metrics
-
-
-def plot(table: pd.DataFrame, title: str) -> Figure:
-    """Relative gradient against relative depth on a log scale, one line per phase."""
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
-    ax = fig.subplots()
-    for (phase, rows), style in zip(table.groupby("phase", sort=False), ("-", "--")):
-        ax.plot(rows["relative_depth"], rows["relative_grad"], style, marker=".", linewidth=1,
-                label={"init": "at initialization", "epoch1": "after epoch 1"}.get(str(phase), str(phase)))
-    ax.set_yscale("log")
-    ax.set_xlabel("relative depth (0 = first conv, 1 = classifier)")
-    ax.set_ylabel("||weight gradient|| / ||weight||")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    return fig
 
 
 class GradientFlowProbe(pl.Callback):
@@ -140,6 +125,6 @@ class GradientFlowProbe(pl.Callback):
             table.to_csv(paths[0], index=False)
             for logger in mlflow_loggers:
                 name = logger.experiment.get_run(logger.run_id).info.run_name
-                plot(table, f"Gradient flow: {name}").savefig(paths[1], dpi=120)
+                plot_gradient_flow_run(table, f"Gradient flow: {name}").savefig(paths[1], dpi=120)
                 for path in paths:
                     logger.experiment.log_artifact(logger.run_id, str(path), artifact_path=ARTIFACT_PATH)
