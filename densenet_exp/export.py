@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -22,6 +23,8 @@ from pathlib import Path
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from .store import tracking_uri
 
 # Artifacts the report and notebooks read; figures are drawn again from these.
 TEXT_ARTIFACTS = ("config.yaml", "feature_reuse/matrices.json", "gradient_flow/relative_grads.csv")
@@ -82,7 +85,7 @@ def load(path: Path, tracking_uri: str, experiment: str | None = None) -> str:
     records = read(path)
     experiment = experiment or (records[0]["experiment"] if records else path.name.split(".")[0])
     client = MlflowClient(tracking_uri)
-    from .tracking import ensure_experiment
+    from .tracking import ensure_experiment  # creates the experiment with artifacts beside a SQLite file
 
     experiment_id = ensure_experiment(client, experiment)
     new_ids: dict[str, str] = {}
@@ -119,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ld.add_argument("--experiment", help="default: the experiment the file was saved from")
     ld.add_argument("--tracking-uri", required=True)
     args = parser.parse_args(argv)
-    from .tracking import tracking_uri
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file otherwise
 
     if args.command == "save":
         n = save(args.experiment, tracking_uri(args.tracking_uri, Path.cwd()), args.out)
