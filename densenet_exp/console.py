@@ -174,7 +174,9 @@ def sweep_summary(client: MlflowClient, parent_id: str, sweep_dir: Path, config:
         earlier |= run.data.tags.get("sweep_id") != parent_id  # skipped, or resumed from an earlier sweep
         acc = run.data.metrics.get("test/acc")
         ended = run.info.end_time is not None and run.info.status != "RUNNING"
-        wall = duration(run.info.end_time / 1000 - record["started"]) if ended and not record["skipped"] else "-"
+        wall = "-"
+        if ended and not record["skipped"]:  # from when the job chose its run (a resumed run started earlier)
+            wall = duration(max(0.0, run.info.end_time / 1000 - record["started"]))
         rows.append([
             job + 1,
             run.data.tags.get("variant", run.info.run_name),

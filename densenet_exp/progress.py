@@ -61,8 +61,8 @@ class JobReport(Callback):
             f"  speed      channels_last {_on_off(self.speed.get('channels_last'))}, keep freed memory "
             f"{_on_off(self.speed.get('keep_freed_memory'))}, compile {_on_off(cfg['speed'].get('compile'))}, "
             f"memory-efficient {_on_off(model.get('memory_efficient'))}",
-            f"  training   {trainer.max_epochs} epoch{'s' if trainer.max_epochs != 1 else ''} x {steps} steps, {optim.get('name')} lr {optim.get('lr')}"
-            f"{resume}; probes: {', '.join(on) or 'none'}",
+            f"  training   {trainer.max_epochs} epoch{'s' if trainer.max_epochs != 1 else ''} x {steps} steps, "
+            f"{optim.get('name')} lr {optim.get('lr')}{resume}; probes: {', '.join(on) or 'none'}",
         ]
         return "\n".join(lines)
 
@@ -79,11 +79,12 @@ class JobReport(Callback):
         left = elapsed / (epoch - self.first_epoch) * (epochs - epoch)
         metrics = trainer.callback_metrics
         figures = ", ".join(
-            f"{label} {float(metrics[key]):.4f}" for key, label in (("train/loss", "train loss"), ("val/acc", "val acc"))
+            f"{label} {float(metrics[key]):.4f}"
+            for key, label in (("train/loss", "train loss"), ("val/acc", "val acc"))
             if key in metrics
         )
         prefix = f"{self.label} " if self.label else ""
-        timing = f"{duration(elapsed)} so far, about {duration(left)} left" if epoch < epochs else f"{duration(elapsed)}"
+        timing = duration(elapsed) + (f" so far, about {duration(left)} left" if epoch < epochs else "")
         log.info(f"{prefix}epoch {epoch}/{epochs}: {figures} ({timing})")
 
 

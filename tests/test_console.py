@@ -18,7 +18,8 @@ def multirun_config(params: dict, task: list[str], **sweeper) -> object:
 
 
 def test_sweep_plan_counts_jobs_and_finds_the_varying_knobs():
-    plan = SweepPlan.of(multirun_config({"seed": "0,1,2"}, ["experiment=smoke", "growth_rate=12,32", "optim.lr=0.1,0.05"]))
+    task = ["experiment=smoke", "growth_rate=12,32", "optim.lr=0.1,0.05"]
+    plan = SweepPlan.of(multirun_config({"seed": "0,1,2"}, task))
     assert plan == SweepPlan(12, ("seed", "growth_rate", "optim.lr"))
     # A value on the command line fixes a key the preset sweeps, as in Hydra's BasicSweeper.
     assert SweepPlan.of(multirun_config({"seed": "0,1,2"}, ["seed=4"])) == SweepPlan(1, ())
@@ -95,3 +96,36 @@ def test_sweep_says_what_runs_and_ends_with_a_table_of_its_jobs(store):
         log = (store.path / "out" / str(j) / "run.log").read_text()
         assert f"MLflow run {run.info.run_id}" in log and "  model      densenet_tiny" in log
         assert "epoch 1/1: train loss" in log and "test accuracy" in log
+
+
+def test_closing_table_marks_skipped_and_failed_jobs(store, tmp_path):
+    """A rerun sweep: job 1 trained, job 2 skipped (its config FINISHED in an earlier sweep), job 3
+    failed before it had a run. The report command then covers the whole experiment."""
+    from densenet_exp.console import JOBS_DIR, record_job, sweep_summary
+    from densenet_exp.tracking import ensure_experiment, record_failed_job
+
+    client = store.client()
+    experiment_id = ensure_experiment(client, "smoke")
+    parent = client.create_run(experiment_id, tags={"sweep": "parent"}).info.run_id
+    runs = {}
+    for name, sweep_id, acc in (("trained", parent, 0.5), ("earlier", "0ld", 0.25)):
+        tags = {"variant": f"v-{name}", "seed": "3", "sweep_id": sweep_id}
+        run_id = client.create_run(experiment_id, tags=tags).info.run_id
+        client.log_metric(run_id, "test/acc", acc)
+        runs[name] = run_id
+    sweep_dir = tmp_path / "sweep"
+    (sweep_dir / JOBS_DIR).mkdir(parents=True)
+    for num, (name, skipped) in enumerate((("trained", False), ("earlier", True))):
+        hc = SimpleNamespace(mode=RunMode.MULTIRUN, sweep=SimpleNamespace(dir=str(sweep_dir)),
+                             job=SimpleNamespace(num=num))
+        record_job(hc, runs[name], skipped=skipped)
+        client.set_terminated(runs[name], "FINISHED")
+    record_failed_job(sweep_dir, 2, ["data.batch_size=0"], ValueError("data.batch_size=0 is invalid"))
+    config = OmegaConf.create({"tracking": {"experiment": "smoke", "uri": None}})
+
+    table = sweep_summary(client, parent, sweep_dir, config)
+    assert re.search(r"\n\s+1\s+v-trained\s+3\s+FINISHED\s+0\.5000\s+\d", table), table
+    assert re.search(r"\n\s+2\s+v-earlier\s+3\s+SKIPPED \(done before\)\s+0\.2500\s+-", table), table
+    assert re.search(r"\n\s+3\s+-\s+-\s+FAILED", table), table
+    assert f"Parent run: {parent}" in table
+    assert "Report: python -m densenet_exp.report --experiment smoke\n" in table + "\n"  # no --sweep: runs predate it
