@@ -5,8 +5,12 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PORT ?= 5000
+NBPORT ?= 8888
+# Optional: the MLflow experiment (and sweep) that `make ui` / `make notebook` open, e.g. EXPERIMENT=smoke.
+EXPERIMENT ?=
+SWEEP ?=
 
-.PHONY: setup data run test test-slow test-all ui server bench study study-report clean
+.PHONY: setup data run test test-slow test-all ui ui-screenshot notebook startup-time server bench study study-report clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -35,8 +39,26 @@ test-slow: setup
 test-all: setup
 	$(PY) -m pytest
 
+# MLflow UI on 127.0.0.1; prints the URL of the experiment's runs table (default densenet_exp).
 ui: setup
-	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(PORT)
+	$(PY) tools/mlflow-ui --port $(PORT) $(if $(EXPERIMENT),--experiment $(EXPERIMENT))
+
+# Headless-Chromium screenshot of that runs table (needs chromium: apt-get install -y chromium).
+ui-screenshot: setup
+	$(PY) tools/ui-screenshot --out $(or $(OUT),ui-runs.png) $(if $(EXPERIMENT),--experiment $(EXPERIMENT))
+
+# Jupyter (installed into the venv on first use) on 127.0.0.1 over notebooks/, with the store set;
+# EXPERIMENT and SWEEP, if given, choose what the notebooks read.
+notebook: setup
+	@$(VENV)/bin/jupyter-lab --version >/dev/null 2>&1 || $(PY) -m pip install -q 'jupyterlab>=4'
+	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
+	$(if $(EXPERIMENT),DENSENET_EXP_EXPERIMENT=$(EXPERIMENT)) $(if $(SWEEP),DENSENET_EXP_SWEEP=$(SWEEP)) \
+	$(VENV)/bin/jupyter-lab --ip 127.0.0.1 --port $(NBPORT) --no-browser --notebook-dir notebooks \
+		$(if $(filter 0,$(shell id -u)),--allow-root)
+
+# How long `--help` of the training and report commands takes (a benchmark, not a test).
+startup-time: setup
+	$(PY) tools/startup-time
 
 # A team tracking server on 127.0.0.1: PostgreSQL backend where Debian's postgresql is installed.
 server: setup

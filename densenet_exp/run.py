@@ -19,27 +19,15 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
-import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_only
-from mlflow.entities import RunTag
-from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from omegaconf import DictConfig, OmegaConf
 
-from .classifier import ImageClassifier
-from .data import ImageDataModule, has_validation_split
-from .models import DENSENET_KNOBS, build_model, is_densenet
-from .probes import build_probes
-from .speed import keep_freed_memory, use_channels_last
+from .console import job_label, record_job, swept_labels
 from .tracking import (
-    RunLogger,
     config_hash,
     end_run,
     ensure_experiment,
@@ -55,7 +43,14 @@ from .tracking import (
     system_facts,
     tracking_uri,
 )
-from .validate import ConfigError, validate_config
+
+# torch, Lightning and MLflow take seconds to import: each is imported in the function that needs
+# it, so that `--help` and config errors answer at once (tools/startup-time measures it).
+if TYPE_CHECKING:
+    import lightning as L
+    from mlflow.tracking import MlflowClient
+
+    from .run_logger import RunLogger
 
 log = logging.getLogger("densenet_exp")
 
@@ -72,6 +67,8 @@ def apply_knobs(cfg: dict[str, Any]) -> None:
     """Fold the top-level knobs into a DenseNet's model config (null keeps the preset's value)
     and write the effective values back, so every run records the k, theta and B it trained.
     Other architectures have no such knobs: theirs are recorded as null."""
+    from .models import DENSENET_KNOBS, is_densenet
+
     model = cfg["model"]
     densenet = is_densenet(str(model.get("arch", "")))
     for knob in DENSENET_KNOBS:
@@ -83,12 +80,18 @@ def apply_knobs(cfg: dict[str, Any]) -> None:
             cfg[knob] = None
 
 
-def variant_name(cfg: dict[str, Any]) -> str:
-    """`densenet121-k12-c0.5-B`: the model and the knobs it was trained with."""
+def variant_name(cfg: dict[str, Any], swept: list[str] | tuple[str, ...] = ()) -> str:
+    """`densenet121-k12-c0.5-B`: the model and the knobs it was trained with, then the labels of
+    any other knobs its sweep varies (`swept`, e.g. ["lr0.05"])."""
     name = cfg["model"].get("name") or cfg["model"]["arch"]
-    if cfg.get("growth_rate") is None:
-        return name
-    return f"{name}-k{cfg['growth_rate']}-c{float(cfg['compression']):g}" + ("-B" if cfg["bottleneck"] else "")
+    if cfg.get("growth_rate") is not None:
+        name += f"-k{cfg['growth_rate']}-c{float(cfg['compression']):g}" + ("-B" if cfg["bottleneck"] else "")
+    return "-".join([name, *swept])
+
+
+def run_name(variant: str, cfg: dict[str, Any]) -> str:
+    """`densenet121-k12-c0.5-B-s0`: the variant and the seed, so repeats differ in MLflow's table."""
+    return f"{variant}-s{cfg['seed']}"
 
 
 def parallel_jobs(hc: Any) -> int:
@@ -114,11 +117,14 @@ def cpu_threads(configured: int | None, hc: Any) -> int | None:
 def create_run(client: MlflowClient, experiment_id: str, plain: dict[str, Any], hc: Any, root: Path) -> tuple[str, Path]:
     """A new MLflow run for this job, tagged with its variant, config hash, overrides, output
     folder, git state and, in a sweep, its parent run. Returns the run id and checkpoint folder."""
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+    variant = variant_name(plain, swept_labels(hc))
     out_dir = Path(hc.runtime.output_dir).resolve()
     ckpt_dir = out_dir / "checkpoints"
     tags = {
-        MLFLOW_RUN_NAME: variant_name(plain),
-        "variant": variant_name(plain),
+        MLFLOW_RUN_NAME: run_name(variant, plain),
+        "variant": variant,
         "config_hash": config_hash(plain),
         # Jobs that shared the cores while timing must not be compared with jobs that had them alone.
         "parallel_jobs": str(parallel_jobs(hc)),
@@ -139,6 +145,8 @@ def create_run(client: MlflowClient, experiment_id: str, plain: dict[str, Any], 
 
 def record_new_run(client: MlflowClient, run_id: str, logger: RunLogger, trainer: L.Trainer, plain: dict) -> None:
     """What a new run records before training: system facts, flattened params, config YAML."""
+    from mlflow.entities import RunTag
+
     facts = system_facts(str(trainer.strategy.root_device))
     retry_locked(lambda: client.log_batch(run_id, tags=[RunTag(k, v) for k, v in facts.items()]))
     logger.log_hyperparams(flatten(plain))
@@ -170,25 +178,45 @@ def choose_run(
 def skipped(plain: dict[str, Any], finished: Any) -> dict[str, Any]:
     """A sweep job whose config already has a FINISHED run: report that run, train nothing."""
     metrics = finished.data.metrics
-    print(f"{variant_name(plain)}: skipped, already FINISHED as MLflow run {finished.info.run_id} "
-          f"(test accuracy {metrics.get('test/acc', float('nan')):.4f}); tracking.skip_finished=false trains it "
-          "again", flush=True)
+    log.info(f"{variant_name(plain)}: skipped, already FINISHED as MLflow run {finished.info.run_id} "
+             f"(test accuracy {metrics.get('test/acc', float('nan')):.4f}); tracking.skip_finished=false trains it "
+             "again")
     return {"variant": variant_name(plain), "test_acc": metrics.get("test/acc"), "val_acc": metrics.get("val/acc"),
             "run_id": finished.info.run_id}
 
 
 def train(cfg: DictConfig, hc: Any) -> dict[str, Any]:
     """Run one job of the harness; returns its summary."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.utilities import rank_zero_only
+    from mlflow.tracking import MlflowClient
+
+    from .classifier import ImageClassifier
+    from .data import ImageDataModule, has_validation_split
+    from .models import build_model
+    from .probes import build_probes
+    from .progress import job_callbacks
+    from .run_logger import RunLogger
+    from .speed import keep_freed_memory, use_channels_last
+    from .validate import ConfigError, validate_config
+
+    # Lightning's package gives itself a console handler; Hydra's (terminal and run.log) already
+    # take its lines, which would otherwise print twice.
+    logging.getLogger("lightning").handlers.clear()
     started = time.perf_counter()
     root = Path(hc.runtime.cwd)
     plain = resolved_config(cfg)
     apply_knobs(plain)
     validate_config(plain)
+    variant = variant_name(plain, swept_labels(hc))
     L.seed_everything(plain["seed"], workers=True, verbose=False)
     threads = cpu_threads(plain.get("cpu_threads"), hc)
     if threads:
         torch.set_num_threads(threads)
-    keep_freed_memory(plain["speed"].get("keep_freed_memory", "auto"), plain["trainer"])
+    freed = keep_freed_memory(plain["speed"].get("keep_freed_memory", "auto"), plain["trainer"])
+    channels_last = use_channels_last(plain["speed"]["channels_last"], plain["trainer"])
     try:
         probes = build_probes(plain.get("probes"))
         model = build_model(plain["model"])
@@ -199,7 +227,7 @@ def train(cfg: DictConfig, hc: Any) -> dict[str, Any]:
         num_classes=plain["data"]["num_classes"],
         optim=plain["optim"],
         label_smoothing=plain["loss"]["label_smoothing"],
-        channels_last=use_channels_last(plain["speed"]["channels_last"], plain["trainer"]),
+        channels_last=channels_last,
         compile=plain["speed"]["compile"],
     )
     datamodule = ImageDataModule(plain["data"], seed=plain["seed"])
@@ -214,8 +242,11 @@ def train(cfg: DictConfig, hc: Any) -> dict[str, Any]:
     previous = runs_of_config(client, experiment_id, config_hash(plain))
     finished = find_finished_run(previous)
     if hc.mode == RunMode.MULTIRUN and tracking["skip_finished"] and finished is not None:
+        record_job(hc, finished.info.run_id, skipped=True)
         return skipped(plain, finished)
     run_id, ckpt_dir, ckpt_path = choose_run(client, experiment_id, previous, plain, hc, chief)
+    if chief:
+        record_job(hc, run_id)
     unsent = Path(hc.runtime.output_dir) / "unsent_metrics.jsonl"
     logger = RunLogger(experiment_name=tracking["experiment"], tracking_uri=uri, run_id=run_id, unsent=unsent)
     error: BaseException | None = None
@@ -228,9 +259,11 @@ def train(cfg: DictConfig, hc: Any) -> dict[str, Any]:
             dirpath=ckpt_dir, filename="best-{epoch}", monitor="val/acc" if validated else None, mode="max",
             save_top_k=1 if validated else 0, save_last=True,
         )
+        about = f"{run_name(variant, plain)}: MLflow run {run_id} in experiment {tracking['experiment']!r}"
+        shown = job_callbacks(plain, job_label(hc), about, {"channels_last": channels_last, "keep_freed_memory": freed})
         trainer = L.Trainer(
             **plain["trainer"], **({} if validated else {"limit_val_batches": 0}), logger=logger,
-            callbacks=[checkpoint, *probes], use_distributed_sampler=False,
+            callbacks=[checkpoint, *probes, *shown], use_distributed_sampler=False,
         )
         if chief and ckpt_path is None:
             record_new_run(client, run_id, logger, trainer, plain)
@@ -238,8 +271,9 @@ def train(cfg: DictConfig, hc: Any) -> dict[str, Any]:
         # test() resets callback_metrics
         val_acc = float(trainer.callback_metrics["val/acc"]) if validated else None
         results = trainer.test(module, datamodule=datamodule, verbose=False)[0]
-        if chief and tracking["log_checkpoint"] and checkpoint.best_model_path:
-            client.log_artifact(run_id, checkpoint.best_model_path, "checkpoints")
+        kept = checkpoint.best_model_path or checkpoint.last_model_path  # last: no validation split
+        if chief and tracking["log_checkpoint"] and kept:
+            client.log_artifact(run_id, kept, "checkpoints")
     except BaseException as err:
         error = err
         raise
@@ -249,7 +283,7 @@ def train(cfg: DictConfig, hc: Any) -> dict[str, Any]:
         elif chief:
             end_run(client, run_id, error)
     summary = {
-        "variant": variant_name(plain),
+        "variant": variant,
         "test_acc": float(results["test/acc"]),
         "val_acc": val_acc,
         "params": sum(p.numel() for p in model.parameters()),
@@ -257,10 +291,9 @@ def train(cfg: DictConfig, hc: Any) -> dict[str, Any]:
         "run_id": run_id,
     }
     if chief:
-        print(
-            f"{summary['variant']}: test accuracy {summary['test_acc']:.4f}, {summary['params'] / 1e6:.3f}M "
-            f"parameters, {summary['wall_s']:.1f} s, MLflow run {run_id}",
-            flush=True,
+        log.info(
+            f"{run_name(variant, plain)}: test accuracy {summary['test_acc']:.4f}, {summary['params'] / 1e6:.3f}M "
+            f"parameters, {summary['wall_s']:.1f} s, MLflow run {run_id}"
         )
     return summary
 
@@ -272,6 +305,8 @@ def main(cfg: DictConfig) -> float | None:
     try:
         return train(cfg, hc)["val_acc"]
     except Exception as err:
+        from .validate import ConfigError
+
         if hc.mode == RunMode.MULTIRUN:
             # One failed job must not stop the sweep; SweepParentRun reports it at the end.
             record_failed_job(Path(hc.sweep.dir), hc.job.num, list(hc.overrides.task), err)

@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
 from hydra.core.plugins import Plugins
@@ -27,11 +26,17 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
+# Hydra imports every sweeper plugin at start-up, `--help` included: Optuna only when it sweeps.
+if TYPE_CHECKING:
+    import optuna
+
 log = logging.getLogger(__name__)
 
 
 def distribution(override: Override) -> optuna.distributions.BaseDistribution:
     """The Optuna distribution of one sweep override such as `optim.lr=tag(log, interval(0.01, 0.5))`."""
+    import optuna
+
     value = override.value()
     key = override.get_key_element()
     if isinstance(value, ChoiceSweep):
@@ -67,6 +72,8 @@ class OptunaSweeper(Sweeper):
         )
 
     def sweep(self, arguments: list[str]) -> dict[str, Any]:
+        import optuna
+
         parser = OverridesParser.create()
         searched = {o.get_key_element(): distribution(o) for o in parser.parse_overrides(
             [f"{k}={v}" for k, v in self.params.items()])}

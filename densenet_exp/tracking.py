@@ -13,14 +13,16 @@ import time
 from collections.abc import Callable, Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from hydra.experimental.callback import Callback
-from lightning.pytorch.loggers import MLFlowLogger
-from mlflow.entities import Run
-from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_RUN_NAME
 from omegaconf import DictConfig, OmegaConf
+
+# MLflow is imported where it is used, so that importing this module (Hydra's sweep callback,
+# `--help`, the report) costs no second; Lightning's MLflow logger lives in run_logger.py.
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+    from mlflow.tracking import MlflowClient
 
 PARENT_ID_FILE = "mlflow_parent_run_id"
 FAILURES_DIR = "failed_jobs"
@@ -86,6 +88,8 @@ def config_hash(cfg: Mapping[str, Any]) -> str:
 
 
 def git_state(root: Path) -> dict[str, str]:
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
 
@@ -110,32 +114,6 @@ def system_facts(device: str) -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return facts
-
-
-class RunLogger(MLFlowLogger):
-    """Lightning's MLflow logger, except that the harness, not each fit or test, ends the run
-    (Lightning would mark it FINISHED after `fit` although `test` still has to log), and writes
-    retry while parallel jobs hold the SQLite store's lock."""
-
-    def __init__(self, *args: Any, unsent: Path | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.unsent = unsent
-
-    def finalize(self, status: str = "success") -> None:
-        pass
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        try:
-            retry_locked(lambda: super(RunLogger, self).log_metrics(metrics, step))
-        except Exception:
-            # The store is gone past MLflow's own retries: keep the figures on disk, then fail loudly.
-            if self.unsent is not None:
-                with self.unsent.open("a") as f:
-                    f.write(json.dumps({"run_id": self._run_id, "step": step, "metrics": dict(metrics)}) + "\n")
-            raise
-
-    def log_hyperparams(self, params: Any) -> None:
-        retry_locked(lambda: super(RunLogger, self).log_hyperparams(params))
 
 
 def runs_of_config(client: MlflowClient, experiment_id: str, chash: str) -> list[Run]:
@@ -205,6 +183,11 @@ class SweepParentRun(Callback):
         self.sweep_dir: Path | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from mlflow.tracking import MlflowClient
+        from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+
+        from .console import SweepPlan
+
         root = Path(config.hydra.runtime.cwd)
         self.client = MlflowClient(tracking_uri(config.tracking.uri, root))
         experiment_id = ensure_experiment(self.client, config.tracking.experiment)
@@ -221,6 +204,7 @@ class SweepParentRun(Callback):
         run = retry_locked(lambda: self.client.create_run(experiment_id, tags=tags))
         self.run_id = run.info.run_id
         (self.sweep_dir / PARENT_ID_FILE).write_text(self.run_id)
+        SweepPlan.of(config).write(self.sweep_dir)  # jobs and varying knobs: "job j/N", run names
         # If the sweep dies before on_multirun_end (a job's config fails to compose, Ctrl-C),
         # the parent must not be left RUNNING.
         atexit.register(self._close, interrupted=True)
@@ -243,7 +227,12 @@ class SweepParentRun(Callback):
         return failures
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from .console import sweep_summary
+
+        parent_id = self.run_id
         failures = self._close()
+        if parent_id is not None and self.client is not None and self.sweep_dir is not None:
+            print(sweep_summary(self.client, parent_id, self.sweep_dir, config), flush=True)
         if failures:
             print(f"{len(failures)} job(s) of the sweep failed:", file=sys.stderr)
             for line in failures:

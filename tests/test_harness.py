@@ -35,7 +35,8 @@ def test_sweep_nests_finished_children_under_one_parent(store):
     assert len(children) == 2
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
     assert sorted(r.data.params["growth_rate"] for r in children) == ["12", "32"]
-    assert sorted(r.info.run_name for r in children) == ["densenet_tiny-k12-c0.5-B", "densenet_tiny-k32-c0.5-B"]
+    assert sorted(r.info.run_name for r in children) == ["densenet_tiny-k12-c0.5-B-s0", "densenet_tiny-k32-c0.5-B-s0"]
+    assert sorted(r.data.tags["variant"] for r in children) == ["densenet_tiny-k12-c0.5-B", "densenet_tiny-k32-c0.5-B"]
     client = store.client()
     for run in children:
         assert run.info.status == "FINISHED"
@@ -162,7 +163,8 @@ def test_resnet_run_carries_probe_metrics_but_no_feature_reuse(store):
     result = store.run("experiment=smoke", "model=resnet20", "trainer.max_epochs=1")
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = store.runs("smoke")
-    assert run.info.run_name == "resnet20" and run.data.params["growth_rate"] == "None"
+    assert run.info.run_name == "resnet20-s0" and run.data.tags["variant"] == "resnet20"
+    assert run.data.params["growth_rate"] == "None"
     assert PROBE_METRICS <= set(run.data.metrics) and not REUSE_METRICS & set(run.data.metrics)
     artifacts = {a.path for a in store.client().list_artifacts(run.info.run_id, "gradient_flow")}
     assert artifacts == {"gradient_flow/relative_grads.csv", "gradient_flow/relative_grads.png"}

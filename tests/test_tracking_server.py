@@ -114,7 +114,7 @@ def test_server_outage_during_a_run_loses_nothing(server, tmp_path):
 def test_metrics_are_kept_on_disk_when_the_store_is_gone_for_good(tmp_path, monkeypatch):
     import json
 
-    from densenet_exp.tracking import RunLogger
+    from densenet_exp.run_logger import RunLogger
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # no server will ever answer: fail fast
     logger = RunLogger(experiment_name="x", tracking_uri=f"http://127.0.0.1:{free_port()}", run_id="abc",

@@ -1,0 +1,185 @@
+"""What a training job shows while it runs: before the first step, one block that says what will
+run; then a progress bar over the whole run ("job j/N epoch e/E", the run's ETA) and one line
+per epoch. Lines go through `logging`, so Hydra's per-job `run.log` keeps them too.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, _update_n, convert_inf
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from .console import duration
+
+log = logging.getLogger("densenet_exp")
+
+
+def _on_off(flag: Any) -> str:
+    return "on" if flag else "off"
+
+
+class JobReport(Callback):
+    """Logs what will run before the first step, then one line per epoch with the time left."""
+
+    def __init__(self, plain: dict[str, Any], label: str, run: str, speed: dict[str, bool]) -> None:
+        self.plain, self.label, self.run, self.speed = plain, label, run, speed
+        self.started = 0.0
+        self.first_epoch = 0
+
+    def block(self, trainer: pl.Trainer, module: pl.LightningModule) -> str:
+        cfg, data, trainer_cfg = self.plain, self.plain["data"], self.plain["trainer"]
+        model = cfg["model"]
+        knobs = "" if cfg.get("growth_rate") is None else (
+            f"k={cfg['growth_rate']}, compression {cfg['compression']}, bottleneck {_on_off(cfg['bottleneck'])}")
+        params = sum(p.numel() for p in module.parameters())
+        sets = getattr(trainer.datamodule, "datasets", {}) if trainer.datamodule is not None else {}
+        sizes = ", ".join(f"{len(sets[s])} {s}" for s in ("train", "val", "test") if s in sets)
+        device = str(trainer.strategy.root_device)
+        if trainer.world_size > 1:
+            device += f" x {trainer.world_size} processes ({trainer_cfg.get('strategy', 'ddp')})"
+        steps = trainer.num_training_batches
+        optim = cfg["optim"]
+        probes = cfg.get("probes") or {}
+        on = [name for name, enabled in probes.items() if enabled is True] if isinstance(probes, dict) else []
+        resume = f", resuming at epoch {trainer.current_epoch + 1}" if trainer.current_epoch else ""
+        lines = [
+            f"{self.label + ': ' if self.label else ''}{self.run}",
+            f"  model      {model.get('name') or model['arch']} ({model['arch']}{', ' + knobs if knobs else ''}), "
+            f"{params / 1e6:.3f}M parameters",
+            f"  input      {data.get('channels', '?')}x{data.get('image_size', '?')}x{data.get('image_size', '?')}, "
+            f"{data['num_classes']} classes",
+            f"  data       {data['name']}: {sizes or 'sizes unknown'} images; batch {data['batch_size']}",
+            f"  device     {device}, {torch.get_num_threads()} CPU threads; precision {trainer.precision}",
+            f"  speed      channels_last {_on_off(self.speed.get('channels_last'))}, keep freed memory "
+            f"{_on_off(self.speed.get('keep_freed_memory'))}, compile {_on_off(cfg['speed'].get('compile'))}, "
+            f"memory-efficient {_on_off(model.get('memory_efficient'))}",
+            f"  training   {trainer.max_epochs} epoch{'s' if trainer.max_epochs != 1 else ''} x {steps} steps, "
+            f"{optim.get('name')} lr {optim.get('lr')}{resume}; probes: {', '.join(on) or 'none'}",
+        ]
+        return "\n".join(lines)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.started, self.first_epoch = time.perf_counter(), trainer.current_epoch
+        if trainer.is_global_zero:
+            log.info(self.block(trainer, pl_module))
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        epoch, epochs = trainer.current_epoch + 1, trainer.max_epochs
+        elapsed = time.perf_counter() - self.started
+        left = elapsed / (epoch - self.first_epoch) * (epochs - epoch)
+        metrics = trainer.callback_metrics
+        figures = ", ".join(
+            f"{label} {float(metrics[key]):.4f}"
+            for key, label in (("train/loss", "train loss"), ("val/acc", "val acc"))
+            if key in metrics
+        )
+        prefix = f"{self.label} " if self.label else ""
+        timing = duration(elapsed) + (f" so far, about {duration(left)} left" if epoch < epochs else "")
+        log.info(f"{prefix}epoch {epoch}/{epochs}: {figures} ({timing})")
+
+
+class RunProgressBar(TQDMProgressBar):
+    """Lightning's TQDM bar, counting the steps of every epoch so that its ETA is the whole
+    run's; labelled "job j/N epoch e/E"; showing the loss and the last validation figures but
+    no `v_num`. Log lines print above it rather than through it."""
+
+    BAR_FORMAT = "{desc}{percentage:3.0f}%|{bar:24}| {n_fmt}/{total_fmt} steps [{elapsed}<{remaining}{postfix}]"
+
+    def __init__(self, label: str = "") -> None:
+        super().__init__()
+        self.label = label
+        self._redirect: Any = None
+
+    def _describe(self, trainer: pl.Trainer) -> str:
+        epoch = f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"
+        return f"{self.label} {epoch} " if self.label else f"{epoch} "
+
+    def _steps_per_epoch(self) -> int | None:
+        steps = self.total_train_batches
+        return None if steps is None or math.isinf(steps) else int(steps)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        per_epoch = self._steps_per_epoch()
+        total = per_epoch * trainer.max_epochs if per_epoch and trainer.max_epochs and trainer.max_epochs > 0 else None
+        if total and trainer.max_steps and trainer.max_steps > 0:
+            total = min(total, trainer.max_steps)
+        self.train_progress_bar = Tqdm(
+            desc=self._describe(trainer),
+            total=total,
+            initial=trainer.current_epoch * (per_epoch or 0),  # a resumed run starts part way
+            position=2 * self.process_position,
+            disable=self.is_disabled,
+            leave=True,
+            dynamic_ncols=True,
+            file=sys.stdout,
+            smoothing=0,  # the average over the whole run so far: validation time included
+            bar_format=self.BAR_FORMAT,
+        )
+        if not self.is_disabled:
+            self._redirect = logging_redirect_tqdm()
+            self._redirect.__enter__()
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
+        self.train_progress_bar.set_description_str(self._describe(trainer), refresh=False)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        n = trainer.current_epoch * (self._steps_per_epoch() or 0) + batch_idx + 1
+        if self._should_update(n, self.train_progress_bar.total):
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+            _update_n(self.train_progress_bar, n)
+
+    def _stop_redirect(self) -> None:
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
+
+    def on_train_end(self, *_: Any) -> None:
+        self.train_progress_bar.close()
+        self._stop_redirect()
+
+    def on_exception(self, *_: Any) -> None:
+        self._stop_redirect()
+
+    # Validation and test: one bar per stage with its total known from the start (Lightning's
+    # starts at "0/?" and restarts per data loader, which prints an extra line each time); it
+    # vanishes when done: the epoch line and the job's summary line say the figures.
+    def _stage_bar(self, desc: str, total: float, position: int) -> Tqdm:
+        return Tqdm(desc=desc, total=convert_inf(total), position=position, disable=self.is_disabled, leave=False,
+                    dynamic_ncols=True, file=sys.stdout, bar_format=self.BAR_FORMAT)
+
+    def init_validation_tqdm(self) -> Tqdm:
+        return self._stage_bar("validating ", self.total_val_batches, 2 * self.process_position + 1)
+
+    def init_test_tqdm(self) -> Tqdm:
+        return self._stage_bar("testing ", sum(self.trainer.num_test_batches), 2 * self.process_position)
+
+    def on_validation_batch_start(self, *_: Any, **__: Any) -> None:
+        pass
+
+    def on_test_batch_start(self, *_: Any, **__: Any) -> None:
+        pass
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # the logger's version: meaningless for an MLflow run
+        return metrics
+
+
+def job_callbacks(plain: dict[str, Any], label: str, run: str, speed: dict[str, bool]) -> list[Callback]:
+    """The callbacks that report a job's progress: the progress bar only where the trainer shows one."""
+    report: list[Callback] = [JobReport(plain, label, run, speed)]
+    if plain["trainer"].get("enable_progress_bar", True):
+        report.append(RunProgressBar(label))
+    return report

@@ -1,0 +1,131 @@
+"""What a researcher sees: the block before training, progress over the whole run, the table
+that closes a sweep, run names that tell seeds and swept knobs apart, and Hydra's run.log."""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+
+from densenet_exp.console import SweepPlan, job_label, swept_labels
+from densenet_exp.run import run_name, variant_name
+
+
+def multirun_config(params: dict, task: list[str], **sweeper) -> object:
+    return OmegaConf.create({"hydra": {"sweeper": {"params": params, **sweeper}, "overrides": {"task": task}}})
+
+
+def test_sweep_plan_counts_jobs_and_finds_the_varying_knobs():
+    task = ["experiment=smoke", "growth_rate=12,32", "optim.lr=0.1,0.05"]
+    plan = SweepPlan.of(multirun_config({"seed": "0,1,2"}, task))
+    assert plan == SweepPlan(12, ("seed", "growth_rate", "optim.lr"))
+    # A value on the command line fixes a key the preset sweeps, as in Hydra's BasicSweeper.
+    assert SweepPlan.of(multirun_config({"seed": "0,1,2"}, ["seed=4"])) == SweepPlan(1, ())
+    # Optuna: as many jobs as trials; the searched keys vary.
+    optuna = SweepPlan.of(multirun_config({"optim.lr": "tag(log, interval(0.01, 0.5))"}, [], n_trials=7))
+    assert optuna == SweepPlan(7, ("optim.lr",))
+
+
+def test_run_names_carry_the_swept_knobs_and_the_seed(tmp_path):
+    SweepPlan(8, ("growth_rate", "optim.lr", "seed", "optim")).write(tmp_path)
+    cfg = {"model": {"name": "densenet_tiny", "arch": "densenet_cifar"}, "growth_rate": 12, "compression": 0.5,
+           "bottleneck": True}
+
+    def job(num: int, seed: int, lr: str) -> SimpleNamespace:
+        return SimpleNamespace(
+            mode=RunMode.MULTIRUN, sweep=SimpleNamespace(dir=str(tmp_path)), job=SimpleNamespace(num=num),
+            overrides=SimpleNamespace(task=["experiment=smoke", "growth_rate=12", f"optim.lr={lr}", f"seed={seed}",
+                                            "optim=adam"]),
+            runtime=SimpleNamespace(choices={"optim": "adam", "model": "densenet_tiny"}),
+        )
+
+    names = set()
+    for num, (seed, lr) in enumerate([(0, "0.05"), (1, "0.05"), (0, "0.012345678")]):
+        hc = job(num, seed, lr)
+        variant = variant_name(cfg, swept_labels(hc))
+        names.add(run_name(variant, {**cfg, "seed": seed}))
+        assert job_label(hc) == f"job {num + 1}/8"
+    # k is in the variant already; lr and the optimizer group are labelled; each seed is its own run.
+    assert names == {"densenet_tiny-k12-c0.5-B-lr0.05-adam-s0", "densenet_tiny-k12-c0.5-B-lr0.05-adam-s1",
+                     "densenet_tiny-k12-c0.5-B-lr0.0123-adam-s0"}
+    single = SimpleNamespace(mode=RunMode.RUN)
+    assert swept_labels(single) == [] and job_label(single) == ""
+
+
+def test_sweep_says_what_runs_and_ends_with_a_table_of_its_jobs(store):
+    result = store.run("experiment=smoke", "probes=none", "seed=0,1", "trainer.max_epochs=1",
+                       "trainer.enable_progress_bar=true", multirun=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    runs = store.runs("smoke")
+    (parent,) = [r for r in runs if r.data.tags.get("sweep") == "parent"]
+    children = sorted((r for r in runs if r.data.tags.get("sweep_id")), key=lambda r: r.data.tags["seed"])
+
+    # Run names differ across seeds; the variant groups them.
+    assert [r.info.run_name for r in children] == ["densenet_tiny-k4-c0.5-B-s0", "densenet_tiny-k4-c0.5-B-s1"]
+    assert {r.data.tags["variant"] for r in children} == {"densenet_tiny-k4-c0.5-B"}
+
+    # Before training, each job says what will run.
+    for j, run in enumerate(children, start=1):
+        assert f"job {j}/2: densenet_tiny-k4-c0.5-B-s{j - 1}: MLflow run {run.info.run_id}" in out
+    for line in ("  model      densenet_tiny (densenet, k=4, compression 0.5, bottleneck on), 0.005M parameters",
+                 "  input      1x28x28, 10 classes",
+                 "  data       fashion_mnist: 256 train, 128 val, 256 test images; batch 32",
+                 "  training   1 epoch x 8 steps, sgd lr 0.05; probes: none"):
+        assert out.count(line) == 2, (line, out[-4000:])
+    assert re.search(r"  device     cpu, \d+ CPU threads; precision 32-true", out)
+
+    # Progress: the bar counts the whole run and is labelled with job and epoch; no v_num, no "0/?".
+    assert "job 2/2 epoch 1/1 100%" in out and "8/8 steps" in out
+    assert "v_num" not in out and "0/?" not in out
+    assert out.count("job 1/2 epoch 1/1: train loss") == 1
+
+    # The closing table: one row per job with its status and test accuracy, the parent run id,
+    # and the report command for this sweep.
+    table = out[out.index("\nSweep "):]
+    for j, run in enumerate(children, start=1):
+        row = rf"\n\s+{j}\s+densenet_tiny-k4-c0.5-B\s+{j - 1}\s+FINISHED\s+{run.data.metrics['test/acc']:.4f}\s+\d"
+        assert re.search(row, table), table
+    assert f"Parent run: {parent.info.run_id}" in table
+    assert f"Report: python -m densenet_exp.report --experiment smoke --sweep {parent.info.run_id}" in table
+
+    # Hydra's per-job run.log keeps the harness's lines, time-stamped.
+    for j, run in enumerate(children):
+        log = (store.path / "out" / str(j) / "run.log").read_text()
+        assert f"MLflow run {run.info.run_id}" in log and "  model      densenet_tiny" in log
+        assert "epoch 1/1: train loss" in log and "test accuracy" in log
+
+
+def test_closing_table_marks_skipped_and_failed_jobs(store, tmp_path):
+    """A rerun sweep: job 1 trained, job 2 skipped (its config FINISHED in an earlier sweep), job 3
+    failed before it had a run. The report command then covers the whole experiment."""
+    from densenet_exp.console import JOBS_DIR, record_job, sweep_summary
+    from densenet_exp.tracking import ensure_experiment, record_failed_job
+
+    client = store.client()
+    experiment_id = ensure_experiment(client, "smoke")
+    parent = client.create_run(experiment_id, tags={"sweep": "parent"}).info.run_id
+    runs = {}
+    for name, sweep_id, acc in (("trained", parent, 0.5), ("earlier", "0ld", 0.25)):
+        tags = {"variant": f"v-{name}", "seed": "3", "sweep_id": sweep_id}
+        run_id = client.create_run(experiment_id, tags=tags).info.run_id
+        client.log_metric(run_id, "test/acc", acc)
+        runs[name] = run_id
+    sweep_dir = tmp_path / "sweep"
+    (sweep_dir / JOBS_DIR).mkdir(parents=True)
+    for num, (name, skipped) in enumerate((("trained", False), ("earlier", True))):
+        hc = SimpleNamespace(mode=RunMode.MULTIRUN, sweep=SimpleNamespace(dir=str(sweep_dir)),
+                             job=SimpleNamespace(num=num))
+        record_job(hc, runs[name], skipped=skipped)
+        client.set_terminated(runs[name], "FINISHED")
+    record_failed_job(sweep_dir, 2, ["data.batch_size=0"], ValueError("data.batch_size=0 is invalid"))
+    config = OmegaConf.create({"tracking": {"experiment": "smoke", "uri": None}})
+
+    table = sweep_summary(client, parent, sweep_dir, config)
+    assert re.search(r"\n\s+1\s+v-trained\s+3\s+FINISHED\s+0\.5000\s+\d", table), table
+    assert re.search(r"\n\s+2\s+v-earlier\s+3\s+SKIPPED \(done before\)\s+0\.2500\s+-", table), table
+    assert re.search(r"\n\s+3\s+-\s+-\s+FAILED", table), table
+    assert f"Parent run: {parent}" in table
+    assert "Report: python -m densenet_exp.report --experiment smoke\n" in table + "\n"  # no --sweep: runs predate it
