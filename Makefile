@@ -10,7 +10,7 @@ NBPORT ?= 8888
 EXPERIMENT ?=
 SWEEP ?=
 
-.PHONY: setup data run test test-slow test-all ui ui-screenshot notebook startup-time server bench study study-report clean
+.PHONY: setup data run test test-slow test-all ui ui-screenshot notebook startup-time server bench study study-report study-notebooks clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -78,13 +78,20 @@ study: setup
 	  || exit 1; done
 	$(PY) -m densenet_exp.export save --experiment study_fmnist --out $(STUDY)/runs.jsonl.gz
 
-# Regenerates $(STUDY)/report.md from the committed runs, without training: they are loaded into a
-# throwaway store first.
+# Regenerates $(STUDY)/report.md (and headline.md, README's "Results") from the committed runs,
+# without training: they are loaded into a throwaway store at a fixed path (the report names it).
 study-report: setup
-	@d=$$(mktemp -d) && \
-	$(PY) -m densenet_exp.export load $(STUDY)/runs.jsonl.gz --tracking-uri sqlite:///$$d/mlflow.db && \
-	$(PY) -m densenet_exp.report --experiment study_fmnist --tracking-uri sqlite:///$$d/mlflow.db --out $(STUDY); \
-	s=$$?; rm -rf $$d; exit $$s
+	@rm -rf .study-store && mkdir .study-store && \
+	$(PY) -m densenet_exp.export load $(STUDY)/runs.jsonl.gz --tracking-uri sqlite:///.study-store/mlflow.db && \
+	$(PY) -m densenet_exp.report --experiment study_fmnist --tracking-uri sqlite:///.study-store/mlflow.db --out $(STUDY); \
+	s=$$?; rm -rf .study-store; exit $$s
+
+# Executes both notebooks on the committed study and saves them with their outputs.
+study-notebooks: setup
+	@rm -rf .study-store && mkdir .study-store && \
+	$(PY) -m densenet_exp.export load $(STUDY)/runs.jsonl.gz --tracking-uri sqlite:///.study-store/mlflow.db && \
+	$(PY) tools/run-notebooks --tracking-uri sqlite:///.study-store/mlflow.db --experiment study_fmnist; \
+	s=$$?; rm -rf .study-store; exit $$s
 
 clean:
 	rm -rf outputs reports

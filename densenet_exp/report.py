@@ -323,9 +323,39 @@ def write_report(experiment: str, uri: str, out: Path, sweep: str | None = None,
 
     (out / "report.md").write_text(doc.markdown())
     (out / "report.html").write_text(doc.html(title))
-    files = [out / "report.md", out / "report.html", *doc.images()]
+    (out / "headline.md").write_text(headline(summary, judged))
+    files = [out / "report.md", out / "report.html", out / "headline.md", *doc.images()]
     return {"runs": runs, "finished": done, "summary": summary, "judgement": judged, "claims": judged.claims,
             "published": published, "files": files}
+
+
+HEADLINE_METRICS = {  # the README's results table: metric -> column
+    "test/acc": "test accuracy",
+    "params": "parameters",
+    "flops_per_image": "FLOPs / image",
+    "train_images_per_s": "train images/s",
+    "memory/train_step_mb": "train-step memory (MiB)",
+}
+
+
+def headline(summary: pd.DataFrame, judged: Judgement) -> str:
+    """The short form of a report for a README: per configuration the mean ± std over seeds of
+    HEADLINE_METRICS (n runs), then each claim's verdict. Written as `headline.md` beside the
+    report, so the README's figures come from the same code and runs (a test compares them)."""
+    lines = []
+    for data, rows in summary.groupby("data", sort=True):
+        table = pd.DataFrame({"configuration": rows["variant"], "runs": rows["runs"]})
+        for metric, label in HEADLINE_METRICS.items():
+            table[label] = [
+                "" if not row[f"{metric} n"] else format_number(row[f"{metric} mean"])
+                + (f" ± {format_number(row[f'{metric} std'])}" if row[f"{metric} n"] > 1 else "")
+                for _, row in rows.iterrows()
+            ]
+        lines += [f"**{esc(data)}** (mean ± std over seeds):", "",
+                  table.astype(object).map(_cell).to_markdown(index=False, tablefmt="github"), ""]
+        lines += [f"- {esc(c.claim)}: **{esc(c.label)}**" for c in judged.claims if c.data == data]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def method_lines(margin_pp: float) -> list[str]:

@@ -379,7 +379,8 @@ def params_claim(data: str, sel: Selection, configs: list[Config], margin_pp: fl
 GRADIENT_PHASES = {"init": "init", "epoch1": "after epoch 1"}
 GRADIENT_RULE = (
     "For each comparison family F (the plain net without shortcuts first, ResNet second): F* is the deepest F "
-    "configuration, D* the DenseNet configuration closest to it in depth (conv and linear layers; ties go to "
+    f"configuration that has a DenseNet configuration within {DEPTH_RATIO:g}x its depth (else the deepest F "
+    "configuration), D* the DenseNet configuration closest to it in depth (conv and linear layers; ties go to "
     f"the selection rule's order); depths more than {DEPTH_RATIO:g}x apart are not comparable. Metric: "
     "`grad/early_rel_<phase>`, the mean relative gradient ||grad|| / ||weight|| of the layers at relative "
     "depth <= 0.25, at initialization (first optimizer step) and after the first epoch. The claim is against "
@@ -401,7 +402,9 @@ def gradient_claims(data: str, sel: Selection, configs: list[Config]) -> list[Cl
     claims = []
     for family in ("plain", "resnet"):
         others = [c for c in configs if c.family == family and np.isfinite(c.depth)]
-        other = max(others, key=lambda c: c.depth) if others else None
+        matched = [c for c in others if (d := _closest(ranked, c.depth)) is not None
+                   and max(d.depth, c.depth) <= DEPTH_RATIO * min(d.depth, c.depth)]
+        other = max(matched or others, key=lambda c: c.depth) if others else None
         dense = _closest(ranked, other.depth) if other is not None else None
         for phase, when in GRADIENT_PHASES.items():
             name = f"stronger gradient flow than a {'plain net' if family == 'plain' else 'ResNet'} ({when})"
