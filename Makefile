@@ -10,7 +10,7 @@ NBPORT ?= 8888
 EXPERIMENT ?=
 SWEEP ?=
 
-.PHONY: setup data run test test-slow test-all ui ui-screenshot notebook startup-time server bench study study-report study-notebooks clean
+.PHONY: setup data run test test-slow test-all ui ui-screenshot notebook startup-time server bench study study-report study-notebooks study-screenshot clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -91,6 +91,13 @@ study-notebooks: setup
 	@rm -rf .study-store && mkdir .study-store && \
 	$(PY) -m densenet_exp.export load $(STUDY)/runs.jsonl.gz --tracking-uri sqlite:///.study-store/mlflow.db && \
 	$(PY) tools/run-notebooks --tracking-uri sqlite:///.study-store/mlflow.db --experiment study_fmnist; \
+	s=$$?; rm -rf .study-store; exit $$s
+
+# The MLflow UI's runs table over the committed study: sweeps with their nested runs.
+study-screenshot: setup
+	@rm -rf .study-store && mkdir .study-store && \
+	$(PY) -m densenet_exp.export load $(STUDY)/runs.jsonl.gz --tracking-uri sqlite:///.study-store/mlflow.db && \
+	$(PY) tools/ui-screenshot --store sqlite:///.study-store/mlflow.db --experiment study_fmnist --out $(STUDY)/mlflow-ui.png; \
 	s=$$?; rm -rf .study-store; exit $$s
 
 clean:
