@@ -37,7 +37,7 @@ from .classifier import ImageClassifier
 from .data import ImageDataModule
 from .models import DENSENET_KNOBS, build_model, is_densenet
 from .probes import build_probes
-from .speed import keep_freed_memory, use_channels_last
+from .speed import choose_speed, keep_freed_memory
 from .tracking import (
     RunLogger,
     config_hash,
@@ -129,9 +129,11 @@ def create_run(client: MlflowClient, experiment_id: str, plain: dict[str, Any], 
     return run.info.run_id, ckpt_dir
 
 
-def record_new_run(client: MlflowClient, run_id: str, logger: RunLogger, trainer: L.Trainer, plain: dict) -> None:
-    """What a new run records before training: system facts, flattened params, config YAML."""
-    facts = system_facts(str(trainer.strategy.root_device))
+def record_new_run(
+    client: MlflowClient, run_id: str, logger: RunLogger, trainer: L.Trainer, plain: dict, tags: dict[str, str]
+) -> None:
+    """What a new run records before training: system facts and `tags`, flattened params, config YAML."""
+    facts = {**system_facts(str(trainer.strategy.root_device)), **tags}
     retry_locked(lambda: client.log_batch(run_id, tags=[RunTag(k, v) for k, v in facts.items()]))
     logger.log_hyperparams(flatten(plain))
     with tempfile.TemporaryDirectory() as tmp:
@@ -176,11 +178,12 @@ def train(cfg: DictConfig, hc: Any) -> dict[str, Any]:
     plain = resolved_config(cfg)
     apply_knobs(plain)
     validate_config(plain)
+    speed = choose_speed(plain)  # resolves trainer.accelerator/precision/deterministic `auto` in plain
     L.seed_everything(plain["seed"], workers=True, verbose=False)
     threads = cpu_threads(plain.get("cpu_threads"), hc)
     if threads:
         torch.set_num_threads(threads)
-    keep_freed_memory(plain["speed"].get("keep_freed_memory", "auto"), plain["trainer"])
+    keep_freed_memory(speed.keep_freed_memory)
     try:
         probes = build_probes(plain.get("probes"))
         model = build_model(plain["model"])
@@ -191,7 +194,7 @@ def train(cfg: DictConfig, hc: Any) -> dict[str, Any]:
         num_classes=plain["data"]["num_classes"],
         optim=plain["optim"],
         label_smoothing=plain["loss"]["label_smoothing"],
-        channels_last=use_channels_last(plain["speed"]["channels_last"], plain["trainer"]),
+        channels_last=speed.channels_last,
         compile=plain["speed"]["compile"],
     )
     datamodule = ImageDataModule(plain["data"], seed=plain["seed"])
@@ -219,7 +222,7 @@ def train(cfg: DictConfig, hc: Any) -> dict[str, Any]:
             **plain["trainer"], logger=logger, callbacks=[checkpoint, *probes], use_distributed_sampler=False
         )
         if chief and ckpt_path is None:
-            record_new_run(client, run_id, logger, trainer, plain)
+            record_new_run(client, run_id, logger, trainer, plain, speed.tags())
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         val_acc = float(trainer.callback_metrics["val/acc"])  # test() resets callback_metrics
         results = trainer.test(module, datamodule=datamodule, verbose=False)[0]
