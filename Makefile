@@ -42,8 +42,9 @@ ui: setup
 server: setup
 	PORT=$(PORT) tools/tracking-server
 
+# BENCH_ARGS, e.g. "--size 224 --batch 32" or, on a shared machine, "--threads 1 --clock cpu".
 bench: setup
-	$(PY) -m densenet_exp.bench
+	$(PY) -m densenet_exp.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf outputs reports

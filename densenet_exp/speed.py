@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -33,6 +34,8 @@ from typing import Any
 import torch
 
 from .validate import ConfigError
+
+log = logging.getLogger("densenet_exp")
 
 # mallopt(3) parameters of glibc's malloc.h.
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
@@ -177,7 +180,7 @@ def choose_speed(cfg: dict[str, Any]) -> Speed:
             trainer["benchmark"] = True
         else:
             del trainer["benchmark"]
-    return Speed(
+    chosen = Speed(
         accelerator=accelerator,
         precision=precision,
         precision_reason=reason,
@@ -185,6 +188,8 @@ def choose_speed(cfg: dict[str, Any]) -> Speed:
         channels_last=use_channels_last(speed.get("channels_last", "auto"), accelerator),
         keep_freed_memory=use_keep_freed_memory(speed.get("keep_freed_memory", "auto"), accelerator),
     )
+    log.info("%s, precision %s (%s)", accelerator, precision, reason)
+    return chosen
 
 
 def keep_freed_memory(on: bool) -> bool:
