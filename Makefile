@@ -64,8 +64,9 @@ startup-time: setup
 server: setup
 	PORT=$(PORT) tools/tracking-server
 
+# BENCH_ARGS, e.g. "--size 224 --batch 32" or, on a shared machine, "--threads 1 --clock cpu".
 bench: setup
-	$(PY) -m densenet_exp.bench
+	$(PY) -m densenet_exp.bench $(BENCH_ARGS)
 
 # The Fashion-MNIST study (conf/experiment/study_fmnist.yaml): the DenseNet knob grid, then the
 # baselines, 3 seeds each, into the default store; `study-report` rebuilds its committed report.

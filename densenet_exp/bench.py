@@ -8,8 +8,10 @@ Each entry runs in its own process (a clean allocator and a clean peak-memory co
 then times several steps; the table reports medians, peak memory, FLOPs and each entry's ratio
 to the reference entry measured in the same run, then the performance goals as ratios of
 entries of that same run. `NAME` alone is the model as its library ships it (NCHW, fp32, the
-default allocator); `NAME:fp32fast` adds the harness's fp32 speed settings (channels_last, and on
-a CPU glibc keeping freed memory); `NAME:fast` adds bf16 autocast where the CPU or GPU has it.
+default allocator); `NAME:fp32fast` adds the speed settings the harness's `auto` picks on this
+device (densenet_exp/speed.py: channels_last, and on a CPU glibc keeping freed memory);
+`NAME:fast` adds bf16 autocast where it is native (what `trainer.precision: auto` picks).
+On a shared machine, `--threads 1 --clock cpu` gives steadier figures.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .speed import bf16_supported, keep_freed_memory, use_channels_last
+from .speed import bf16_native, choose_speed, keep_freed_memory, use_channels_last, use_keep_freed_memory
 
 DEFAULT_MODELS = (
     "densenet121",
@@ -101,8 +103,9 @@ def measure(entry: str, args: argparse.Namespace) -> dict[str, Any]:
     name, _, option = entry.partition(":")
     switches = OPTIONS[option]
     device = torch.device(args.device)
+    accelerator = "gpu" if device.type == "cuda" else device.type
     if "keep_freed_memory" in switches:
-        keep_freed_memory("auto", {"accelerator": device.type})  # as the harness: on a CPU only
+        keep_freed_memory(use_keep_freed_memory("auto", accelerator))  # as the harness's `auto`
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     y = torch.randint(0, args.num_classes, (args.batch,), device=device)
@@ -114,11 +117,14 @@ def measure(entry: str, args: argparse.Namespace) -> dict[str, Any]:
 
     flops = count_flops(model, (1, 3, args.size, args.size))
     bf16 = "bf16" in switches or args.precision == "bf16"
-    autocast_dtype = torch.bfloat16 if bf16 and bf16_supported(device) else None
-    if "channels_last" in switches:
+    autocast_dtype = torch.bfloat16 if bf16 and bf16_native(device) else None
+    if "channels_last" in switches and use_channels_last("auto", accelerator):
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    # CPU time of the process (all its threads, page faults included) hardly moves when other
+    # processes share the cores; wall time does. GPU work needs wall time.
+    clock = time.process_time if args.clock == "cpu" and device.type == "cpu" else time.perf_counter
 
     def sync() -> None:
         if device.type == "cuda":
@@ -143,11 +149,11 @@ def measure(entry: str, args: argparse.Namespace) -> dict[str, Any]:
         times = []
         for i in range(args.warmup + args.steps):
             sync()
-            start = time.perf_counter()
+            start = clock()
             step()
             sync()
             if i >= args.warmup:
-                times.append(time.perf_counter() - start)
+                times.append(clock() - start)
         results[f"{mode}_images_per_s"] = args.batch / statistics.median(times)
         if mode == "train":
             results["peak_memory_mb"] = peak_memory_mb(device, baseline)
@@ -194,8 +200,10 @@ GOALS = (
     ("train ours fp32fast / timm eager", "densenet121:fp32fast", "timm_densenet121", "train_images_per_s", 1.0),
     ("train ours fp32fast / torchvision eager", "densenet121:fp32fast", "tv_densenet121", "train_images_per_s", 1.3),
     ("train ours fast / timm eager", "densenet121:fast", "timm_densenet121", "train_images_per_s", 1.3),
-    ("peak memory ours ME / torchvision ME", "densenet121_me", "tv_densenet121_me", "peak_memory_mb", 1.0),
-    ("train ours ME / ours", "densenet121_me", "densenet121", "train_images_per_s", 0.9),
+    # Memory-efficient mode under the settings `auto` picks for it, against torchvision's as shipped
+    # and against our normal mode under its own `auto` settings.
+    ("peak memory ours ME fp32fast / torchvision ME", "densenet121_me:fp32fast", "tv_densenet121_me", "peak_memory_mb",
+     1.0),
     ("train ours ME / ours, both fp32fast", "densenet121_me:fp32fast", "densenet121:fp32fast", "train_images_per_s", 0.9),
 )
 
@@ -223,7 +231,7 @@ def log_to_mlflow(rows: list[dict[str, Any]], table: str, args: argparse.Namespa
 
     client = mlflow.MlflowClient(tracking_uri(args.tracking_uri, Path.cwd()))
     run = client.create_run(ensure_experiment(client, "bench"), tags={"mlflow.runName": f"bench-{args.size}px"})
-    for key in ("size", "batch", "steps", "warmup", "threads", "device", "precision", "reference"):
+    for key in ("size", "batch", "steps", "warmup", "threads", "device", "precision", "reference", "clock"):
         client.log_param(run.info.run_id, key, getattr(args, key))
     for r in rows:
         for key in ("train_images_per_s", "infer_images_per_s", "peak_memory_mb", "macs", "flops", "params"):
@@ -257,11 +265,12 @@ def bare_epoch(overrides: list[str]) -> float:
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
     apply_knobs(cfg)
+    speed = choose_speed(cfg)
     torch.manual_seed(cfg["seed"])
     torch.use_deterministic_algorithms(cfg["trainer"]["deterministic"])  # as the harness's Trainer does
-    keep_freed_memory(cfg["speed"]["keep_freed_memory"], cfg["trainer"])
+    keep_freed_memory(speed.keep_freed_memory)
     model = build_model(cfg["model"])
-    layout = torch.channels_last if use_channels_last(cfg["speed"]["channels_last"], cfg["trainer"]) else None
+    layout = torch.channels_last if speed.channels_last else None
     if layout:
         model = model.to(memory_format=layout)
 
@@ -328,6 +337,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="for every entry")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: time steps by the process's CPU time, steadier on a shared machine (use with "
+                        "--threads 1, where it equals the wall time of an idle core); CPU only")
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--log-mlflow", action="store_true", help="log the table to the MLflow experiment 'bench'")
     p.add_argument("--tracking-uri", default=None)
@@ -375,7 +387,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     table = format_table(rows, args.reference)
     print(
         f"{args.device}, {args.threads} threads, {args.size}x{args.size}, batch {args.batch}, "
-        f"median of {args.steps} steps after {args.warmup} warm-up"
+        f"median of {args.steps} steps after {args.warmup} warm-up, {args.clock} clock, "
+        f"cpu capability {torch.backends.cpu.get_cpu_capability()}"
     )
     print(table)
     goals = format_goals(rows)

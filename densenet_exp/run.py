@@ -143,11 +143,13 @@ def create_run(client: MlflowClient, experiment_id: str, plain: dict[str, Any], 
     return run.info.run_id, ckpt_dir
 
 
-def record_new_run(client: MlflowClient, run_id: str, logger: RunLogger, trainer: L.Trainer, plain: dict) -> None:
-    """What a new run records before training: system facts, flattened params, config YAML."""
+def record_new_run(
+    client: MlflowClient, run_id: str, logger: RunLogger, trainer: L.Trainer, plain: dict, tags: dict[str, str]
+) -> None:
+    """What a new run records before training: system facts and `tags`, flattened params, config YAML."""
     from mlflow.entities import RunTag
 
-    facts = system_facts(str(trainer.strategy.root_device))
+    facts = {**system_facts(str(trainer.strategy.root_device)), **tags}
     retry_locked(lambda: client.log_batch(run_id, tags=[RunTag(k, v) for k, v in facts.items()]))
     logger.log_hyperparams(flatten(plain))
     with tempfile.TemporaryDirectory() as tmp:
@@ -199,7 +201,7 @@ def train(cfg: DictConfig, hc: Any) -> dict[str, Any]:
     from .probes import build_probes
     from .progress import job_callbacks
     from .run_logger import RunLogger
-    from .speed import keep_freed_memory, use_channels_last
+    from .speed import choose_speed, keep_freed_memory
     from .validate import ConfigError, validate_config
 
     # Lightning's package gives itself a console handler; Hydra's (terminal and run.log) already
@@ -210,13 +212,13 @@ def train(cfg: DictConfig, hc: Any) -> dict[str, Any]:
     plain = resolved_config(cfg)
     apply_knobs(plain)
     validate_config(plain)
+    speed = choose_speed(plain)  # resolves trainer.accelerator/precision/deterministic `auto` in plain
     variant = variant_name(plain, swept_labels(hc))
     L.seed_everything(plain["seed"], workers=True, verbose=False)
     threads = cpu_threads(plain.get("cpu_threads"), hc)
     if threads:
         torch.set_num_threads(threads)
-    freed = keep_freed_memory(plain["speed"].get("keep_freed_memory", "auto"), plain["trainer"])
-    channels_last = use_channels_last(plain["speed"]["channels_last"], plain["trainer"])
+    freed = keep_freed_memory(speed.keep_freed_memory)
     try:
         probes = build_probes(plain.get("probes"))
         model = build_model(plain["model"])
@@ -227,7 +229,7 @@ def train(cfg: DictConfig, hc: Any) -> dict[str, Any]:
         num_classes=plain["data"]["num_classes"],
         optim=plain["optim"],
         label_smoothing=plain["loss"]["label_smoothing"],
-        channels_last=channels_last,
+        channels_last=speed.channels_last,
         compile=plain["speed"]["compile"],
     )
     datamodule = ImageDataModule(plain["data"], seed=plain["seed"])
@@ -260,13 +262,14 @@ def train(cfg: DictConfig, hc: Any) -> dict[str, Any]:
             save_top_k=1 if validated else 0, save_last=True,
         )
         about = f"{run_name(variant, plain)}: MLflow run {run_id} in experiment {tracking['experiment']!r}"
-        shown = job_callbacks(plain, job_label(hc), about, {"channels_last": channels_last, "keep_freed_memory": freed})
+        choices = {"channels_last": speed.channels_last, "keep_freed_memory": freed}
+        shown = job_callbacks(plain, job_label(hc), about, choices)
         trainer = L.Trainer(
             **plain["trainer"], **({} if validated else {"limit_val_batches": 0}), logger=logger,
             callbacks=[checkpoint, *probes, *shown], use_distributed_sampler=False,
         )
         if chief and ckpt_path is None:
-            record_new_run(client, run_id, logger, trainer, plain)
+            record_new_run(client, run_id, logger, trainer, plain, speed.tags())
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         # test() resets callback_metrics
         val_acc = float(trainer.callback_metrics["val/acc"]) if validated else None

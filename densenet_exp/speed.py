@@ -1,44 +1,208 @@
-"""Per-device speed settings of a run: memory format and how the C allocator treats freed memory.
+"""What a run trains on and how fast: the device, the precision, and per-device speed settings,
+each chosen by the capability of the machine the run lands on, never by the one it was tuned on.
 
-Each is a switch under `speed` in the config, with `auto` picking what measured faster on that
-device (figures in README, "Benchmark"); none changes what is computed, only how fast.
+Every `auto` follows one rule, `choose_speed`, and the run records what was chosen and why
+(tags `cpu_capability`, `precision`, `precision_reason`, `speed.*`). None of the speed switches
+changes what is computed, only how fast and in how much memory; the precision does (bf16 keeps
+8 bits of mantissa), so the resolved precision is part of the run's config and config hash.
+
+Measured (README, "Speed settings"): on a 2-core x86-64 CPU, DenseNet train steps on 28x28
+images, one thread, CPU time per step of batch 128 (Intel Xeon, Sapphire Rapids class, AVX512-BF16
+and AMX; AVX2 imitated with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2):
+
+| small DenseNet-BC, batch 128 | fp32 NCHW | fp32 channels_last | bf16 NCHW | bf16 channels_last |
+|---|---|---|---|---|
+| AVX-512 with AMX (native bf16) | 0.73-0.84 s | 0.54-0.65 s | 0.48-0.56 s | 0.40-0.48 s |
+| AVX2 (imitated: bf16 emulated) | 0.87-0.91 s | 0.65-0.70 s | | 3.7 s |
+
+So: bf16 autocast only where it is native (1.3x faster there; 5.7x slower emulated here, 18x
+on an AVX2 EPYC), channels_last on every CPU kind (1.3x on both), and kept freed memory on
+both (no difference at 28x28, where no block reaches glibc's 32 MB mmap threshold; 1.2-1.3x at
+224x224, where every concatenation does).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
+import os
 import sys
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
+from .validate import ConfigError
+
+log = logging.getLogger("densenet_exp")
+
 # mallopt(3) parameters of glibc's malloc.h.
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
 
+# Lightning's precision strings, and `auto`.
+PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true", "64")
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below the first with native bf16 (AVX512_CORE_BF16).
+_ONEDNN_ISAS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
 
-def use_channels_last(setting: bool | str, trainer_cfg: dict[str, Any]) -> bool:
-    """`auto`: channels_last on a GPU and on a CPU. On a 2-core AVX-512 CPU an fp32 train step ran
-    1.2x (DenseNet-121, 224x224) to 1.3x (DenseNet-BC, 28x28) faster than NCHW, bf16 more."""
+
+def cpu_capability() -> str:
+    """The vector instruction set ATen dispatches its CPU kernels to (`AVX2`, `AVX512`, ...):
+    what the hardware has, capped by ATEN_CPU_CAPABILITY."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def cpu_bf16(capability: str | None = None) -> tuple[bool, str]:
+    """Whether bf16 runs natively on this CPU, and why (or why not).
+
+    Native: the CPU has AVX512-BF16 or AMX, ATen dispatches to AVX-512 (ATEN_CPU_CAPABILITY may
+    cap it) and oneDNN may use bf16 instructions (ONEDNN_MAX_CPU_ISA may cap it). Anything less
+    emulates bf16 (measured 5.7x slower than fp32 on imitated AVX2, 18x on an AVX2 EPYC).
+    """
+    capability = cpu_capability() if capability is None else capability
+    has_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    if not has_bf16:
+        return False, f"cpu {capability} without AVX512-BF16 or AMX: bf16 would be emulated"
+    if not capability.startswith("AVX512"):
+        return False, f"cpu has AVX512-BF16/AMX but ATen dispatches to {capability}: bf16 would be emulated"
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if isa in _ONEDNN_ISAS_WITHOUT_BF16:
+        return False, f"ONEDNN_MAX_CPU_ISA={isa} keeps oneDNN off bf16 instructions: bf16 would be emulated"
+    return True, f"cpu {capability} with AVX512-BF16/AMX: native bf16"
+
+
+def gpu_bf16() -> tuple[bool, str]:
+    """Whether the CUDA GPU runs bf16 natively (Ampere and later), and why."""
+    name = torch.cuda.get_device_name(0)
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        return True, f"gpu {name} supports bf16"
+    return False, f"gpu {name} lacks native bf16"
+
+
+def resolve_accelerator(accelerator: str) -> str:
+    """`auto`: a CUDA GPU when there is one (as Lightning's `auto` picks it), else the CPU."""
+    if accelerator != "auto":
+        return accelerator
+    if torch.cuda.is_available():
+        return "gpu"
+    return "cpu"
+
+
+def on_gpu(accelerator: str) -> bool:
+    """Whether Lightning's `accelerator` is a CUDA GPU."""
+    return accelerator in ("gpu", "cuda") and torch.cuda.is_available()
+
+
+@dataclass(frozen=True)
+class Speed:
+    """What `choose_speed` picked for a run."""
+
+    accelerator: str
+    precision: str
+    precision_reason: str
+    cpu_capability: str
+    channels_last: bool
+    keep_freed_memory: bool
+
+    def tags(self) -> dict[str, str]:
+        """The run's record of the choice (tag names defined here once)."""
+        d = asdict(self)
+        return {
+            "cpu_capability": d["cpu_capability"],
+            "precision": d["precision"],
+            "precision_reason": d["precision_reason"],
+            "accelerator": d["accelerator"],
+            "speed.channels_last": str(d["channels_last"]).lower(),
+            "speed.keep_freed_memory": str(d["keep_freed_memory"]).lower(),
+        }
+
+
+def choose_precision(setting: str, accelerator: str) -> tuple[str, str]:
+    """`auto`: bf16-mixed where bf16 is native (a CUDA GPU that supports it; a CPU with AVX512-BF16
+    or AMX that ATen and oneDNN may use), else 32-true. Anything else is kept as set."""
+    setting = str(setting)
+    if setting not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={setting!r} is invalid: expected one of {', '.join(PRECISIONS)}")
+    if setting != "auto":
+        return setting, "set by trainer.precision"
+    if on_gpu(accelerator):
+        native, why = gpu_bf16()
+    elif accelerator == "cpu":
+        native, why = cpu_bf16()
+    else:
+        native, why = False, f"accelerator {accelerator}: bf16 not known to be native"
+    return ("bf16-mixed" if native else "32-true"), why
+
+
+def use_channels_last(setting: bool | str, accelerator: str) -> bool:
+    """`auto`: on for a CUDA GPU and for every CPU kind: measured 1.3x faster in fp32 on AVX2
+    (imitated) and AVX-512 alike (28x28 DenseNet-BC train step, table above), more in bf16, and
+    1.2x for DenseNet-121 at 224x224 on an AVX-512 EPYC."""
     if setting != "auto":
         return bool(setting)
-    accelerator = str(trainer_cfg.get("accelerator", "cpu"))
-    return accelerator in ("cpu", "gpu", "cuda", "auto")
+    return accelerator == "cpu" or on_gpu(accelerator)
 
 
-def keep_freed_memory(setting: bool | str, trainer_cfg: dict[str, Any]) -> bool:
+def use_keep_freed_memory(setting: bool | str, accelerator: str) -> bool:
+    """`auto`: on for CPU training on Linux. Memory-efficient models need it no less: their
+    recomputed concatenations go into a fixed workspace (models/densenet.py), so the heap no
+    longer grows past the live peak, and without it the remaining large blocks (gradients of the
+    concatenations) are faulted in again every step."""
+    if setting != "auto":
+        return bool(setting)
+    return accelerator == "cpu" and sys.platform.startswith("linux")
+
+
+def choose_speed(cfg: dict[str, Any]) -> Speed:
+    """Resolve every `auto` of a run config for this machine: `trainer.accelerator`,
+    `trainer.precision`, `trainer.deterministic` (true on a CPU: same seed, same metrics; false
+    on a GPU, where deterministic kernels cost speed), `trainer.benchmark` (cuDNN autotuning on a
+    GPU, when set to auto). The resolved trainer values are written back into `cfg` (they shape the result); the
+    `speed.*` switches only shape speed and are returned. Raises ConfigError on bad values."""
+    trainer, speed = cfg["trainer"], cfg.get("speed", {})
+    for key in ("channels_last", "keep_freed_memory"):
+        value = speed.get(key, "auto")
+        if not (value == "auto" or isinstance(value, bool)):
+            raise ConfigError(f"speed.{key}={value!r} is invalid: expected auto, true or false")
+    accelerator = resolve_accelerator(str(trainer.get("accelerator", "auto")))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available() and not torch.backends.mps.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={accelerator!r} is invalid here: no CUDA GPU is visible; expected auto or cpu"
+        )
+    precision, reason = choose_precision(trainer.get("precision", "auto"), accelerator)
+    trainer["accelerator"], trainer["precision"] = accelerator, precision
+    if trainer.get("deterministic", "auto") == "auto":
+        trainer["deterministic"] = not on_gpu(accelerator)
+    if trainer.get("benchmark") == "auto":
+        # Off a GPU, drop the key (Lightning's default): `trainer=auto` on a CPU is then the
+        # same config, with the same config hash, as `trainer=cpu`.
+        if on_gpu(accelerator):
+            trainer["benchmark"] = True
+        else:
+            del trainer["benchmark"]
+    chosen = Speed(
+        accelerator=accelerator,
+        precision=precision,
+        precision_reason=reason,
+        cpu_capability=cpu_capability(),
+        channels_last=use_channels_last(speed.get("channels_last", "auto"), accelerator),
+        keep_freed_memory=use_keep_freed_memory(speed.get("keep_freed_memory", "auto"), accelerator),
+    )
+    log.info("%s, precision %s (%s)", accelerator, precision, reason)
+    return chosen
+
+
+def keep_freed_memory(on: bool) -> bool:
     """Make glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
 
     By default glibc maps every block over 32 MB (a DenseNet-121 concatenation at 224x224 and
     batch 32 is 50-400 MB) with mmap and unmaps it on free, so each training step faults its
     activations and gradients in again, page by page: a quarter of a CPU train step here. With
     mmap off and trimming at 1 GiB, freed blocks stay in the heap. The cost: the process keeps
-    its peak footprint. `auto` turns it on for CPU training on Linux; the setting is process-wide
-    and stays for the process's lifetime. Returns whether it is now on.
+    its peak footprint. The setting is process-wide and stays for the process's lifetime.
+    Returns whether it is now on (false where the C library is not glibc).
     """
-    if setting == "auto":
-        setting = str(trainer_cfg.get("accelerator", "cpu")) == "cpu" and sys.platform.startswith("linux")
-    if not setting:
+    if not on:
         return False
     libc_name = ctypes.util.find_library("c")
     libc = ctypes.CDLL(libc_name) if libc_name else None
@@ -50,9 +214,6 @@ def keep_freed_memory(setting: bool | str, trainer_cfg: dict[str, Any]) -> bool:
     )
 
 
-def bf16_supported(device: torch.device) -> bool:
-    """Whether bf16 autocast runs natively: a GPU that supports it, or a CPU with AVX512-BF16 or AMX."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    flags = open("/proc/cpuinfo").read() if sys.platform.startswith("linux") else ""
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+def bf16_native(device: torch.device) -> bool:
+    """Whether bf16 autocast runs natively on `device` (the rule of `choose_precision`)."""
+    return (gpu_bf16() if device.type == "cuda" else cpu_bf16())[0]

@@ -75,7 +75,8 @@ def test_sweep_says_what_runs_and_ends_with_a_table_of_its_jobs(store):
                  "  data       fashion_mnist: 256 train, 128 val, 256 test images; batch 32",
                  "  training   1 epoch x 8 steps, sgd lr 0.05; probes: none"):
         assert out.count(line) == 2, (line, out[-4000:])
-    assert re.search(r"  device     cpu, \d+ CPU threads; precision 32-true", out)
+    # trainer=auto: bf16 autocast where the CPU has it natively, else fp32.
+    assert re.search(r"  device     cpu, \d+ CPU threads; precision (32-true|bf16-mixed)", out)
 
     # Progress: the bar counts the whole run and is labelled with job and epoch; no v_num, no "0/?".
     assert "job 2/2 epoch 1/1 100%" in out and "8/8 steps" in out

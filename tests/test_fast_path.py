@@ -1,5 +1,6 @@
 """Every fast path gives the plain path's results within numerical tolerance: channels_last,
-bf16 autocast, memory-efficient mode inside the classifier, and torch.compile (slow)."""
+bf16 autocast, memory-efficient mode inside the classifier, and torch.compile (slow); and `auto`
+picks device, precision and speed settings by the capability of the machine (faked here)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
 from conftest import ROOT
 from densenet_exp.classifier import ImageClassifier
 from densenet_exp.models import DenseNet
-from densenet_exp.speed import keep_freed_memory, use_channels_last
+from densenet_exp.speed import choose_speed, use_channels_last, use_keep_freed_memory
+from densenet_exp.tracking import config_hash
+from densenet_exp.validate import ConfigError
 
 OPTIM = {"name": "sgd", "lr": 0.1}
 
@@ -84,18 +90,135 @@ def test_memory_efficient_classifier_matches_the_plain_path(batch, channels_last
         torch.testing.assert_close(grads_b[name], grad, msg=name, **tol)
 
 
-def test_speed_defaults_per_device():
-    assert use_channels_last("auto", {"accelerator": "cpu", "precision": "32-true"}) is True
-    assert use_channels_last("auto", {"accelerator": "gpu", "precision": "bf16-mixed"}) is True
-    assert use_channels_last("auto", {"accelerator": "mps"}) is False
-    assert use_channels_last(False, {"accelerator": "gpu"}) is False
-    assert keep_freed_memory("auto", {"accelerator": "gpu"}) is False
-    assert keep_freed_memory(False, {"accelerator": "cpu"}) is False
+def test_speed_switches_per_device():
+    assert use_channels_last("auto", "cpu") is True
+    assert use_channels_last("auto", "mps") is False
+    assert use_channels_last(False, "cpu") is False
+    assert use_keep_freed_memory("auto", "gpu") is False
+    assert use_keep_freed_memory("auto", "cpu") is sys.platform.startswith("linux")
+    assert use_keep_freed_memory(False, "cpu") is False
+
+
+def fake_cpu(monkeypatch, capability: str, avx512_bf16: bool, amx: bool, onednn_isa: str | None = None) -> None:
+    """Pretend to be a CPU of this kind: what torch reports, and oneDNN's ISA cap."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    if onednn_isa is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", onednn_isa)
+
+
+def fake_gpu(monkeypatch, name: str, bf16: bool) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: name)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
+
+
+def trainer_cfg(**trainer) -> dict:
+    return {"trainer": {"accelerator": "auto", "precision": "auto", "deterministic": "auto", "benchmark": "auto",
+                        **trainer}, "speed": {"channels_last": "auto", "keep_freed_memory": "auto"}}
+
+
+CPU_KINDS = [
+    # (id, capability, avx512_bf16, amx, ONEDNN_MAX_CPU_ISA, precision, words of the reason)
+    ("sapphire-rapids-amx", "AVX512", True, True, None, "bf16-mixed", "native bf16"),
+    ("epyc-zen4-avx512-bf16", "AVX512", True, False, None, "bf16-mixed", "native bf16"),
+    ("epyc-avx2-only", "AVX2", False, False, None, "32-true", "without AVX512-BF16 or AMX"),
+    ("skylake-avx512-no-bf16", "AVX512", False, False, None, "32-true", "without AVX512-BF16 or AMX"),
+    ("amx-imitating-avx2-aten", "AVX2", True, True, None, "32-true", "dispatches to AVX2"),
+    ("amx-imitating-avx2-onednn", "AVX512", True, True, "AVX2", "32-true", "ONEDNN_MAX_CPU_ISA=AVX2"),
+    ("amx-onednn-capped-at-bf16", "AVX512", True, True, "AVX512_CORE_BF16", "bf16-mixed", "native bf16"),
+]
+
+
+@pytest.mark.parametrize("capability,avx512_bf16,amx,isa,precision,reason", [k[1:] for k in CPU_KINDS],
+                         ids=[k[0] for k in CPU_KINDS])
+def test_precision_auto_on_each_cpu_kind(monkeypatch, capability, avx512_bf16, amx, isa, precision, reason):
+    fake_cpu(monkeypatch, capability, avx512_bf16, amx, isa)
+    cfg = trainer_cfg()
+    speed = choose_speed(cfg)
+    assert (speed.accelerator, speed.precision, speed.cpu_capability) == ("cpu", precision, capability)
+    assert reason in speed.precision_reason
+    # Written back for Lightning, and into the config hash: bf16 and fp32 are different recipes.
+    assert cfg["trainer"]["precision"] == precision and cfg["trainer"]["accelerator"] == "cpu"
+    assert cfg["trainer"]["deterministic"] is True and "benchmark" not in cfg["trainer"]
+    assert speed.channels_last is True
+    tags = speed.tags()
+    assert (tags["cpu_capability"], tags["precision"], tags["precision_reason"]) == (
+        capability, precision, speed.precision_reason)
+
+
+@pytest.mark.parametrize("name,bf16,precision", [("NVIDIA H100 80GB HBM3", True, "bf16-mixed"),
+                                                 ("Tesla V100-SXM2-16GB", False, "32-true")])
+def test_trainer_auto_takes_the_gpu_and_its_precision(monkeypatch, name, bf16, precision):
+    fake_cpu(monkeypatch, "AVX2", False, False)
+    fake_gpu(monkeypatch, name, bf16)
+    cfg = trainer_cfg()
+    speed = choose_speed(cfg)
+    assert (speed.accelerator, speed.precision) == ("gpu", precision) and name in speed.precision_reason
+    assert cfg["trainer"]["deterministic"] is False and cfg["trainer"]["benchmark"] is True
+    assert speed.keep_freed_memory is False and speed.channels_last is True
+
+
+def test_forced_device_and_precision_are_kept(monkeypatch):
+    fake_cpu(monkeypatch, "AVX512", True, True)
+    fake_gpu(monkeypatch, "NVIDIA H100", True)
+    cfg = trainer_cfg(accelerator="cpu", precision="32-true", deterministic=True)
+    speed = choose_speed(cfg)
+    assert (speed.accelerator, speed.precision, speed.precision_reason) == ("cpu", "32-true", "set by trainer.precision")
+    cfg = trainer_cfg(accelerator="cpu")
+    assert choose_speed(cfg).precision == "bf16-mixed"  # trainer=cpu: the CPU, but its fast precision
+
+
+def test_bad_speed_values_name_key_value_and_allowed(monkeypatch):
+    fake_cpu(monkeypatch, "AVX2", False, False)
+    with pytest.raises(ConfigError, match=r"trainer.precision='fp8' is invalid: expected one of auto, 32-true"):
+        choose_speed(trainer_cfg(precision="fp8"))
+    with pytest.raises(ConfigError, match=r"trainer.accelerator='gpu' is invalid here: no CUDA GPU"):
+        choose_speed(trainer_cfg(accelerator="gpu"))
+
+
+def composed(*overrides: str) -> dict:
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return OmegaConf.to_container(compose("config", overrides=list(overrides)), resolve=True)
+
+
+def test_default_trainer_on_a_cpu_is_the_same_config_as_trainer_cpu(monkeypatch):
+    # Same recipe, same config hash: a sweep started either way skips the other's finished runs.
+    fake_cpu(monkeypatch, "AVX2", False, False)
+    auto, cpu = composed("experiment=smoke"), composed("experiment=smoke", "trainer=cpu")
+    assert auto["trainer"]["accelerator"] == "auto" and cpu["trainer"]["accelerator"] == "cpu"
+    choose_speed(auto)
+    choose_speed(cpu)
+    assert auto == cpu and config_hash(auto) == config_hash(cpu)
+    assert auto["trainer"]["deterministic"] is True  # same seed, same metrics on a CPU
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")))
+def test_every_experiment_leaves_device_and_precision_to_auto(experiment):
+    trainer = composed(f"experiment={experiment}")["trainer"]
+    assert (trainer["accelerator"], trainer["precision"]) == ("auto", "auto")
+
+
+def test_a_run_records_its_speed_choice(store):
+    # An AVX2 machine imitated: ATen's kernels capped at AVX2, so bf16 would be emulated.
+    env = {**store.env(), "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    result = subprocess.run(store.command("experiment=smoke", "probes=none", "trainer.max_epochs=1"), cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = store.runs("smoke")
+    tags, params = run.data.tags, run.data.params
+    assert (tags["cpu_capability"], tags["precision"], tags["accelerator"]) == ("AVX2", "32-true", "cpu")
+    assert "emulated" in tags["precision_reason"] and tags["speed.channels_last"] == "true"
+    assert params["trainer.precision"] == "32-true" and params["trainer.accelerator"] == "cpu"
 
 
 STEP_FAULTS = """
 import resource, sys, torch
-from densenet_exp.speed import keep_freed_memory
+from densenet_exp.speed import keep_freed_memory, use_keep_freed_memory
 
 def step() -> int:
     # Page faults of a stand-in training step: blocks of 40-160 MB alive together, then freed.
@@ -106,7 +229,7 @@ def step() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 default = [step() for _ in range(3)][-1]
-on = keep_freed_memory(sys.argv[1], {"accelerator": "cpu"})
+on = keep_freed_memory(use_keep_freed_memory(sys.argv[1], "cpu"))
 print(default, on, *[step() for _ in range(6)])
 """
 

@@ -25,53 +25,100 @@ def _concat(features: Sequence[Tensor]) -> Tensor:
     return torch.cat(list(features), 1) if len(features) > 1 else features[0]
 
 
+class Workspace:
+    """Two scratch buffers, kept across steps, that memory-efficient mode writes each layer's
+    concatenation and its BN-ReLU output into, in the forward and again in the backward.
+
+    Allocating them afresh per layer costs twice over on a CPU: blocks over 32 MB are mapped
+    and unmapped by glibc on every use, so each step faults them in again page by page; and
+    kept in the heap instead, the growing concatenations leave holes between the layers'
+    outputs that the heap cannot hand back, so it ends well above the live peak. Two fixed
+    buffers of the largest concatenation's size avoid both.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+
+    def reserve(self, numel: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Grow both buffers to `numel` elements at once (not layer by layer, which would leave
+        the smaller ones behind as holes)."""
+        for slot in (0, 1):
+            buf = self.buffers.get((slot, dtype, device))
+            if buf is None or buf.numel() < numel:
+                self.buffers.pop((slot, dtype, device), None)
+                self.buffers[(slot, dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
+
+    def view(self, slot: int, like: Tensor, channels: int) -> Tensor:
+        """Buffer `slot` as a tensor of `like`'s batch and spatial size with `channels` maps, in
+        `like`'s memory format."""
+        n, _, h, w = like.shape
+        self.reserve(n * channels * h * w, like.dtype, like.device)
+        flat = self.buffers[(slot, like.dtype, like.device)][: n * channels * h * w]
+        if like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous():
+            return flat.view(n, h, w, channels).permute(0, 3, 1, 2)
+        return flat.view(n, channels, h, w)
+
+    def clear(self) -> None:
+        self.buffers.clear()
+
+
+def _concat_into(workspace: Workspace, features: Sequence[Tensor]) -> Tensor:
+    """The concatenation of `features`, written into workspace buffer 0 (one feature: itself)."""
+    if len(features) == 1:
+        return features[0]
+    out = workspace.view(0, features[0], sum(f.shape[1] for f in features))
+    return torch.cat(list(features), 1, out=out)
+
+
 class _EfficientNormReluConv(torch.autograd.Function):
     """conv(relu(batch_norm(cat(features)))) in training mode, keeping for backward only the
     features (which the block keeps anyway) and the batch statistics.
 
     The concatenation and its normalized copy grow with depth and dominate a DenseNet's memory;
-    they are recomputed in backward, one layer at a time (Pleiss et al.'s shared-memory recipe).
-    Unlike ``torch.utils.checkpoint`` the convolution is not run again: its output is kept, as
-    the next BN needs it anyway, so only cheap elementwise work is repeated.
+    they are recomputed in backward, one layer at a time (Pleiss et al.'s shared-memory recipe),
+    into the two buffers of a `Workspace` shared by all layers. Unlike ``torch.utils.checkpoint``
+    the convolution is not run again: its output is kept, as the next BN needs it anyway, so
+    only cheap elementwise work is repeated.
     """
 
     @staticmethod
-    def forward(ctx, norm_weight: Tensor, norm_bias: Tensor, running_mean: Tensor | None,  # type: ignore[override]
-                running_var: Tensor | None, momentum: float, eps: float, conv_weight: Tensor, padding: int,
-                *features: Tensor) -> Tensor:
-        x = _concat(features)
-        z, mean, invstd = torch.ops.aten.native_batch_norm(
-            x, norm_weight, norm_bias, running_mean, running_var, True, momentum, eps
+    def forward(ctx, workspace: Workspace, norm_weight: Tensor, norm_bias: Tensor,  # type: ignore[override]
+                running_mean: Tensor | None, running_var: Tensor | None, momentum: float, eps: float,
+                conv_weight: Tensor, padding: int, *features: Tensor) -> Tensor:
+        x = _concat_into(workspace, features)
+        z = workspace.view(1, x, x.shape[1])
+        _, mean, invstd = torch.ops.aten.native_batch_norm.out(
+            x, norm_weight, norm_bias, running_mean, running_var, True, momentum, eps,
+            out=z, save_mean=x.new_empty(0, dtype=torch.float32), save_invstd=x.new_empty(0, dtype=torch.float32),
         )
-        del x
         out = F.conv2d(z.relu_(), conv_weight, padding=padding)  # autocast, if on, casts here
         ctx.save_for_backward(norm_weight, norm_bias, conv_weight, mean, invstd, *features)
-        ctx.eps, ctx.padding, ctx.conv_dtype = eps, padding, out.dtype
+        ctx.workspace, ctx.eps, ctx.padding, ctx.conv_dtype = workspace, eps, padding, out.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         norm_weight, norm_bias, conv_weight, mean, invstd, *features = ctx.saved_tensors
-        # At most three maps of the concatenation's size are alive at once, as in the forward.
-        x = _concat(features)
+        x = _concat_into(ctx.workspace, features)
         # The forward's normalized maps again, from its batch statistics: one fused pass.
         scale = invstd * norm_weight
         shape = (1, -1, 1, 1)
-        z = torch.addcmul((norm_bias - mean * scale).view(shape), x, scale.view(shape)).to(x.dtype).relu_()
-        del x
+        z = ctx.workspace.view(1, x, x.shape[1])
+        torch.addcmul((norm_bias - mean * scale).view(shape).to(x.dtype), x, scale.view(shape).to(x.dtype), out=z)
         grad_z, grad_conv_weight, _ = torch.ops.aten.convolution_backward(
-            grad, z.to(ctx.conv_dtype), conv_weight.to(ctx.conv_dtype), None, [1, 1], [ctx.padding] * 2, [1, 1],
-            False, [0, 0], 1, [True, ctx.needs_input_grad[6], False],
+            grad, z.relu_().to(ctx.conv_dtype), conv_weight.to(ctx.conv_dtype), None, [1, 1], [ctx.padding] * 2,
+            [1, 1], False, [0, 0], 1, [True, ctx.needs_input_grad[7], False],
         )
-        grad_z = torch.ops.aten.threshold_backward(grad_z.to(z.dtype), z, 0)  # ReLU's gradient
-        del z
+        grad_z = grad_z.to(z.dtype)
+        torch.ops.aten.threshold_backward.grad_input(grad_z, z, 0, grad_input=grad_z)  # ReLU's gradient, in place
         grad_x, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_batch_norm_backward(
-            grad_z, _concat(features), norm_weight, None, None, mean, invstd, True, ctx.eps, [True, True, True]
+            grad_z, x, norm_weight, None, None, mean, invstd, True, ctx.eps, [True, True, True]
         )
         grad_features = torch.split(grad_x, [f.shape[1] for f in features], 1)
         if grad_conv_weight is not None:
             grad_conv_weight = grad_conv_weight.to(conv_weight.dtype)
-        return (grad_norm_weight, grad_norm_bias, None, None, None, None, grad_conv_weight, None, *grad_features)
+        return (None, grad_norm_weight, grad_norm_bias, None, None, None, None, grad_conv_weight, None,
+                *grad_features)
 
 
 def _running_stats_factor(norm: nn.BatchNorm2d) -> float:
@@ -96,6 +143,7 @@ class DenseLayer(nn.Module):
         bottleneck: bool,
         drop_rate: float,
         memory_efficient: bool,
+        workspace: Workspace | None = None,
     ) -> None:
         super().__init__()
         self.norm1 = nn.BatchNorm2d(in_features)
@@ -108,13 +156,15 @@ class DenseLayer(nn.Module):
         self.bottleneck = bottleneck
         self.drop_rate = float(drop_rate)
         self.memory_efficient = memory_efficient
+        # Scratch memory shared by every layer of the model (a plain attribute: no state).
+        self.workspace = workspace if workspace is not None or not memory_efficient else Workspace()
 
     def _norm_relu_conv(self, norm: nn.BatchNorm2d, conv: nn.Conv2d, features: list[Tensor]) -> Tensor:
         if self.memory_efficient and self.training and torch.is_grad_enabled():
             # Neither the concatenation nor a BN-ReLU output is stored: the first grows with
             # depth, the second (4k maps after the bottleneck) is 4x what the layer adds.
             return _EfficientNormReluConv.apply(
-                norm.weight, norm.bias, norm.running_mean, norm.running_var, _running_stats_factor(norm), norm.eps,
+                self.workspace, norm.weight, norm.bias, norm.running_mean, norm.running_var, _running_stats_factor(norm), norm.eps,
                 conv.weight, conv.padding[0], *features,
             )
         return conv(F.relu(norm(_concat(features)), inplace=True))
@@ -142,11 +192,16 @@ class DenseBlock(nn.ModuleDict):
         bottleneck: bool,
         drop_rate: float,
         memory_efficient: bool,
+        workspace: Workspace | None = None,
     ) -> None:
         super().__init__()
+        self.workspace = workspace if workspace is not None or not memory_efficient else Workspace()
+        # The widest map a memory-efficient layer writes into the workspace.
+        self.widest = max(in_features + (num_layers - 1) * growth_rate, bn_size * growth_rate if bottleneck else 0)
         for i in range(num_layers):
             layer = DenseLayer(
-                in_features + i * growth_rate, growth_rate, bn_size, bottleneck, drop_rate, memory_efficient
+                in_features + i * growth_rate, growth_rate, bn_size, bottleneck, drop_rate, memory_efficient,
+                self.workspace,
             )
             self.add_module(f"denselayer{i + 1}", layer)
 
@@ -154,6 +209,9 @@ class DenseBlock(nn.ModuleDict):
         # Keep a list and concatenate once per layer inside the layer (not once per block
         # iteration here), so memory-efficient mode can recompute that concatenation.
         features = [x]
+        if self.workspace is not None and self.training and torch.is_grad_enabled():
+            n, _, h, w = x.shape
+            self.workspace.reserve(n * self.widest * h * w, x.dtype, x.device)
         for layer in self.values():
             features.append(layer(features))
         return torch.cat(features, 1)
@@ -265,9 +323,12 @@ class DenseNet(nn.Module):
             layers = [("conv0", nn.Conv2d(in_channels, num_init_features, 3, padding=1, bias=False))]
         self.features = nn.Sequential(OrderedDict(layers))
 
+        self.workspace = Workspace() if memory_efficient else None
         width = num_init_features
         for i, num_layers in enumerate(self.block_config):
-            block = DenseBlock(num_layers, width, growth_rate, bn_size, bottleneck, drop_rate, memory_efficient)
+            block = DenseBlock(
+                num_layers, width, growth_rate, bn_size, bottleneck, drop_rate, memory_efficient, self.workspace
+            )
             self.features.add_module(f"denseblock{i + 1}", block)
             width += num_layers * growth_rate
             if i != len(self.block_config) - 1:
@@ -286,6 +347,12 @@ class DenseNet(nn.Module):
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # `.to(device)`, `.half()` and the like: drop scratch memory of the old device or dtype.
+        if self.workspace is not None:
+            self.workspace.clear()
+        return super()._apply(fn, recurse)
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.features(x), inplace=True)
