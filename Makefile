@@ -90,15 +90,15 @@ study-report: setup
 # Executes both notebooks on the committed study and saves them with their outputs.
 study-notebooks: setup
 	@rm -rf .study-store && mkdir .study-store && \
-	$(PY) -m densenet_exp.export load $(STUDY)/runs.jsonl.gz --tracking-uri sqlite:///.study-store/mlflow.db && \
-	$(PY) tools/run-notebooks --tracking-uri sqlite:///.study-store/mlflow.db --experiment study_fmnist; \
+	$(PY) -m densenet_exp.export load $(STUDY)/runs.jsonl.gz --tracking-uri sqlite:///$(CURDIR)/.study-store/mlflow.db && \
+	$(PY) tools/run-notebooks --tracking-uri sqlite:///$(CURDIR)/.study-store/mlflow.db --experiment study_fmnist; \
 	s=$$?; rm -rf .study-store; exit $$s
 
 # The MLflow UI's runs table over the committed study: sweeps with their nested runs.
 study-screenshot: setup
 	@rm -rf .study-store && mkdir .study-store && \
-	$(PY) -m densenet_exp.export load $(STUDY)/runs.jsonl.gz --tracking-uri sqlite:///.study-store/mlflow.db && \
-	$(PY) tools/ui-screenshot --store sqlite:///.study-store/mlflow.db --experiment study_fmnist --out $(STUDY)/mlflow-ui.png; \
+	$(PY) -m densenet_exp.export load $(STUDY)/runs.jsonl.gz --tracking-uri sqlite:///$(CURDIR)/.study-store/mlflow.db && \
+	$(PY) tools/ui-screenshot --store sqlite:///$(CURDIR)/.study-store/mlflow.db --experiment study_fmnist --out $(STUDY)/mlflow-ui.png; \
 	s=$$?; rm -rf .study-store; exit $$s
 
 clean:
