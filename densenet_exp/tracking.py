@@ -9,14 +9,15 @@ import json
 import platform
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from .store import retry_locked, tracking_uri  # noqa: F401 (re-exported for run.py and tests)
 
 # MLflow is imported where it is used, so that importing this module (Hydra's sweep callback,
 # `--help`, the report) costs no second; Lightning's MLflow logger lives in run_logger.py.
@@ -27,27 +28,6 @@ if TYPE_CHECKING:
 PARENT_ID_FILE = "mlflow_parent_run_id"
 FAILURES_DIR = "failed_jobs"
 PACKAGES = ("torch", "torchvision", "lightning", "torchmetrics", "hydra-core", "mlflow", "densenet_exp")
-T = TypeVar("T")
-
-
-def tracking_uri(configured: str | None, root: Path) -> str:
-    """The store a run logs to: the config's `tracking.uri`, else `$MLFLOW_TRACKING_URI`, else
-    the SQLite file `mlflow.db` in the project root."""
-    import os
-
-    return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
-
-
-def retry_locked(fn: Callable[[], T], attempts: int = 8) -> T:
-    """Call `fn`, retrying while SQLite says the database is locked (parallel jobs, one file)."""
-    for i in range(attempts):
-        try:
-            return fn()
-        except Exception as err:  # MlflowException wraps sqlalchemy's OperationalError
-            if "locked" not in str(err) or i == attempts - 1:
-                raise
-            time.sleep(0.2 * 2**i)
-    raise AssertionError("unreachable")
 
 
 def ensure_experiment(client: MlflowClient, name: str) -> str:
