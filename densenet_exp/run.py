@@ -5,7 +5,12 @@
     python -m densenet_exp.run -m experiment=smoke growth_rate=12,32
 
 Order of work in a job: compose and validate the config (bad input stops here, before any run
-exists), build model and data, find the run to resume or create one, train, test, close the run.
+exists), build model and data, check the store, close runs whose owner is gone, then resume or
+create this job's run by the ownership rule (densenet_exp/ownership.py), train, test, close it.
+
+Exit codes: 0 done; 1 a failure (a sweep: some job failed); 2 bad input; 3 refused, a run of
+this config has a live owner; 75 the tracking server stayed unreachable; 130 / 143 stopped by
+Ctrl-C / SIGTERM (the run is KILLED and the same command resumes it).
 """
 
 from __future__ import annotations
@@ -13,11 +18,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import shutil
 import sys
 import tempfile
 import time
 import warnings
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,18 +40,33 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from omegaconf import DictConfig, OmegaConf
 
+from . import stopping
+from .checkpoints import LAST, PENDING, LastCheckpoint, readable, set_aside
 from .classifier import ImageClassifier
 from .data import ImageDataModule
 from .models import DENSENET_KNOBS, build_model, is_densenet
+from .ownership import (
+    RESUMED_AFTER_TAG,
+    STOP_REASON_TAG,
+    Busy,
+    Heartbeat,
+    OwnerLock,
+    RunBusy,
+    claim,
+    close_orphans,
+    earlier_live_rival,
+)
 from .probes import build_probes
 from .speed import keep_freed_memory, use_channels_last
+from .store import StoreConfigError, StoreUnreachable, bound_http_waits, prepare_store, unreachable
 from .tracking import (
+    UNSENT_FILE,
     RunLogger,
+    adopt_into_sweep,
+    close_run,
     config_hash,
-    end_run,
     ensure_experiment,
     find_finished_run,
-    find_resumable_run,
     flatten,
     git_state,
     parent_run_id,
@@ -55,7 +77,7 @@ from .tracking import (
     system_facts,
     tracking_uri,
 )
-from .validate import ConfigError, validate_config
+from .validate import ConfigError, check_added_keys, output_folder_was_new, validate_config
 
 log = logging.getLogger("densenet_exp")
 
@@ -64,8 +86,12 @@ log = logging.getLogger("densenet_exp")
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging interval")
+# The checkpoint folder holds the owner's lock file (ownership.py); stale checkpoints are set aside.
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 JOB_ARGS_ENV = "DENSENET_EXP_JOB_ARGS"
+CLAIM_ENV = "DENSENET_EXP_RUN_CLAIM"  # rank 0's choice of run, for the DDP ranks Lightning starts
+EXIT_BAD_INPUT, EXIT_BUSY, EXIT_STORE_DOWN = 2, 3, 75
 
 
 def apply_knobs(cfg: dict[str, Any]) -> None:
@@ -105,11 +131,13 @@ def cpu_threads(configured: int | None, hc: Any) -> int | None:
     return None
 
 
-def create_run(client: MlflowClient, experiment_id: str, plain: dict[str, Any], hc: Any, root: Path) -> tuple[str, Path]:
+def create_run(
+    client: MlflowClient, experiment_id: str, plain: dict[str, Any], hc: Any, root: Path, lock: OwnerLock
+) -> str:
     """A new MLflow run for this job, tagged with its variant, config hash, overrides, output
-    folder, git state and, in a sweep, its parent run. Returns the run id and checkpoint folder."""
+    folder, git state, owner and, in a sweep, its parent run."""
     out_dir = Path(hc.runtime.output_dir).resolve()
-    ckpt_dir = out_dir / "checkpoints"
+    ckpt_dir = lock.path.parent
     tags = {
         MLFLOW_RUN_NAME: variant_name(plain),
         "variant": variant_name(plain),
@@ -119,6 +147,7 @@ def create_run(client: MlflowClient, experiment_id: str, plain: dict[str, Any], 
         "output_dir": str(out_dir),
         "checkpoint_dir": str(ckpt_dir),
         **git_state(root),
+        **lock.tags(),
     }
     if hc.mode == RunMode.MULTIRUN:
         tags.update({"sweep_job": str(hc.job.num), "sweep_dir": str(Path(hc.sweep.dir).resolve())})
@@ -126,7 +155,7 @@ def create_run(client: MlflowClient, experiment_id: str, plain: dict[str, Any], 
         if parent:
             tags.update({MLFLOW_PARENT_RUN_ID: parent, "sweep_id": parent})
     run = retry_locked(lambda: client.create_run(experiment_id, tags=tags))
-    return run.info.run_id, ckpt_dir
+    return run.info.run_id
 
 
 def record_new_run(client: MlflowClient, run_id: str, logger: RunLogger, trainer: L.Trainer, plain: dict) -> None:
@@ -140,27 +169,108 @@ def record_new_run(client: MlflowClient, run_id: str, logger: RunLogger, trainer
         client.log_artifact(run_id, str(path))
 
 
-def choose_run(
-    client: MlflowClient, experiment_id: str, previous: list, plain: dict[str, Any], hc: Any, chief: bool
-) -> tuple[str | None, Path, str | None]:
-    """The run this job logs to, its checkpoint folder and the checkpoint to resume from: the
-    newest unfinished run of this config that left a last checkpoint, else a new run (rank 0
-    creates it; other DDP ranks log nothing)."""
-    resumable = find_resumable_run(previous) if plain["tracking"]["resume"] else None
-    if resumable is not None:
-        run_id = resumable.info.run_id
-        ckpt_dir = Path(resumable.data.tags["checkpoint_dir"])
-        if chief:
-            retry_locked(lambda: client.update_run(run_id, status="RUNNING"))
-            log.info("resuming MLflow run %s from %s", run_id, ckpt_dir / "last.ckpt")
-        return run_id, ckpt_dir, str(ckpt_dir / "last.ckpt")
-    if chief:
-        return *create_run(client, experiment_id, plain, hc, Path(hc.runtime.cwd)), None
-    return None, Path(hc.runtime.output_dir) / "checkpoints", None
+@dataclass
+class RunClaim:
+    """The run a job logs to, its checkpoint folder, the checkpoint it resumes from (None: from
+    the start), whether the run existed before (and had its params logged), and the owner lock
+    that rank 0 holds while it trains."""
+
+    run_id: str | None
+    ckpt_dir: Path
+    ckpt_path: str | None = None
+    resumed: bool = False
+    recorded: bool = False
+    lock: OwnerLock | None = field(default=None, repr=False)
+
+    def to_env(self) -> str:
+        return json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items() if k != "lock"})
+
+    @classmethod
+    def from_env(cls, text: str) -> RunClaim:
+        fields = json.loads(text)
+        return cls(**{**fields, "ckpt_dir": Path(fields["ckpt_dir"])})
 
 
-def skipped(plain: dict[str, Any], finished: Any) -> dict[str, Any]:
-    """A sweep job whose config already has a FINISHED run: report that run, train nothing."""
+def choose_run(client: MlflowClient, experiment_id: str, previous: list, plain: dict[str, Any], hc: Any,
+               chief: bool) -> RunClaim:
+    """The ownership rule (densenet_exp/ownership.py), applied by rank 0 after the runs whose
+    owner is gone were closed: refuse (RunBusy) while a run of this config has a live owner, else
+    resume the newest KILLED run of it, else create one. Other DDP ranks take rank 0's choice."""
+    if not chief:
+        if CLAIM_ENV in os.environ:
+            return RunClaim.from_env(os.environ[CLAIM_ENV])
+        # Ranks that SLURM starts beside rank 0 find the checkpoint rank 0 resumes from.
+        unfinished = [r for r in previous if r.info.status in ("RUNNING", "KILLED")]
+        ckpt = Path(unfinished[0].data.tags.get("checkpoint_dir", "")) / LAST if unfinished else None
+        if ckpt is not None and ckpt.is_file():
+            return RunClaim(unfinished[0].info.run_id, ckpt.parent, str(ckpt), resumed=True)
+        return RunClaim(None, Path(hc.runtime.output_dir) / "checkpoints")
+    tracking = plain["tracking"]
+    if tracking["resume"]:
+        live = [r for r in previous if r.info.status == "RUNNING"]
+        if live:
+            raise RunBusy(live[0])
+        killed = next((r for r in previous if r.info.status == "KILLED"), None)
+        if killed is not None:
+            return resume_run(client, killed, hc)
+    claimed = new_run(client, experiment_id, plain, hc)
+    if tracking["resume"]:
+        # Two launches of one config at once each created a run: the first-created one goes on.
+        rival = earlier_live_rival(
+            runs_of_config(client, experiment_id, config_hash(plain)), claimed.run_id, tracking["owner_timeout_s"])
+        if rival is not None:
+            retry_locked(lambda: client.delete_run(claimed.run_id))
+            claimed.lock.release()
+            raise RunBusy(rival)
+    return claimed
+
+
+def new_run(client: MlflowClient, experiment_id: str, plain: dict[str, Any], hc: Any) -> RunClaim:
+    """A new run owned by this process, checkpointing into the job's output folder."""
+    lock = OwnerLock(Path(hc.runtime.output_dir).resolve() / "checkpoints")
+    if not lock.acquire():
+        raise Busy(f"the output folder {hc.runtime.output_dir} holds a run that a live process trains: "
+                   "pick another hydra.run.dir")
+    set_aside(lock.path.parent, "stale")  # an earlier run's checkpoints in a reused folder
+    run_id = create_run(client, experiment_id, plain, hc, Path(hc.runtime.cwd), lock)
+    return RunClaim(run_id, lock.path.parent, lock=lock)
+
+
+def resume_run(client: MlflowClient, run: Any, hc: Any) -> RunClaim:
+    """Own a KILLED run again and continue it: from its last checkpoint if that reads, else from
+    the start (an unreadable checkpoint is set aside and reported)."""
+    lock = claim(client, run)
+    run_id = run.info.run_id
+    ckpt_dir = lock.path.parent
+    last = ckpt_dir / LAST
+    ckpt_path = str(last) if last.is_file() else None
+    why = readable(last) if ckpt_path else None
+    if why is not None:
+        (moved,) = set_aside(ckpt_dir, "corrupt", LAST)
+        print(f"warning: checkpoint {last} cannot be read ({why}); set aside as {moved}, and MLflow run {run_id} "
+              "starts over from epoch 0", file=sys.stderr, flush=True)
+        ckpt_path = None
+    # A checkpoint of an epoch whose metrics may not all be logged, or of an attempt started over.
+    set_aside(ckpt_dir, "stale", "*.ckpt" if ckpt_path is None else PENDING)
+    tags = {**lock.tags(), RESUMED_AFTER_TAG: run.data.tags.get(STOP_REASON_TAG, "")}
+    retry_locked(lambda: client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()]))
+    if STOP_REASON_TAG in run.data.tags:
+        retry_locked(lambda: client.delete_tag(run_id, STOP_REASON_TAG))
+    retry_locked(lambda: client.update_run(run_id, status="RUNNING"))
+    if hc.mode == RunMode.MULTIRUN:
+        adopt_into_sweep(client, run, Path(hc.sweep.dir), hc.job.num, finished=False)
+    log.info("resuming MLflow run %s from %s", run_id, ckpt_path or "the start")
+    return RunClaim(run_id, ckpt_dir, ckpt_path, resumed=True, recorded=bool(run.data.params), lock=lock)
+
+
+def resume_command() -> str:
+    return shlex.join(["python", "-m", "densenet_exp.run", *sys.argv[1:]])
+
+
+def skipped(client: MlflowClient, plain: dict[str, Any], finished: Any, hc: Any) -> dict[str, Any]:
+    """A sweep job whose config already has a FINISHED run: report that run, train nothing, and
+    count it as a job of this sweep if its own sweep never finished."""
+    adopt_into_sweep(client, finished, Path(hc.sweep.dir), hc.job.num, finished=True)
     metrics = finished.data.metrics
     print(f"{variant_name(plain)}: skipped, already FINISHED as MLflow run {finished.info.run_id} "
           f"(test accuracy {metrics.get('test/acc', float('nan')):.4f}); tracking.skip_finished=false trains it "
@@ -172,10 +282,12 @@ def skipped(plain: dict[str, Any], finished: Any) -> dict[str, Any]:
 def train(cfg: DictConfig, hc: Any) -> dict[str, Any]:
     """Run one job of the harness; returns its summary."""
     started = time.perf_counter()
+    stopping.raise_if_stopped()  # Ctrl-C between two jobs of a sweep
     root = Path(hc.runtime.cwd)
     plain = resolved_config(cfg)
     apply_knobs(plain)
     validate_config(plain)
+    check_added_keys(hc.overrides.task)
     L.seed_everything(plain["seed"], workers=True, verbose=False)
     threads = cpu_threads(plain.get("cpu_threads"), hc)
     if threads:
@@ -200,39 +312,58 @@ def train(cfg: DictConfig, hc: Any) -> dict[str, Any]:
 
     tracking = plain["tracking"]
     uri = tracking_uri(tracking["uri"], root)
+    bound_http_waits(tracking["http"])
+    prepare_store(uri, "tracking.uri" if tracking["uri"] else "MLFLOW_TRACKING_URI")
     client = MlflowClient(uri)
     chief = rank_zero_only.rank == 0  # only rank 0 writes to MLflow
     experiment_id = ensure_experiment(client, tracking["experiment"])
+    if chief:
+        close_orphans(client, experiment_id, tracking["owner_timeout_s"])
     previous = runs_of_config(client, experiment_id, config_hash(plain))
     finished = find_finished_run(previous)
     if hc.mode == RunMode.MULTIRUN and tracking["skip_finished"] and finished is not None:
-        return skipped(plain, finished)
-    run_id, ckpt_dir, ckpt_path = choose_run(client, experiment_id, previous, plain, hc, chief)
-    unsent = Path(hc.runtime.output_dir) / "unsent_metrics.jsonl"
+        return skipped(client, plain, finished, hc)
+    claimed = choose_run(client, experiment_id, previous, plain, hc, chief)
+    run_id, ckpt_dir = claimed.run_id, claimed.ckpt_dir
+    os.environ[CLAIM_ENV] = claimed.to_env()
+    unsent = Path(hc.runtime.output_dir) / UNSENT_FILE
     logger = RunLogger(experiment_name=tracking["experiment"], tracking_uri=uri, run_id=run_id, unsent=unsent)
+    heartbeat = Heartbeat(client, run_id, tracking["heartbeat_s"]) if chief else None
+    trainer: L.Trainer | None = None
     error: BaseException | None = None
     try:
-        checkpoint = ModelCheckpoint(
-            dirpath=ckpt_dir, filename="best-{epoch}", monitor="val/acc", mode="max", save_top_k=1, save_last=True
-        )
+        if chief and claimed.resumed:
+            logger.load_history(client)  # an epoch redone after a kill is not logged twice
+        checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch}", monitor="val/acc", mode="max",
+                                     save_top_k=1, save_last=False)
         trainer = L.Trainer(
-            **plain["trainer"], logger=logger, callbacks=[checkpoint, *probes], use_distributed_sampler=False
+            **plain["trainer"], logger=logger, use_distributed_sampler=False,
+            callbacks=[checkpoint, LastCheckpoint(ckpt_dir), stopping.StopAtNextStep(), *probes],
+            default_root_dir=hc.runtime.output_dir,  # where Lightning's SLURM requeue writes its checkpoint
         )
-        if chief and ckpt_path is None:
+        if chief and not claimed.recorded:
             record_new_run(client, run_id, logger, trainer, plain)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=claimed.ckpt_path, weights_only=True)
         val_acc = float(trainer.callback_metrics["val/acc"])  # test() resets callback_metrics
         results = trainer.test(module, datamodule=datamodule, verbose=False)[0]
         if chief and tracking["log_checkpoint"] and checkpoint.best_model_path:
             client.log_artifact(run_id, checkpoint.best_model_path, "checkpoints")
     except BaseException as err:
         error = err
-        raise
+        if unreachable(err) and not isinstance(err, StoreUnreachable):
+            raise StoreUnreachable(uri, unsent) from err
+        raise stopping.as_stopped(err) or err
     finally:
-        if chief and isinstance(error, (KeyboardInterrupt, SystemExit)):
-            retry_locked(lambda: client.set_terminated(run_id, "KILLED"))
-        elif chief:
-            end_run(client, run_id, error)
+        if heartbeat is not None:
+            heartbeat.stop()
+        if chief:
+            where = f" at epoch {trainer.current_epoch}, step {trainer.global_step}" if trainer is not None else ""
+            close_run(client, run_id, error, unsent, where)
+            if error is not None and stopping.as_stopped(error):
+                print(f"{stopping.as_stopped(error).reason}{where}: MLflow run {run_id} is KILLED; resume it with: "
+                      f"{resume_command()}", file=sys.stderr, flush=True)
+        if claimed.lock is not None:
+            claimed.lock.release()
     summary = {
         "variant": variant_name(plain),
         "test_acc": float(results["test/acc"]),
@@ -254,19 +385,28 @@ def train(cfg: DictConfig, hc: Any) -> dict[str, Any]:
 def main(cfg: DictConfig) -> float | None:
     """Returns the final validation accuracy: the objective of a hyperparameter search."""
     hc = HydraConfig.get()
+    stopping.install()
+    multirun = hc.mode == RunMode.MULTIRUN
     try:
         return train(cfg, hc)["val_acc"]
+    except StoreUnreachable as err:
+        # The rest of a sweep would wait on the same server: stop here, with one line.
+        if multirun:
+            record_failed_job(Path(hc.sweep.dir), hc.job.num, list(hc.overrides.task), err)
+        print(f"error: {err.advice()}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_STORE_DOWN)
     except Exception as err:
-        if hc.mode == RunMode.MULTIRUN:
+        if multirun:
             # One failed job must not stop the sweep; SweepParentRun reports it at the end.
             record_failed_job(Path(hc.sweep.dir), hc.job.num, list(hc.overrides.task), err)
             log.error("job #%s failed: %s: %s", hc.job.num, type(err).__name__, err)
             return None
-        if isinstance(err, ConfigError):
-            # Nothing was created but Hydra's output folder: remove it and say what is wrong.
-            shutil.rmtree(hc.runtime.output_dir, ignore_errors=True)
+        if isinstance(err, ConfigError | StoreConfigError | Busy):
+            # Nothing was created but Hydra's output folder: remove it (if this launch made it).
+            if output_folder_was_new(hc.runtime.output_dir):
+                shutil.rmtree(hc.runtime.output_dir, ignore_errors=True)
             print(f"error: {err}", file=sys.stderr, flush=True)
-            sys.exit(2)
+            sys.exit(EXIT_BUSY if isinstance(err, Busy) else EXIT_BAD_INPUT)
         raise
 
 
