@@ -26,7 +26,6 @@ import threading
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
@@ -126,8 +125,14 @@ def owner_gone(run: Run, timeout_s: float) -> str | None:
         their_job, _, restart = theirs.rpartition(":")
         if their_job == job[0] and int(restart) < job[1]:
             return f"its owner {owner} was SLURM job {their_job} before it was requeued"
-    host = owner.rpartition(":")[0] if OWNER_TAG in tags else None
-    if host is None or host == socket.gethostname():
+    if OWNER_TAG not in tags:
+        # A run from before ownership (older code may still train it): gone once it has been
+        # silent, no metric logged, for owner_timeout_s.
+        latest = max([run.info.start_time or 0, *(m.timestamp for m in getattr(run.data, "_metric_objs", []))])
+        age = time.time() - latest / 1000
+        return None if age < timeout_s else f"it has no recorded owner and logged nothing for {age:.0f} s"
+    host = owner.rpartition(":")[0]
+    if host == socket.gethostname():
         path = lock_path(run)
         if path is not None and lock_is_held(path):
             return None
@@ -226,6 +231,3 @@ class Heartbeat:
     def stop(self) -> None:
         self._stop.set()
 
-
-def tags_of(client: MlflowClient, run_id: str) -> dict[str, Any]:
-    return retry_locked(lambda: client.get_run(run_id)).data.tags

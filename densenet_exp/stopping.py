@@ -57,6 +57,21 @@ def install() -> None:
             signal.signal(signum, _on_signal)
 
 
+def _note_and_interrupt(signum: int, frame: Any) -> None:
+    global _received
+    _received = signum
+    raise KeyboardInterrupt if signum == signal.SIGINT else Stopped(signum)
+
+
+def install_in_launcher() -> None:
+    """For the process that launches a sweep: note the signal (so the sweep's parent run is
+    marked KILLED with the reason) and stop at once. A job that trains in this process installs
+    the step-stopping handler over this one."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in SIGNAL_NAMES:
+            signal.signal(signum, _note_and_interrupt)
+
+
 def raise_if_stopped() -> None:
     if _received is not None:
         raise Stopped(_received)

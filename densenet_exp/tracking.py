@@ -24,7 +24,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, ML
 from omegaconf import DictConfig, OmegaConf
 
 from . import stopping
-from .ownership import STOP_REASON_TAG, Heartbeat, OwnerLock, close_orphans, this_owner
+from .ownership import STOP_REASON_TAG, Heartbeat, OwnerLock, close_orphans
 from .store import (
     StoreConfigError,
     StoreUnreachable,
@@ -330,6 +330,7 @@ class SweepParentRun(Callback):
         self.run_id = run.info.run_id
         (self.sweep_dir / PARENT_ID_FILE).write_text(self.run_id)
         self.heartbeat = Heartbeat(self.client, self.run_id, tracking["heartbeat_s"])
+        stopping.install_in_launcher()
         # If the sweep ends before on_multirun_end (Ctrl-C, a job's config fails to compose, the
         # store goes away), the parent must not be left RUNNING.
         atexit.register(self._close, interrupted=True)

@@ -45,6 +45,7 @@ def fake_run(tags: dict, status: str = "RUNNING", start_time: int = 0, run_id: s
 # --- 1. a second launch of a live config is refused -----------------------------------------
 
 
+@pytest.mark.slow
 def test_a_second_launch_of_a_live_config_is_refused(store):
     overrides = (*SMOKE, "trainer.max_epochs=3")
     ensure_experiment(store.client(), "smoke")
