@@ -97,6 +97,34 @@ def test_speed_switches_per_device():
     assert use_keep_freed_memory("auto", "gpu") is False
     assert use_keep_freed_memory("auto", "cpu") is sys.platform.startswith("linux")
     assert use_keep_freed_memory(False, "cpu") is False
+    # A memory-efficient model wants memory first: glibc's defaults (measured, speed.py).
+    assert use_keep_freed_memory("auto", "cpu", memory_efficient=True) is False
+    assert use_keep_freed_memory(True, "cpu", memory_efficient=True) is True
+
+
+def test_memory_efficient_model_gets_its_own_allocator_setting(monkeypatch):
+    fake_cpu(monkeypatch, "AVX2", False, False)
+    cfg = trainer_cfg()
+    cfg["model"] = {"arch": "densenet", "memory_efficient": True}
+    assert choose_speed(cfg).keep_freed_memory is False
+    cfg["model"]["memory_efficient"] = False
+    assert choose_speed(cfg).keep_freed_memory is sys.platform.startswith("linux")
+
+
+def test_memory_efficient_mode_reuses_one_workspace_across_steps(batch):
+    # The recomputed concatenations, their BN-ReLU and the 1x1 convolution's input gradient go
+    # into three buffers sized once for the widest map, reused by every layer and every step.
+    model = tiny_densenet(memory_efficient=True).to(memory_format=torch.channels_last)
+    x, y = batch[0].contiguous(memory_format=torch.channels_last), batch[1]
+    F.cross_entropy(model(x), y).backward()
+    buffers = dict(model.workspace.buffers)
+    widest = max(block.widest * x.shape[0] * x.shape[2] * x.shape[3] // (2 ** i) ** 2
+                 for i, block in enumerate(b for b in model.features if hasattr(b, "widest")))
+    assert len(buffers) == 3 and all(buf.numel() == widest for buf in buffers.values())
+    F.cross_entropy(model(x), y).backward()
+    assert {k: v.data_ptr() for k, v in model.workspace.buffers.items()} == {k: v.data_ptr() for k, v in buffers.items()}
+    model.to(torch.float64)
+    assert model.workspace.buffers == {}  # a new dtype or device drops the old scratch memory
 
 
 def fake_cpu(monkeypatch, capability: str, avx512_bf16: bool, amx: bool, onednn_isa: str | None = None) -> None:
