@@ -18,7 +18,8 @@ and AMX; AVX2 imitated with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2):
 So: bf16 autocast only where it is native (1.3x faster there; 5.7x slower emulated here, 18x
 on an AVX2 EPYC), channels_last on every CPU kind (1.3x on both), and kept freed memory on
 both (no difference at 28x28, where no block reaches glibc's 32 MB mmap threshold; 1.2-1.3x at
-224x224, where every concatenation does).
+224x224, where every concatenation does), but for memory-efficient models, which want memory
+first (`use_keep_freed_memory`).
 """
 
 from __future__ import annotations

@@ -26,23 +26,24 @@ def _concat(features: Sequence[Tensor]) -> Tensor:
 
 
 class Workspace:
-    """Two scratch buffers, kept across steps, that memory-efficient mode writes each layer's
-    concatenation and its BN-ReLU output into, in the forward and again in the backward.
+    """Scratch buffers, kept across steps, that memory-efficient mode writes into: 0, each
+    layer's concatenation and 1, its BN-ReLU output, in the forward and again in the backward;
+    2, the gradient of that BN-ReLU output where a 1x1 convolution's backward is a matrix product.
 
-    Allocating them afresh per layer costs twice over on a CPU: blocks over 32 MB are mapped
+    Allocating these afresh per layer costs twice over on a CPU: blocks over 32 MB are mapped
     and unmapped by glibc on every use, so each step faults them in again page by page; and
     kept in the heap instead, the growing concatenations leave holes between the layers'
-    outputs that the heap cannot hand back, so it ends well above the live peak. Two fixed
-    buffers of the largest concatenation's size avoid both.
+    outputs that the heap cannot hand back, so it ends well above the live peak. Fixed buffers
+    of the widest map's size avoid both (measured: README, "Memory-efficient mode").
     """
 
     def __init__(self) -> None:
         self.buffers: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
 
-    def reserve(self, numel: int, dtype: torch.dtype, device: torch.device) -> None:
-        """Grow both buffers to `numel` elements at once (not layer by layer, which would leave
-        the smaller ones behind as holes)."""
-        for slot in (0, 1, 2):
+    def reserve(self, numel: int, dtype: torch.dtype, device: torch.device, slots: Sequence[int] = (0, 1)) -> None:
+        """Grow `slots` to `numel` elements at once (not layer by layer, which would leave the
+        smaller ones behind as holes)."""
+        for slot in slots:
             buf = self.buffers.get((slot, dtype, device))
             if buf is None or buf.numel() < numel:
                 self.buffers.pop((slot, dtype, device), None)
@@ -52,7 +53,7 @@ class Workspace:
         """Buffer `slot` as a tensor of `like`'s batch and spatial size with `channels` maps, in
         `like`'s memory format."""
         n, _, h, w = like.shape
-        self.reserve(n * channels * h * w, like.dtype, like.device)
+        self.reserve(n * channels * h * w, like.dtype, like.device, (slot,))
         flat = self.buffers[(slot, like.dtype, like.device)][: n * channels * h * w]
         if like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous():
             return flat.view(n, h, w, channels).permute(0, 3, 1, 2)
@@ -76,7 +77,7 @@ class _EfficientNormReluConv(torch.autograd.Function):
 
     The concatenation and its normalized copy grow with depth and dominate a DenseNet's memory;
     they are recomputed in backward, one layer at a time (Pleiss et al.'s shared-memory recipe),
-    into the two buffers of a `Workspace` shared by all layers. Unlike ``torch.utils.checkpoint``
+    into the buffers of a `Workspace` shared by all layers. Unlike ``torch.utils.checkpoint``
     the convolution is not run again: its output is kept, as the next BN needs it anyway, so
     only cheap elementwise work is repeated.
     """
