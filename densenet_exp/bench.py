@@ -105,8 +105,7 @@ def measure(entry: str, args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     accelerator = "gpu" if device.type == "cuda" else device.type
     if "keep_freed_memory" in switches:
-        # As the harness's `auto` for this model on this device.
-        keep_freed_memory(use_keep_freed_memory("auto", accelerator, memory_efficient=name.endswith("_me")))
+        keep_freed_memory(use_keep_freed_memory("auto", accelerator))  # as the harness's `auto`
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     y = torch.randint(0, args.num_classes, (args.batch,), device=device)

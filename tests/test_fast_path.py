@@ -97,18 +97,6 @@ def test_speed_switches_per_device():
     assert use_keep_freed_memory("auto", "gpu") is False
     assert use_keep_freed_memory("auto", "cpu") is sys.platform.startswith("linux")
     assert use_keep_freed_memory(False, "cpu") is False
-    # A memory-efficient model wants memory first: glibc's defaults (measured, speed.py).
-    assert use_keep_freed_memory("auto", "cpu", memory_efficient=True) is False
-    assert use_keep_freed_memory(True, "cpu", memory_efficient=True) is True
-
-
-def test_memory_efficient_model_gets_its_own_allocator_setting(monkeypatch):
-    fake_cpu(monkeypatch, "AVX2", False, False)
-    cfg = trainer_cfg()
-    cfg["model"] = {"arch": "densenet", "memory_efficient": True}
-    assert choose_speed(cfg).keep_freed_memory is False
-    cfg["model"]["memory_efficient"] = False
-    assert choose_speed(cfg).keep_freed_memory is sys.platform.startswith("linux")
 
 
 def test_memory_efficient_mode_reuses_one_workspace_across_steps(batch):
