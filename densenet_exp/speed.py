@@ -152,10 +152,10 @@ def use_keep_freed_memory(setting: bool | str, accelerator: str) -> bool:
 
     | | s/step | peak RSS |
     |---|---|---|
-    | normal mode, kept freed memory | 6.0-6.4 | 5572-5787 MB |
-    | memory-efficient, kept freed memory (`auto`) | 6.0-6.3 | 2895 MB |
+    | normal mode, kept freed memory | 6.0-6.5 | 5572-5787 MB |
+    | memory-efficient, kept freed memory (`auto`) | 6.0-7.0 | 2729-2895 MB |
     | memory-efficient, glibc's defaults | 6.6-7.3 | 2368-2415 MB |
-    | torchvision memory_efficient=True, as shipped | 11.4-11.9 | 2994-3072 MB |
+    | torchvision memory_efficient=True, as shipped | 11.4-12.3 | 2994-3081 MB |
 
     Both meet the memory goal (peak RSS <= torchvision's); only kept memory also meets the
     speed goal (>= 0.9x the normal mode) with a margin. `speed.keep_freed_memory=false` gives
