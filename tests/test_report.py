@@ -525,14 +525,18 @@ def test_notebook_runs_top_to_bottom(name, store_kind, request, monkeypatch):
     store, experiment = (request.getfixturevalue("tiny_sweep"), "smoke") if store_kind == "tiny_sweep" \
         else (request.getfixturevalue("known")[0], EXPERIMENT)
     assert kernel_python_prefix() == sys.prefix  # the venv's kernel, not another Python's
-    nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
-    assert all(not c.get("outputs") and c.get("execution_count") is None for c in nb.cells if c.cell_type == "code")
+    path = ROOT / "notebooks" / f"{name}.ipynb"
+    committed = path.read_bytes()  # committed with the study's outputs: executed in memory, never rewritten
+    nb = nbformat.reads(committed.decode(), as_version=4)
+    for cell in (c for c in nb.cells if c.cell_type == "code"):
+        cell.outputs, cell.execution_count = [], None
     for key in [k for k in os.environ if k.startswith(("MLFLOW_", "DENSENET_EXP_"))]:
         monkeypatch.delenv(key)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
     monkeypatch.setenv("DENSENET_EXP_EXPERIMENT", experiment)
     NotebookClient(nb, kernel_name="python3", timeout=600, resources={"metadata": {"path": str(ROOT / "notebooks")}}
                    ).execute()  # raises CellExecutionError on the first failing cell
+    assert path.read_bytes() == committed
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert f"training runs in {experiment!r}" in outputs
     assert "TqdmWarning" not in outputs and "IProgress" not in outputs
