@@ -48,9 +48,10 @@ if [ ! -e "$FMNIST/train-images-idx3-ubyte.gz" ] && [ ! -e "$FMNIST/train-images
 fi
 
 if [ "${SMALL:-0}" = 1 ]; then   # the same steps, tiny, on whatever device there is
-  EPOCHS=1; DATA="data.train_size=512 data.val_size=256 data.test_size=512"; SIZE=32; STEPS=1
+  EPOCHS=1; DATA="data.train_size=2048 data.val_size=256 data.test_size=512 cpu_threads=1"; SIZE=32; STEPS=1
+  BENCH_EXTRA="--threads 1 --num-classes 10"
 else
-  EPOCHS=${EPOCHS:-3}; DATA=""; SIZE=224; STEPS=10
+  EPOCHS=${EPOCHS:-3}; DATA=""; SIZE=224; STEPS=10; BENCH_EXTRA=""
 fi
 URI=sqlite:///$WORK/mlflow.db
 
@@ -85,7 +86,8 @@ for i, step in enumerate(sorted(hist["val/acc"])):
 PYEOF
 
 echo "== 3/3 bench: DenseNet-121 train step vs torchvision and timm, ${SIZE}x${SIZE}, batch 32"
-$PY -m densenet_exp.bench --size "$SIZE" --batch 32 --steps "$STEPS" --warmup 3 --reference tv_densenet121 \
+# shellcheck disable=SC2086
+$PY -m densenet_exp.bench --size "$SIZE" --batch 32 --steps "$STEPS" --warmup 3 --reference tv_densenet121 $BENCH_EXTRA \
   --models densenet121,densenet121:fp32fast,densenet121:fast,densenet121_me:fp32fast,tv_densenet121,tv_densenet121_me,timm_densenet121,timm_densenet121:fp32fast \
   2>/dev/null | tee "$OUT/bench.md" || echo "the bench failed"
 echo "figures in $OUT: gpu.txt pytest_gpu.log bc100.md bench.md"

@@ -15,6 +15,10 @@ from torchmetrics.classification import MulticlassAccuracy
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 SCHEDULERS = ("constant", "multistep", "cosine", "onecycle")
+# Reading a GPU value on the host waits for every queued kernel: the training step only counts
+# non-finite losses on the device, and the count is read every this many steps and at the end
+# of each training epoch.
+NAN_CHECK_EVERY_N_STEPS = 100
 
 
 class ImageClassifier(L.LightningModule):
@@ -46,6 +50,10 @@ class ImageClassifier(L.LightningModule):
         self.test_images = SumMetric()  # how many images the test accuracy covers, over all ranks
         # Top-5 says little with 10 classes or fewer.
         self.test_top5 = MulticlassAccuracy(num_classes, top_k=5, average="micro") if num_classes > 10 else None
+        # First non-finite training loss: its step (-1: none) and value, kept on the loss's device.
+        # Plain tensors, not buffers: DDP would overwrite each rank's with rank 0's.
+        self.bad_loss_step: Tensor | None = None
+        self.bad_loss_value: Tensor | None = None
 
     # Under DDP, losses are averaged over ranks (sync_dist) and torchmetrics accuracies sum
     # their counts over ranks, so rank 0 logs the accuracy of the whole data set.
@@ -62,16 +70,34 @@ class ImageClassifier(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         loss, logits, y = self._loss(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"training loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step}: "
-                "lower optim.lr or check the data"
-            )
+        self._note_nonfinite(loss.detach())
         self.train_acc.update(logits, y)
         self.log("loss", loss, prog_bar=True, logger=False)
         self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
+
+    def _note_nonfinite(self, loss: Tensor) -> None:
+        """Remember the first non-finite loss, on the device: no host sync here."""
+        if self.bad_loss_step is None or self.bad_loss_step.device != loss.device:
+            self.bad_loss_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+            self.bad_loss_value = torch.zeros((), device=loss.device)
+        first = ~torch.isfinite(loss) & (self.bad_loss_step < 0)
+        self.bad_loss_step = torch.where(first, self.global_step, self.bad_loss_step)
+        self.bad_loss_value = torch.where(first, loss.float(), self.bad_loss_value)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if (batch_idx + 1) % NAN_CHECK_EVERY_N_STEPS == 0 or self.trainer.is_last_batch:
+            self.check_loss_finite()
+
+    def check_loss_finite(self) -> None:
+        """Fail the run, naming the step, if a training loss was NaN or infinite (one host sync)."""
+        step = -1 if self.bad_loss_step is None else int(self.bad_loss_step)
+        if step >= 0:
+            raise FloatingPointError(
+                f"training loss is {float(self.bad_loss_value)} at epoch {self.current_epoch}, step {step}: "
+                "lower optim.lr or check the data"
+            )
 
     def on_train_epoch_end(self) -> None:
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=False, on_epoch=True)

@@ -124,6 +124,23 @@ class IndexBatches(Sampler):
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
 
+class IndexShard(Sampler):
+    """This rank's share of a per-image data set (ImageFolder), one index at a time, in the
+    order and with the sharding of IndexBatches: under DDP each image is seen once per epoch."""
+
+    def __init__(self, batches: IndexBatches) -> None:
+        self.batches = batches
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at each epoch's start
+        self.batches.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.batches._shard().tolist())
+
+    def __len__(self) -> int:
+        return len(self.batches._shard())
+
+
 def read_idx(path: Path) -> np.ndarray:
     """Read an idx file (the MNIST format), gzipped or not."""
     raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
@@ -273,14 +290,14 @@ class ImageDataModule(L.LightningDataModule):
         train = split == "train"
         batch_size = self.cfg["batch_size"] if train else self.cfg.get("eval_batch_size") or self.cfg["batch_size"]
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        sampler = IndexBatches(len(ds), batch_size, train, self.seed, drop_last=train, rank=rank, world_size=world)
         if isinstance(ds, TensorImages):
-            sampler = IndexBatches(len(ds), batch_size, train, self.seed, drop_last=train, rank=rank, world_size=world)
             return DataLoader(ds, sampler=sampler, batch_size=None)
         workers = int(self.cfg.get("num_workers", 0))
         return DataLoader(
             ds,
             batch_size=batch_size,
-            shuffle=train,
+            sampler=IndexShard(sampler),  # the trainer runs with use_distributed_sampler=False
             drop_last=train,
             num_workers=workers,
             persistent_workers=workers > 0,

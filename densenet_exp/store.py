@@ -1,24 +1,71 @@
-"""Where the MLflow store is and how to write to it while parallel jobs hold SQLite's lock.
+"""The tracking store a run logs to: its URI checked, a new SQLite store created and migrated
+once under a file lock, and bounded waits for a tracking server that does not answer.
+
+Two processes that open a new SQLite store at once would both run MLflow's migrations and can
+leave it broken for good (`table _alembic_tmp_latest_metrics already exists`), so the first
+process creates it while holding `<store>.lock` and the others wait for it.
 
 Kept free of Lightning and Hydra so that the report and the notebooks, which only read the
-store, start in seconds (`densenet_exp.tracking` builds on these for training runs).
+store, start in seconds (`densenet_exp.tracking` builds on this for training runs).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+# Schemes MLflow's tracking client understands (SQLAlchemy's may carry a driver: postgresql+psycopg2).
+SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
+# `tracking.http` key -> MLflow's client setting (read on every request).
+HTTP_SETTINGS = {
+    "max_retries": "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+    "backoff_factor": "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+    "backoff_jitter": "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER",
+    "timeout_s": "MLFLOW_HTTP_REQUEST_TIMEOUT",
+}
+CREATE_LOCK_WAIT_S = 300
+_down: set[str] = set()  # servers found unreachable in this process: no call waits on them again
+
+
+class StoreConfigError(ValueError):
+    """A store URI or file that cannot work; one line naming it and what to do."""
+
+
+class StoreUnreachable(RuntimeError):
+    """The tracking server did not answer within `tracking.http`'s retries."""
+
+    def __init__(self, uri: str, unsent: Path | None = None) -> None:
+        self.uri, self.unsent = uri, unsent
+        _down.add(uri)
+        super().__init__(f"the tracking server at {uri} is unreachable")
+
+    def advice(self) -> str:
+        """One line: what happened and how to get the figures in."""
+        if self.unsent is not None and self.unsent.is_file():
+            rows = sum(1 for _ in self.unsent.open())
+            return (f"the tracking server at {self.uri} is unreachable (gave up after the retries of tracking.http); "
+                    f"{rows} unsent record(s) are kept in {self.unsent}: once it is back, run "
+                    f"`python -m densenet_exp.replay {self.unsent}`, then the same command again to resume")
+        return (f"the tracking server at {self.uri} is unreachable (gave up after the retries of tracking.http): "
+                "start it or point tracking.uri elsewhere; nothing was trained")
 
 
 def tracking_uri(configured: str | None, root: Path) -> str:
     """The store a run logs to: the config's `tracking.uri`, else `$MLFLOW_TRACKING_URI`, else
     the SQLite file `mlflow.db` in the project root."""
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def is_down(uri: str | None) -> bool:
+    """Whether this process already found the server at `uri` unreachable."""
+    return uri in _down
 
 
 def retry_locked(fn: Callable[[], T], attempts: int = 8) -> T:
@@ -31,3 +78,122 @@ def retry_locked(fn: Callable[[], T], attempts: int = 8) -> T:
                 raise
             time.sleep(0.2 * 2**i)
     raise AssertionError("unreachable")
+
+
+def unreachable(err: BaseException | None) -> bool:
+    """Whether `err` (or what it was raised from) says the server could not be reached."""
+    import requests
+
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, StoreUnreachable | requests.exceptions.ConnectionError | requests.exceptions.Timeout):
+            return True
+        text = str(err)
+        if "Max retries exceeded" in text or "Connection refused" in text:
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
+def bound_http_waits(http: Mapping[str, Any] | None) -> None:
+    """Apply `tracking.http` to MLflow's client (environment settings, inherited by DDP ranks)."""
+    for key, value in (http or {}).items():
+        if key not in HTTP_SETTINGS:
+            raise StoreConfigError(f"tracking.http.{key}={value!r} is not a setting: expected one of "
+                                   f"{', '.join(HTTP_SETTINGS)}")
+        if value is not None:
+            os.environ[HTTP_SETTINGS[key]] = str(value)
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI (None for an in-memory database)."""
+    path = uri.split("://", 1)[1].removeprefix("/")
+    return None if path in ("", ":memory:") else Path(path).expanduser()
+
+
+def check_uri(uri: str, key: str) -> None:
+    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else ""
+    if scheme not in SCHEMES:
+        raise StoreConfigError(
+            f"{key}={uri!r} is invalid: expected sqlite:///PATH, http(s)://HOST:PORT of an MLflow server, "
+            "or a database URI (postgresql://, mysql://, mssql://)")
+
+
+def prepare_store(uri: str, key: str = "tracking.uri") -> None:
+    """Check the URI; for SQLite, create and migrate the store once, under a file lock, before
+    any client uses it, and turn every way the file can be unusable into one line."""
+    check_uri(uri, key)
+    if not uri.startswith("sqlite:"):
+        return
+    path = sqlite_path(uri)
+    if path is None:
+        return
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        blocker = next((p for p in (folder, *folder.parents) if p.exists()), folder)
+        why = f"{blocker} is not a folder" if not blocker.is_dir() else err.strerror
+        raise StoreConfigError(f"{key}={uri!r}: cannot create the folder {folder} ({why}): "
+                               "point it at a writable folder") from None
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise StoreConfigError(f"{key}={uri!r}: {path} is not writable: point it at a writable folder")
+    with _exclusive(folder / f"{path.name}.lock"):
+        _check_sqlite_file(path, uri, key)
+        try:
+            from mlflow.tracking import MlflowClient
+
+            # Creating the client's store creates the tables or checks their version; the store is
+            # cached per URI, so the harness's later clients reuse it.
+            retry_locked(lambda: MlflowClient(uri).search_experiments(max_results=1))
+        except Exception as err:
+            raise StoreConfigError(_unusable(uri, key, path, err)) from None
+
+
+def _check_sqlite_file(path: Path, uri: str, key: str) -> None:
+    """Garbage, a truncated copy or another program's database: say so before MLflow tries it."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+            check = conn.execute("PRAGMA quick_check").fetchone()[0]
+            tables = {row[0] for row in conn.execute("select name from sqlite_master where type = 'table'")}
+    except sqlite3.Error as err:
+        raise StoreConfigError(_unusable(uri, key, path, err)) from None
+    if check != "ok":
+        raise StoreConfigError(_unusable(uri, key, path, check))
+    if tables and "experiments" not in tables:
+        raise StoreConfigError(_unusable(uri, key, path, "an SQLite database without MLflow's tables"))
+
+
+def _unusable(uri: str, key: str, path: Path, why: object) -> str:
+    first = str(why).strip().splitlines()[0] if str(why).strip() else type(why).__name__
+    return (f"{key}={uri!r}: {path} is not a usable MLflow store ({first[:300]}): move it aside, "
+            "or point tracking.uri at another file")
+
+
+class _exclusive:
+    """A blocking flock on `path` (created if missing), waited for at most CREATE_LOCK_WAIT_S."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd: int | None = None
+
+    def __enter__(self) -> _exclusive:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        deadline = time.monotonic() + CREATE_LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return self
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(self.fd)
+                    raise StoreConfigError(f"{self.path} stayed locked for {CREATE_LOCK_WAIT_S} s by another "
+                                           "process creating the store: is one stuck?") from None
+                time.sleep(0.1)
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.fd is not None
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)

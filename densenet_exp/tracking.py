@@ -1,5 +1,6 @@
 """MLflow bookkeeping: where the store is, one run per training job (created, resumed, closed),
-the facts every run records, and the parent run that nests the jobs of a Hydra multirun."""
+the facts every run records, the metrics a store that went away could not take (kept on disk
+for `python -m densenet_exp.replay`), and the parent run that nests the jobs of a Hydra multirun."""
 
 from __future__ import annotations
 
@@ -9,31 +10,51 @@ import json
 import platform
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from hydra.experimental.callback import Callback
+from mlflow.entities import Run, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from omegaconf import DictConfig, OmegaConf
 
-from .store import retry_locked, tracking_uri  # noqa: F401 (re-exported for run.py and tests)
-
-# MLflow is imported where it is used, so that importing this module (Hydra's sweep callback,
-# `--help`, the report) costs no second; Lightning's MLflow logger lives in run_logger.py.
-if TYPE_CHECKING:
-    from mlflow.entities import Run
-    from mlflow.tracking import MlflowClient
+from . import stopping
+from .ownership import STOP_REASON_TAG, Heartbeat, OwnerLock, close_orphans
+from .store import (
+    tracking_uri,
+    StoreConfigError,
+    StoreUnreachable,
+    bound_http_waits,
+    is_down,
+    prepare_store,
+    retry_locked,
+    unreachable,
+)
 
 PARENT_ID_FILE = "mlflow_parent_run_id"
 FAILURES_DIR = "failed_jobs"
+UNSENT_FILE = "unsent_metrics.jsonl"
 PACKAGES = ("torch", "torchvision", "lightning", "torchmetrics", "hydra-core", "mlflow", "densenet_exp")
 
 
 def ensure_experiment(client: MlflowClient, name: str) -> str:
     """Id of the experiment `name`, created if missing; safe when several jobs race to create it."""
-    exp = retry_locked(lambda: client.get_experiment_by_name(name))
+    try:
+        exp = retry_locked(lambda: client.get_experiment_by_name(name))
+    except Exception as err:
+        if unreachable(err):
+            raise StoreUnreachable(client.tracking_uri) from err
+        raise
     if exp is not None:
+        if exp.lifecycle_stage != "active":
+            from .validate import ConfigError
+
+            raise ConfigError(f"tracking.experiment={name!r} was deleted in {client.tracking_uri}: restore it "
+                              f"(mlflow experiments restore --experiment-id {exp.experiment_id}) or pick another name")
         return exp.experiment_id
     artifact_location = None
     uri = client.tracking_uri
@@ -68,8 +89,6 @@ def config_hash(cfg: Mapping[str, Any]) -> str:
 
 
 def git_state(root: Path) -> dict[str, str]:
-    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
-
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
 
@@ -96,6 +115,15 @@ def system_facts(device: str) -> dict[str, str]:
     return facts
 
 
+def spool(path: Path | None, uri: str | None, run_id: str | None, **record: Any) -> None:
+    """Append one record the store could not take (metrics, or the status the run should end
+    with) to `path`; `python -m densenet_exp.replay` sends them once the store is back."""
+    if path is None:
+        return
+    with path.open("a") as f:
+        f.write(json.dumps({"uri": uri, "run_id": run_id, **record}) + "\n")
+
+
 def runs_of_config(client: MlflowClient, experiment_id: str, chash: str) -> list[Run]:
     """Every run of this exact config (same config hash), newest first."""
     return retry_locked(
@@ -105,36 +133,69 @@ def runs_of_config(client: MlflowClient, experiment_id: str, chash: str) -> list
     )
 
 
-def find_resumable_run(runs: list[Run]) -> Run | None:
-    """The newest run that never ended (killed) and left a last checkpoint."""
-    for run in runs:
-        ckpt = Path(run.data.tags.get("checkpoint_dir", "")) / "last.ckpt"
-        if run.info.status in ("RUNNING", "KILLED") and ckpt.is_file():
-            return run
-    return None
-
-
 def find_finished_run(runs: list[Run]) -> Run | None:
     return next((run for run in runs if run.info.status == "FINISHED"), None)
 
 
-def end_run(client: MlflowClient, run_id: str, error: BaseException | None) -> None:
-    """Mark the run FINISHED, or FAILED with the error recorded on it (tag and artifact)."""
-    if error is None:
-        retry_locked(lambda: client.set_terminated(run_id, "FINISHED"))
+def adopt_into_sweep(client: MlflowClient, run: Run, sweep_dir: Path, job_num: int, finished: bool) -> None:
+    """Attach a run that an earlier sweep left unfinished (or finished, when that sweep did not
+    finish) to this sweep's parent, so that `report --sweep <parent>` sees every job of it. The
+    earlier parents stay listed in tag `previous_sweep_ids`."""
+    parent, old = parent_run_id(sweep_dir), run.data.tags.get(MLFLOW_PARENT_RUN_ID)
+    if parent is None or old == parent:
         return
-    message = f"{type(error).__name__}: {error}"
-    retry_locked(lambda: client.set_tag(run_id, "error", message[:5000]))
-    try:
-        import tempfile
-        import traceback
+    if finished and old:
+        try:
+            if retry_locked(lambda: client.get_run(old)).info.status == "FINISHED":
+                return  # a complete sweep keeps its jobs
+        except Exception:
+            pass  # the old parent is gone
+    previous = ",".join(p for p in (run.data.tags.get("previous_sweep_ids"), old) if p)
+    tags = {MLFLOW_PARENT_RUN_ID: parent, "sweep_id": parent, "sweep_job": str(job_num),
+            "sweep_dir": str(sweep_dir.resolve()), "previous_sweep_ids": previous}
+    retry_locked(lambda: client.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in tags.items()]))
 
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "error.txt"
-            path.write_text("".join(traceback.format_exception(error)))
-            client.log_artifact(run_id, str(path))
-    finally:
-        retry_locked(lambda: client.set_terminated(run_id, "FAILED"))
+
+def close_run(
+    client: MlflowClient, run_id: str, error: BaseException | None, unsent: Path | None = None, where: str = ""
+) -> None:
+    """End the run: FINISHED; KILLED with the reason (resumable) after a stop signal or when the
+    store became unreachable; else FAILED with the error recorded (tag and artifact). What an
+    unreachable store cannot take is kept in `unsent`."""
+    stopped = stopping.as_stopped(error) if error is not None else None
+    if error is None:
+        status, tags = "FINISHED", {}
+    elif stopped is not None:
+        status, tags = "KILLED", {STOP_REASON_TAG: f"{stopped.reason}{where}; the same command resumes it"}
+    elif unreachable(error):
+        status, tags = "KILLED", {STOP_REASON_TAG: f"the tracking store became unreachable{where}"}
+    else:
+        status, tags = "FAILED", {"error": f"{type(error).__name__}: {error}"[:5000]}
+    if is_down(client.tracking_uri) or (error is not None and unreachable(error)):
+        spool(unsent, client.tracking_uri, run_id, status=status, tags=tags)  # no call would get through
+        return
+    try:
+        for key, value in tags.items():
+            retry_locked(lambda: client.set_tag(run_id, key, value))
+        try:
+            if status == "FAILED":
+                _log_traceback(client, run_id, error)
+        finally:
+            retry_locked(lambda: client.set_terminated(run_id, status))
+    except Exception as err:
+        if not unreachable(err):
+            raise
+        spool(unsent, client.tracking_uri, run_id, status=status, tags=tags)
+
+
+def _log_traceback(client: MlflowClient, run_id: str, error: BaseException) -> None:
+    import tempfile
+    import traceback
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "error.txt"
+        path.write_text("".join(traceback.format_exception(error)))
+        client.log_artifact(run_id, str(path))
 
 
 # --- multirun: one parent run per sweep ---------------------------------------------------
@@ -152,27 +213,60 @@ def record_failed_job(sweep_dir: Path, job_num: int, overrides: list[str], error
     (folder / f"{job_num}.txt").write_text(line + "\n")
 
 
+def fail(message: str, code: int) -> None:
+    """Print one line and exit; SystemExit passes through Hydra's callback runner, which turns
+    any other exception of a callback into a warning and goes on."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
 class SweepParentRun(Callback):
     """Hydra callback: before a multirun's jobs start, create the experiment and a parent run
-    (so parallel jobs never race to create them); afterwards end it, print the failed jobs and
-    exit non-zero if there were any."""
+    (so parallel jobs never race to create them), owned by the sweep process like a job's run
+    (lock on the sweep folder, heartbeat); afterwards end it, print the failed jobs and exit
+    non-zero if there were any. A sweep whose parent cannot be created stops before any job."""
 
     def __init__(self) -> None:
         self.client: MlflowClient | None = None
         self.run_id: str | None = None
         self.sweep_dir: Path | None = None
+        self.lock: OwnerLock | None = None
+        self.heartbeat: Heartbeat | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from mlflow.tracking import MlflowClient
-        from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+        from .validate import ConfigError, check_output_folder, validate_tracking
 
+        tracking = OmegaConf.to_container(config.tracking, resolve=True)
+        uri = tracking_uri(tracking["uri"], Path(config.hydra.runtime.cwd))
+        try:
+            validate_tracking(tracking)
+            check_output_folder("hydra.sweep.dir", config.hydra.sweep.dir)
+            bound_http_waits(tracking.get("http"))
+            prepare_store(uri, "tracking.uri" if tracking["uri"] else "MLFLOW_TRACKING_URI")
+            self._start(config, tracking, uri)
+        except (ConfigError, StoreConfigError) as err:
+            fail(str(err), 2)
+        except Exception as err:
+            if self.lock is not None:
+                self.lock.release()
+            if unreachable(err):
+                fail(StoreUnreachable(uri).advice(), 75)
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            fail(f"the sweep's parent run could not be created in {uri} ({type(err).__name__}: {first[:300]}); "
+                 "no job was started", 1)
+
+    def _start(self, config: DictConfig, tracking: dict[str, Any], uri: str) -> None:
         from .console import SweepPlan
 
         root = Path(config.hydra.runtime.cwd)
-        self.client = MlflowClient(tracking_uri(config.tracking.uri, root))
-        experiment_id = ensure_experiment(self.client, config.tracking.experiment)
+        self.client = MlflowClient(uri)
+        experiment_id = ensure_experiment(self.client, tracking["experiment"])
+        close_orphans(self.client, experiment_id, tracking["owner_timeout_s"])  # earlier sweeps that died
         self.sweep_dir = Path(config.hydra.sweep.dir)
-        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = OwnerLock(self.sweep_dir)
+        if not self.lock.acquire():
+            fail(f"hydra.sweep.dir={str(self.sweep_dir)!r} is in use by another live sweep: wait for it, or pick "
+                 "another folder", 3)
         overrides = list(config.hydra.overrides.task)
         tags = {
             MLFLOW_RUN_NAME: f"sweep-{self.sweep_dir.name}",
@@ -180,13 +274,16 @@ class SweepParentRun(Callback):
             "sweep_dir": str(self.sweep_dir.resolve()),
             "overrides": " ".join(overrides),
             **git_state(root),
+            **self.lock.tags(),
         }
         run = retry_locked(lambda: self.client.create_run(experiment_id, tags=tags))
         self.run_id = run.info.run_id
         (self.sweep_dir / PARENT_ID_FILE).write_text(self.run_id)
         SweepPlan.of(config).write(self.sweep_dir)  # jobs and varying knobs: "job j/N", run names
-        # If the sweep dies before on_multirun_end (a job's config fails to compose, Ctrl-C),
-        # the parent must not be left RUNNING.
+        self.heartbeat = Heartbeat(self.client, self.run_id, tracking["heartbeat_s"])
+        stopping.install_in_launcher()
+        # If the sweep ends before on_multirun_end (Ctrl-C, a job's config fails to compose, the
+        # store goes away), the parent must not be left RUNNING.
         atexit.register(self._close, interrupted=True)
 
     def _failures(self) -> list[str]:
@@ -199,11 +296,32 @@ class SweepParentRun(Callback):
         if self.run_id is None or self.client is None:
             return []
         run_id, self.run_id = self.run_id, None
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         failures = self._failures()
-        status = "FAILED" if failures or interrupted else "FINISHED"
-        if failures:
-            retry_locked(lambda: self.client.set_tag(run_id, "failed_jobs", "\n".join(failures)[:5000]))
-        retry_locked(lambda: self.client.set_terminated(run_id, status))
+        signum = stopping.received()
+        tags = {"failed_jobs": "\n".join(failures)[:5000]} if failures else {}
+        if interrupted and signum is not None:
+            status = "KILLED"
+            tags[STOP_REASON_TAG] = f"{stopping.Stopped(signum).reason}; the same command resumes the sweep"
+        elif interrupted:
+            status = "FAILED"
+            tags[STOP_REASON_TAG] = "the sweep process ended before its jobs did"
+        else:
+            status = "FAILED" if failures else "FINISHED"
+        try:
+            if is_down(self.client.tracking_uri):
+                raise StoreUnreachable(self.client.tracking_uri)
+            for key, value in tags.items():
+                retry_locked(lambda: self.client.set_tag(run_id, key, value))
+            retry_locked(lambda: self.client.set_terminated(run_id, status))
+        except Exception as err:
+            # The next launch closes it (its owner is gone); keep the status for the replay too.
+            spool(self.sweep_dir / UNSENT_FILE, self.client.tracking_uri, run_id, status=status, tags=tags)
+            print(f"could not mark the sweep's parent run {run_id} {status}: {type(err).__name__}", file=sys.stderr)
+        finally:
+            if self.lock is not None:
+                self.lock.release()
         return failures
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

@@ -5,16 +5,34 @@ Each failure is one `ConfigError` line naming the key, the value and what is all
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import inspect
+import os
+import re
+import sys
+from collections.abc import Iterable, Mapping
 from numbers import Real
 from pathlib import Path
 from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
 
 from .classifier import OPTIMIZERS, SCHEDULERS
 from .data import AUGMENTATIONS, FASHION_MNIST_HELP, find_fashion_mnist
 from .models import ARCHITECTURES
 
 DATA_SETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
+TRAIN_IMAGES = {"fashion_mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000}  # before the validation split
+# An experiment's name becomes a folder name (its artifacts): one safe path component.
+EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_. -]{0,199}")
+# Keys the code reads that not every config file defines, so `+key=value` may add them. Model and
+# probe options are checked by their builders, trainer keys against lightning.Trainer.
+ADDABLE_KEYS = (
+    "cpu_threads", "data.download", "data.eval_batch_size", "data.split_seed", "data.augment", "data.num_workers",
+    "data.train_size", "data.test_size", "data.val_size", "optim.momentum", "optim.nesterov", "optim.weight_decay",
+    "optim.milestones", "optim.gamma", "optim.pct_start", "loss.label_smoothing",
+)
+CONFIG_GROUPS = ("model", "data", "trainer", "optim", "probes", "experiment", "hparams_search")
 
 
 class ConfigError(ValueError):
@@ -76,6 +94,97 @@ def validate_data(data: Mapping[str, Any]) -> None:
         _require("data.root", str(root), ok, "a folder with train/ and val/ class folders")
 
 
+def validate_batch_fits(cfg: Mapping[str, Any]) -> None:
+    """At least one training batch per process: with none, nothing trains and nothing validates."""
+    data = cfg["data"]
+    name, batch, val = data.get("name"), data.get("batch_size"), int(data.get("val_size") or 0)
+    if name in TRAIN_IMAGES:
+        total = TRAIN_IMAGES[name] - val
+        if data.get("train_size"):
+            total = min(total, int(data["train_size"]))
+    elif name == "synthetic":
+        total = int(data.get("train_size") or 0) - val
+    else:
+        return  # a folder's size is known only once it is read
+    _require("data.val_size", val, total > 0, f"fewer than the {total + val} training images, leaving some to train on")
+    trainer = cfg["trainer"]
+    devices = trainer.get("devices")
+    world = (devices if _is_int(devices) and "ddp" in str(trainer.get("strategy", "")) else 1) * int(
+        trainer.get("num_nodes") or 1)
+    per_process = total // max(1, world)
+    where = f"{per_process} images per process" if world > 1 else f"{per_process} images"
+    _require("data.batch_size", batch, batch <= per_process,
+             f"at most the training set's size ({where}): lower data.batch_size or raise data.train_size")
+
+
+def validate_tracking(tracking: Mapping[str, Any]) -> None:
+    name = tracking.get("experiment")
+    _require("tracking.experiment", name, isinstance(name, str) and EXPERIMENT_NAME.fullmatch(name) is not None,
+             "a name of letters, digits, '_', '-', '.' and spaces that starts with a letter or digit "
+             "(it names a folder)")
+    for key in ("heartbeat_s", "owner_timeout_s"):
+        value = tracking.get(key)
+        _require(f"tracking.{key}", value, _is_number(value) and value > 0, "a number of seconds > 0")
+    _require("tracking.owner_timeout_s", tracking["owner_timeout_s"],
+             tracking["owner_timeout_s"] >= 2 * tracking["heartbeat_s"], "at least twice tracking.heartbeat_s")
+    for key, value in (tracking.get("http") or {}).items():
+        ok = value is None or (_is_number(value) and value >= 0)
+        _require(f"tracking.http.{key}", value, ok, "a number >= 0 (or null for MLflow's default)")
+
+
+def check_added_keys(overrides: Iterable[str]) -> None:
+    """Reject `+key=value` overrides that add a key nothing reads (a typo would otherwise train the
+    default config under a new config hash)."""
+    import lightning as L
+
+    trainer_args = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
+    for override in overrides:
+        if not override.startswith("+"):
+            continue
+        key = override.lstrip("+").split("=", 1)[0]
+        section, _, rest = key.partition(".")
+        if "/" in key or key.startswith(("hydra.", "model.", "probes.")) or key in (*ADDABLE_KEYS, *CONFIG_GROUPS):
+            continue
+        if section == "trainer" and rest in trainer_args:
+            continue
+        raise ConfigError(f"{override}: nothing reads key {key!r}: remove it or fix its name (keys that + may add: "
+                          f"{', '.join(ADDABLE_KEYS)}, trainer.<lightning.Trainer argument>, model.<model option>)")
+
+
+def check_output_folder(key: str, path: Any) -> None:
+    """An output folder (hydra.run.dir, hydra.sweep.dir) this process can create and write."""
+    folder = Path(str(path)).expanduser().absolute()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={str(path)!r} cannot be created: {existing} is not a writable folder; "
+                          f"set {key} to a folder you can write")
+
+
+_new_output_folders: set[str] = set()
+
+
+def output_folder_was_new(path: Any) -> bool:
+    """Whether this launch created the run's output folder (so that bad input may remove it)."""
+    return str(Path(str(path)).absolute()) in _new_output_folders
+
+
+class OutputFolderCheck(Callback):
+    """Hydra callback: check the run's output folder before Hydra creates it (with a traceback),
+    and note whether it is new: a refused launch removes only a folder it created."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        folder = Path(str(config.hydra.run.dir)).absolute()
+        if not folder.exists():
+            _new_output_folders.add(str(folder))
+        try:
+            check_output_folder("hydra.run.dir", config.hydra.run.dir)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None  # SystemExit passes through Hydra's callback runner
+
+
 def validate_optim(optim: Mapping[str, Any]) -> None:
     name = optim.get("name")
     _require("optim.name", name, name in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}")
@@ -100,6 +209,8 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     arch = cfg["model"].get("arch")
     _require("model.arch", arch, arch in ARCHITECTURES, f"one of {', '.join(ARCHITECTURES)}")
     validate_data(cfg["data"])
+    validate_batch_fits(cfg)
+    validate_tracking(cfg["tracking"])
     validate_optim(cfg["optim"])
     _int_at_least("trainer.max_epochs", cfg["trainer"].get("max_epochs"), 1)
     speed = cfg.get("speed", {})

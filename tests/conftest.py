@@ -72,3 +72,29 @@ def run_until(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float 
     while time.time() < deadline and proc.poll() is None and not ready():
         time.sleep(0.1)
     assert proc.poll() is None, "the process ended before the moment the test waits for: give it more work"
+
+
+def owner_alive(run) -> bool:
+    """Whether the process its `owner` tag names (host:pid) runs on this machine."""
+    import socket
+
+    host, _, pid = run.data.tags.get("owner", "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def assert_clean(store: Store) -> None:
+    """What every lifecycle test checks last: in the whole store, no run is RUNNING without a
+    live owner and no (metric, step) was logged twice."""
+    client = store.client()
+    for run in store.all_runs():
+        if run.info.status == "RUNNING":
+            assert owner_alive(run), f"run {run.info.run_id} RUNNING, owner {run.data.tags.get('owner')} gone"
+        for key in run.data.metrics:
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+            assert len(steps) == len(set(steps)), (run.info.run_id, key, steps)

@@ -99,6 +99,22 @@ def test_speed_switches_per_device():
     assert use_keep_freed_memory(False, "cpu") is False
 
 
+def test_memory_efficient_mode_reuses_one_workspace_across_steps(batch):
+    # The recomputed concatenations, their BN-ReLU and the 1x1 convolution's input gradient go
+    # into three buffers sized once for the widest map, reused by every layer and every step.
+    model = tiny_densenet(memory_efficient=True).to(memory_format=torch.channels_last)
+    x, y = batch[0].contiguous(memory_format=torch.channels_last), batch[1]
+    F.cross_entropy(model(x), y).backward()
+    buffers = dict(model.workspace.buffers)
+    widest = max(block.widest * x.shape[0] * x.shape[2] * x.shape[3] // (2 ** i) ** 2
+                 for i, block in enumerate(b for b in model.features if hasattr(b, "widest")))
+    assert len(buffers) == 3 and all(buf.numel() == widest for buf in buffers.values())
+    F.cross_entropy(model(x), y).backward()
+    assert {k: v.data_ptr() for k, v in model.workspace.buffers.items()} == {k: v.data_ptr() for k, v in buffers.items()}
+    model.to(torch.float64)
+    assert model.workspace.buffers == {}  # a new dtype or device drops the old scratch memory
+
+
 def fake_cpu(monkeypatch, capability: str, avx512_bf16: bool, amx: bool, onednn_isa: str | None = None) -> None:
     """Pretend to be a CPU of this kind: what torch reports, and oneDNN's ISA cap."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

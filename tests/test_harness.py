@@ -1,15 +1,19 @@
-"""The card's command end to end: sweeps, resume after SIGKILL, bad input, failing jobs and
-reproducibility, each on a real slice of Fashion-MNIST against a throwaway MLflow store."""
+"""The card's command end to end: sweeps, resume after SIGKILL, SIGTERM and Ctrl-C, bad input,
+failing jobs and reproducibility, each on a real slice of Fashion-MNIST against a throwaway
+MLflow store."""
 
 from __future__ import annotations
 
 import signal
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_until
+from conftest import ROOT, assert_clean, run_until
+from densenet_exp.checkpoints import PAUSE_ENV
 from densenet_exp.tracking import ensure_experiment
 
 SMOKE = ("experiment=smoke", "probes=none")
@@ -22,7 +26,29 @@ REUSE_METRICS = {"reuse_early_share", "reuse_classifier_late_share", "reuse_tran
 
 
 def metric_steps(client, run_id: str, key: str) -> list[int]:
-    return [m.step for m in client.get_metric_history(run_id, key)]
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+class Output:
+    """The lines a child process prints, collected by a thread while the test watches it."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=lambda: self.lines.extend(proc.stdout), daemon=True)
+        self.thread.start()
+
+    def has(self, text: str) -> bool:
+        return any(text in line for line in self.lines)
+
+    def text(self) -> str:
+        self.thread.join(5)
+        return "".join(self.lines)
+
+
+def start(store, *overrides: str, multirun: bool = False, env: dict | None = None) -> tuple[subprocess.Popen, Output]:
+    proc = subprocess.Popen(store.command(*overrides, multirun=multirun), cwd=ROOT, env={**store.env(), **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return proc, Output(proc)
 
 
 def test_sweep_nests_finished_children_under_one_parent(store):
@@ -53,19 +79,16 @@ def test_sweep_nests_finished_children_under_one_parent(store):
     assert result.stdout.count("test accuracy") == 2
 
 
-def test_killed_run_resumes_into_the_same_mlflow_run(store):
-    overrides = (*SMOKE, "trainer.max_epochs=3", "data.train_size=6144")
+def test_kill_between_an_epochs_metrics_and_its_checkpoint_resumes_exactly(store):
+    # Smoke: 8 steps per epoch, metrics at steps 7, 15, 23. The run pauses at the start of epoch 2,
+    # after every figure of epoch 1 is logged and before epoch 1's checkpoint becomes last.ckpt.
+    overrides = (*SMOKE, "trainer.max_epochs=3")
     ensure_experiment(store.client(), "smoke")  # create the store first: polling must not race its migration
-    proc = subprocess.Popen(store.command(*overrides), cwd=ROOT, env=store.env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    ckpt = store.path / "out" / "checkpoints" / "last.ckpt"
-
-    def first_epoch_done() -> bool:
-        runs = store.runs("smoke")
-        return ckpt.exists() and bool(runs) and bool(metric_steps(store.client(), runs[0].info.run_id, "train/loss"))
-
+    proc, out = start(store, *overrides, env={PAUSE_ENV: "300@2"})
     try:
-        run_until(proc, first_epoch_done)
+        run_until(proc, lambda: out.has("pausing"))
+        (run,) = store.runs("smoke")
+        assert metric_steps(store.client(), run.info.run_id, "train/loss") == [7, 15]  # inside the window
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     finally:
@@ -73,16 +96,120 @@ def test_killed_run_resumes_into_the_same_mlflow_run(store):
     (killed,) = store.runs("smoke")
     assert killed.info.status == "RUNNING"
 
+    result = store.run(*overrides, out="again")  # resumes from epoch 0's checkpoint, redoes epoch 1
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = store.runs("smoke")
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    client = store.client()
+    for key in ("train/loss", "train/acc", "val/acc", "val/loss", "lr"):
+        assert metric_steps(client, run.info.run_id, key) == [7, 15, 23], key
+    assert "test/acc" in run.data.metrics
+    assert_clean(store)
+    # Exact: the same figures as a run that was never interrupted.
+    reference = store.run(*overrides, "tracking.experiment=reference", out="reference")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    (ref,) = store.runs("reference")
+    for key in ("train/loss", "val/acc", "test/acc"):
+        assert [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)] == [
+            m.value for m in sorted(client.get_metric_history(ref.info.run_id, key), key=lambda m: m.step)], key
+
+
+def test_sigterm_exits_143_with_the_run_killed_and_the_same_command_resumes_it(store):
+    overrides = (*SMOKE, "trainer.max_epochs=3", "data.train_size=4096")
+    ensure_experiment(store.client(), "smoke")
+    proc, out = start(store, *overrides)
+    try:
+        run_until(proc, lambda: (store.path / "out" / "checkpoints" / "last.ckpt").exists())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 143
+    finally:
+        proc.kill()
+    (killed,) = store.runs("smoke")
+    assert killed.info.status == "KILLED" and "stopped by SIGTERM" in killed.data.tags["stop_reason"]
+    assert "resume it with: python -m densenet_exp.run experiment=smoke" in out.text()
+    assert_clean(store)
+
     result = store.run(*overrides, out="again")
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = store.runs("smoke")
-    assert run.info.run_id == killed.info.run_id
-    assert run.info.status == "FINISHED"
-    client = store.client()
-    for key in ("train/loss", "val/acc", "val/loss", "lr"):
-        steps = metric_steps(client, run.info.run_id, key)
-        assert len(steps) == 3 and len(set(steps)) == 3, (key, steps)
-    assert "test/acc" in run.data.metrics
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    assert "stop_reason" not in run.data.tags and "SIGTERM" in run.data.tags["resumed_after"]
+    assert metric_steps(store.client(), run.info.run_id, "val/acc") == [127, 255, 383]
+    assert_clean(store)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_sweep_at_the_next_step_and_the_rerun_finishes_it(store):
+    overrides = (*SMOKE, "seed=0,1", "data.train_size=2048")  # 64 steps per epoch
+    ensure_experiment(store.client(), "smoke")
+    proc, out = start(store, *overrides, multirun=True)
+    try:
+        run_until(proc, lambda: any(r.data.tags.get("sweep_job") == "0" for r in store.runs("smoke")))
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(120)
+        print(f"SIGINT to exit: {time.monotonic() - sent:.1f} s")  # timings on a shared machine: report only
+    finally:
+        proc.kill()
+    assert code == 130, out.text()[-3000:]
+    runs = store.runs("smoke")
+    (parent,) = [r for r in runs if r.data.tags.get("sweep") == "parent"]
+    (child,) = [r for r in runs if r.data.tags.get("sweep") != "parent"]  # job #1 never started
+    assert child.info.status == "KILLED" and "stopped by SIGINT (Ctrl-C) at epoch 0" in child.data.tags["stop_reason"]
+    assert parent.info.status == "KILLED" and "stopped by SIGINT" in parent.data.tags["stop_reason"]
+    assert "resume it with: python -m densenet_exp.run -m experiment=smoke" in out.text()
+    assert_clean(store)
+
+    result = store.run(*overrides, multirun=True, out="again")
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = store.runs("smoke")
+    (new_parent,) = [r for r in runs if r.data.tags.get("sweep") == "parent" and r.info.run_id != parent.info.run_id]
+    children = [r for r in runs if r.data.tags.get("sweep") != "parent"]
+    assert new_parent.info.status == "FINISHED" and len(children) == 2
+    assert all(r.info.status == "FINISHED" and r.data.tags["sweep_id"] == new_parent.info.run_id for r in children)
+    assert child.info.run_id in {r.info.run_id for r in children}  # resumed, not started anew
+    assert_clean(store)
+
+
+def test_the_training_step_never_waits_on_the_device(monkeypatch):
+    """The NaN check must not read the loss on the host every step (a GPU sync); counted here on
+    a CPU by wrapping every Tensor method that hands a value to Python."""
+    import lightning as L
+    import torch
+
+    from densenet_exp.classifier import ImageClassifier
+
+    reads: list[str] = []
+    inside = [False]
+    for name in ("item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            if inside[0]:
+                reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    module = ImageClassifier(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 10)), num_classes=10,
+                             optim={"name": "sgd", "lr": 0.1})
+    step = module.training_step
+
+    def watched(*args, **kwargs):
+        inside[0] = True
+        try:
+            return step(*args, **kwargs)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(module, "training_step", watched)
+    x, y = torch.randn(160, 1, 4, 4), torch.randint(0, 10, (160,))
+    x[100] = float("nan")  # batch 12 of 20 (steps 0..19) makes the loss NaN
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    with pytest.raises(FloatingPointError, match="training loss is nan at epoch 0, step 12"):
+        trainer.fit(module, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8))
+    assert trainer.global_step == 20  # the check ran at the epoch's last batch, not at each step
+    assert reads == []
 
 
 BAD_INPUTS = [
@@ -96,6 +223,12 @@ BAD_INPUTS = [
     ("data.root=/does/not/exist", ["data.root='/does/not/exist'", "dataset-fashion-mnist"]),
     ("model.stem=round", ["stem='round'", "imagenet, cifar"]),
     ("trainer.max_epochs=0", ["trainer.max_epochs=0", "integer >= 1"]),
+    ("tracking.experiment=../../../escaped", ["tracking.experiment='../../../escaped'", "names a folder"]),
+    ("tracking.experiment=", ["tracking.experiment=''", "letters, digits"]),
+    ("+foo=1", ["+foo=1", "nothing reads key 'foo'"]),
+    ("data.batch_size=512", ["data.batch_size=512", "at most the training set's size (256 images)"]),
+    ("tracking.uri=bogus://x", ["tracking.uri='bogus://x'", "sqlite:///PATH"]),
+    ("tracking.uri=sqlite:////dev/null/x/mlflow.db", ["/dev/null is not a folder", "writable folder"]),
 ]
 
 
@@ -108,6 +241,15 @@ def test_bad_input_fails_before_any_run(store, override, expected):
     assert "Traceback" not in result.stderr  # one clear message, not a stack trace
     assert store.all_runs() == [] if (store.path / "mlflow.db").exists() else True
     assert not (store.path / "out").exists()  # no half-written output folder either
+
+
+def test_an_output_folder_that_cannot_be_created_is_one_line(store):
+    command = [*store.command("experiment=smoke"), "hydra.run.dir=/dev/null/out"]  # the last one wins
+    result = subprocess.run(command, cwd=ROOT, env=store.env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2
+    assert "error: hydra.run.dir='/dev/null/out' cannot be created: /dev/null is not a writable folder" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (store.path / "mlflow.db").exists()  # stopped before the store was touched
 
 
 def test_failing_job_leaves_the_others_and_exits_nonzero(store):

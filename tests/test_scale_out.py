@@ -1,15 +1,20 @@
-"""Scale-out on real engines: parallel sweeps (joblib), submitit's local launcher, DDP on CPU,
-and sweeps that resume by skipping finished configurations."""
+"""Scale-out on real engines: parallel sweeps (joblib), submitit's local launcher, DDP on CPU
+(in-memory and ImageFolder data), and sweeps that resume by skipping finished configurations."""
 
 from __future__ import annotations
 
 import signal
 import subprocess
+from types import SimpleNamespace
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import yaml
 
-from conftest import ROOT, run_until
+from conftest import ROOT, assert_clean, run_until
+from densenet_exp.data import ImageDataModule
+from densenet_exp.results import load_runs
 from densenet_exp.tracking import ensure_experiment
 
 SMOKE = ("experiment=smoke", "probes=none")
@@ -82,6 +87,8 @@ def test_rerun_sweep_skips_finished_jobs_and_redoes_the_rest(store):
     finally:
         proc.kill()
     (first,) = [r for r in children(store) if r.info.status == "FINISHED"]
+    (old_parent,) = [r for r in store.runs("smoke") if r.data.tags.get("sweep") == "parent"]
+    assert old_parent.info.status == "RUNNING"  # kill -9: nothing could close it
 
     result = store.run(*overrides, multirun=True, out="again")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -89,6 +96,14 @@ def test_rerun_sweep_skips_finished_jobs_and_redoes_the_rest(store):
     finished = [r for r in children(store) if r.info.status == "FINISHED"]
     assert sorted(r.data.params["seed"] for r in finished) == ["0", "1"]
     assert first.info.run_id in {r.info.run_id for r in finished}  # not trained again
+    # The dead sweep's parent is closed with the reason, and the new sweep holds both jobs (the
+    # skipped one and the one resumed or redone), so its report sees the whole sweep.
+    old_parent = store.client().get_run(old_parent.info.run_id)
+    assert old_parent.info.status == "KILLED" and "ended without closing it" in old_parent.data.tags["stop_reason"]
+    (new_parent,) = [r for r in store.runs("smoke") if r.data.tags.get("sweep") == "parent" and r.info.status == "FINISHED"]
+    assert len(load_runs("smoke", store.uri, new_parent.info.run_id)) == 2
+    assert first.info.run_id in {r.info.run_id for r in children(store) if r.data.tags["sweep_id"] == new_parent.info.run_id}
+    assert_clean(store)
 
 
 def test_optuna_search_runs_each_trial_as_a_child_run(store):
@@ -104,3 +119,44 @@ def test_optuna_search_runs_each_trial_as_a_child_run(store):
     for run in runs:  # the searched values reached the model
         assert run.data.params["growth_rate"] in {"8", "12", "16", "24", "32"}
         assert 0.25 <= float(run.data.params["compression"]) <= 1.0
+
+
+def _shard_worker(rank: int, world: int, root: str, init: str, out: str) -> None:
+    """One DDP rank: the images its training loader yields in two epochs, gathered on rank 0."""
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    dm = ImageDataModule({"name": "imagefolder", "root": root, "image_size": 8, "batch_size": 4,
+                          "eval_batch_size": 4, "num_workers": 0}, seed=3)
+    dm.trainer = SimpleNamespace(global_rank=rank, world_size=world)  # what _loader reads of a Trainer
+    dm.setup("fit")
+    seen = {}
+    for epoch in range(2):
+        for split, loader in (("train", dm.train_dataloader()), ("val", dm.val_dataloader())):
+            loader.sampler.set_epoch(epoch)  # what Lightning does at each epoch's start
+            # Image i of class c is filled with red = i: read it back from the normalized pixels.
+            seen[split, epoch] = [(int(c), round(float(x[0, 0, 0] * 0.229 + 0.485) * 255))
+                                  for xs, cs in loader for x, c in zip(xs, cs)]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, seen)
+    if rank == 0:
+        torch.save(gathered, out)
+    dist.destroy_process_group()
+
+
+def test_ddp_with_imagefolder_data_shows_each_image_once_per_epoch(tmp_path):
+    from PIL import Image
+
+    for split, n in (("train", 40), ("val", 10)):
+        for c in range(2):
+            (tmp_path / split / f"c{c}").mkdir(parents=True)
+            for i in range(n // 2):
+                Image.new("RGB", (8, 8), (i, c, 0)).save(tmp_path / split / f"c{c}" / f"{i}.png")
+    out = tmp_path / "seen.pt"
+    mp.spawn(_shard_worker, args=(2, str(tmp_path), f"file://{tmp_path / 'rendezvous'}", str(out)), nprocs=2)
+    ranks = torch.load(out, weights_only=False)
+    for epoch in range(2):
+        train = [r["train", epoch] for r in ranks]
+        assert len(train[0]) == len(train[1]) == 20  # equal steps per rank
+        assert sorted(train[0] + train[1]) == [(c, i) for c in range(2) for i in range(20)]  # each image once
+        val = [r["val", epoch] for r in ranks]
+        assert sorted(val[0] + val[1]) == [(c, i) for c in range(2) for i in range(5)]
+    assert ranks[0]["train", 0] != ranks[0]["train", 1]  # reshuffled each epoch

@@ -3,10 +3,12 @@ DENSENET_EXP_SERVER_BACKEND names it; SQLite otherwise), and a server outage los
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -14,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, Store, run_until
+from conftest import ROOT, Store, assert_clean, run_until
+from densenet_exp.checkpoints import PAUSE_ENV
 
 
 def free_port() -> int:
@@ -36,7 +39,7 @@ class Server:
 
     def start(self) -> None:
         env = {**os.environ, "PORT": str(self.port), "STATE_DIR": str(self.state), "BACKEND_URI": self.backend,
-               "MLFLOW": str(ROOT / ".venv" / "bin" / "mlflow")}
+               "MLFLOW": str(Path(sys.executable).parent / "mlflow")}
         self.proc = subprocess.Popen([str(ROOT / "tools" / "tracking-server")], env=env, cwd=ROOT,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.time() + 120
@@ -89,8 +92,9 @@ def test_sweep_over_http_records_params_metrics_and_artifacts(server, tmp_path):
 def test_server_outage_during_a_run_loses_nothing(server, tmp_path):
     store = HttpStore(tmp_path, server.uri)
     name = f"outage-{uuid.uuid4().hex[:8]}"
+    # MLflow's own patience (7 retries, about 4 minutes) outlasts a restart on a loaded machine.
     overrides = ("experiment=smoke", "probes=none", f"tracking.experiment={name}", "trainer.max_epochs=3",
-                 "data.train_size=2048")
+                 "data.train_size=2048", "tracking.http.max_retries=7")
     proc = subprocess.Popen(store.command(*overrides), cwd=ROOT, env=store.env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     client = store.client()
@@ -111,15 +115,55 @@ def test_server_outage_during_a_run_loses_nothing(server, tmp_path):
         assert len(client.get_metric_history(run.info.run_id, key)) == 3, key
 
 
-def test_metrics_are_kept_on_disk_when_the_store_is_gone_for_good(tmp_path, monkeypatch):
-    import json
+@pytest.mark.slow
+def test_a_server_down_for_good_stops_the_run_within_a_minute_and_the_replay_delivers(server, tmp_path):
+    store = HttpStore(tmp_path, server.uri)
+    name = f"down-{uuid.uuid4().hex[:8]}"
+    overrides = ("experiment=smoke", "probes=none", f"tracking.experiment={name}", "trainer.max_epochs=3",
+                 "tracking.http.max_retries=2", "tracking.http.backoff_factor=1", "tracking.http.timeout_s=5")
+    # The run pauses 20 s at the start of epoch 1, with epoch 0 logged: the server dies meanwhile.
+    proc = subprocess.Popen(store.command(*overrides), cwd=ROOT, env={**store.env(), PAUSE_ENV: "20@1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    run_until(proc, lambda: bool(lines.append(proc.stdout.readline()) or "pausing" in lines[-1]))
+    server.stop()  # for good
+    gone = time.monotonic()
+    output = "".join(lines) + proc.communicate(timeout=60)[0]  # the bound: under a minute
+    print(f"server gone to exit: {time.monotonic() - gone:.1f} s")
+    assert proc.returncode == 75, output[-3000:]
+    unsent = tmp_path / "out" / "unsent_metrics.jsonl"
+    assert f"error: the tracking server at {server.uri} is unreachable" in output
+    assert f"python -m densenet_exp.replay {unsent}" in output and "Traceback" not in output
+    records = [json.loads(line) for line in unsent.read_text().splitlines()]
+    assert any("metrics" in r for r in records) and records[-1]["status"] == "KILLED"
 
+    server.start()  # back, with what it had before
+    replay = subprocess.run([sys.executable, "-m", "densenet_exp.replay", str(unsent)], cwd=ROOT, env=store.env(),
+                            capture_output=True, text=True, timeout=300)
+    assert replay.returncode == 0, replay.stderr[-2000:]
+    (run,) = store.runs(name)
+    assert run.info.status == "KILLED" and "unreachable" in run.data.tags["stop_reason"]
+    client = store.client()
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")] == [7, 15]  # epoch 1 replayed
+    again = store.run(*overrides, out="again")  # and the same command resumes the run
+    assert again.returncode == 0, again.stderr[-3000:]
+    (run,) = store.runs(name)
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/acc")) == [7, 15, 23]
+    assert_clean(store)
+
+
+def test_metrics_are_kept_on_disk_when_the_store_is_gone_for_good(tmp_path, monkeypatch):
+    from densenet_exp.store import StoreUnreachable
     from densenet_exp.run_logger import RunLogger
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # no server will ever answer: fail fast
-    logger = RunLogger(experiment_name="x", tracking_uri=f"http://127.0.0.1:{free_port()}", run_id="abc",
-                       unsent=tmp_path / "unsent.jsonl")
-    with pytest.raises(Exception):
+    uri = f"http://127.0.0.1:{free_port()}"
+    logger = RunLogger(experiment_name="x", tracking_uri=uri, run_id="abc", unsent=tmp_path / "unsent.jsonl")
+    with pytest.raises(StoreUnreachable) as gone:
         logger.log_metrics({"val/acc": 0.5}, step=3)
     (line,) = (tmp_path / "unsent.jsonl").read_text().splitlines()
-    assert json.loads(line) == {"run_id": "abc", "step": 3, "metrics": {"val/acc": 0.5}}
+    record = json.loads(line)
+    assert record.pop("time") > 0
+    assert record == {"uri": uri, "run_id": "abc", "step": 3, "metrics": {"val/acc": 0.5}}
+    assert f"python -m densenet_exp.replay {tmp_path / 'unsent.jsonl'}" in gone.value.advice()

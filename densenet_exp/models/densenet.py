@@ -26,23 +26,24 @@ def _concat(features: Sequence[Tensor]) -> Tensor:
 
 
 class Workspace:
-    """Two scratch buffers, kept across steps, that memory-efficient mode writes each layer's
-    concatenation and its BN-ReLU output into, in the forward and again in the backward.
+    """Scratch buffers, kept across steps, that memory-efficient mode writes into: 0, each
+    layer's concatenation and 1, its BN-ReLU output, in the forward and again in the backward;
+    2, the gradient of that BN-ReLU output where a 1x1 convolution's backward is a matrix product.
 
-    Allocating them afresh per layer costs twice over on a CPU: blocks over 32 MB are mapped
+    Allocating these afresh per layer costs twice over on a CPU: blocks over 32 MB are mapped
     and unmapped by glibc on every use, so each step faults them in again page by page; and
     kept in the heap instead, the growing concatenations leave holes between the layers'
-    outputs that the heap cannot hand back, so it ends well above the live peak. Two fixed
-    buffers of the largest concatenation's size avoid both.
+    outputs that the heap cannot hand back, so it ends well above the live peak. Fixed buffers
+    of the widest map's size avoid both (measured: README, "Memory-efficient mode").
     """
 
     def __init__(self) -> None:
         self.buffers: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
 
-    def reserve(self, numel: int, dtype: torch.dtype, device: torch.device) -> None:
-        """Grow both buffers to `numel` elements at once (not layer by layer, which would leave
-        the smaller ones behind as holes)."""
-        for slot in (0, 1):
+    def reserve(self, numel: int, dtype: torch.dtype, device: torch.device, slots: Sequence[int] = (0, 1)) -> None:
+        """Grow `slots` to `numel` elements at once (not layer by layer, which would leave the
+        smaller ones behind as holes)."""
+        for slot in slots:
             buf = self.buffers.get((slot, dtype, device))
             if buf is None or buf.numel() < numel:
                 self.buffers.pop((slot, dtype, device), None)
@@ -52,7 +53,7 @@ class Workspace:
         """Buffer `slot` as a tensor of `like`'s batch and spatial size with `channels` maps, in
         `like`'s memory format."""
         n, _, h, w = like.shape
-        self.reserve(n * channels * h * w, like.dtype, like.device)
+        self.reserve(n * channels * h * w, like.dtype, like.device, (slot,))
         flat = self.buffers[(slot, like.dtype, like.device)][: n * channels * h * w]
         if like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous():
             return flat.view(n, h, w, channels).permute(0, 3, 1, 2)
@@ -76,7 +77,7 @@ class _EfficientNormReluConv(torch.autograd.Function):
 
     The concatenation and its normalized copy grow with depth and dominate a DenseNet's memory;
     they are recomputed in backward, one layer at a time (Pleiss et al.'s shared-memory recipe),
-    into the two buffers of a `Workspace` shared by all layers. Unlike ``torch.utils.checkpoint``
+    into the buffers of a `Workspace` shared by all layers. Unlike ``torch.utils.checkpoint``
     the convolution is not run again: its output is kept, as the next BN needs it anyway, so
     only cheap elementwise work is repeated.
     """
@@ -105,11 +106,22 @@ class _EfficientNormReluConv(torch.autograd.Function):
         shape = (1, -1, 1, 1)
         z = ctx.workspace.view(1, x, x.shape[1])
         torch.addcmul((norm_bias - mean * scale).view(shape).to(x.dtype), x, scale.view(shape).to(x.dtype), out=z)
-        grad_z, grad_conv_weight, _ = torch.ops.aten.convolution_backward(
-            grad, z.relu_().to(ctx.conv_dtype), conv_weight.to(ctx.conv_dtype), None, [1, 1], [ctx.padding] * 2,
-            [1, 1], False, [0, 0], 1, [True, ctx.needs_input_grad[7], False],
-        )
-        grad_z = grad_z.to(z.dtype)
+        z.relu_()
+        if _as_matrices(grad, z, conv_weight):
+            # A 1x1 convolution in channels_last is a matrix product over (pixels, channels): its
+            # input gradient goes straight into workspace buffer 2, not into a fresh block.
+            g, c = grad.permute(0, 2, 3, 1).reshape(-1, grad.shape[1]), z.shape[1]
+            w = conv_weight.view(conv_weight.shape[0], c)
+            grad_z = ctx.workspace.view(2, z, c)
+            torch.mm(g, w, out=grad_z.permute(0, 2, 3, 1).view(-1, c))
+            grad_conv_weight = (g.t() @ z.permute(0, 2, 3, 1).reshape(-1, c)).view_as(conv_weight) \
+                if ctx.needs_input_grad[7] else None
+        else:
+            grad_z, grad_conv_weight, _ = torch.ops.aten.convolution_backward(
+                grad, z.to(ctx.conv_dtype), conv_weight.to(ctx.conv_dtype), None, [1, 1], [ctx.padding] * 2,
+                [1, 1], False, [0, 0], 1, [True, ctx.needs_input_grad[7], False],
+            )
+            grad_z = grad_z.to(z.dtype)
         torch.ops.aten.threshold_backward.grad_input(grad_z, z, 0, grad_input=grad_z)  # ReLU's gradient, in place
         grad_x, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_batch_norm_backward(
             grad_z, x, norm_weight, None, None, mean, invstd, True, ctx.eps, [True, True, True]
@@ -119,6 +131,15 @@ class _EfficientNormReluConv(torch.autograd.Function):
             grad_conv_weight = grad_conv_weight.to(conv_weight.dtype)
         return (None, grad_norm_weight, grad_norm_bias, None, None, None, None, grad_conv_weight, None,
                 *grad_features)
+
+
+def _as_matrices(grad: Tensor, z: Tensor, weight: Tensor) -> bool:
+    """Whether a convolution's backward can run as two matrix products: 1x1, one dtype, and
+    both maps in channels_last."""
+    cl = torch.channels_last
+    return (weight.shape[2:] == (1, 1) and grad.dtype == z.dtype == weight.dtype
+            and z.is_contiguous(memory_format=cl) and grad.is_contiguous(memory_format=cl) and z.dim() == 4
+            and z.shape[2:] != (1, 1))  # 1x1 maps are contiguous in both formats: leave them to the conv
 
 
 def _running_stats_factor(norm: nn.BatchNorm2d) -> float:

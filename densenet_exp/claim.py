@@ -1,0 +1,122 @@
+"""The MLflow run a job logs to, chosen by the ownership rule (densenet_exp/ownership.py):
+refused while a run of its config has a live owner, resumed if one was KILLED (from its last
+readable checkpoint, else from the start), else new. DDP ranks other than 0 take rank 0's
+choice, handed to them in the environment."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.types import RunMode
+from mlflow.entities import Run, RunTag
+from mlflow.tracking import MlflowClient
+
+from .checkpoints import LAST, PENDING, readable, set_aside
+from .ownership import RESUMED_AFTER_TAG, STOP_REASON_TAG, Busy, OwnerLock, RunBusy, claim, earlier_live_rival
+from .tracking import adopt_into_sweep, config_hash, retry_locked, runs_of_config
+
+log = logging.getLogger("densenet_exp")
+CLAIM_ENV = "DENSENET_EXP_RUN_CLAIM"  # rank 0's choice of run, for the DDP ranks Lightning starts
+
+
+@dataclass
+class RunClaim:
+    """The run a job logs to, its checkpoint folder, the checkpoint it resumes from (None: from
+    the start), whether the run existed before (and had its params logged), and the owner lock
+    that rank 0 holds while it trains."""
+
+    run_id: str | None
+    ckpt_dir: Path
+    ckpt_path: str | None = None
+    resumed: bool = False
+    recorded: bool = False
+    lock: OwnerLock | None = field(default=None, repr=False)
+
+    def to_env(self) -> str:
+        return json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items() if k != "lock"})
+
+    @classmethod
+    def from_env(cls, text: str) -> RunClaim:
+        fields = json.loads(text)
+        return cls(**{**fields, "ckpt_dir": Path(fields["ckpt_dir"])})
+
+
+def choose_run(client: MlflowClient, experiment_id: str, previous: list[Run], plain: dict[str, Any], hc: Any,
+               chief: bool, create: Callable[[OwnerLock], str]) -> RunClaim:
+    """The ownership rule, applied by rank 0 once the runs whose owner is gone were closed:
+    refuse (RunBusy) while a run of this config (`previous`, newest first) has a live owner, else
+    resume the newest KILLED one, else create one with `create(lock)`. Other DDP ranks take rank
+    0's choice."""
+    if not chief:
+        if CLAIM_ENV in os.environ:
+            return RunClaim.from_env(os.environ[CLAIM_ENV])
+        # Ranks that SLURM starts beside rank 0 find the checkpoint rank 0 resumes from.
+        unfinished = [r for r in previous if r.info.status in ("RUNNING", "KILLED")]
+        ckpt = Path(unfinished[0].data.tags.get("checkpoint_dir", "")) / LAST if unfinished else None
+        if ckpt is not None and ckpt.is_file():
+            return RunClaim(unfinished[0].info.run_id, ckpt.parent, str(ckpt), resumed=True)
+        return RunClaim(None, Path(hc.runtime.output_dir) / "checkpoints")
+    tracking = plain["tracking"]
+    if tracking["resume"]:
+        live = [r for r in previous if r.info.status == "RUNNING"]
+        if live:
+            raise RunBusy(live[0])
+        killed = next((r for r in previous if r.info.status == "KILLED"), None)
+        if killed is not None:
+            return resume_run(client, killed, hc)
+    claimed = new_run(client, experiment_id, plain, hc, create)
+    if tracking["resume"]:
+        # Two launches of one config at once each created a run: the first-created one goes on.
+        rival = earlier_live_rival(
+            runs_of_config(client, experiment_id, config_hash(plain)), claimed.run_id, tracking["owner_timeout_s"])
+        if rival is not None:
+            retry_locked(lambda: client.delete_run(claimed.run_id))
+            claimed.lock.release()
+            raise RunBusy(rival)
+    return claimed
+
+
+def new_run(client: MlflowClient, experiment_id: str, plain: dict[str, Any], hc: Any,
+            create: Callable[[OwnerLock], str]) -> RunClaim:
+    """A new run owned by this process, checkpointing into the job's output folder."""
+    lock = OwnerLock(Path(hc.runtime.output_dir).resolve() / "checkpoints")
+    if not lock.acquire():
+        raise Busy(f"the output folder {hc.runtime.output_dir} holds a run that a live process trains: "
+                   "pick another hydra.run.dir")
+    set_aside(lock.path.parent, "stale")  # an earlier run's checkpoints in a reused folder
+    run_id = create(lock)
+    return RunClaim(run_id, lock.path.parent, lock=lock)
+
+
+def resume_run(client: MlflowClient, run: Run, hc: Any) -> RunClaim:
+    """Own a KILLED run again and continue it: from its last checkpoint if that reads, else from
+    the start (an unreadable checkpoint is set aside and reported)."""
+    lock = claim(client, run)
+    run_id = run.info.run_id
+    ckpt_dir = lock.path.parent
+    last = ckpt_dir / LAST
+    ckpt_path = str(last) if last.is_file() else None
+    why = readable(last) if ckpt_path else None
+    if why is not None:
+        (moved,) = set_aside(ckpt_dir, "corrupt", LAST)
+        print(f"warning: checkpoint {last} cannot be read ({why}); set aside as {moved}, and MLflow run {run_id} "
+              "starts over from epoch 0", file=sys.stderr, flush=True)
+        ckpt_path = None
+    # A checkpoint of an epoch whose metrics may not all be logged, or of an attempt started over.
+    set_aside(ckpt_dir, "stale", "*.ckpt" if ckpt_path is None else PENDING)
+    tags = {**lock.tags(), RESUMED_AFTER_TAG: run.data.tags.get(STOP_REASON_TAG, "")}
+    retry_locked(lambda: client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()]))
+    if STOP_REASON_TAG in run.data.tags:
+        retry_locked(lambda: client.delete_tag(run_id, STOP_REASON_TAG))
+    retry_locked(lambda: client.update_run(run_id, status="RUNNING"))
+    if hc.mode == RunMode.MULTIRUN:
+        adopt_into_sweep(client, run, Path(hc.sweep.dir), hc.job.num, finished=False)
+    log.info("resuming MLflow run %s from %s", run_id, ckpt_path or "the start")
+    return RunClaim(run_id, ckpt_dir, ckpt_path, resumed=True, recorded=bool(run.data.params), lock=lock)

@@ -1,0 +1,256 @@
+"""Run ownership and the store's safety (issue 16): no launch takes over a live run, a new SQLite
+store survives two processes creating it at once, runs whose owner died are closed and resumed,
+unusable stores and checkpoints are reported in one line. Real processes on a throwaway store;
+each scenario ends with `assert_clean` (no run RUNNING without a live owner, no (metric, step)
+twice)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+
+from conftest import ROOT, assert_clean, run_until
+from densenet_exp.checkpoints import PAUSE_ENV
+from densenet_exp.ownership import OwnerLock, earlier_live_rival, owner_gone
+from densenet_exp.replay import main as replay_main
+from densenet_exp.store import prepare_store
+from densenet_exp.tracking import PARENT_ID_FILE, SweepParentRun, ensure_experiment
+from densenet_exp.validate import ConfigError, check_added_keys
+
+SMOKE = ("experiment=smoke", "probes=none")
+
+
+def start(store, *overrides: str, out: str = "out", env: dict | None = None, multirun: bool = False):
+    return subprocess.Popen(store.command(*overrides, out=out, multirun=multirun), cwd=ROOT,
+                            env={**store.env(), **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def fake_run(tags: dict, status: str = "RUNNING", start_time: int = 0, run_id: str = "r"):
+    return SimpleNamespace(info=SimpleNamespace(status=status, start_time=start_time, run_id=run_id),
+                           data=SimpleNamespace(tags=tags))
+
+
+# --- 1. a second launch of a live config is refused -----------------------------------------
+
+
+@pytest.mark.slow
+def test_a_second_launch_of_a_live_config_is_refused(store):
+    overrides = (*SMOKE, "trainer.max_epochs=3")
+    ensure_experiment(store.client(), "smoke")
+    # A pauses at the start of epoch 2, with its epoch-0 checkpoint on disk: alive, mid-run.
+    first = start(store, *overrides, out="a", env={PAUSE_ENV: "300@2"})
+    ckpt = store.path / "a" / "checkpoints" / "last.ckpt"
+    try:
+        run_until(first, ckpt.exists)
+        (live,) = store.runs("smoke")
+        for out in ("b", "a"):  # another folder, and the live run's own folder
+            second = store.run(*overrides, out=out)
+            assert second.returncode == 3, second.stderr[-2000:]
+            assert f"error: MLflow run {live.info.run_id}" in second.stderr and "is being trained by" in second.stderr
+            assert "Traceback" not in second.stderr
+        assert not (store.path / "b").exists() and ckpt.exists()  # B left nothing; A's folder is intact
+        (still,) = store.runs("smoke")
+        assert still.info.run_id == live.info.run_id and still.info.status == "RUNNING"
+        assert_clean(store)
+        # tracking.resume=false is the documented way to train a separate run beside it.
+        separate = store.run(*overrides, "tracking.resume=false", out="c")
+        assert separate.returncode == 0, separate.stderr[-2000:]
+        assert len(store.runs("smoke")) == 2
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    finally:
+        first.kill()
+    resumed = store.run(*overrides, out="d")  # A's owner is gone now: its run is resumed
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert store.client().get_run(live.info.run_id).info.status == "FINISHED"
+    assert_clean(store)
+
+
+def test_of_two_runs_created_at_once_only_the_first_goes_on(tmp_path):
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    held = OwnerLock(tmp_path)
+    # Lock not taken yet: the run's owner is gone; taken: alive (the kernel, not the pid, decides).
+    mine = fake_run({"owner": me, "owner_lock": str(held.path)}, start_time=2, run_id="b")
+    rival = fake_run({"owner": me, "owner_lock": str(held.path)}, start_time=1, run_id="a")
+    assert owner_gone(rival, 600) is not None
+    assert held.acquire()
+    try:
+        assert owner_gone(rival, 600) is None
+        assert earlier_live_rival([mine, rival], "b", 600) is rival  # b backs off
+        assert earlier_live_rival([mine, rival], "a", 600) is None  # a goes on
+    finally:
+        held.release()
+
+
+def test_owners_on_other_machines_are_judged_by_their_heartbeat(monkeypatch):
+    fresh = fake_run({"owner": "elsewhere:12", "owner_heartbeat": str(int(time.time()) - 30)})
+    stale = fake_run({"owner": "elsewhere:12", "owner_heartbeat": str(int(time.time()) - 700)})
+    assert owner_gone(fresh, 600) is None
+    assert "no heartbeat for" in owner_gone(stale, 600)
+    # A SLURM job that was requeued is gone for its own next start, however fresh its heartbeat.
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    requeued = fake_run({"owner": "node1:12", "owner_heartbeat": str(int(time.time())), "owner_slurm_job": "77:0"})
+    assert "before it was requeued" in owner_gone(requeued, 600)
+
+
+# --- 2. a new SQLite store, two processes at once -------------------------------------------
+
+
+def test_two_processes_create_a_new_store_at_once(store):
+    assert not (store.path / "mlflow.db").exists()
+    procs = [start(store, *SMOKE, f"seed={seed}", out=f"s{seed}") for seed in (0, 1)]
+    results = [(p.wait(600), p.stderr.read()) for p in procs]
+    for code, stderr in results:
+        assert code == 0, stderr[-3000:]
+        assert "alembic" not in stderr
+    runs = store.runs("smoke")
+    assert sorted(r.data.params["seed"] for r in runs) == ["0", "1"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert_clean(store)
+
+
+@pytest.mark.slow
+def test_two_sweeps_on_a_new_store_each_get_their_parent(store):
+    procs = [start(store, *SMOKE, f"seed={a},{a + 1}", "trainer.max_epochs=1", out=f"sweep{a}", multirun=True)
+             for a in (0, 2)]
+    for proc in procs:
+        assert proc.wait(900) == 0, proc.stderr.read()[-3000:]
+    runs = store.runs("smoke")
+    parents = [r for r in runs if r.data.tags.get("sweep") == "parent"]
+    assert len(parents) == 2 and all(p.info.status == "FINISHED" for p in parents)
+    for parent in parents:
+        children = [r for r in runs if r.data.tags.get("sweep_id") == parent.info.run_id]
+        assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+    assert_clean(store)
+
+
+def test_a_sweep_whose_parent_cannot_be_created_stops_loudly(tmp_path, monkeypatch, capsys):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("the store refused the parent run")
+
+    monkeypatch.setattr(MlflowClient, "create_run", refuse)
+    config = OmegaConf.load(ROOT / "conf" / "config.yaml")
+    config.tracking.uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config.hydra = {"runtime": {"cwd": str(ROOT)}, "sweep": {"dir": str(tmp_path / "sweep")},
+                    "overrides": {"task": []}}
+    with pytest.raises(SystemExit) as stop:
+        SweepParentRun().on_multirun_start(config)  # Hydra turns any other exception into a warning
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert "error: the sweep's parent run could not be created" in err and "no job was started" in err
+    assert not (tmp_path / "sweep" / PARENT_ID_FILE).exists()
+
+
+# --- 3. runs whose owner is gone are closed, and resumed ------------------------------------
+
+
+@pytest.mark.slow
+def test_a_run_killed_before_its_first_checkpoint_is_closed_then_resumed(store):
+    overrides = (*SMOKE, "data.train_size=4096")
+    ensure_experiment(store.client(), "smoke")
+    proc = start(store, *overrides)
+    try:
+        run_until(proc, lambda: bool(store.runs("smoke")))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        proc.kill()
+    (orphan,) = store.runs("smoke")
+    assert orphan.info.status == "RUNNING"
+    other = store.run(*SMOKE, "seed=1", "trainer.max_epochs=1", out="other")  # any later launch closes it
+    assert other.returncode == 0, other.stderr[-2000:]
+    closed = store.client().get_run(orphan.info.run_id)
+    assert closed.info.status == "KILLED" and "ended without closing it" in closed.data.tags["stop_reason"]
+    assert_clean(store)
+    again = store.run(*overrides, out="again")  # its own config resumes it, from the start
+    assert again.returncode == 0, again.stderr[-2000:]
+    resumed = store.client().get_run(orphan.info.run_id)
+    assert resumed.info.status == "FINISHED" and "ended without closing it" in resumed.data.tags["resumed_after"]
+    assert len(store.runs("smoke")) == 2
+    assert_clean(store)
+
+
+# --- 7. one line for every unusable store and checkpoint ------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_an_unusable_store_file_is_one_line(store, damage):
+    db = store.path / "mlflow.db"
+    if damage == "garbage":
+        db.write_bytes(b"this is not a database\n" * 100)
+    else:
+        client = store.client()
+        run = client.create_run(ensure_experiment(client, "smoke"))
+        for step in range(200):
+            client.log_metric(run.info.run_id, "x", step, step=step)
+        with db.open("r+b") as f:
+            f.truncate(db.stat().st_size // 2)
+    result = store.run(*SMOKE)
+    assert result.returncode == 2
+    assert f"{db} is not a usable MLflow store" in result.stderr and "move it aside" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (store.path / "out").exists()
+
+
+def test_a_corrupt_checkpoint_is_set_aside_and_the_run_starts_over(store):
+    overrides = (*SMOKE, "trainer.max_epochs=1")
+    assert store.run(*overrides).returncode == 0
+    (run,) = store.runs("smoke")
+    client = store.client()
+    client.set_terminated(run.info.run_id, "KILLED")  # as if stopped: the next launch resumes it
+    last = store.path / "out" / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])
+    result = store.run(*overrides, out="again")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"warning: checkpoint {last} cannot be read" in result.stderr and "starts over from epoch 0" in result.stderr
+    folder = last.parent
+    assert len(list(folder.glob("last.ckpt.corrupt-*"))) == 1
+    assert sorted(p.name for p in folder.glob("*.ckpt")) == ["best-epoch=0.ckpt", "last.ckpt"]  # no last-v1.ckpt
+    torch.load(last, weights_only=True)  # the new one reads
+    assert client.get_run(run.info.run_id).info.status == "FINISHED" and len(store.runs("smoke")) == 1
+    assert_clean(store)
+
+
+def test_only_keys_that_something_reads_may_be_added():
+    check_added_keys(["+trainer.gradient_clip_val=1.0", "+data.download=true", "+model.drop_rate=0.1", "seed=1"])
+    with pytest.raises(ConfigError, match=r"\+\+trainer.not_an_argument=1: nothing reads"):
+        check_added_keys(["++trainer.not_an_argument=1"])
+
+
+def test_the_replay_sends_each_figure_once_and_closes_a_run_whose_owner_is_gone(tmp_path):
+    """Replay half of whose figures reached the store before it went away."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    prepare_store(uri)
+    client = MlflowClient(uri)
+    run_id = client.create_run(ensure_experiment(client, "x"), tags={"owner": "gone:1"}).info.run_id
+    client.log_metric(run_id, "val/acc", 0.5, step=7)  # sent before the store went away
+    spool = tmp_path / "unsent_metrics.jsonl"
+    records = [{"uri": uri, "run_id": run_id, "step": 7, "time": 1, "metrics": {"val/acc": 0.5, "val/loss": 1.0}},
+               {"uri": uri, "run_id": run_id, "step": 15, "time": 2, "metrics": {"val/acc": 0.6}},
+               {"uri": uri, "run_id": run_id, "status": "KILLED", "tags": {"stop_reason": "store unreachable"}}]
+    spool.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert replay_main([str(spool)]) == 0
+    assert sorted(m.step for m in client.get_metric_history(run_id, "val/acc")) == [7, 15]
+    assert [m.step for m in client.get_metric_history(run_id, "val/loss")] == [7]
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.tags["stop_reason"] == "store unreachable"
+    assert not spool.exists() and spool.with_name(spool.name + ".replayed").exists()
+
+
+def test_replay_has_a_command_line():
+    result = subprocess.run([sys.executable, "-m", "densenet_exp.replay", "--help"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0 and "unsent_metrics.jsonl" in result.stdout
