@@ -77,6 +77,7 @@ def test_sweep_nests_finished_children_under_one_parent(store):
     assert result.stdout.count("test accuracy") == 2
 
 
+@pytest.mark.slow
 def test_kill_between_an_epochs_metrics_and_its_checkpoint_resumes_exactly(store):
     # Smoke: 8 steps per epoch, metrics at steps 7, 15, 23. The run pauses at the start of epoch 2,
     # after every figure of epoch 1 is logged and before epoch 1's checkpoint becomes last.ckpt.
