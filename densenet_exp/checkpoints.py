@@ -22,6 +22,8 @@ from typing import Any
 
 import lightning as L
 
+from . import stopping
+
 LAST = "last.ckpt"
 PENDING = "pending.ckpt"
 # Tests only: "SECONDS[@EPOCH]", sleep after an epoch's metrics are logged and before its
@@ -53,7 +55,9 @@ class LastCheckpoint(L.Callback):
         if self.pause_s and self.pause_epoch in (None, trainer.current_epoch):
             print(f"pausing {self.pause_s:g} s at epoch {trainer.current_epoch} before {self.pending.name} becomes "
                   f"{self.last.name}", flush=True)
-            time.sleep(self.pause_s)
+            deadline = time.monotonic() + self.pause_s
+            while time.monotonic() < deadline and stopping.received() is None:  # a stop ends the pause
+                time.sleep(0.05)
         os.replace(self.pending, self.last)  # atomic: a kill leaves the old or the new, never half
 
 

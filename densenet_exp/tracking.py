@@ -233,6 +233,14 @@ class SweepParentRun(Callback):
         self.lock: OwnerLock | None = None
         self.heartbeat: Heartbeat | None = None
 
+    # Launchers that run jobs in other processes (joblib, submitit) pickle the callbacks with each
+    # job; the sweep's live state (a lock, a thread, a client) stays with the sweep process.
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from .validate import ConfigError, check_output_folder, validate_tracking
 

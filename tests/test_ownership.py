@@ -78,6 +78,23 @@ def test_a_second_launch_of_a_live_config_is_refused(store):
     assert_clean(store)
 
 
+@pytest.mark.slow
+def test_two_identical_sweeps_at_once_train_each_config_once(store):
+    overrides = (*SMOKE, "seed=0,1", "trainer.max_epochs=1")
+    ensure_experiment(store.client(), "smoke")
+    procs = [start(store, *overrides, out=f"sweep{i}", multirun=True) for i in range(2)]
+    for proc in procs:
+        code, stderr = proc.wait(900), proc.stderr.read()
+        # A job whose config the other sweep trains is refused and reported; nothing is trained twice.
+        assert code == 0 or (code == 1 and "is being trained by" in stderr), stderr[-3000:]
+    children = [r for r in store.runs("smoke") if r.data.tags.get("sweep") != "parent"]
+    assert sorted(r.data.params["seed"] for r in children) == ["0", "1"]
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert_clean(store)
+    again = store.run(*overrides, out="again", multirun=True)
+    assert again.returncode == 0 and again.stdout.count("skipped, already FINISHED") == 2
+
+
 def test_of_two_runs_created_at_once_only_the_first_goes_on(tmp_path):
     me = f"{socket.gethostname()}:{os.getpid()}"
     held = OwnerLock(tmp_path)
