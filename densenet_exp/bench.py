@@ -260,7 +260,8 @@ def bare_epoch(overrides: list[str]) -> float:
     from .classifier import ImageClassifier
     from .data import ImageDataModule
     from .models import build_model
-    from .run import CONF_DIR, apply_knobs
+    from .job import apply_knobs
+    from .run import CONF_DIR
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)

@@ -19,7 +19,8 @@ from mlflow.entities import Run, RunTag
 from mlflow.tracking import MlflowClient
 
 from .checkpoints import LAST, PENDING, readable, set_aside
-from .ownership import RESUMED_AFTER_TAG, STOP_REASON_TAG, Busy, OwnerLock, RunBusy, claim, earlier_live_rival
+from . import record
+from .ownership import Busy, OwnerLock, RunBusy, claim, earlier_live_rival
 from .tracking import adopt_into_sweep, config_hash, retry_locked, runs_of_config
 
 log = logging.getLogger("densenet_exp")
@@ -59,7 +60,7 @@ def choose_run(client: MlflowClient, experiment_id: str, previous: list[Run], pl
             return RunClaim.from_env(os.environ[CLAIM_ENV])
         # Ranks that SLURM starts beside rank 0 find the checkpoint rank 0 resumes from.
         unfinished = [r for r in previous if r.info.status in ("RUNNING", "KILLED")]
-        ckpt = Path(unfinished[0].data.tags.get("checkpoint_dir", "")) / LAST if unfinished else None
+        ckpt = Path(unfinished[0].data.tags.get(record.CHECKPOINT_DIR, "")) / LAST if unfinished else None
         if ckpt is not None and ckpt.is_file():
             return RunClaim(unfinished[0].info.run_id, ckpt.parent, str(ckpt), resumed=True)
         return RunClaim(None, Path(hc.runtime.output_dir) / "checkpoints")
@@ -111,10 +112,10 @@ def resume_run(client: MlflowClient, run: Run, hc: Any) -> RunClaim:
         ckpt_path = None
     # A checkpoint of an epoch whose metrics may not all be logged, or of an attempt started over.
     set_aside(ckpt_dir, "stale", "*.ckpt" if ckpt_path is None else PENDING)
-    tags = {**lock.tags(), RESUMED_AFTER_TAG: run.data.tags.get(STOP_REASON_TAG, "")}
+    tags = {**lock.tags(), record.RESUMED_AFTER: run.data.tags.get(record.STOP_REASON, "")}
     retry_locked(lambda: client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()]))
-    if STOP_REASON_TAG in run.data.tags:
-        retry_locked(lambda: client.delete_tag(run_id, STOP_REASON_TAG))
+    if record.STOP_REASON in run.data.tags:
+        retry_locked(lambda: client.delete_tag(run_id, record.STOP_REASON))
     retry_locked(lambda: client.update_run(run_id, status="RUNNING"))
     if hc.mode == RunMode.MULTIRUN:
         adopt_into_sweep(client, run, Path(hc.sweep.dir), hc.job.num, finished=False)

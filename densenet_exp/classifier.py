@@ -13,6 +13,8 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from . import record
+
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 SCHEDULERS = ("constant", "multistep", "cosine", "onecycle")
 # Reading a GPU value on the host waits for every queued kernel: the training step only counts
@@ -73,8 +75,8 @@ class ImageClassifier(L.LightningModule):
         self._note_nonfinite(loss.detach())
         self.train_acc.update(logits, y)
         self.log("loss", loss, prog_bar=True, logger=False)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        self.log(record.TRAIN_LOSS, loss, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
+        self.log(record.TRAIN_ACC, self.train_acc, on_step=False, on_epoch=True)
         return loss
 
     def _note_nonfinite(self, loss: Tensor) -> None:
@@ -100,24 +102,24 @@ class ImageClassifier(L.LightningModule):
             )
 
     def on_train_epoch_end(self) -> None:
-        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=False, on_epoch=True)
+        self.log(record.LEARNING_RATE, self.optimizers().param_groups[0]["lr"], on_step=False, on_epoch=True)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         loss, logits, y = self._loss(batch)
         self.val_acc.update(logits, y)
-        self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
-        self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
+        self.log(record.VAL_LOSS, loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
+        self.log(record.VAL_ACC, self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         loss, logits, y = self._loss(batch)
         self.test_acc.update(logits, y)
-        self.log("test/loss", loss, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
-        self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
+        self.log(record.TEST_LOSS, loss, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
+        self.log(record.TEST_ACC, self.test_acc, on_step=False, on_epoch=True)
         self.test_images.update(len(y))
-        self.log("test/images", self.test_images, on_step=False, on_epoch=True)
+        self.log(record.TEST_IMAGES, self.test_images, on_step=False, on_epoch=True)
         if self.test_top5 is not None:
             self.test_top5.update(logits, y)
-            self.log("test/acc_top5", self.test_top5, on_step=False, on_epoch=True)
+            self.log(record.TEST_ACC_TOP5, self.test_top5, on_step=False, on_epoch=True)
 
     @staticmethod
     def build_optimizer(params: Any, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:

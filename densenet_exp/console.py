@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from . import record
 from .tracking import FAILURES_DIR
 
 if TYPE_CHECKING:
@@ -171,16 +172,16 @@ def sweep_summary(client: MlflowClient, parent_id: str, sweep_dir: Path, config:
         except Exception as err:  # the store went away: the table must not cost the sweep its exit status
             rows.append([job + 1, "-", "-", f"unknown ({type(err).__name__})", "-", "-"])
             continue
-        earlier |= run.data.tags.get("sweep_id") != parent_id  # skipped, or resumed from an earlier sweep
-        acc = run.data.metrics.get("test/acc")
+        earlier |= run.data.tags.get(record.SWEEP_ID) != parent_id  # skipped, or resumed from an earlier sweep
+        acc = run.data.metrics.get(record.TEST_ACC)
         ended = run.info.end_time is not None and run.info.status != "RUNNING"
         wall = "-"
         if ended and not record["skipped"]:  # from when the job chose its run (a resumed run started earlier)
             wall = duration(max(0.0, run.info.end_time / 1000 - record["started"]))
         rows.append([
             job + 1,
-            run.data.tags.get("variant", run.info.run_name),
-            run.data.tags.get("seed", "-"),
+            run.data.tags.get(record.VARIANT, run.info.run_name),
+            run.data.tags.get(record.SEED, "-"),
             "SKIPPED (done before)" if record["skipped"] else run.info.status,
             "-" if acc is None else f"{acc:.4f}",
             wall,

@@ -24,12 +24,13 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from . import record
 from .store import tracking_uri
 
 # Artifacts the report and notebooks read; figures are drawn again from these.
-TEXT_ARTIFACTS = ("config.yaml", "feature_reuse/matrices.json", "gradient_flow/relative_grads.csv")
+TEXT_ARTIFACTS = (record.CONFIG_YAML, record.FEATURE_REUSE_MATRICES, record.RELATIVE_GRADS)
 # Tags that hold a run id of the same experiment.
-RUN_ID_TAGS = (MLFLOW_PARENT_RUN_ID, "sweep_id")
+RUN_ID_TAGS = (MLFLOW_PARENT_RUN_ID, record.SWEEP_ID)
 _BATCH = 1000  # MLflow's log_batch limit on metrics per call
 
 

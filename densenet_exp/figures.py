@@ -17,6 +17,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from . import record
 from .results import CONFIG, FAMILY_NAMES, interval
 
 # family -> (colour, marker); configurations within a family differ by line style and marker fill.
@@ -84,16 +85,17 @@ def plot_accuracy_vs_cost(summary: pd.DataFrame, data: str) -> Figure | None:
         return None
     fig = Figure(figsize=(12, 5), layout="constrained")
     axes = fig.subplots(1, 2)
-    for ax, cost, label in zip(axes, ("params", "flops_per_image"), ("parameters", "FLOPs per image")):
+    for ax, cost, label in zip(axes, (record.PARAMS, record.FLOPS_PER_IMAGE), ("parameters", "FLOPs per image")):
         for family, group in rows.groupby("family"):
             colour, marker = family_style(family)
-            group = group.dropna(subset=[f"{cost} mean", "test/acc mean"])
+            acc = record.TEST_ACC
+            group = group.dropna(subset=[f"{cost} mean", f"{acc} mean"])
             if group.empty:
                 continue
-            _errorbar(ax, group[f"{cost} mean"], group["test/acc mean"], group["test/acc ci_low"],
-                      group["test/acc ci_high"], colour, marker, "none", family_label(family))
+            _errorbar(ax, group[f"{cost} mean"], group[f"{acc} mean"], group[f"{acc} ci_low"], group[f"{acc} ci_high"],
+                      colour, marker, "none", family_label(family))
             for _, row in group.iterrows():
-                ax.annotate(row["variant"], (row[f"{cost} mean"], row["test/acc mean"]), fontsize=7,
+                ax.annotate(row["variant"], (row[f"{cost} mean"], row[f"{acc} mean"]), fontsize=7,
                             xytext=(4, 4), textcoords="offset points")
         if ax.has_data():
             ax.set_xscale("log")  # matplotlib labels minor ticks where the data span less than a decade
@@ -103,7 +105,7 @@ def plot_accuracy_vs_cost(summary: pd.DataFrame, data: str) -> Figure | None:
     return fig
 
 
-def plot_knob_effects(runs: pd.DataFrame, data: str, metrics: Sequence[str] = ("test/acc", "params")) -> Figure | None:
+def plot_knob_effects(runs: pd.DataFrame, data: str, metrics: Sequence[str] = (record.TEST_ACC, record.PARAMS)) -> Figure | None:
     """The effect of each DenseNet knob that has two or more levels on `data`: one panel per knob
     and metric, one line per combination of the model and the other knobs (never pooled), each
     point the mean over seeds with its 95% interval. None when no knob varies."""
@@ -150,7 +152,7 @@ def _config_lines(rows: pd.DataFrame):
         yield family, variant, group, colour, style, marker
 
 
-def plot_learning_curves(curves: pd.DataFrame, data: str, metric: str = "val/acc") -> Figure | None:
+def plot_learning_curves(curves: pd.DataFrame, data: str, metric: str = record.VAL_ACC) -> Figure | None:
     """`metric` per epoch (from results.learning_curves), mean over seeds with its 95% interval
     as a band, one line per configuration coloured by family. None without curves on `data`."""
     rows = curves[curves["data"] == data]

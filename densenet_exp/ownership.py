@@ -30,14 +30,9 @@ from pathlib import Path
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
+from . import record
 from .store import retry_locked
 
-OWNER_TAG = "owner"  # host:pid of the process that trains the run
-OWNER_LOCK_TAG = "owner_lock"  # the lock file that process holds
-HEARTBEAT_TAG = "owner_heartbeat"  # unix time of the owner's last sign of life
-SLURM_TAG = "owner_slurm_job"  # SLURM job id and restart count of the owner
-STOP_REASON_TAG = "stop_reason"  # why a run or sweep was stopped or closed (KILLED)
-RESUMED_AFTER_TAG = "resumed_after"  # the stop reason of the attempt a resumed run continues
 LOCK_FILE = "owner.lock"
 
 
@@ -84,10 +79,10 @@ class OwnerLock:
 
     def tags(self) -> dict[str, str]:
         """The run tags that name this process as the owner."""
-        tags = {OWNER_TAG: this_owner(), OWNER_LOCK_TAG: str(self.path.resolve()), HEARTBEAT_TAG: str(int(time.time()))}
+        tags = {record.OWNER: this_owner(), record.OWNER_LOCK: str(self.path.resolve()), record.OWNER_HEARTBEAT: str(int(time.time()))}
         job = slurm_job()
         if job:
-            tags[SLURM_TAG] = f"{job[0]}:{job[1]}"
+            tags[record.OWNER_SLURM_JOB] = f"{job[0]}:{job[1]}"
         return tags
 
 
@@ -110,22 +105,22 @@ def lock_is_held(path: Path) -> bool:
 def lock_path(run: Run) -> Path | None:
     """The lock file of a run (runs from before ownership: the one in its checkpoint folder)."""
     tags = run.data.tags
-    if OWNER_LOCK_TAG in tags:
-        return Path(tags[OWNER_LOCK_TAG])
-    folder = tags.get("checkpoint_dir") or (tags.get("sweep_dir") if tags.get("sweep") == "parent" else None)
+    if record.OWNER_LOCK in tags:
+        return Path(tags[record.OWNER_LOCK])
+    folder = tags.get(record.CHECKPOINT_DIR) or (tags.get(record.SWEEP_DIR) if tags.get(record.SWEEP) == "parent" else None)
     return Path(folder) / LOCK_FILE if folder else None
 
 
 def owner_gone(run: Run, timeout_s: float) -> str | None:
     """Why the owner of an unfinished run is gone, or None while it lives."""
     tags = run.data.tags
-    owner = tags.get(OWNER_TAG, "unrecorded")
-    job, theirs = slurm_job(), tags.get(SLURM_TAG)
+    owner = tags.get(record.OWNER, "unrecorded")
+    job, theirs = slurm_job(), tags.get(record.OWNER_SLURM_JOB)
     if job and theirs:
         their_job, _, restart = theirs.rpartition(":")
         if their_job == job[0] and int(restart) < job[1]:
             return f"its owner {owner} was SLURM job {their_job} before it was requeued"
-    if OWNER_TAG not in tags:
+    if record.OWNER not in tags:
         # A run from before ownership (older code may still train it): gone once it has been
         # silent, no metric logged, for owner_timeout_s.
         latest = max([run.info.start_time or 0, *(m.timestamp for m in getattr(run.data, "_metric_objs", []))])
@@ -137,7 +132,7 @@ def owner_gone(run: Run, timeout_s: float) -> str | None:
         if path is not None and lock_is_held(path):
             return None
         return f"its owner {owner} ended without closing it"
-    age = time.time() - float(tags.get(HEARTBEAT_TAG) or 0)
+    age = time.time() - float(tags.get(record.OWNER_HEARTBEAT) or 0)
     if age < timeout_s:
         return None
     return f"its owner {owner} sent no heartbeat for {age:.0f} s (tracking.owner_timeout_s={timeout_s:g})"
@@ -160,7 +155,7 @@ def close_orphans(client: MlflowClient, experiment_id: str, timeout_s: float) ->
         try:
             stamp = datetime.now().isoformat(timespec="seconds")
             run_id = run.info.run_id
-            retry_locked(lambda: client.set_tag(run_id, STOP_REASON_TAG, f"{reason}; closed by {this_owner()} at {stamp}"))
+            retry_locked(lambda: client.set_tag(run_id, record.STOP_REASON, f"{reason}; closed by {this_owner()} at {stamp}"))
             retry_locked(lambda: client.set_terminated(run_id, "KILLED"))
             closed.append(run_id)
         finally:
@@ -181,7 +176,7 @@ class RunBusy(Busy):
         tags = run.data.tags
         super().__init__(
             f"MLflow run {run.info.run_id} ({tags.get('variant', '?')}, config {tags.get('config_hash', '?')}) is "
-            f"being trained by {tags.get(OWNER_TAG, 'a live process')} (checkpoints in {tags.get('checkpoint_dir')}): "
+            f"being trained by {tags.get(record.OWNER, 'a live process')} (checkpoints in {tags.get(record.CHECKPOINT_DIR)}): "
             "wait for it to end or stop it, or add tracking.resume=false to train a separate run")
 
 
@@ -189,12 +184,12 @@ def claim(client: MlflowClient, run: Run) -> OwnerLock:
     """Become the owner of an unfinished run whose owner is gone; RunBusy if another process is
     (or just became) its owner."""
     path = lock_path(run)
-    folder = path.parent if path is not None else Path(run.data.tags["checkpoint_dir"])
+    folder = path.parent if path is not None else Path(run.data.tags[record.CHECKPOINT_DIR])
     lock = OwnerLock(folder)
     if not lock.acquire():
         raise RunBusy(run)
     fresh = retry_locked(lambda: client.get_run(run.info.run_id))
-    if fresh.info.status == "RUNNING" and fresh.data.tags.get(OWNER_TAG) != run.data.tags.get(OWNER_TAG):
+    if fresh.info.status == "RUNNING" and fresh.data.tags.get(record.OWNER) != run.data.tags.get(record.OWNER):
         lock.release()  # another machine resumed it a moment ago
         raise RunBusy(fresh)
     return lock
@@ -224,7 +219,7 @@ class Heartbeat:
     def _beat(self) -> None:
         while not self._stop.wait(self.every_s):
             try:
-                self.client.set_tag(self.run_id, HEARTBEAT_TAG, str(int(time.time())))
+                self.client.set_tag(self.run_id, record.OWNER_HEARTBEAT, str(int(time.time())))
             except Exception:  # a store that is down or locked: the next beat tries again
                 pass
 

@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, _update_n, convert_inf
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from . import record
 from .console import duration
 
 log = logging.getLogger("densenet_exp")
@@ -80,7 +81,7 @@ class JobReport(Callback):
         metrics = trainer.callback_metrics
         figures = ", ".join(
             f"{label} {float(metrics[key]):.4f}"
-            for key, label in (("train/loss", "train loss"), ("val/acc", "val acc"))
+            for key, label in ((record.TRAIN_LOSS, "train loss"), (record.VAL_ACC, "val acc"))
             if key in metrics
         )
         prefix = f"{self.label} " if self.label else ""

@@ -33,6 +33,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
+from . import record
 from .figures import (
     level,
     plot_accuracy_vs_cost,
@@ -330,11 +331,11 @@ def write_report(experiment: str, uri: str, out: Path, sweep: str | None = None,
 
 
 HEADLINE_METRICS = {  # the README's results table: metric -> column
-    "test/acc": "test accuracy",
-    "params": "parameters",
-    "flops_per_image": "FLOPs / image",
-    "train_images_per_s": "train images/s",
-    "memory/train_step_mb": "train-step memory (MiB)",
+    record.TEST_ACC: "test accuracy",
+    record.PARAMS: "parameters",
+    record.FLOPS_PER_IMAGE: "FLOPs / image",
+    record.TRAIN_IMAGES_PER_S: "train images/s",
+    record.TRAIN_STEP_MB: "train-step memory (MiB)",
 }
 
 
@@ -368,7 +369,7 @@ def log_report(files: Sequence[Path], experiment: str, uri: str, sweep: str | No
     run (tag report=true, which load_runs skips) in `experiment`; returns its run id."""
     client = MlflowClient(uri)
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
-    tags = {"report": "true", **({"report_sweep_id": sweep} if sweep else {})}
+    tags = {record.REPORT: "true", **({record.REPORT_SWEEP_ID: sweep} if sweep else {})}
     run = retry_locked(lambda: client.create_run(
         experiment_id, run_name=f"report-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}", tags=tags))
     for path in files:

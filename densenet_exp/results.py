@@ -24,25 +24,26 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 from scipy import stats
+
+from . import record
 
 CONFIG = ["data", "model", "growth_rate", "compression", "bottleneck"]
 # The per-configuration table: metric -> what the report calls it.
 SUMMARY_METRICS = {
-    "val/acc": "validation accuracy",
-    "test/acc": "test accuracy",
-    "params": "parameters",
-    "flops_per_image": "FLOPs / image",
-    "memory/train_step_mb": "train-step memory (MiB)",
-    "train_images_per_s": "train images/s",
-    "infer_images_per_s": "inference images/s",
+    record.VAL_ACC: "validation accuracy",
+    record.TEST_ACC: "test accuracy",
+    record.PARAMS: "parameters",
+    record.FLOPS_PER_IMAGE: "FLOPs / image",
+    record.TRAIN_STEP_MB: "train-step memory (MiB)",
+    record.TRAIN_IMAGES_PER_S: "train images/s",
+    record.INFER_IMAGES_PER_S: "inference images/s",
 }
 CONFIDENCE = 0.95  # of the intervals over seeds
 FAMILY_NAMES = {"densenet": "DenseNet", "resnet": "ResNet", "plain": "plain net (no shortcuts)"}
-RELATIVE_GRADS = "gradient_flow/relative_grads.csv"
 RELATIVE_GRADS_COLUMNS = ["phase", "depth", "relative_depth", "layer", "kind", "grad_norm", "weight_norm",
                           "relative_grad"]
-MATRICES = "feature_reuse/matrices.json"
 # MLflow run ids are hex; anything else (quotes above all) would go into a filter string.
 RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -114,24 +115,23 @@ def load_runs(experiment: str, tracking_uri: str, sweep: str | None = None) -> p
         raise ExperimentNotFound(f"no experiment {experiment!r} in {tracking_uri} (experiments: {known})")
     mlflow.set_tracking_uri(tracking_uri)  # mlflow.search_runs reads the global store
     raw = mlflow.search_runs(
-        experiment_names=[experiment], filter_string=f"tags.sweep_id = '{sweep}'" if sweep else ""
+        experiment_names=[experiment], filter_string=f"tags.{record.SWEEP_ID} = '{sweep}'" if sweep else ""
     )
-    tags = ["sweep", "report", "variant", "mlflow.runName", "error", "device", "parallel_jobs"]
-    params = ["data.name", "data.num_classes", "data.batch_size", "data.val_size", "data.augment", "model.name",
-              "model.arch", "model.depth", "model.block_config", "growth_rate", "compression", "bottleneck", "seed",
-              "trainer.max_epochs"]
+    tags = [record.SWEEP, record.REPORT, record.VARIANT, MLFLOW_RUN_NAME, record.ERROR, record.DEVICE,
+            record.PARALLEL_JOBS]
+    params = [*record.RUN_PARAMS, *record.RUN_PARAMS_OPTIONAL]
     needed = ["run_id", "status", "start_time", *(f"tags.{t}" for t in tags), *(f"params.{p}" for p in params)]
     raw = raw.reindex(columns=list(dict.fromkeys([*needed, *raw.columns])))
-    raw = raw[(raw["tags.sweep"] != "parent") & (raw["tags.report"] != "true")].reset_index(drop=True)
+    raw = raw[(raw[f"tags.{record.SWEEP}"] != "parent") & (raw[f"tags.{record.REPORT}"] != "true")].reset_index(drop=True)
     param = lambda key: raw[f"params.{key}"]  # noqa: E731
     number = lambda key: pd.to_numeric(param(key), errors="coerce")  # noqa: E731 ("None" -> NaN)
     depth = [network_depth(*row) for row in zip(param("model.arch"), param("model.depth"),
                                                 param("model.block_config"), param("bottleneck"))]
     runs = pd.DataFrame({
         "run_id": raw["run_id"].astype(str),  # object dtype even when empty, for merges
-        "variant": raw["tags.variant"].fillna(raw["tags.mlflow.runName"]).fillna(param("model.name")),
+        "variant": raw[f"tags.{record.VARIANT}"].fillna(raw[f"tags.{MLFLOW_RUN_NAME}"]).fillna(param("model.name")),
         "status": raw["status"],
-        "error": raw["tags.error"],
+        "error": raw[f"tags.{record.ERROR}"],
         "data": param("data.name"),
         "model": param("model.name").fillna(param("model.arch")),
         "growth_rate": number("growth_rate").astype("Int64"),
@@ -146,8 +146,8 @@ def load_runs(experiment: str, tracking_uri: str, sweep: str | None = None) -> p
         "batch_size": number("data.batch_size").astype("Int64"),
         "val_size": number("data.val_size").astype("Int64"),
         "augment": param("data.augment"),
-        "device": raw["tags.device"],
-        "parallel_jobs": pd.to_numeric(raw["tags.parallel_jobs"], errors="coerce").fillna(1).astype("Int64"),
+        "device": raw[f"tags.{record.DEVICE}"],
+        "parallel_jobs": pd.to_numeric(raw[f"tags.{record.PARALLEL_JOBS}"], errors="coerce").fillna(1).astype("Int64"),
         "start_time": raw["start_time"],
     })
     metrics = raw.filter(regex=r"^metrics\.").rename(columns=lambda c: c.removeprefix("metrics."))
@@ -260,7 +260,7 @@ def _download(client: MlflowClient, run_id: str, path: str, dst: Path) -> Path |
     return Path(client.download_artifacts(run_id, path, str(dst)))
 
 
-def learning_curves(runs: pd.DataFrame, tracking_uri: str, metric: str = "val/acc") -> pd.DataFrame:
+def learning_curves(runs: pd.DataFrame, tracking_uri: str, metric: str = record.VAL_ACC) -> pd.DataFrame:
     """The per-epoch history of `metric` of each run: columns run_id, epoch (counted from 1),
     value, plus the run's CONFIG, family, variant and seed."""
     client = MlflowClient(tracking_uri)
@@ -287,7 +287,7 @@ def relative_grads(runs: pd.DataFrame, tracking_uri: str) -> pd.DataFrame:
     frames = []
     with tempfile.TemporaryDirectory() as tmp:
         for run_id in runs["run_id"]:
-            path = _download(client, run_id, RELATIVE_GRADS, Path(tmp, run_id))
+            path = _download(client, run_id, record.RELATIVE_GRADS, Path(tmp, run_id))
             if path is not None:
                 frames.append(pd.read_csv(path).reindex(columns=RELATIVE_GRADS_COLUMNS).assign(run_id=run_id))
     grads = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*RELATIVE_GRADS_COLUMNS,
@@ -302,7 +302,7 @@ def feature_reuse_matrices(runs: pd.DataFrame, tracking_uri: str) -> dict[str, l
     matrices = {}
     with tempfile.TemporaryDirectory() as tmp:
         for run_id in runs["run_id"]:
-            path = _download(client, run_id, MATRICES, Path(tmp, run_id))
+            path = _download(client, run_id, record.FEATURE_REUSE_MATRICES, Path(tmp, run_id))
             if path is not None:
                 matrices[run_id] = [np.array(m, dtype=float) for m in json.loads(path.read_text())]
     return matrices
@@ -386,7 +386,7 @@ def published_beside_ours(runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for pub in PUBLISHED:
         match = runs[_matches_published(runs, pub)]
-        ours = match["test/acc"].dropna() if "test/acc" in match else pd.Series(dtype=float)
+        ours = match[record.TEST_ACC].dropna() if record.TEST_ACC in match else pd.Series(dtype=float)
         if not len(ours):
             continue
         rows.append({

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from . import record
 from .validate import ConfigError
 
 log = logging.getLogger("densenet_exp")
@@ -106,13 +107,13 @@ class Speed:
     keep_freed_memory: bool
 
     def tags(self) -> dict[str, str]:
-        """The run's record of the choice (tag names defined here once)."""
+        """The run's record of the choice."""
         d = asdict(self)
         return {
-            "cpu_capability": d["cpu_capability"],
-            "precision": d["precision"],
-            "precision_reason": d["precision_reason"],
-            "accelerator": d["accelerator"],
+            record.CPU_CAPABILITY: d["cpu_capability"],
+            record.PRECISION: d["precision"],
+            record.PRECISION_REASON: d["precision_reason"],
+            record.ACCELERATOR: d["accelerator"],
             "speed.channels_last": str(d["channels_last"]).lower(),
             "speed.keep_freed_memory": str(d["keep_freed_memory"]).lower(),
         }

@@ -22,8 +22,8 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from omegaconf import DictConfig, OmegaConf
 
-from . import stopping
-from .ownership import STOP_REASON_TAG, Heartbeat, OwnerLock, close_orphans
+from . import record, stopping
+from .ownership import Heartbeat, OwnerLock, close_orphans
 from .store import (
     tracking_uri,
     StoreConfigError,
@@ -97,14 +97,14 @@ def git_state(root: Path) -> dict[str, str]:
         dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
         return {}
-    return {MLFLOW_GIT_COMMIT: commit, "git_commit": commit, "git_dirty": str(dirty).lower()} if commit else {}
+    return {MLFLOW_GIT_COMMIT: commit, record.GIT_COMMIT: commit, record.GIT_DIRTY: str(dirty).lower()} if commit else {}
 
 
 def system_facts(device: str) -> dict[str, str]:
     import torch
 
-    facts = {"device": device, "python": platform.python_version(), "platform": platform.platform()}
-    facts["cpu_threads"] = str(torch.get_num_threads())
+    facts = {record.DEVICE: device, "python": platform.python_version(), "platform": platform.platform()}
+    facts[record.CPU_THREADS] = str(torch.get_num_threads())
     if device.startswith("cuda") and torch.cuda.is_available():
         facts["gpu"] = torch.cuda.get_device_name(0)
     for package in PACKAGES:
@@ -128,7 +128,7 @@ def runs_of_config(client: MlflowClient, experiment_id: str, chash: str) -> list
     """Every run of this exact config (same config hash), newest first."""
     return retry_locked(
         lambda: client.search_runs(
-            [experiment_id], f"tags.config_hash = '{chash}'", order_by=["attributes.start_time DESC"]
+            [experiment_id], f"tags.{record.CONFIG_HASH} = '{chash}'", order_by=["attributes.start_time DESC"]
         )
     )
 
@@ -150,9 +150,9 @@ def adopt_into_sweep(client: MlflowClient, run: Run, sweep_dir: Path, job_num: i
                 return  # a complete sweep keeps its jobs
         except Exception:
             pass  # the old parent is gone
-    previous = ",".join(p for p in (run.data.tags.get("previous_sweep_ids"), old) if p)
-    tags = {MLFLOW_PARENT_RUN_ID: parent, "sweep_id": parent, "sweep_job": str(job_num),
-            "sweep_dir": str(sweep_dir.resolve()), "previous_sweep_ids": previous}
+    previous = ",".join(p for p in (run.data.tags.get(record.PREVIOUS_SWEEP_IDS), old) if p)
+    tags = {MLFLOW_PARENT_RUN_ID: parent, record.SWEEP_ID: parent, record.SWEEP_JOB: str(job_num),
+            record.SWEEP_DIR: str(sweep_dir.resolve()), record.PREVIOUS_SWEEP_IDS: previous}
     retry_locked(lambda: client.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in tags.items()]))
 
 
@@ -166,11 +166,11 @@ def close_run(
     if error is None:
         status, tags = "FINISHED", {}
     elif stopped is not None:
-        status, tags = "KILLED", {STOP_REASON_TAG: f"{stopped.reason}{where}; the same command resumes it"}
+        status, tags = "KILLED", {record.STOP_REASON: f"{stopped.reason}{where}; the same command resumes it"}
     elif unreachable(error):
-        status, tags = "KILLED", {STOP_REASON_TAG: f"the tracking store became unreachable{where}"}
+        status, tags = "KILLED", {record.STOP_REASON: f"the tracking store became unreachable{where}"}
     else:
-        status, tags = "FAILED", {"error": f"{type(error).__name__}: {error}"[:5000]}
+        status, tags = "FAILED", {record.ERROR: f"{type(error).__name__}: {error}"[:5000]}
     if is_down(client.tracking_uri) or (error is not None and unreachable(error)):
         spool(unsent, client.tracking_uri, run_id, status=status, tags=tags)  # no call would get through
         return
@@ -193,7 +193,7 @@ def _log_traceback(client: MlflowClient, run_id: str, error: BaseException) -> N
     import traceback
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "error.txt"
+        path = Path(tmp) / record.ERROR_TRACEBACK
         path.write_text("".join(traceback.format_exception(error)))
         client.log_artifact(run_id, str(path))
 
@@ -278,9 +278,9 @@ class SweepParentRun(Callback):
         overrides = list(config.hydra.overrides.task)
         tags = {
             MLFLOW_RUN_NAME: f"sweep-{self.sweep_dir.name}",
-            "sweep": "parent",
-            "sweep_dir": str(self.sweep_dir.resolve()),
-            "overrides": " ".join(overrides),
+            record.SWEEP: "parent",
+            record.SWEEP_DIR: str(self.sweep_dir.resolve()),
+            record.OVERRIDES: " ".join(overrides),
             **git_state(root),
             **self.lock.tags(),
         }
@@ -311,10 +311,10 @@ class SweepParentRun(Callback):
         tags = {"failed_jobs": "\n".join(failures)[:5000]} if failures else {}
         if interrupted and signum is not None:
             status = "KILLED"
-            tags[STOP_REASON_TAG] = f"{stopping.Stopped(signum).reason}; the same command resumes the sweep"
+            tags[record.STOP_REASON] = f"{stopping.Stopped(signum).reason}; the same command resumes the sweep"
         elif interrupted:
             status = "FAILED"
-            tags[STOP_REASON_TAG] = "the sweep process ended before its jobs did"
+            tags[record.STOP_REASON] = "the sweep process ended before its jobs did"
         else:
             status = "FAILED" if failures else "FINISHED"
         try:

@@ -20,6 +20,7 @@ import pandas as pd
 from scipy import stats
 
 from .results import CONFIG, FAMILY_NAMES
+from . import record
 
 ALPHA = 0.05  # family-wise error rate of each data set's claims (Holm)
 MIN_SEEDS = 3  # per side, for every test
@@ -107,18 +108,19 @@ SELECTION_RULE = (
 
 def has_validation(runs: pd.DataFrame) -> pd.Series:
     """Per run: it held out a validation split (data.val_size not 0) and logged `val/acc`."""
-    val = pd.to_numeric(runs["val/acc"], errors="coerce") if "val/acc" in runs else pd.Series(np.nan, runs.index)
+    val = pd.to_numeric(runs[record.VAL_ACC], errors="coerce") if record.VAL_ACC in runs else pd.Series(np.nan, runs.index)
     size = runs["val_size"] if "val_size" in runs else pd.Series(pd.NA, runs.index)
     return val.notna() & size.ne(0).fillna(True).astype(bool)
 
 
 def selection_criterion(runs: pd.DataFrame) -> tuple[str, str]:
-    """SELECTION_RULE's criterion for one data set's runs: ("val/acc", "") or ("train/loss", why)."""
+    """SELECTION_RULE's criterion for one data set's runs: (record.VAL_ACC, "") or
+    (record.TRAIN_LOSS, why)."""
     without = runs[~has_validation(runs)]
     if without.empty:
-        return "val/acc", ""
+        return record.VAL_ACC, ""
     names = ", ".join(sorted(without["variant"].astype(str).unique()))
-    return "train/loss", (f"{len(without)} run(s) have no validation split ({names}): selected on the lowest "
+    return record.TRAIN_LOSS, (f"{len(without)} run(s) have no validation split ({names}): selected on the lowest "
                           "mean last-epoch training loss, not on validation accuracy")
 
 
@@ -151,7 +153,7 @@ class Selection:
             text = f"{self.data}: {role} = `{picked.variant}` (mean {self.criterion} {picked.mean(self.criterion):.4g})"
             if by_test is not None and by_test is not picked:
                 text += (f"; the highest mean test accuracy would have picked `{by_test.variant}` "
-                         f"({by_test.mean('test/acc'):.4f} vs {picked.mean('test/acc'):.4f}), which selection "
+                         f"({by_test.mean(record.TEST_ACC):.4f} vs {picked.mean(record.TEST_ACC):.4f}), which selection "
                          "on test data would have favoured: not used")
             notes.append(text)
         return notes
@@ -163,7 +165,7 @@ def select(data: str, runs: pd.DataFrame) -> Selection:
     configs = configs_of(runs)
     fam = lambda name: [c for c in configs if c.family == name]  # noqa: E731
     return Selection(data, criterion, reason, best_by(fam("densenet"), criterion), best_by(fam("resnet"), criterion),
-                     best_by(fam("densenet"), "test/acc"), best_by(fam("resnet"), "test/acc"))
+                     best_by(fam("densenet"), record.TEST_ACC), best_by(fam("resnet"), record.TEST_ACC))
 
 
 # --- comparability ---------------------------------------------------------------------------
@@ -182,7 +184,7 @@ COMPARABILITY_RULE = (
     "Claims on training speed also need the same `parallel_jobs` tag (jobs sharing the cores while timing; "
     "1 where not recorded) and the same `cpu_threads` tag on every run."
 )
-TIMING_TAGS = {"parallel_jobs": "1", "cpu_threads": None}
+TIMING_TAGS = {record.PARALLEL_JOBS: "1", record.CPU_THREADS: None}
 
 
 def _column(runs: pd.DataFrame, name: str, default: str | None = None) -> pd.Series:
@@ -196,9 +198,9 @@ def recipe(runs: pd.DataFrame, timing: bool = False) -> pd.DataFrame:
     for column in sorted(c for c in runs if c.startswith("params.")):
         if any(column.removeprefix("params.").startswith(p) for p in RECIPE_PREFIXES):
             keys[column.removeprefix("params.")] = _column(runs, column)
-    keys["precision"] = _column(runs, "tags.precision").fillna(_column(runs, "params.trainer.precision"))
-    keys["device"] = _column(runs, "tags.device")
-    keys["git_commit"] = _column(runs, "tags.git_commit")
+    keys["precision"] = _column(runs, f"tags.{record.PRECISION}").fillna(_column(runs, "params.trainer.precision"))
+    keys["device"] = _column(runs, f"tags.{record.DEVICE}")
+    keys["git_commit"] = _column(runs, f"tags.{record.GIT_COMMIT}")
     if timing:
         keys.update({tag: _column(runs, f"tags.{tag}", default) for tag, default in TIMING_TAGS.items()})
     return pd.DataFrame(keys, index=runs.index).fillna("(not recorded)")
@@ -345,12 +347,12 @@ class Pair:
 
 
 def _acc(c: Config) -> str:
-    return f"{c.describe('test/acc', '.2f', 100, ' %')}, {c.mean('params'):,.0f} params"
+    return f"{c.describe(record.TEST_ACC, '.2f', 100, ' %')}, {c.mean(record.PARAMS):,.0f} params"
 
 
 def params_claim(data: str, sel: Selection, configs: list[Config], margin_pp: float) -> tuple[Claim, Pair | None]:
     r = sel.resnet
-    smaller = [c for c in configs if c.family == "densenet" and c.mean("params") < r.mean("params")]
+    smaller = [c for c in configs if c.family == "densenet" and c.mean(record.PARAMS) < r.mean(record.PARAMS)]
     c = best_by(smaller, sel.criterion)
     if c is None:
         evidence = f"no DenseNet with fewer parameters than R = {_acc(r)}"
@@ -359,7 +361,7 @@ def params_claim(data: str, sel: Selection, configs: list[Config], margin_pp: fl
     differ = recipe_differences(c, r)
     if differ:
         return Claim(data, PARAMS, NOT_COMPARABLE, evidence, "no test", "; ".join(differ)), None
-    a, b = c.values("test/acc"), r.values("test/acc")
+    a, b = c.values(record.TEST_ACC), r.values(record.TEST_ACC)
     margin = margin_pp / 100
     claim = directional(data, PARAMS, a, b, True, evidence, shift=margin)
     equivalent = tost(a, b, margin) if not seeds_short(a, b) and len(a) and len(b) else None
@@ -375,7 +377,7 @@ def params_claim(data: str, sel: Selection, configs: list[Config], margin_pp: fl
 
 
 # --- claims: stronger gradient flow ----------------------------------------------------------
-
+GRADIENT_PHASES = dict(zip(record.GRADIENT_PHASES, ("init", "after epoch 1")))  # phase -> words
 GRADIENT_PHASES = {"init": "init", "epoch1": "after epoch 1"}
 GRADIENT_RULE = (
     "For each comparison family F (the plain net without shortcuts first, ResNet second): F* is the deepest F "
@@ -398,7 +400,7 @@ def _closest(configs: list[Config], depth: float) -> Config | None:
 
 def gradient_claims(data: str, sel: Selection, configs: list[Config]) -> list[Claim]:
     ranked = sorted([c for c in configs if c.family == "densenet"],
-                    key=lambda c: -c.mean(sel.criterion) if sel.criterion == "val/acc" else c.mean(sel.criterion))
+                    key=lambda c: -c.mean(sel.criterion) if sel.criterion == record.VAL_ACC else c.mean(sel.criterion))
     claims = []
     for family in ("plain", "resnet"):
         others = [c for c in configs if c.family == family and np.isfinite(c.depth)]
@@ -408,7 +410,7 @@ def gradient_claims(data: str, sel: Selection, configs: list[Config]) -> list[Cl
         dense = _closest(ranked, other.depth) if other is not None else None
         for phase, when in GRADIENT_PHASES.items():
             name = f"stronger gradient flow than a {'plain net' if family == 'plain' else 'ResNet'} ({when})"
-            metric = f"grad/early_rel_{phase}"
+            metric = record.early_relative_gradient(phase)
             if other is None or dense is None:
                 missing = FAMILY_NAMES[family] if other is None else "DenseNet of known depth"
                 claims.append(Claim(data, name, INCONCLUSIVE, f"no {missing} on {data}", "no test", "nothing to compare"))
@@ -426,10 +428,10 @@ def gradient_claims(data: str, sel: Selection, configs: list[Config]) -> list[Cl
             if not len(dense.values(metric)) or not len(other.values(metric)):
                 claims.append(Claim(data, name, INCONCLUSIVE, evidence, "no test", f"no {metric} logged"))
                 continue
-            ratio = other.values(f"grad/early_over_late_{phase}")
+            ratio = other.values(record.early_over_late_gradient(phase))
             if not len(ratio):
                 claims.append(Claim(data, name, INCONCLUSIVE, evidence, "no test",
-                                    f"no grad/early_over_late_{phase} for {other.variant}"))
+                                    f"no {record.early_over_late_gradient(phase)} for {other.variant}"))
                 continue
             early_over_late = float(np.exp(np.log(ratio).mean()))  # geometric mean over seeds
             if early_over_late >= 1:  # the baseline has no vanishing gradient to alleviate
@@ -450,12 +452,12 @@ def gradient_claims(data: str, sel: Selection, configs: list[Config]) -> list[Cl
 
 # Observation -> (claim name, metric the probe logs, reference ratio, claimed higher).
 FIGURE5 = {
-    "a": ("feature reuse (a): layers use early features", "reuse/early_over_uniform", SPREAD_FRACTION, True),
-    "b": ("feature reuse (b): transitions use the whole block", "reuse/transition_early_over_uniform",
+    "a": ("feature reuse (a): layers use early features", record.REUSE_EARLY_OVER_UNIFORM, SPREAD_FRACTION, True),
+    "b": ("feature reuse (b): transitions use the whole block", record.REUSE_TRANSITION_EARLY_OVER_UNIFORM,
           SPREAD_FRACTION, True),
-    "c": ("feature reuse (c): transition outputs get less weight", "reuse/transition_output_over_uniform", 1.0,
+    "c": ("feature reuse (c): transition outputs get less weight", record.REUSE_TRANSITION_OUTPUT_OVER_UNIFORM, 1.0,
           False),
-    "d": ("feature reuse (d): classifier concentrates on late features", "reuse/classifier_late_over_uniform",
+    "d": ("feature reuse (d): classifier concentrates on late features", record.REUSE_CLASSIFIER_LATE_OVER_UNIFORM,
           1.0, True),
 }
 FIGURE5_RULE = (
@@ -510,7 +512,7 @@ def reuse_claims(data: str, d: Config | None, matrices: dict[str, list[np.ndarra
     for name, metric, reference, higher in FIGURE5.values():
         values = np.array([r[metric] for r in own if metric in r])
         if not own or not len(values):
-            why = "no feature_reuse/matrices.json" if not own else "blocks too short or too few for it"
+            why = f"no {record.FEATURE_REUSE_MATRICES}" if not own else "blocks too short or too few for it"
             claims.append(Claim(data, name, INCONCLUSIVE, f"D = {d.variant}: {why}", "no test", "not measured"))
             continue
         spread = f" ± {values.std(ddof=1):.3f}" if len(values) > 1 else ""
@@ -555,8 +557,8 @@ def memory_claim(data: str, pair: Pair | None) -> Claim:
         return blocked
     per_image = {}
     for side in (pair.dense, pair.resnet):
-        runs = side.runs.reindex(columns=["memory/train_step_mb", "batch_size"])
-        values = (pd.to_numeric(runs["memory/train_step_mb"], errors="coerce")
+        runs = side.runs.reindex(columns=[record.TRAIN_STEP_MB, "batch_size"])
+        values = (pd.to_numeric(runs[record.TRAIN_STEP_MB], errors="coerce")
                   / pd.to_numeric(runs["batch_size"], errors="coerce")).to_numpy(float)
         per_image[side.variant] = values[np.isfinite(values)]
     a, b = per_image[pair.dense.variant], per_image[pair.resnet.variant]
@@ -579,7 +581,7 @@ def _timing_blocked(data: str, name: str, evidence: str, *sides: Config) -> Clai
     if differ:
         return Claim(data, name, NOT_COMPARABLE, evidence, "no test", "; ".join(differ))
     noisy = [f"{s.variant} CV {np.std(v, ddof=1) / np.mean(v):.0%}" for s in sides
-             if len(v := s.values("train_images_per_s")) > 1 and np.std(v, ddof=1) / np.mean(v) > NOISY_CV]
+             if len(v := s.values(record.TRAIN_IMAGES_PER_S)) > 1 and np.std(v, ddof=1) / np.mean(v) > NOISY_CV]
     if noisy:
         return Claim(data, name, INCONCLUSIVE, evidence, "no test",
                      f"noisy throughput: {', '.join(noisy)} > {NOISY_CV:.0%}")
@@ -596,10 +598,10 @@ def compute_claims(data: str, sel: Selection, pair: Pair | None) -> list[Claim]:
         evidence = (f"{c.describe('train_images_per_s', '.4g', 1, ' train images/s')} vs "
                     f"{r.describe('train_images_per_s', '.4g', 1, ' train images/s')}")
         claims.append(_timing_blocked(data, COMPUTE, evidence, c, r) or _log_claim(
-            data, COMPUTE, -np.log(c.values("train_images_per_s")), -np.log(r.values("train_images_per_s")),
+            data, COMPUTE, -np.log(c.values(record.TRAIN_IMAGES_PER_S)), -np.log(r.values(record.TRAIN_IMAGES_PER_S)),
             evidence))
     d, r = sel.dense, sel.resnet
-    per_flop = {s.variant: 1e9 / (s.values("train_images_per_s") * s.mean("flops_per_image")) for s in (d, r)}
+    per_flop = {s.variant: 1e9 / (s.values(record.TRAIN_IMAGES_PER_S) * s.mean(record.FLOPS_PER_IMAGE)) for s in (d, r)}
     evidence = "; ".join(f"{v}: {x.mean():.4g} s per GFLOP (n={len(x)})" if len(x) and np.isfinite(x).all()
                          else f"{v}: no throughput or FLOPs" for v, x in per_flop.items())
     a, b = per_flop[d.variant], per_flop[r.variant]
@@ -674,7 +676,7 @@ def warnings(sel: Selection, runs: pd.DataFrame) -> list[str]:
     for role, config in (("D", sel.dense), ("R", sel.resnet)):
         if config is None or not len(classes):
             continue
-        chance, acc = 1 / float(classes.iloc[0]), config.mean("test/acc")
+        chance, acc = 1 / float(classes.iloc[0]), config.mean(record.TEST_ACC)
         if np.isfinite(acc) and acc <= chance + NEAR_CHANCE_PP / 100:
             notes.append(f"{role} = `{config.variant}` is near chance level (test accuracy {acc:.3f}, chance "
                          f"{chance:.3f}): its verdicts say little about trained networks.")

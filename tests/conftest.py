@@ -61,6 +61,16 @@ class Store:
         return client.search_runs(ids) if ids else []
 
 
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory) -> Store:
+    """DenseNet and ResNet, two seeds each, on a slice of Fashion-MNIST (about two minutes), trained
+    once per test session for the report, notebook and run-record tests."""
+    store = Store(tmp_path_factory.mktemp("tiny_sweep"))
+    result = store.run("experiment=smoke", "model=densenet_tiny,resnet20", "seed=0,1", multirun=True, out="sweep")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return store
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
     return Store(tmp_path)

@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 
 from conftest import ROOT
 from densenet_exp.models import build_model
-from densenet_exp.run import apply_knobs, ddp_rank_argv, variant_name
+from densenet_exp.job import apply_knobs, variant_name
+from densenet_exp.run import ddp_rank_argv
 from densenet_exp.tracking import config_hash, flatten
 from densenet_exp.validate import ConfigError, validate_config
 

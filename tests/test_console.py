@@ -10,7 +10,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from densenet_exp.console import SweepPlan, job_label, swept_labels
-from densenet_exp.run import run_name, variant_name
+from densenet_exp.job import run_name, variant_name
 
 
 def multirun_config(params: dict, task: list[str], **sweeper) -> object:

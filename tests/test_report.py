@@ -437,15 +437,6 @@ def test_figures_keep_titles_and_labels_on_the_canvas(known):
 
 
 @pytest.fixture(scope="session")
-def tiny_sweep(tmp_path_factory) -> Store:
-    """DenseNet and ResNet, two seeds each, on a slice of Fashion-MNIST (about two minutes)."""
-    store = Store(tmp_path_factory.mktemp("tiny_sweep"))
-    result = store.run("experiment=smoke", "model=densenet_tiny,resnet20", "seed=0,1", multirun=True, out="sweep")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return store
-
-
-@pytest.fixture(scope="session")
 def tiny_report(tiny_sweep) -> Path:
     out = tiny_sweep.path / "report"
     result = subprocess.run([sys.executable, "-m", "densenet_exp.report", "--experiment", "smoke", "--out", str(out)],

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import lightning.pytorch as pl
 
+from .. import record
+
 
 class ConvergenceProbe(pl.Callback):
     """Records ``monitor`` (higher is better) and the wall time since fit start at the end of every
@@ -15,7 +17,7 @@ class ConvergenceProbe(pl.Callback):
     and the time at which the metric reached f x its last-epoch value. Epochs whose
     ``callback_metrics`` lack the monitor are skipped."""
 
-    def __init__(self, fractions: Sequence[float] = (0.5, 0.9, 0.95, 0.99), monitor: str = "val/acc") -> None:
+    def __init__(self, fractions: Sequence[float] = (0.5, 0.9, 0.95, 0.99), monitor: str = record.VAL_ACC) -> None:
         fractions = tuple(float(f) for f in fractions)
         if not fractions or not all(0 < f <= 1 for f in fractions):
             raise ValueError(f"fractions={fractions!r} is invalid: expected numbers in (0, 1]")

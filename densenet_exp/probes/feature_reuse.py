@@ -22,11 +22,12 @@ import numpy as np
 from lightning.pytorch.loggers import MLFlowLogger
 from torch import Tensor
 
-from densenet_exp.figures import plot_feature_reuse as feature_reuse_figure
-from densenet_exp.models.densenet import DenseBlock, DenseNet
-from densenet_exp.verdicts import figure5_ratios
+from .. import record
+from ..figures import plot_feature_reuse as feature_reuse_figure
+from ..models.densenet import DenseBlock, DenseNet
+from ..verdicts import figure5_ratios
 
-ARTIFACT_PATH = "feature_reuse"
+ARTIFACT_PATH, MATRICES_FILE = record.FEATURE_REUSE_MATRICES.split("/")
 
 
 def _l1_per_input_map(weight: Tensor) -> np.ndarray:
@@ -115,7 +116,7 @@ class FeatureReuseProbe(pl.Callback):
         if not mlflow_loggers:
             return
         with tempfile.TemporaryDirectory() as tmp:
-            paths = [Path(tmp, "heatmap.png"), Path(tmp, "matrices.json")]
+            paths = [Path(tmp, "heatmap.png"), Path(tmp, MATRICES_FILE)]
             plot_feature_reuse(matrices, paths[0], title=f"Feature reuse of run {mlflow_loggers[0].run_id}")
             as_lists = [[[None if math.isnan(v) else v for v in row] for row in m.tolist()] for m in matrices]
             paths[1].write_text(json.dumps(as_lists))

@@ -18,14 +18,14 @@ import torch
 from lightning.pytorch.loggers import MLFlowLogger
 from torch import nn
 
+from .. import record
 from ..figures import plot_gradient_flow_run
 
-ARTIFACT_PATH = "gradient_flow"
-TABLE = "relative_grads.csv"
+ARTIFACT_PATH, TABLE = record.RELATIVE_GRADS.split("/")
 COLUMNS = ["phase", "step", "depth", "relative_depth", "layer", "kind", "grad_norm", "weight_norm", "relative_grad"]
 # The two moments of a run: the first optimizer step (at initialization) and the first step after
 # one epoch of training.
-PHASES = ("init", "epoch1")
+PHASES = record.GRADIENT_PHASES
 EARLY, LATE = 0.25, 0.75  # relative depths that bound the "early" and "late" layers
 
 
@@ -65,8 +65,8 @@ def summarize(table: pd.DataFrame) -> dict[str, float]:
     for phase, rows in table.groupby("phase"):
         early = rows.loc[rows["relative_depth"] <= EARLY, "relative_grad"].mean()
         late = rows.loc[rows["relative_depth"] >= LATE, "relative_grad"].mean()
-        metrics[f"grad/early_rel_{phase}"] = float(early)
-        metrics[f"grad/early_over_late_{phase}"] = float(early / late) if late else float("nan")
+        metrics[record.early_relative_gradient(phase)] = float(early)
+        metrics[record.early_over_late_gradient(phase)] = float(early / late) if late else float("nan")
     return metrics
 
 

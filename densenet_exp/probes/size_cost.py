@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .. import record
+
 # ru_maxrss is in KiB on Linux and in bytes on macOS.
 _MAXRSS_BYTES = 1 if sys.platform == "darwin" else 1024
 MIB = 2**20
@@ -200,9 +202,9 @@ class SizeCostProbe(pl.Callback):
                 self._log(
                     trainer,
                     {
-                        "params": count_parameters(model),
-                        "macs_per_image": cost["macs"],
-                        "flops_per_image": cost["flops"],
+                        record.PARAMS: count_parameters(model),
+                        record.MACS_PER_IMAGE: cost["macs"],
+                        record.FLOPS_PER_IMAGE: cost["flops"],
                     },
                 )
         self._step_batch_size = len(images)
@@ -242,11 +244,11 @@ class SizeCostProbe(pl.Callback):
     def _memory_metrics(self, pl_module: pl.LightningModule) -> dict[str, float]:
         model = getattr(pl_module, "model", pl_module)
         state = model_state_bytes(model, pl_module.trainer.optimizers)
-        metrics = {"memory/activations_mb": self._saved.nbytes / MIB,
-                   "memory/train_step_mb": (self._saved.nbytes + state) / MIB}
+        metrics = {record.ACTIVATIONS_MB: self._saved.nbytes / MIB,
+                   record.TRAIN_STEP_MB: (self._saved.nbytes + state) / MIB}
         if pl_module.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(pl_module.device) - self._gpu_other_bytes
-            metrics["memory/gpu_step_peak_mb"] = peak / MIB
+            metrics[record.GPU_STEP_PEAK_MB] = peak / MIB
         return metrics
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -263,9 +265,9 @@ class SizeCostProbe(pl.Callback):
         self._log(
             trainer,
             {
-                "train_images_per_s": sum(self._step_images[skip:]) / sum(self._step_seconds[skip:]),
-                "epoch_time_s": time.perf_counter() - self._epoch_start,
-                "peak_memory_mb": peak_mb,
+                record.TRAIN_IMAGES_PER_S: sum(self._step_images[skip:]) / sum(self._step_seconds[skip:]),
+                record.EPOCH_TIME_S: time.perf_counter() - self._epoch_start,
+                record.PEAK_MEMORY_MB: peak_mb,
             },
         )
 
@@ -290,4 +292,4 @@ class SizeCostProbe(pl.Callback):
         finally:
             for m, training in modes.items():
                 m.training = training
-        self._log(trainer, {"infer_images_per_s": len(x) / statistics.median(seconds[1:])})
+        self._log(trainer, {record.INFER_IMAGES_PER_S: len(x) / statistics.median(seconds[1:])})

@@ -1,0 +1,374 @@
+"""One job of the harness, in the order it happens:
+
+1. `compose`   resolve the config, fold in the DenseNet knobs, check every value (bad input stops
+               here, before any run exists) and choose the speed settings;
+2. `build`     seed, threads and allocator, then model, Lightning module, data and probes;
+3. `open_run`  check the store, close runs whose owner is gone, then skip (a FINISHED twin in a
+               sweep), resume (a KILLED run) or create this job's MLflow run by the ownership rule
+               (ownership.py, claim.py);
+4. `fit_and_test`  train, select on validation data, test once;
+5. `close`     mark the run FINISHED, FAILED or KILLED, release its owner lock, print how to
+               resume after a stop.
+
+`run.py` is the Hydra entry point that calls `train` and turns its errors into exit codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.types import RunMode
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
+from mlflow.entities import RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from omegaconf import DictConfig, OmegaConf
+
+from . import record, stopping
+from .checkpoints import LastCheckpoint
+from .claim import CLAIM_ENV, RunClaim, choose_run
+from .classifier import ImageClassifier
+from .console import job_label, record_job, swept_labels
+from .data import ImageDataModule, has_validation_split
+from .models import DENSENET_KNOBS, build_model, is_densenet
+from .ownership import Heartbeat, OwnerLock, close_orphans
+from .probes import build_probes
+from .progress import job_callbacks
+from .run_logger import RunLogger
+from .speed import Speed, choose_speed, keep_freed_memory
+from .store import StoreUnreachable, bound_http_waits, prepare_store, unreachable
+from .tracking import (
+    UNSENT_FILE,
+    adopt_into_sweep,
+    close_run,
+    config_hash,
+    ensure_experiment,
+    find_finished_run,
+    flatten,
+    git_state,
+    parent_run_id,
+    resolved_config,
+    retry_locked,
+    runs_of_config,
+    system_facts,
+    tracking_uri,
+)
+from .validate import ConfigError, check_added_keys, validate_config
+
+log = logging.getLogger("densenet_exp")
+
+
+# -- names -----------------------------------------------------------------------------------
+
+def apply_knobs(cfg: dict[str, Any]) -> None:
+    """Fold the top-level knobs into a DenseNet's model config (null keeps the preset's value)
+    and write the effective values back, so every run records the k, theta and B it trained.
+    Other architectures have no such knobs: theirs are recorded as null."""
+    model = cfg["model"]
+    densenet = is_densenet(str(model.get("arch", "")))
+    for knob in DENSENET_KNOBS:
+        if densenet:
+            if cfg.get(knob) is not None:
+                model[knob] = cfg[knob]
+            cfg[knob] = model.get(knob)
+        else:
+            cfg[knob] = None
+
+
+def variant_name(cfg: dict[str, Any], swept: list[str] | tuple[str, ...] = ()) -> str:
+    """`densenet121-k12-c0.5-B`: the model and the knobs it was trained with, then the labels of
+    any other knobs its sweep varies (`swept`, e.g. ["lr0.05"])."""
+    name = cfg["model"].get("name") or cfg["model"]["arch"]
+    if cfg.get("growth_rate") is not None:
+        name += f"-k{cfg['growth_rate']}-c{float(cfg['compression']):g}" + ("-B" if cfg["bottleneck"] else "")
+    return "-".join([name, *swept])
+
+
+def run_name(variant: str, cfg: dict[str, Any]) -> str:
+    """`densenet121-k12-c0.5-B-s0`: the variant and the seed, so repeats differ in MLflow's table."""
+    return f"{variant}-s{cfg['seed']}"
+
+
+def parallel_jobs(hc: Any) -> int:
+    """How many jobs of this sweep run side by side on this machine: a joblib launcher's n_jobs
+    (-1 or less: one per core), else 1."""
+    launcher = hc.get("launcher") or {}
+    if "joblib" not in str(launcher.get("_target_", "")).lower():
+        return 1
+    jobs = int(launcher.get("n_jobs") or 1)
+    return (os.cpu_count() or 1) if jobs < 1 else jobs
+
+
+def cpu_threads(configured: int | None, hc: Any) -> int | None:
+    """Torch threads for this job: the configured number, else a share of the cores when jobs run
+    side by side (two jobs of two threads each on two cores stall each other badly), else torch's
+    default (None)."""
+    if configured:
+        return int(configured)
+    jobs = parallel_jobs(hc)
+    return max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+
+
+def resume_command() -> str:
+    return shlex.join(["python", "-m", "densenet_exp.run", *sys.argv[1:]])
+
+
+# -- 1. compose ------------------------------------------------------------------------------
+
+def compose(cfg: DictConfig, hc: Any) -> tuple[dict[str, Any], Speed]:
+    """The job's config as plain data, checked, with its `auto` speed settings resolved."""
+    plain = resolved_config(cfg)
+    apply_knobs(plain)
+    validate_config(plain)
+    check_added_keys(hc.overrides.task)
+    speed = choose_speed(plain)  # resolves trainer.accelerator/precision/deterministic `auto` in plain
+    return plain, speed
+
+
+# -- 2. build --------------------------------------------------------------------------------
+
+@dataclass
+class Built:
+    module: ImageClassifier
+    datamodule: ImageDataModule
+    probes: list[L.Callback]
+    kept_freed_memory: bool
+
+
+def build(plain: dict[str, Any], speed: Speed, hc: Any) -> Built:
+    """Seed, threads and allocator first (they shape everything after), then the parts."""
+    L.seed_everything(plain["seed"], workers=True, verbose=False)
+    threads = cpu_threads(plain.get("cpu_threads"), hc)
+    if threads:
+        torch.set_num_threads(threads)
+    freed = keep_freed_memory(speed.keep_freed_memory)
+    try:
+        probes = build_probes(plain.get("probes"))
+        model = build_model(plain["model"])
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    module = ImageClassifier(
+        model,
+        num_classes=plain["data"]["num_classes"],
+        optim=plain["optim"],
+        label_smoothing=plain["loss"]["label_smoothing"],
+        channels_last=speed.channels_last,
+        compile=plain["speed"]["compile"],
+    )
+    return Built(module, ImageDataModule(plain["data"], seed=plain["seed"]), probes, freed)
+
+
+# -- 3. open the run -------------------------------------------------------------------------
+
+@dataclass
+class OpenRun:
+    client: MlflowClient
+    uri: str
+    claim: RunClaim
+    logger: RunLogger
+    unsent: Path
+    heartbeat: Heartbeat | None
+    chief: bool  # rank 0: the only rank that writes to MLflow
+
+
+def open_store(plain: dict[str, Any], root: Path) -> tuple[MlflowClient, str, str]:
+    """A client for a store that exists and is migrated (created under a file lock if new), in
+    which runs whose owner is gone are closed (by rank 0)."""
+    tracking = plain["tracking"]
+    uri = tracking_uri(tracking["uri"], root)
+    bound_http_waits(tracking["http"])
+    prepare_store(uri, "tracking.uri" if tracking["uri"] else "MLFLOW_TRACKING_URI")
+    client = MlflowClient(uri)
+    experiment_id = ensure_experiment(client, tracking["experiment"])
+    if rank_zero_only.rank == 0:
+        close_orphans(client, experiment_id, tracking["owner_timeout_s"])
+    return client, uri, experiment_id
+
+
+def finished_twin(client: MlflowClient, experiment_id: str, plain: dict[str, Any], hc: Any) -> Any:
+    """In a sweep with tracking.skip_finished, a FINISHED run of the same config (else None)."""
+    if hc.mode != RunMode.MULTIRUN or not plain["tracking"]["skip_finished"]:
+        return None
+    return find_finished_run(runs_of_config(client, experiment_id, config_hash(plain)))
+
+
+def skipped(client: MlflowClient, plain: dict[str, Any], finished: Any, hc: Any) -> dict[str, Any]:
+    """Report a sweep job's FINISHED twin, train nothing, and count it as a job of this sweep if
+    its own sweep never finished."""
+    adopt_into_sweep(client, finished, Path(hc.sweep.dir), hc.job.num, finished=True)
+    record_job(hc, finished.info.run_id, skipped=True)
+    metrics = finished.data.metrics
+    log.info(f"{variant_name(plain)}: skipped, already FINISHED as MLflow run {finished.info.run_id} "
+             f"(test accuracy {metrics.get(record.TEST_ACC, float('nan')):.4f}); tracking.skip_finished=false trains it "
+             "again")
+    return {"variant": variant_name(plain), "test_acc": metrics.get(record.TEST_ACC), "val_acc": metrics.get(record.VAL_ACC),
+            "run_id": finished.info.run_id}
+
+
+def create_run(
+    client: MlflowClient, experiment_id: str, plain: dict[str, Any], hc: Any, root: Path, lock: OwnerLock
+) -> str:
+    """A new MLflow run for this job, tagged with its variant, config hash, overrides, output
+    folder, git state, owner and, in a sweep, its parent run."""
+    variant = variant_name(plain, swept_labels(hc))
+    tags = {
+        MLFLOW_RUN_NAME: run_name(variant, plain),
+        record.VARIANT: variant,
+        record.CONFIG_HASH: config_hash(plain),
+        # Jobs that shared the cores while timing must not be compared with jobs that had them alone.
+        record.PARALLEL_JOBS: str(parallel_jobs(hc)),
+        record.SEED: str(plain["seed"]),
+        record.OVERRIDES: " ".join(hc.overrides.task),
+        record.OUTPUT_DIR: str(Path(hc.runtime.output_dir).resolve()),
+        record.CHECKPOINT_DIR: str(lock.path.parent),
+        **git_state(root),
+        **lock.tags(),
+    }
+    if hc.mode == RunMode.MULTIRUN:
+        tags.update({record.SWEEP_JOB: str(hc.job.num), record.SWEEP_DIR: str(Path(hc.sweep.dir).resolve())})
+        parent = parent_run_id(Path(hc.sweep.dir))
+        if parent:
+            tags.update({MLFLOW_PARENT_RUN_ID: parent, record.SWEEP_ID: parent})
+    return retry_locked(lambda: client.create_run(experiment_id, tags=tags)).info.run_id
+
+
+def open_run(client: MlflowClient, uri: str, experiment_id: str, plain: dict[str, Any], hc: Any) -> OpenRun:
+    """Refuse, resume or create this job's run (the ownership rule), and its logger."""
+    tracking = plain["tracking"]
+    chief = rank_zero_only.rank == 0
+    root = Path(hc.runtime.cwd)
+    claim = choose_run(client, experiment_id, runs_of_config(client, experiment_id, config_hash(plain)), plain, hc,
+                       chief, create=lambda lock: create_run(client, experiment_id, plain, hc, root, lock))
+    if chief:
+        record_job(hc, claim.run_id)
+    os.environ[CLAIM_ENV] = claim.to_env()  # DDP ranks that Lightning starts take rank 0's choice
+    unsent = Path(hc.runtime.output_dir) / UNSENT_FILE
+    logger = RunLogger(experiment_name=tracking["experiment"], tracking_uri=uri, run_id=claim.run_id, unsent=unsent)
+    heartbeat = Heartbeat(client, claim.run_id, tracking["heartbeat_s"]) if chief else None
+    return OpenRun(client, uri, claim, logger, unsent, heartbeat, chief)
+
+
+def record_new_run(run: OpenRun, trainer: L.Trainer, plain: dict[str, Any], tags: dict[str, str]) -> None:
+    """What a new run records before training: system facts and `tags`, flattened params, config YAML."""
+    facts = {**system_facts(str(trainer.strategy.root_device)), **tags}
+    run_id = run.claim.run_id
+    retry_locked(lambda: run.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in facts.items()]))
+    run.logger.log_hyperparams(flatten(plain))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / record.CONFIG_YAML
+        path.write_text(OmegaConf.to_yaml(plain))
+        run.client.log_artifact(run_id, str(path))
+
+
+# -- 4. fit and test -------------------------------------------------------------------------
+
+def make_trainer(plain: dict[str, Any], built: Built, speed: Speed, run: OpenRun,
+                 hc: Any) -> tuple[L.Trainer, ModelCheckpoint]:
+    """The Trainer and the checkpoint it keeps: the best on validation accuracy. Without a
+    validation split (data.val_size=0, e.g. the paper's final runs on all 50k images) nothing
+    validates and only the last epoch's checkpoint is kept (LastCheckpoint)."""
+    validated = has_validation_split(plain["data"])
+    checkpoint = ModelCheckpoint(dirpath=run.claim.ckpt_dir, filename="best-{epoch}",
+                                 monitor=record.VAL_ACC if validated else None, mode="max",
+                                 save_top_k=1 if validated else 0, save_last=False)
+    variant = variant_name(plain, swept_labels(hc))
+    about = f"{run_name(variant, plain)}: MLflow run {run.claim.run_id} in experiment {plain['tracking']['experiment']!r}"
+    choices = {"channels_last": speed.channels_last, "keep_freed_memory": built.kept_freed_memory}
+    trainer = L.Trainer(
+        **plain["trainer"], **({} if validated else {"limit_val_batches": 0}), logger=run.logger,
+        use_distributed_sampler=False,
+        callbacks=[checkpoint, LastCheckpoint(run.claim.ckpt_dir), stopping.StopAtNextStep(), *built.probes,
+                   *job_callbacks(plain, job_label(hc), about, choices)],
+        default_root_dir=hc.runtime.output_dir,  # where Lightning's SLURM requeue writes its checkpoint
+    )
+    return trainer, checkpoint
+
+
+def fit_and_test(plain: dict[str, Any], built: Built, speed: Speed, run: OpenRun, trainer: L.Trainer,
+                 checkpoint: ModelCheckpoint) -> tuple[float | None, float]:
+    """Train, then test the final weights once (the paper's protocol: a fixed schedule, no early
+    stopping); `best-*.ckpt`, chosen on validation accuracy, is kept and logged for reloading.
+    Returns (last validation accuracy or None, test accuracy)."""
+    validated = has_validation_split(plain["data"])
+    if run.chief and run.claim.resumed:
+        run.logger.load_history(run.client)  # an epoch redone after a kill is not logged twice
+    if run.chief and not run.claim.recorded:
+        record_new_run(run, trainer, plain, speed.tags())
+    trainer.fit(built.module, datamodule=built.datamodule, ckpt_path=run.claim.ckpt_path, weights_only=True)
+    val_acc = float(trainer.callback_metrics[record.VAL_ACC]) if validated else None  # test() resets them
+    results = trainer.test(built.module, datamodule=built.datamodule, verbose=False)[0]
+    kept = checkpoint.best_model_path or str(run.claim.ckpt_dir / "last.ckpt")
+    if run.chief and plain["tracking"]["log_checkpoint"] and Path(kept).is_file():
+        run.client.log_artifact(run.claim.run_id, kept, record.CHECKPOINTS_DIR)
+    return val_acc, float(results[record.TEST_ACC])
+
+
+# -- 5. close --------------------------------------------------------------------------------
+
+def close(run: OpenRun, trainer: L.Trainer | None, error: BaseException | None) -> None:
+    """FINISHED, FAILED (with the traceback) or KILLED (with the reason, and how to resume)."""
+    if run.heartbeat is not None:
+        run.heartbeat.stop()
+    if run.chief:
+        where = f" at epoch {trainer.current_epoch}, step {trainer.global_step}" if trainer is not None else ""
+        close_run(run.client, run.claim.run_id, error, run.unsent, where)
+        stopped = stopping.as_stopped(error) if error is not None else None
+        if stopped:
+            print(f"{stopped.reason}{where}: MLflow run {run.claim.run_id} is KILLED; resume it with: "
+                  f"{resume_command()}", file=sys.stderr, flush=True)
+    if run.claim.lock is not None:
+        run.claim.lock.release()
+
+
+# -- the job ---------------------------------------------------------------------------------
+
+def train(cfg: DictConfig, hc: Any) -> dict[str, Any]:
+    """Run one job of the harness; returns its summary."""
+    # Lightning's package gives itself a console handler; Hydra's (terminal and run.log) already
+    # take its lines, which would otherwise print twice.
+    logging.getLogger("lightning").handlers.clear()
+    started = time.perf_counter()
+    stopping.raise_if_stopped()  # Ctrl-C between two jobs of a sweep
+    plain, speed = compose(cfg, hc)
+    built = build(plain, speed, hc)
+    client, uri, experiment_id = open_store(plain, Path(hc.runtime.cwd))
+    twin = finished_twin(client, experiment_id, plain, hc)
+    if twin is not None:
+        return skipped(client, plain, twin, hc)
+    run = open_run(client, uri, experiment_id, plain, hc)
+    trainer: L.Trainer | None = None
+    error: BaseException | None = None
+    try:
+        trainer, checkpoint = make_trainer(plain, built, speed, run, hc)
+        val_acc, test_acc = fit_and_test(plain, built, speed, run, trainer, checkpoint)
+    except BaseException as err:
+        error = err
+        if unreachable(err) and not isinstance(err, StoreUnreachable):
+            raise StoreUnreachable(uri, run.unsent) from err
+        raise stopping.as_stopped(err) or err
+    finally:
+        close(run, trainer, error)
+    variant = variant_name(plain, swept_labels(hc))
+    summary = {
+        "variant": variant,
+        "test_acc": test_acc,
+        "val_acc": val_acc,
+        "params": sum(p.numel() for p in built.module.model.parameters()),
+        "wall_s": time.perf_counter() - started,
+        "run_id": run.claim.run_id,
+    }
+    if run.chief:
+        log.info(f"{run_name(variant, plain)}: test accuracy {test_acc:.4f}, {summary['params'] / 1e6:.3f}M "
+                 f"parameters, {summary['wall_s']:.1f} s, MLflow run {run.claim.run_id}")
+    return summary

@@ -1,0 +1,117 @@
+"""The run record: every name a run writes to MLflow, and the report, notebooks and harness read
+back, defined once. Writers (job.py, tracking.py, classifier.py, probes/) and readers
+(results.py, verdicts.py, report.py, console.py) import these names; none spells them out.
+
+`REPORT_READS` lists what the report and notebooks read; tests/test_record.py trains a smoke run
+of each model family and checks that each of those names is written, so a renamed metric fails a
+test instead of becoming a silent column of NaN.
+"""
+
+from __future__ import annotations
+
+# -- metrics ---------------------------------------------------------------------------------
+# classifier.py, once per epoch (test once, at the end)
+TRAIN_LOSS = "train/loss"
+TRAIN_ACC = "train/acc"
+LEARNING_RATE = "lr"
+VAL_LOSS = "val/loss"
+VAL_ACC = "val/acc"
+TEST_LOSS = "test/loss"
+TEST_ACC = "test/acc"
+TEST_ACC_TOP5 = "test/acc_top5"  # only with more than five classes
+TEST_IMAGES = "test/images"  # how many images the test counted (every one, once)
+
+# probes/size_cost.py
+PARAMS = "params"
+MACS_PER_IMAGE = "macs_per_image"
+FLOPS_PER_IMAGE = "flops_per_image"
+TRAIN_IMAGES_PER_S = "train_images_per_s"
+INFER_IMAGES_PER_S = "infer_images_per_s"
+EPOCH_TIME_S = "epoch_time_s"
+PEAK_MEMORY_MB = "peak_memory_mb"  # the process's peak RSS: depends on its history, no verdict uses it
+ACTIVATIONS_MB = "memory/activations_mb"  # bytes saved for backward in one training step
+TRAIN_STEP_MB = "memory/train_step_mb"  # ... plus parameters, gradients and optimizer state
+GPU_STEP_PEAK_MB = "memory/gpu_step_peak_mb"  # GPU only: allocator peak over one step
+
+# probes/gradient_flow.py, per phase (GRADIENT_PHASES): the first optimizer step, and after epoch 1
+GRADIENT_PHASES = ("init", "epoch1")
+
+
+def early_relative_gradient(phase: str) -> str:
+    """Mean ||grad|| / ||weight|| of the early layers (relative depth <= 0.25)."""
+    return f"grad/early_rel_{phase}"
+
+
+def early_over_late_gradient(phase: str) -> str:
+    """That mean over the same mean of the late layers (relative depth >= 0.75)."""
+    return f"grad/early_over_late_{phase}"
+
+
+# probes/feature_reuse.py: Figure 5 summaries (observations (a)-(d) of the paper)
+REUSE_EARLY_OVER_UNIFORM = "reuse/early_over_uniform"
+REUSE_TRANSITION_EARLY_OVER_UNIFORM = "reuse/transition_early_over_uniform"
+REUSE_TRANSITION_OUTPUT_OVER_UNIFORM = "reuse/transition_output_over_uniform"
+REUSE_CLASSIFIER_LATE_OVER_UNIFORM = "reuse/classifier_late_over_uniform"
+
+# -- artifacts -------------------------------------------------------------------------------
+CONFIG_YAML = "config.yaml"
+CHECKPOINTS_DIR = "checkpoints"
+ERROR_TRACEBACK = "error_traceback.txt"
+FEATURE_REUSE_DIR = "feature_reuse"
+FEATURE_REUSE_MATRICES = f"{FEATURE_REUSE_DIR}/matrices.json"
+GRADIENT_FLOW_DIR = "gradient_flow"
+RELATIVE_GRADS = f"{GRADIENT_FLOW_DIR}/relative_grads.csv"
+
+# -- tags ------------------------------------------------------------------------------------
+VARIANT = "variant"  # the run name without the seed: what repeats share
+CONFIG_HASH = "config_hash"  # of the resolved config: runs of one config share it
+SEED = "seed"
+OVERRIDES = "overrides"
+OUTPUT_DIR = "output_dir"
+CHECKPOINT_DIR = "checkpoint_dir"
+GIT_COMMIT = "git_commit"
+GIT_DIRTY = "git_dirty"
+DEVICE = "device"
+PARALLEL_JOBS = "parallel_jobs"  # jobs that shared the machine's cores while this one trained
+CPU_THREADS = "cpu_threads"
+CPU_CAPABILITY = "cpu_capability"  # as torch reports it (e.g. AVX512, AVX2)
+PRECISION = "precision"  # as chosen (trainer.precision may say auto)
+PRECISION_REASON = "precision_reason"
+ACCELERATOR = "accelerator"
+ERROR = "error"  # the exception of a FAILED run, one line
+# sweeps
+SWEEP = "sweep"  # "parent" on a sweep's parent run
+SWEEP_ID = "sweep_id"  # the parent run id, on each child
+SWEEP_JOB = "sweep_job"
+SWEEP_DIR = "sweep_dir"
+PREVIOUS_SWEEP_IDS = "previous_sweep_ids"  # sweeps a resumed or skipped run belonged to before
+# the report's own run
+REPORT = "report"
+REPORT_SWEEP_ID = "report_sweep_id"
+# ownership (ownership.py)
+OWNER = "owner"  # host:pid of the process that trains the run
+OWNER_LOCK = "owner_lock"  # the lock file that process holds
+OWNER_HEARTBEAT = "owner_heartbeat"  # unix time of the owner's last sign of life
+OWNER_SLURM_JOB = "owner_slurm_job"  # SLURM job id and restart count of the owner
+STOP_REASON = "stop_reason"  # why a run or sweep was stopped or closed (KILLED)
+RESUMED_AFTER = "resumed_after"  # the stop reason of the attempt a resumed run continues
+
+# -- what the report and the notebooks read ------------------------------------------------
+# Params are the flattened config keys (conf/); results.load_runs reads these.
+RUN_PARAMS = (
+    "data.name", "data.num_classes", "data.batch_size", "data.val_size", "data.augment", "model.name",
+    "model.arch", "growth_rate", "compression", "bottleneck", "seed", "trainer.max_epochs",
+)
+# Read where a preset has them (the depth of a named or block-configured model).
+RUN_PARAMS_OPTIONAL = ("model.depth", "model.block_config", "trainer.precision")
+REPORT_READS = {
+    "metrics": (VAL_ACC, TEST_ACC, TRAIN_LOSS, PARAMS, FLOPS_PER_IMAGE, TRAIN_STEP_MB, TRAIN_IMAGES_PER_S,
+                INFER_IMAGES_PER_S, *(early_relative_gradient(p) for p in GRADIENT_PHASES),
+                *(early_over_late_gradient(p) for p in GRADIENT_PHASES)),
+    "tags": (VARIANT, DEVICE, PARALLEL_JOBS, PRECISION, GIT_COMMIT),
+    "params": RUN_PARAMS,
+    "artifacts": (RELATIVE_GRADS,),
+}
+# DenseNets only: feature reuse is measured on dense blocks (the Figure 5 verdicts are computed from
+# the matrices, not from the reuse/ metrics, which a block too short for an observation lacks).
+REPORT_READS_DENSENET = {"artifacts": (FEATURE_REUSE_MATRICES,)}
