@@ -33,6 +33,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
+from .checks import InvalidValue, require
 from .figures import (
     level,
     plot_accuracy_vs_cost,
@@ -382,8 +383,10 @@ def _margin(text: str) -> float:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not 0 < value < 100:
-        raise argparse.ArgumentTypeError(f"--margin={text!r} is invalid: expected percentage points in (0, 100)")
+    try:
+        require("--margin", text, 0 < value < 100, "percentage points in (0, 100)")
+    except InvalidValue as err:  # argparse prints an ArgumentTypeError's own message
+        raise argparse.ArgumentTypeError(str(err)) from None
     return value
 
 

@@ -193,7 +193,7 @@ def test_bad_speed_values_name_key_value_and_allowed(monkeypatch):
     fake_cpu(monkeypatch, "AVX2", False, False)
     with pytest.raises(ConfigError, match=r"trainer.precision='fp8' is invalid: expected one of auto, 32-true"):
         choose_speed(trainer_cfg(precision="fp8"))
-    with pytest.raises(ConfigError, match=r"trainer.accelerator='gpu' is invalid here: no CUDA GPU"):
+    with pytest.raises(ConfigError, match=r"trainer.accelerator='gpu' is invalid: expected auto or cpu: no CUDA GPU"):
         choose_speed(trainer_cfg(accelerator="gpu"))
 
 

@@ -11,6 +11,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from ..checks import require
+
 from .convergence import ConvergenceProbe
 from .feature_reuse import FeatureReuseProbe, feature_reuse, feature_reuse_summary, plot_feature_reuse
 from .gradient_flow import GradientFlowProbe
@@ -40,8 +42,8 @@ def build_probes(cfg: Mapping[str, Any] | None) -> list[pl.Callback]:
     for key, value in cfg.items():
         if key not in allowed:
             raise ValueError(f"probes.{key}={value!r} is not a probe option: expected one of {', '.join(allowed)}")
-        if key in PROBES and not isinstance(value, bool | None):
-            raise ValueError(f"probes.{key}={value!r} is invalid: expected true or false")
+        if key in PROBES:
+            require(f"probes.{key}", value, isinstance(value, bool | None), "true or false")
     kwargs: dict[str, dict[str, Any]] = {name: {} for name in PROBES}
     for key, (name, argument) in OPTIONS.items():
         if cfg.get(key) is not None:

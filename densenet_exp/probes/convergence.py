@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import lightning.pytorch as pl
 
+from ..checks import require
+
 
 class ConvergenceProbe(pl.Callback):
     """Records ``monitor`` (higher is better) and the wall time since fit start at the end of every
@@ -17,8 +19,7 @@ class ConvergenceProbe(pl.Callback):
 
     def __init__(self, fractions: Sequence[float] = (0.5, 0.9, 0.95, 0.99), monitor: str = "val/acc") -> None:
         fractions = tuple(float(f) for f in fractions)
-        if not fractions or not all(0 < f <= 1 for f in fractions):
-            raise ValueError(f"fractions={fractions!r} is invalid: expected numbers in (0, 1]")
+        require("fractions", fractions, bool(fractions) and all(0 < f <= 1 for f in fractions), "numbers in (0, 1]")
         self.fractions = fractions
         self.monitor = monitor
         self.history: list[tuple[int, float, float]] = []  # (epoch, value, seconds since fit start)
