@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import lightning.pytorch as pl
 
 from ..checks import require
+from .output import log_results
 
 
 class ConvergenceProbe(pl.Callback):
@@ -47,5 +48,4 @@ class ConvergenceProbe(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.history or not trainer.is_global_zero:
             return
-        for logger in trainer.loggers:
-            logger.log_metrics(self.summary(), step=trainer.global_step)
+        log_results(trainer, self.summary())
