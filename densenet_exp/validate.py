@@ -24,6 +24,7 @@ from .models import ARCHITECTURES, KNOB_CHECKS
 
 DATA_SETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 TRAIN_IMAGES = {"fashion_mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000}  # before the validation split
+NATIVE_SIZE = {"fashion_mnist": 28, "cifar10": 32, "cifar100": 32}  # in-memory sets are not resized
 # An experiment's name becomes a folder name (its artifacts): one safe path component.
 EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_. -]{0,199}")
 # Keys the code reads that not every config file defines, so `+key=value` may add them. Model and
@@ -50,41 +51,60 @@ def validate_knobs(cfg: Mapping[str, Any]) -> None:
 
 
 def validate_data(data: Mapping[str, Any]) -> None:
+    """The keys of the `data` group this data set uses (what ImageDataModule reads)."""
     name = data.get("name")
     require("data.name", name, name in DATA_SETS, f"one of {', '.join(DATA_SETS)}")
     require_int("data.batch_size", data.get("batch_size"), 1)
     if data.get("eval_batch_size") is not None:
         require_int("data.eval_batch_size", data.get("eval_batch_size"), 1)
-    require_int("data.val_size", data.get("val_size", 0), 0)
-    require_int("data.num_workers", data.get("num_workers", 0), 0)
-    for key in ("train_size", "test_size"):
-        if data.get(key) is not None:
-            require_int(f"data.{key}", data.get(key), 1)
-    augment = data.get("augment", "none")
-    require("data.augment", augment, augment in AUGMENTATIONS, f"one of {', '.join(AUGMENTATIONS)}")
     root = Path(str(data.get("root"))).expanduser() if data.get("root") else None
-    download = bool(data.get("download", False))
+    if name == "imagefolder":
+        ok = root is not None and (root / "train").is_dir() and (root / "val").is_dir()
+        require("data.root", str(root), ok, "a folder with train/ and val/ class folders")
+        require_int("data.image_size", data.get("image_size"), 1)
+        require_int("data.num_workers", data.get("num_workers"), 0)
+        for key in ("val_size", "augment"):  # the val/ folder is the split; crop and flip are fixed
+            require(f"data.{key}", data.get(key), key not in data, "no such key for imagefolder (nothing reads it)")
+        return
+    # In-memory sets: the images' own size, batches indexed in the main process.
+    size = data.get("image_size")
+    if name in NATIVE_SIZE:
+        require("data.image_size", size, size == NATIVE_SIZE[name], f"{NATIVE_SIZE[name]}, the size of {name}'s images")
+    else:
+        require_int("data.image_size", size, 1)
+    workers = data.get("num_workers")
+    require("data.num_workers", workers, workers == 0, "0 for an in-memory data set (workers would only add copies)")
+    require_int("data.val_size", data.get("val_size"), 0)
+    require_int("data.split_seed", data.get("split_seed"), 0)
+    for key in ("train_size", "test_size"):
+        if data.get(key) is not None or name == "synthetic":
+            require_int(f"data.{key}", data.get(key), 1)
+    augment = data.get("augment")
+    require("data.augment", augment, augment in AUGMENTATIONS, f"one of {', '.join(AUGMENTATIONS)}")
+    if name == "synthetic":
+        require_int("data.seed", data.get("seed"), 0)
+        return
+    download = data.get("download")
+    require("data.download", download, isinstance(download, bool), "true or false")
     if name == "fashion_mnist" and not download:
         require("data.root", str(root), root is not None and find_fashion_mnist(root) is not None, FASHION_MNIST_HELP)
     elif name in ("cifar10", "cifar100") and not download:
         require("data.root", str(root), root is not None and root.is_dir(), "an existing folder, or data.download=true")
-    elif name == "imagefolder":
-        ok = root is not None and (root / "train").is_dir() and (root / "val").is_dir()
-        require("data.root", str(root), ok, "a folder with train/ and val/ class folders")
 
 
 def validate_batch_fits(cfg: Mapping[str, Any]) -> None:
     """At least one training batch per process: with none, nothing trains and nothing validates."""
     data = cfg["data"]
-    name, batch, val = data.get("name"), data.get("batch_size"), int(data.get("val_size") or 0)
+    name, batch = data.get("name"), data.get("batch_size")
+    if name == "imagefolder":
+        return  # a folder's size is known only once it is read
+    val = data["val_size"]
     if name in TRAIN_IMAGES:
         total = TRAIN_IMAGES[name] - val
         if data.get("train_size"):
             total = min(total, int(data["train_size"]))
-    elif name == "synthetic":
-        total = int(data.get("train_size") or 0) - val
     else:
-        return  # a folder's size is known only once it is read
+        total = int(data.get("train_size") or 0) - val
     require("data.val_size", val, total > 0, f"fewer than the {total + val} training images, leaving some to train on")
     trainer = cfg["trainer"]
     devices = trainer.get("devices")
@@ -93,14 +113,14 @@ def validate_batch_fits(cfg: Mapping[str, Any]) -> None:
     per_process = total // max(1, world)
     where = f"{per_process} images per process" if world > 1 else f"{per_process} images"
     require("data.batch_size", batch, batch <= per_process,
-             f"at most the training set's size ({where}): lower data.batch_size or raise data.train_size")
+            f"at most the training set's size ({where}): lower data.batch_size or raise data.train_size")
 
 
 def validate_tracking(tracking: Mapping[str, Any]) -> None:
     name = tracking.get("experiment")
     require("tracking.experiment", name, isinstance(name, str) and EXPERIMENT_NAME.fullmatch(name) is not None,
-             "a name of letters, digits, '_', '-', '.' and spaces that starts with a letter or digit "
-             "(it names a folder)")
+            "a name of letters, digits, '_', '-', '.' and spaces that starts with a letter or digit "
+            "(it names a folder)")
     for key in ("heartbeat_s", "owner_timeout_s"):
         value = tracking.get(key)
         require(f"tracking.{key}", value, is_number(value) and value > 0, "a number of seconds > 0")
@@ -165,21 +185,28 @@ class OutputFolderCheck(Callback):
 
 
 def validate_optim(optim: Mapping[str, Any]) -> None:
+    """The keys of the `optim` group this optimizer and schedule use; conf/optim/*.yaml holds their
+    values (the code has no defaults of its own), so a key missing here is named as None."""
     name = optim.get("name")
     require("optim.name", name, name in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}")
     lr = optim.get("lr")
     require("optim.lr", lr, is_number(lr) and lr > 0, "a number > 0")
-    wd = optim.get("weight_decay", 0.0)
+    wd = optim.get("weight_decay")
     require("optim.weight_decay", wd, is_number(wd) and wd >= 0, "a number >= 0")
     if name == "sgd":
-        m = optim.get("momentum", 0.0)
+        m, nesterov = optim.get("momentum"), optim.get("nesterov")
         require("optim.momentum", m, is_number(m) and 0 <= m < 1, "a number in [0, 1)")
-    sched = optim.get("scheduler", "constant")
+        require("optim.nesterov", nesterov, isinstance(nesterov, bool), "true or false")
+    sched = optim.get("scheduler")
     require("optim.scheduler", sched, sched in SCHEDULERS, f"one of {', '.join(SCHEDULERS)}")
     if sched == "multistep":
-        ms = optim.get("milestones")
+        ms, gamma = optim.get("milestones"), optim.get("gamma")
         ok = isinstance(ms, (list, tuple)) and all(is_number(f) and 0 < f < 1 for f in ms)
         require("optim.milestones", ms, ok, "a list of fractions of the epochs, each in (0, 1)")
+        require("optim.gamma", gamma, is_number(gamma) and 0 < gamma <= 1, "a number in (0, 1]")
+    elif sched == "onecycle":
+        pct = optim.get("pct_start")
+        require("optim.pct_start", pct, is_number(pct) and 0 < pct < 1, "a number in (0, 1)")
 
 
 def validate_config(cfg: Mapping[str, Any]) -> None:

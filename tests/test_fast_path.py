@@ -22,7 +22,7 @@ from densenet_exp.speed import choose_speed, use_channels_last, use_keep_freed_m
 from densenet_exp.tracking import config_hash
 from densenet_exp.validate import ConfigError
 
-OPTIM = {"name": "sgd", "lr": 0.1}
+OPTIM = {"name": "sgd", "lr": 0.1, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0, "scheduler": "constant"}
 
 
 def tiny_densenet(**kwargs) -> DenseNet:
