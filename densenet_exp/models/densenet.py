@@ -314,7 +314,9 @@ class DenseNet(nn.Module):
         require(
             "block_config",
             block_config,
-            isinstance(block_config, Sequence) and len(block_config) > 0 and all(is_int(n) and n >= 1 for n in block_config),
+            isinstance(block_config, Sequence)
+            and len(block_config) > 0
+            and all(is_int(n) and n >= 1 for n in block_config),
             "a non-empty sequence of integers >= 1",
         )
         check_compression(compression)
