@@ -32,7 +32,8 @@ ALL_PROBES = Path(__file__).resolve().parents[1] / "conf" / "probes" / "all.yaml
 def Classifier() -> ImageClassifier:
     """The harness's LightningModule around DenseNet (L=40, k=12)."""
     model = densenet_cifar(40, 12, bottleneck=False, compression=1.0, in_channels=1, num_classes=10)
-    return ImageClassifier(model, num_classes=10, optim={"name": "sgd", "lr": 0.1, "momentum": 0.9})
+    return ImageClassifier(model, num_classes=10, optim={"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False,
+                                                          "weight_decay": 0.0, "scheduler": "constant"})
 
 
 class EpochTimer(L.Callback):

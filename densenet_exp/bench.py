@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checks import InvalidValue, require, require_int
 from .speed import bf16_native, choose_speed, keep_freed_memory, use_channels_last, use_keep_freed_memory
 
 DEFAULT_MODELS = (
@@ -351,14 +352,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--bare-epoch", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for entry in args.models.split(","):
-        name, _, option = entry.partition(":")
-        if name not in MODELS or option not in OPTIONS:
-            p.error(f"--models entry {entry!r} is invalid: expected NAME or NAME:OPTION, NAME one of "
-                    f"{', '.join(MODELS)}, OPTION one of {', '.join(o for o in OPTIONS if o)}")
-    for key in ("size", "batch", "steps", "threads", "num_classes", "repeats", "train_size"):
-        if getattr(args, key) < 1:
-            p.error(f"--{key.replace('_', '-')}={getattr(args, key)} is invalid: expected an integer >= 1")
+    try:
+        for entry in args.models.split(","):
+            name, _, option = entry.partition(":")
+            require("--models", entry, name in MODELS and option in OPTIONS,
+                    f"NAME or NAME:OPTION, NAME one of {', '.join(MODELS)}, OPTION one of "
+                    f"{', '.join(o for o in OPTIONS if o)}")
+        for key in ("size", "batch", "steps", "threads", "num_classes", "repeats", "train_size"):
+            require_int(f"--{key.replace('_', '-')}", getattr(args, key), 1)
+    except InvalidValue as err:
+        p.error(str(err))
     return args
 
 

@@ -39,7 +39,7 @@ class ImageClassifier(L.LightningModule):
     ) -> None:
         super().__init__()
         self.model = model
-        self.optim = dict(optim)
+        self.optim = optim  # conf/optim/<name>.yaml: every key the optimizer and schedule read
         self.label_smoothing = label_smoothing
         self.channels_last = channels_last
         if channels_last:
@@ -123,20 +123,20 @@ class ImageClassifier(L.LightningModule):
 
     @staticmethod
     def build_optimizer(params: Any, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
-        kwargs: dict[str, Any] = {"lr": cfg["lr"], "weight_decay": cfg.get("weight_decay", 0.0)}
+        kwargs: dict[str, Any] = {"lr": cfg["lr"], "weight_decay": cfg["weight_decay"]}
         if cfg["name"] == "sgd":
-            kwargs.update(momentum=cfg.get("momentum", 0.0), nesterov=cfg.get("nesterov", False))
+            kwargs.update(momentum=cfg["momentum"], nesterov=cfg["nesterov"])
         return OPTIMIZERS[cfg["name"]](params, **kwargs)
 
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = self.optim
         optimizer = self.build_optimizer(self.parameters(), cfg)
-        scheduler = cfg.get("scheduler", "constant")
+        scheduler = cfg["scheduler"]
         epochs = self.trainer.max_epochs
         if scheduler == "multistep":
             # Milestones are fractions of the run (the paper: 50% and 75% of the epochs).
-            milestones = [max(1, round(f * epochs)) for f in cfg.get("milestones", (0.5, 0.75))]
-            sched = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=cfg.get("gamma", 0.1))
+            milestones = [max(1, round(f * epochs)) for f in cfg["milestones"]]
+            sched = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=cfg["gamma"])
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
         if scheduler == "cosine":
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
@@ -146,7 +146,7 @@ class ImageClassifier(L.LightningModule):
                 optimizer,
                 max_lr=cfg["lr"],
                 total_steps=int(self.trainer.estimated_stepping_batches),
-                pct_start=cfg.get("pct_start", 0.25),
+                pct_start=cfg["pct_start"],
             )
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         return {"optimizer": optimizer}

@@ -216,50 +216,61 @@ def make_synthetic(
 def has_validation_split(cfg: Mapping[str, Any]) -> bool:
     """Whether runs on this data config validate: an ImageFolder set has its own val/ folder, the
     in-memory sets hold out `val_size` training images (0: train on all, validate on none)."""
-    return cfg["name"] == "imagefolder" or int(cfg.get("val_size") or 0) > 0
+    return cfg["name"] == "imagefolder" or cfg["val_size"] > 0
 
 
 class ImageDataModule(L.LightningDataModule):
-    """One data module for every data set of the harness; `cfg` is the `data` config group."""
+    """One data module for every data set of the harness; `cfg` is the `data` config group.
+
+    The config is read here, once, and only the keys this data set uses (an ImageFolder set has
+    its own val/ folder and fixed augmentation; in-memory sets load batches without workers)."""
 
     def __init__(self, cfg: Mapping[str, Any], seed: int = 0) -> None:
         super().__init__()
-        self.cfg = dict(cfg)
         self.seed = seed
-        self.name = self.cfg["name"]
+        self.name = cfg["name"]
+        self.batch_size = cfg["batch_size"]
+        self.eval_batch_size = cfg["eval_batch_size"] or self.batch_size
+        if self.name == "imagefolder":
+            self.root = Path(str(cfg["root"])).expanduser()
+            self.image_size, self.num_workers = cfg["image_size"], int(cfg["num_workers"])
+        else:
+            if self.name == "synthetic":
+                self.synthetic = {key: cfg[key] for key in ("num_classes", "channels", "image_size", "seed")}
+            else:
+                self.root, self.download = Path(str(cfg["root"])).expanduser(), bool(cfg["download"])
+            self.val_size, self.split_seed = int(cfg["val_size"]), cfg["split_seed"]
+            self.train_size, self.test_size, self.augment = cfg["train_size"], cfg["test_size"], cfg["augment"]
         self.datasets: dict[str, Dataset] = {}
 
     # Lightning calls setup on every rank; loading is cheap enough to repeat per rank.
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        cfg = self.cfg
         if self.name == "imagefolder":
             self.datasets = self._image_folders()
             return
-        root = Path(str(cfg.get("root") or "data")).expanduser()
         if self.name == "fashion_mnist":
-            splits = load_fashion_mnist(root, bool(cfg.get("download", False)))
+            splits = load_fashion_mnist(self.root, self.download)
         elif self.name in ("cifar10", "cifar100"):
-            splits = load_cifar(self.name, root, bool(cfg.get("download", False)))
+            splits = load_cifar(self.name, self.root, self.download)
         else:
-            splits = make_synthetic(
-                cfg["num_classes"], cfg["channels"], cfg["image_size"], cfg["train_size"], cfg["test_size"], cfg["seed"]
-            )
+            syn = self.synthetic
+            splits = make_synthetic(syn["num_classes"], syn["channels"], syn["image_size"], self.train_size,
+                                    self.test_size, syn["seed"])
         x, y = splits["train"]
         # The validation split is fixed by data.split_seed, independent of the training seed,
         # so every run of a sweep is validated on the same images.
-        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.get("split_seed", 0)))
-        n_val = int(cfg.get("val_size", 0))
-        val_idx, train_idx = order[:n_val], order[n_val:]
-        if cfg.get("train_size") and self.name != "synthetic":
-            train_idx = train_idx[: cfg["train_size"]]
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.split_seed))
+        val_idx, train_idx = order[: self.val_size], order[self.val_size :]
+        if self.train_size and self.name != "synthetic":
+            train_idx = train_idx[: self.train_size]
         mean, std = STATS[self.name]
         test_x, test_y = splits["test"]
-        if cfg.get("test_size") and self.name != "synthetic":
-            test_x, test_y = test_x[: cfg["test_size"]], test_y[: cfg["test_size"]]
+        if self.test_size and self.name != "synthetic":
+            test_x, test_y = test_x[: self.test_size], test_y[: self.test_size]
         self.datasets = {
-            "train": TensorImages(x[train_idx], y[train_idx], mean, std, cfg.get("augment", "none")),
+            "train": TensorImages(x[train_idx], y[train_idx], mean, std, self.augment),
             "val": TensorImages(x[val_idx], y[val_idx], mean, std),
             "test": TensorImages(test_x, test_y, mean, std),
         }
@@ -272,8 +283,7 @@ class ImageDataModule(L.LightningDataModule):
         import torchvision.transforms.v2 as T
         from torchvision.datasets import ImageFolder
 
-        cfg, root = self.cfg, Path(str(self.cfg["root"])).expanduser()
-        size = cfg["image_size"]
+        root, size = self.root, self.image_size
         mean, std = STATS["imagefolder"]
         to_tensor = [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
         train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *to_tensor])
@@ -288,12 +298,12 @@ class ImageDataModule(L.LightningDataModule):
     def _loader(self, split: str) -> DataLoader:
         ds = self.datasets[split]
         train = split == "train"
-        batch_size = self.cfg["batch_size"] if train else self.cfg.get("eval_batch_size") or self.cfg["batch_size"]
+        batch_size = self.batch_size if train else self.eval_batch_size
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
         sampler = IndexBatches(len(ds), batch_size, train, self.seed, drop_last=train, rank=rank, world_size=world)
         if isinstance(ds, TensorImages):
             return DataLoader(ds, sampler=sampler, batch_size=None)
-        workers = int(self.cfg.get("num_workers", 0))
+        workers = self.num_workers
         return DataLoader(
             ds,
             batch_size=batch_size,

@@ -34,6 +34,7 @@ from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
 from . import record
+from .checks import InvalidValue, require
 from .figures import (
     level,
     plot_accuracy_vs_cost,
@@ -192,9 +193,6 @@ class Document:
         self.figures.append(path)
         self.parts.append(f"![{esc(caption)}]({path.name})\n\n*{esc(caption)}*")
 
-    def images(self) -> list[Path]:
-        return list(self.figures)
-
     def markdown(self) -> str:
         return "\n\n".join(self.parts) + "\n"
 
@@ -296,22 +294,21 @@ def write_report(experiment: str, uri: str, out: Path, sweep: str | None = None,
         doc.table(shown)
 
     datasets = sorted(done["data"].dropna().unique())
-    doc.heading("Accuracy against parameters and FLOPs")
-    for data in datasets:
-        doc.figure(plot_accuracy_vs_cost(summary, data), f"accuracy_vs_cost_{data}",
-                   f"{data}: DenseNet variants and baselines, test accuracy against parameters and FLOPs per image.")
-    doc.heading("Effects of the DenseNet knobs")
-    for data in datasets:
-        doc.figure(plot_knob_effects(done, data), f"knob_effects_{data}",
-                   f"{data}: each knob with two or more levels, one line per setting of the others.")
-    doc.heading("Learning curves")
-    for data in datasets:
-        doc.figure(plot_learning_curves(curves, data), f"learning_curves_{data}",
-                   f"{data}: validation accuracy per epoch.")
-    doc.heading("Gradient flow by depth")
-    for data in datasets:
-        doc.figure(plot_relative_grads(grads, data), f"gradient_flow_{data}",
-                   f"{data}: relative gradient by relative depth (from gradient_flow/relative_grads.csv).")
+    # (heading, figure of one data set, file name, caption): one figure per data set under each heading.
+    per_data_set = [
+        ("Accuracy against parameters and FLOPs", lambda d: plot_accuracy_vs_cost(summary, d), "accuracy_vs_cost",
+         "DenseNet variants and baselines, test accuracy against parameters and FLOPs per image."),
+        ("Effects of the DenseNet knobs", lambda d: plot_knob_effects(done, d), "knob_effects",
+         "each knob with two or more levels, one line per setting of the others."),
+        ("Learning curves", lambda d: plot_learning_curves(curves, d), "learning_curves",
+         "validation accuracy per epoch."),
+        ("Gradient flow by depth", lambda d: plot_relative_grads(grads, d), "gradient_flow",
+         "relative gradient by relative depth (from gradient_flow/relative_grads.csv)."),
+    ]
+    for heading, plot, name, caption in per_data_set:
+        doc.heading(heading)
+        for data in datasets:
+            doc.figure(plot(data), f"{name}_{data}", f"{data}: {caption}")
     doc.heading("Feature reuse")
     doc.text("Mean over seeds of each DenseNet configuration's `feature_reuse/matrices.json`, drawn like the "
              "paper's Figure 5: pixel (s, l) is the mean |weight| per input map with which layer l reads source "
@@ -325,7 +322,7 @@ def write_report(experiment: str, uri: str, out: Path, sweep: str | None = None,
     (out / "report.md").write_text(doc.markdown())
     (out / "report.html").write_text(doc.html(title))
     (out / "headline.md").write_text(headline(summary, judged))
-    files = [out / "report.md", out / "report.html", out / "headline.md", *doc.images()]
+    files = [out / "report.md", out / "report.html", out / "headline.md", *doc.figures]
     return {"runs": runs, "finished": done, "summary": summary, "judgement": judged, "claims": judged.claims,
             "published": published, "files": files}
 
@@ -383,8 +380,10 @@ def _margin(text: str) -> float:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not 0 < value < 100:
-        raise argparse.ArgumentTypeError(f"--margin={text!r} is invalid: expected percentage points in (0, 100)")
+    try:
+        require("--margin", text, 0 < value < 100, "percentage points in (0, 100)")
+    except InvalidValue as err:  # argparse prints an ArgumentTypeError's own message
+        raise argparse.ArgumentTypeError(str(err)) from None
     return value
 
 

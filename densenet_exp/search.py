@@ -26,6 +26,8 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
+from .checks import require, require_int
+
 # Hydra imports every sweeper plugin at start-up, `--help` included: Optuna only when it sweeps.
 if TYPE_CHECKING:
     import optuna
@@ -58,10 +60,8 @@ class OptunaSweeper(Sweeper):
         self, params: dict[str, str] | None = None, n_trials: int = 20, direction: str = "maximize", seed: int = 0
     ) -> None:
         super().__init__()
-        if n_trials < 1:
-            raise ValueError(f"hydra.sweeper.n_trials={n_trials!r} is invalid: expected an integer >= 1")
-        if direction not in ("maximize", "minimize"):
-            raise ValueError(f"hydra.sweeper.direction={direction!r} is invalid: expected maximize or minimize")
+        require_int("hydra.sweeper.n_trials", n_trials, 1)
+        require("hydra.sweeper.direction", direction, direction in ("maximize", "minimize"), "maximize or minimize")
         self.params = dict(params or {})
         self.n_trials, self.direction, self.seed = n_trials, direction, seed
 

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from . import record
-from .validate import ConfigError
+from .checks import require
 
 log = logging.getLogger("densenet_exp")
 
@@ -123,8 +123,7 @@ def choose_precision(setting: str, accelerator: str) -> tuple[str, str]:
     """`auto`: bf16-mixed where bf16 is native (a CUDA GPU that supports it; a CPU with AVX512-BF16
     or AMX that ATen and oneDNN may use), else 32-true. Anything else is kept as set."""
     setting = str(setting)
-    if setting not in PRECISIONS:
-        raise ConfigError(f"trainer.precision={setting!r} is invalid: expected one of {', '.join(PRECISIONS)}")
+    require("trainer.precision", setting, setting in PRECISIONS, f"one of {', '.join(PRECISIONS)}")
     if setting != "auto":
         return setting, "set by trainer.precision"
     if on_gpu(accelerator):
@@ -172,17 +171,15 @@ def choose_speed(cfg: dict[str, Any]) -> Speed:
     `trainer.precision`, `trainer.deterministic` (true on a CPU: same seed, same metrics; false
     on a GPU, where deterministic kernels cost speed), `trainer.benchmark` (cuDNN autotuning on a
     GPU, when set to auto). The resolved trainer values are written back into `cfg` (they shape the result); the
-    `speed.*` switches only shape speed and are returned. Raises ConfigError on bad values."""
+    `speed.*` switches only shape speed and are returned. Raises InvalidValue (ConfigError) on bad values."""
     trainer, speed = cfg["trainer"], cfg.get("speed", {})
     for key in ("channels_last", "keep_freed_memory"):
         value = speed.get(key, "auto")
-        if not (value == "auto" or isinstance(value, bool)):
-            raise ConfigError(f"speed.{key}={value!r} is invalid: expected auto, true or false")
+        require(f"speed.{key}", value, value == "auto" or isinstance(value, bool), "auto, true or false")
     accelerator = resolve_accelerator(str(trainer.get("accelerator", "auto")))
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available() and not torch.backends.mps.is_available():
-        raise ConfigError(
-            f"trainer.accelerator={accelerator!r} is invalid here: no CUDA GPU is visible; expected auto or cpu"
-        )
+    gpu_visible = torch.cuda.is_available() or torch.backends.mps.is_available()
+    require("trainer.accelerator", accelerator, accelerator not in ("gpu", "cuda") or gpu_visible,
+            "auto or cpu: no CUDA GPU is visible here")
     precision, reason = choose_precision(trainer.get("precision", "auto"), accelerator)
     trainer["accelerator"], trainer["precision"] = accelerator, precision
     if trainer.get("deterministic", "auto") == "auto":

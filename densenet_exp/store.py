@@ -19,6 +19,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .checks import InvalidValue, require
+
 T = TypeVar("T")
 
 # Schemes MLflow's tracking client understands (SQLAlchemy's may carry a driver: postgresql+psycopg2).
@@ -113,10 +115,11 @@ def sqlite_path(uri: str) -> Path | None:
 
 def check_uri(uri: str, key: str) -> None:
     scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else ""
-    if scheme not in SCHEMES:
-        raise StoreConfigError(
-            f"{key}={uri!r} is invalid: expected sqlite:///PATH, http(s)://HOST:PORT of an MLflow server, "
-            "or a database URI (postgresql://, mysql://, mssql://)")
+    try:
+        require(key, uri, scheme in SCHEMES, "sqlite:///PATH, http(s)://HOST:PORT of an MLflow server, "
+                "or a database URI (postgresql://, mysql://, mssql://)")
+    except InvalidValue as err:
+        raise StoreConfigError(str(err)) from None
 
 
 def prepare_store(uri: str, key: str = "tracking.uri") -> None:

@@ -1,6 +1,7 @@
 """Checks on a composed config, run before anything trains or touches the tracking store.
 
-Each failure is one `ConfigError` line naming the key, the value and what is allowed.
+Each failure is one `ConfigError` line naming the key, the value and what is allowed, raised
+through densenet_exp.checks.require (the one place that message is written).
 """
 
 from __future__ import annotations
@@ -10,19 +11,20 @@ import os
 import re
 import sys
 from collections.abc import Iterable, Mapping
-from numbers import Real
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from .checks import InvalidValue, is_int, is_number, require, require_int
 from .classifier import OPTIMIZERS, SCHEDULERS
 from .data import AUGMENTATIONS, FASHION_MNIST_HELP, find_fashion_mnist
-from .models import ARCHITECTURES
+from .models import ARCHITECTURES, KNOB_CHECKS
 
 DATA_SETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 TRAIN_IMAGES = {"fashion_mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000}  # before the validation split
+NATIVE_SIZE = {"fashion_mnist": 28, "cifar10": 32, "cifar100": 32}  # in-memory sets are not resized
 # An experiment's name becomes a folder name (its artifacts): one safe path component.
 EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_. -]{0,199}")
 # Keys the code reads that not every config file defines, so `+key=value` may add them. Model and
@@ -35,101 +37,98 @@ ADDABLE_KEYS = (
 CONFIG_GROUPS = ("model", "data", "trainer", "optim", "probes", "experiment", "hparams_search")
 
 
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key, the value and what is allowed."""
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, Real) and not isinstance(v, bool)
-
-
-def _require(key: str, value: Any, ok: bool, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r} is invalid: expected {allowed}")
-
-
-def _int_at_least(key: str, value: Any, low: int) -> None:
-    _require(key, value, _is_int(value) and value >= low, f"an integer >= {low}")
+# A config value that cannot work: the one error class of densenet_exp.checks, so the model
+# constructors' errors and these read alike and `except ConfigError` catches both.
+ConfigError = InvalidValue
 
 
 def validate_knobs(cfg: Mapping[str, Any]) -> None:
-    """The top-level DenseNet knobs; null means "the model preset's value"."""
-    k, theta, b = cfg.get("growth_rate"), cfg.get("compression"), cfg.get("bottleneck")
-    _require("growth_rate", k, k is None or (_is_int(k) and k >= 1), "an integer >= 1 (or null for the preset's)")
-    _require(
-        "compression",
-        theta,
-        theta is None or (_is_number(theta) and 0 < theta <= 1),
-        "a number in (0, 1] (or null for the preset's)",
-    )
-    _require("bottleneck", b, b is None or isinstance(b, bool), "true or false (or null for the preset's)")
-    _int_at_least("seed", cfg.get("seed"), 0)
+    """The top-level DenseNet knobs, by the model's own checks; null means "the preset's value"."""
+    for knob, check in KNOB_CHECKS.items():
+        if cfg.get(knob) is not None:
+            check(cfg[knob])
+    require_int("seed", cfg.get("seed"), 0)
 
 
 def validate_data(data: Mapping[str, Any]) -> None:
+    """The keys of the `data` group this data set uses (what ImageDataModule reads)."""
     name = data.get("name")
-    _require("data.name", name, name in DATA_SETS, f"one of {', '.join(DATA_SETS)}")
-    _int_at_least("data.batch_size", data.get("batch_size"), 1)
+    require("data.name", name, name in DATA_SETS, f"one of {', '.join(DATA_SETS)}")
+    require_int("data.batch_size", data.get("batch_size"), 1)
     if data.get("eval_batch_size") is not None:
-        _int_at_least("data.eval_batch_size", data.get("eval_batch_size"), 1)
-    _int_at_least("data.val_size", data.get("val_size", 0), 0)
-    _int_at_least("data.num_workers", data.get("num_workers", 0), 0)
-    for key in ("train_size", "test_size"):
-        if data.get(key) is not None:
-            _int_at_least(f"data.{key}", data.get(key), 1)
-    augment = data.get("augment", "none")
-    _require("data.augment", augment, augment in AUGMENTATIONS, f"one of {', '.join(AUGMENTATIONS)}")
+        require_int("data.eval_batch_size", data.get("eval_batch_size"), 1)
     root = Path(str(data.get("root"))).expanduser() if data.get("root") else None
-    download = bool(data.get("download", False))
-    if name == "fashion_mnist" and not download:
-        _require("data.root", str(root), root is not None and find_fashion_mnist(root) is not None, FASHION_MNIST_HELP)
-    elif name in ("cifar10", "cifar100") and not download:
-        _require("data.root", str(root), root is not None and root.is_dir(), "an existing folder, or data.download=true")
-    elif name == "imagefolder":
+    if name == "imagefolder":
         ok = root is not None and (root / "train").is_dir() and (root / "val").is_dir()
-        _require("data.root", str(root), ok, "a folder with train/ and val/ class folders")
+        require("data.root", str(root), ok, "a folder with train/ and val/ class folders")
+        require_int("data.image_size", data.get("image_size"), 1)
+        require_int("data.num_workers", data.get("num_workers"), 0)
+        for key in ("val_size", "augment"):  # the val/ folder is the split; crop and flip are fixed
+            require(f"data.{key}", data.get(key), key not in data, "no such key for imagefolder (nothing reads it)")
+        return
+    # In-memory sets: the images' own size, batches indexed in the main process.
+    size = data.get("image_size")
+    if name in NATIVE_SIZE:
+        require("data.image_size", size, size == NATIVE_SIZE[name], f"{NATIVE_SIZE[name]}, the size of {name}'s images")
+    else:
+        require_int("data.image_size", size, 1)
+    workers = data.get("num_workers")
+    require("data.num_workers", workers, workers == 0, "0 for an in-memory data set (workers would only add copies)")
+    require_int("data.val_size", data.get("val_size"), 0)
+    require_int("data.split_seed", data.get("split_seed"), 0)
+    for key in ("train_size", "test_size"):
+        if data.get(key) is not None or name == "synthetic":
+            require_int(f"data.{key}", data.get(key), 1)
+    augment = data.get("augment")
+    require("data.augment", augment, augment in AUGMENTATIONS, f"one of {', '.join(AUGMENTATIONS)}")
+    if name == "synthetic":
+        require_int("data.seed", data.get("seed"), 0)
+        return
+    download = data.get("download")
+    require("data.download", download, isinstance(download, bool), "true or false")
+    if name == "fashion_mnist" and not download:
+        require("data.root", str(root), root is not None and find_fashion_mnist(root) is not None, FASHION_MNIST_HELP)
+    elif name in ("cifar10", "cifar100") and not download:
+        require("data.root", str(root), root is not None and root.is_dir(), "an existing folder, or data.download=true")
 
 
 def validate_batch_fits(cfg: Mapping[str, Any]) -> None:
     """At least one training batch per process: with none, nothing trains and nothing validates."""
     data = cfg["data"]
-    name, batch, val = data.get("name"), data.get("batch_size"), int(data.get("val_size") or 0)
+    name, batch = data.get("name"), data.get("batch_size")
+    if name == "imagefolder":
+        return  # a folder's size is known only once it is read
+    val = data["val_size"]
     if name in TRAIN_IMAGES:
         total = TRAIN_IMAGES[name] - val
         if data.get("train_size"):
             total = min(total, int(data["train_size"]))
-    elif name == "synthetic":
-        total = int(data.get("train_size") or 0) - val
     else:
-        return  # a folder's size is known only once it is read
-    _require("data.val_size", val, total > 0, f"fewer than the {total + val} training images, leaving some to train on")
+        total = int(data.get("train_size") or 0) - val
+    require("data.val_size", val, total > 0, f"fewer than the {total + val} training images, leaving some to train on")
     trainer = cfg["trainer"]
     devices = trainer.get("devices")
-    world = (devices if _is_int(devices) and "ddp" in str(trainer.get("strategy", "")) else 1) * int(
+    world = (devices if is_int(devices) and "ddp" in str(trainer.get("strategy", "")) else 1) * int(
         trainer.get("num_nodes") or 1)
     per_process = total // max(1, world)
     where = f"{per_process} images per process" if world > 1 else f"{per_process} images"
-    _require("data.batch_size", batch, batch <= per_process,
-             f"at most the training set's size ({where}): lower data.batch_size or raise data.train_size")
+    require("data.batch_size", batch, batch <= per_process,
+            f"at most the training set's size ({where}): lower data.batch_size or raise data.train_size")
 
 
 def validate_tracking(tracking: Mapping[str, Any]) -> None:
     name = tracking.get("experiment")
-    _require("tracking.experiment", name, isinstance(name, str) and EXPERIMENT_NAME.fullmatch(name) is not None,
-             "a name of letters, digits, '_', '-', '.' and spaces that starts with a letter or digit "
-             "(it names a folder)")
+    require("tracking.experiment", name, isinstance(name, str) and EXPERIMENT_NAME.fullmatch(name) is not None,
+            "a name of letters, digits, '_', '-', '.' and spaces that starts with a letter or digit "
+            "(it names a folder)")
     for key in ("heartbeat_s", "owner_timeout_s"):
         value = tracking.get(key)
-        _require(f"tracking.{key}", value, _is_number(value) and value > 0, "a number of seconds > 0")
-    _require("tracking.owner_timeout_s", tracking["owner_timeout_s"],
+        require(f"tracking.{key}", value, is_number(value) and value > 0, "a number of seconds > 0")
+    require("tracking.owner_timeout_s", tracking["owner_timeout_s"],
              tracking["owner_timeout_s"] >= 2 * tracking["heartbeat_s"], "at least twice tracking.heartbeat_s")
     for key, value in (tracking.get("http") or {}).items():
-        ok = value is None or (_is_number(value) and value >= 0)
-        _require(f"tracking.http.{key}", value, ok, "a number >= 0 (or null for MLflow's default)")
+        ok = value is None or (is_number(value) and value >= 0)
+        require(f"tracking.http.{key}", value, ok, "a number >= 0 (or null for MLflow's default)")
 
 
 def check_added_keys(overrides: Iterable[str]) -> None:
@@ -186,41 +185,48 @@ class OutputFolderCheck(Callback):
 
 
 def validate_optim(optim: Mapping[str, Any]) -> None:
+    """The keys of the `optim` group this optimizer and schedule use; conf/optim/*.yaml holds their
+    values (the code has no defaults of its own), so a key missing here is named as None."""
     name = optim.get("name")
-    _require("optim.name", name, name in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}")
+    require("optim.name", name, name in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}")
     lr = optim.get("lr")
-    _require("optim.lr", lr, _is_number(lr) and lr > 0, "a number > 0")
-    wd = optim.get("weight_decay", 0.0)
-    _require("optim.weight_decay", wd, _is_number(wd) and wd >= 0, "a number >= 0")
+    require("optim.lr", lr, is_number(lr) and lr > 0, "a number > 0")
+    wd = optim.get("weight_decay")
+    require("optim.weight_decay", wd, is_number(wd) and wd >= 0, "a number >= 0")
     if name == "sgd":
-        m = optim.get("momentum", 0.0)
-        _require("optim.momentum", m, _is_number(m) and 0 <= m < 1, "a number in [0, 1)")
-    sched = optim.get("scheduler", "constant")
-    _require("optim.scheduler", sched, sched in SCHEDULERS, f"one of {', '.join(SCHEDULERS)}")
+        m, nesterov = optim.get("momentum"), optim.get("nesterov")
+        require("optim.momentum", m, is_number(m) and 0 <= m < 1, "a number in [0, 1)")
+        require("optim.nesterov", nesterov, isinstance(nesterov, bool), "true or false")
+    sched = optim.get("scheduler")
+    require("optim.scheduler", sched, sched in SCHEDULERS, f"one of {', '.join(SCHEDULERS)}")
     if sched == "multistep":
-        ms = optim.get("milestones")
-        ok = isinstance(ms, (list, tuple)) and all(_is_number(f) and 0 < f < 1 for f in ms)
-        _require("optim.milestones", ms, ok, "a list of fractions of the epochs, each in (0, 1)")
+        ms, gamma = optim.get("milestones"), optim.get("gamma")
+        ok = isinstance(ms, (list, tuple)) and all(is_number(f) and 0 < f < 1 for f in ms)
+        require("optim.milestones", ms, ok, "a list of fractions of the epochs, each in (0, 1)")
+        require("optim.gamma", gamma, is_number(gamma) and 0 < gamma <= 1, "a number in (0, 1]")
+    elif sched == "onecycle":
+        pct = optim.get("pct_start")
+        require("optim.pct_start", pct, is_number(pct) and 0 < pct < 1, "a number in (0, 1)")
 
 
 def validate_config(cfg: Mapping[str, Any]) -> None:
     """Raise ConfigError on the first bad value of a resolved run config."""
     validate_knobs(cfg)
     arch = cfg["model"].get("arch")
-    _require("model.arch", arch, arch in ARCHITECTURES, f"one of {', '.join(ARCHITECTURES)}")
+    require("model.arch", arch, arch in ARCHITECTURES, f"one of {', '.join(ARCHITECTURES)}")
     validate_data(cfg["data"])
     validate_batch_fits(cfg)
     validate_tracking(cfg["tracking"])
     validate_optim(cfg["optim"])
-    _int_at_least("trainer.max_epochs", cfg["trainer"].get("max_epochs"), 1)
+    require_int("trainer.max_epochs", cfg["trainer"].get("max_epochs"), 1)
     speed = cfg.get("speed", {})
     cl = speed.get("channels_last", "auto")
-    _require("speed.channels_last", cl, cl == "auto" or isinstance(cl, bool), "auto, true or false")
+    require("speed.channels_last", cl, cl == "auto" or isinstance(cl, bool), "auto, true or false")
     keep = speed.get("keep_freed_memory", "auto")
-    _require("speed.keep_freed_memory", keep, keep == "auto" or isinstance(keep, bool), "auto, true or false")
+    require("speed.keep_freed_memory", keep, keep == "auto" or isinstance(keep, bool), "auto, true or false")
     compile_ = speed.get("compile", False)
-    _require("speed.compile", compile_, isinstance(compile_, bool), "true or false")
+    require("speed.compile", compile_, isinstance(compile_, bool), "true or false")
     if cfg.get("cpu_threads") is not None:
-        _int_at_least("cpu_threads", cfg["cpu_threads"], 1)
+        require_int("cpu_threads", cfg["cpu_threads"], 1)
     ls = cfg.get("loss", {}).get("label_smoothing", 0.0)
-    _require("loss.label_smoothing", ls, _is_number(ls) and 0 <= ls < 1, "a number in [0, 1)")
+    require("loss.label_smoothing", ls, is_number(ls) and 0 <= ls < 1, "a number in [0, 1)")

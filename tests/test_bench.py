@@ -35,7 +35,7 @@ def test_bench_prints_a_table_with_ratios_to_the_reference():
 def test_bench_rejects_unknown_entries():
     result = subprocess.run([sys.executable, "-m", "densenet_exp.bench", "--models", "densenet999"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "--models entry 'densenet999' is invalid" in result.stderr
+    assert result.returncode == 2 and "--models='densenet999' is invalid: expected NAME" in result.stderr
 
 
 def test_bench_prints_both_memory_efficient_goals_from_one_run():

@@ -11,8 +11,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import ROOT
-from densenet_exp.models import build_model
 from densenet_exp.job import apply_knobs, variant_name
+from densenet_exp.models import DenseNet, build_model
 from densenet_exp.run import ddp_rank_argv
 from densenet_exp.tracking import config_hash, flatten
 from densenet_exp.validate import ConfigError, validate_config
@@ -86,6 +86,25 @@ def test_validation_names_key_value_and_allowed():
     cfg["optim"]["scheduler"] = "sometimes"
     with pytest.raises(ConfigError, match=r"optim.scheduler='sometimes' is invalid: expected one of constant"):
         validate_config(cfg)
+
+
+@pytest.mark.parametrize("knob, bad", [("growth_rate", 0), ("compression", 1.5), ("bottleneck", "yes")])
+def test_bad_knob_reads_the_same_from_the_config_and_from_the_model(knob, bad):
+    cfg = composed("experiment=smoke", f"{knob}={bad}")
+    with pytest.raises(ConfigError) as from_config:
+        validate_config(cfg)
+    with pytest.raises(ValueError) as from_library:
+        DenseNet(**{knob: bad})
+    message = str(from_config.value)
+    assert message == str(from_library.value)
+    assert message.startswith(f"{knob}={bad!r} is invalid: expected ") and "\n" not in message
+
+
+def test_the_invalid_value_message_is_written_once():
+    """Every "is invalid" line of the package comes from densenet_exp.checks.require."""
+    hits = [f"{path.relative_to(ROOT)}:{n}" for path in sorted((ROOT / "densenet_exp").rglob("*.py"))
+            for n, line in enumerate(path.read_text().splitlines(), 1) if "is invalid: expected" in line]
+    assert len(hits) == 1 and hits[0].startswith("densenet_exp/checks.py:"), hits
 
 
 def test_ddp_ranks_rerun_only_their_own_job():

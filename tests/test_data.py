@@ -31,6 +31,11 @@ FMNIST_CFG = {
     "augment": "none",
     "num_classes": 10,
     "channels": 1,
+    "image_size": 28,
+    "download": False,
+    "train_size": None,
+    "test_size": None,
+    "num_workers": 0,
 }
 
 
@@ -118,8 +123,9 @@ def test_image_folder_serves_resized_normalized_batches(tmp_path: Path):
             folder.mkdir(parents=True)
             for i in range(3):
                 Image.new("RGB", (20 + i, 18), color).save(folder / f"{i}.png")
-    cfg = {"name": "imagefolder", "root": str(tmp_path), "image_size": 16, "batch_size": 4, "num_workers": 0}
-    validate_data({**cfg, "augment": "none"})
+    cfg = {"name": "imagefolder", "root": str(tmp_path), "image_size": 16, "batch_size": 4, "eval_batch_size": None,
+           "num_workers": 0}
+    validate_data(cfg)
     dm = ImageDataModule(cfg)
     dm.setup()
     x, y = next(iter(dm.val_dataloader()))
@@ -131,7 +137,8 @@ def test_image_folder_serves_resized_normalized_batches(tmp_path: Path):
 
 def test_synthetic_data_is_seeded_and_learnable_in_shape():
     cfg = {"name": "synthetic", "num_classes": 3, "channels": 1, "image_size": 8, "train_size": 64,
-           "test_size": 16, "val_size": 16, "seed": 5, "batch_size": 8}
+           "test_size": 16, "val_size": 16, "seed": 5, "batch_size": 8, "eval_batch_size": None, "split_seed": 0,
+           "augment": "none", "num_workers": 0}
     a, b = ImageDataModule(cfg), ImageDataModule(cfg)
     a.setup()
     b.setup()

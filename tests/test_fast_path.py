@@ -22,7 +22,7 @@ from densenet_exp.speed import choose_speed, use_channels_last, use_keep_freed_m
 from densenet_exp.tracking import config_hash
 from densenet_exp.validate import ConfigError
 
-OPTIM = {"name": "sgd", "lr": 0.1}
+OPTIM = {"name": "sgd", "lr": 0.1, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0, "scheduler": "constant"}
 
 
 def tiny_densenet(**kwargs) -> DenseNet:
@@ -193,7 +193,7 @@ def test_bad_speed_values_name_key_value_and_allowed(monkeypatch):
     fake_cpu(monkeypatch, "AVX2", False, False)
     with pytest.raises(ConfigError, match=r"trainer.precision='fp8' is invalid: expected one of auto, 32-true"):
         choose_speed(trainer_cfg(precision="fp8"))
-    with pytest.raises(ConfigError, match=r"trainer.accelerator='gpu' is invalid here: no CUDA GPU"):
+    with pytest.raises(ConfigError, match=r"trainer.accelerator='gpu' is invalid: expected auto or cpu: no CUDA GPU"):
         choose_speed(trainer_cfg(accelerator="gpu"))
 
 

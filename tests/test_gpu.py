@@ -82,7 +82,8 @@ def test_in_memory_data_lives_on_the_gpu():
     from densenet_exp.data import ImageDataModule
 
     cfg = {"name": "synthetic", "num_classes": 10, "channels": 1, "image_size": 28, "train_size": 256,
-           "test_size": 128, "val_size": 64, "batch_size": 32, "eval_batch_size": 64, "seed": 0}
+           "test_size": 128, "val_size": 64, "batch_size": 32, "eval_batch_size": 64, "seed": 0, "split_seed": 0,
+           "augment": "none", "num_workers": 0}
     dm = ImageDataModule(cfg)
     device = torch.device("cuda", torch.cuda.current_device())
     # What the harness's Trainer would be here: rank 0 of 1, on the GPU.

@@ -195,7 +195,8 @@ def test_the_training_step_never_waits_on_the_device(monkeypatch):
 
         monkeypatch.setattr(torch.Tensor, name, counted)
     module = ImageClassifier(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 10)), num_classes=10,
-                             optim={"name": "sgd", "lr": 0.1})
+                             optim={"name": "sgd", "lr": 0.1, "momentum": 0.0, "nesterov": False,
+                                    "weight_decay": 0.0, "scheduler": "constant"})
     step = module.training_step
 
     def watched(*args, **kwargs):

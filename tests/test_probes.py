@@ -80,7 +80,9 @@ def tiny_densenet(bottleneck: bool = True) -> DenseNet:
 
 def TinyClassifier(model: nn.Module) -> ImageClassifier:
     """The harness's own LightningModule around a tiny model."""
-    return ImageClassifier(model, num_classes=model_outputs(model), optim={"name": "sgd", "lr": 0.05})
+    return ImageClassifier(model, num_classes=model_outputs(model), optim={"name": "sgd", "lr": 0.05, "momentum": 0.0,
+                                                                                 "nesterov": False, "weight_decay": 0.0,
+                                                                                 "scheduler": "constant"})
 
 
 def model_outputs(model: nn.Module) -> int:
@@ -363,7 +365,9 @@ def test_train_step_memory_counts_optimizer_state(tmp_path):
                             callbacks=[SizeCostProbe(warmup_steps=0, infer_repeats=1)], enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
                             default_root_dir=tmp_path)
-        module = ImageClassifier(model, num_classes=3, optim={"name": "sgd", "lr": 0.05, "momentum": momentum})
+        optim = {"name": "sgd", "lr": 0.05, "momentum": momentum, "nesterov": False, "weight_decay": 0.0,
+                 "scheduler": "constant"}
+        module = ImageClassifier(model, num_classes=3, optim=optim)
         trainer.fit(module, loader())
         recorders.append(recorder.metrics)
     # A momentum buffer per parameter: exactly the parameters' bytes more.

@@ -8,7 +8,9 @@ from typing import Any
 
 from torch import nn
 
+from ..checks import InvalidValue, require
 from .densenet import (
+    KNOB_CHECKS,
     DenseBlock,
     DenseLayer,
     DenseNet,
@@ -51,16 +53,15 @@ def build_model(cfg: Mapping[str, Any]) -> nn.Module:
     kwargs = dict(cfg)
     arch = kwargs.pop("arch", None)
     kwargs.pop("name", None)
-    if not isinstance(arch, str) or arch not in ARCHITECTURES:
-        raise ValueError(f"model.arch={arch!r} is invalid: expected one of {', '.join(ARCHITECTURES)}")
+    require("model.arch", arch, isinstance(arch, str) and arch in ARCHITECTURES, f"one of {', '.join(ARCHITECTURES)}")
     if "block_config" in kwargs and kwargs["block_config"] is not None:
         kwargs["block_config"] = tuple(kwargs["block_config"])
     try:
         return ARCHITECTURES[arch](**kwargs)
-    except ValueError as err:
-        raise ValueError(f"model.{err}") from err
+    except ValueError as err:  # the constructor names its argument; the config key is model.<argument>
+        raise InvalidValue(f"model.{err}") from err
     except TypeError as err:  # an option this architecture does not take
-        raise ValueError(f"model: {err}") from err
+        raise InvalidValue(f"model: {err}") from err
 
 
 __all__ = [
@@ -70,6 +71,7 @@ __all__ = [
     "DenseBlock",
     "DenseLayer",
     "DenseNet",
+    "KNOB_CHECKS",
     "Transition",
     "build_model",
     "densenet121",

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import is_int, is_number, require, require_int
+
 STEMS = ("imagenet", "cifar")
 
 
@@ -253,9 +255,21 @@ class Transition(nn.Sequential):
         self.add_module("pool", nn.AvgPool2d(2, stride=2, ceil_mode=True))
 
 
-def _check(name: str, value: object, ok: bool, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"{name}={value!r} is invalid: expected {allowed}")
+# The three knobs of the ablation. The config checks (validate.py) call these same functions,
+# so `growth_rate=0` reads the same from the command line and from `DenseNet(growth_rate=0)`.
+def check_growth_rate(growth_rate: object) -> None:
+    require_int("growth_rate", growth_rate, 1)
+
+
+def check_compression(compression: object) -> None:
+    require("compression", compression, is_number(compression) and 0 < compression <= 1, "a number in (0, 1]")
+
+
+def check_bottleneck(bottleneck: object) -> None:
+    require("bottleneck", bottleneck, isinstance(bottleneck, bool), "true or false")
+
+
+KNOB_CHECKS = {"growth_rate": check_growth_rate, "compression": check_compression, "bottleneck": check_bottleneck}
 
 
 def transition_width(in_features: int, compression: float) -> int:
@@ -296,36 +310,23 @@ class DenseNet(nn.Module):
         memory_efficient: bool = False,
     ) -> None:
         super().__init__()
-        _check_int = lambda name, v: _check(  # noqa: E731
-            name, v, isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"
-        )
-        _check_int("growth_rate", growth_rate)
-        _check(
+        check_growth_rate(growth_rate)
+        require(
             "block_config",
             block_config,
             isinstance(block_config, Sequence)
             and len(block_config) > 0
-            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in block_config),
+            and all(is_int(n) and n >= 1 for n in block_config),
             "a non-empty sequence of integers >= 1",
         )
-        _check(
-            "compression",
-            compression,
-            isinstance(compression, (int, float)) and not isinstance(compression, bool) and 0 < compression <= 1,
-            "a number in (0, 1]",
-        )
-        _check("bottleneck", bottleneck, isinstance(bottleneck, bool), "true or false")
-        _check_int("bn_size", bn_size)
-        _check_int("num_init_features", num_init_features)
-        _check(
-            "drop_rate",
-            drop_rate,
-            isinstance(drop_rate, (int, float)) and not isinstance(drop_rate, bool) and 0 <= drop_rate < 1,
-            "a number in [0, 1)",
-        )
-        _check_int("num_classes", num_classes)
-        _check_int("in_channels", in_channels)
-        _check("stem", stem, stem in STEMS, f"one of {', '.join(STEMS)}")
+        check_compression(compression)
+        check_bottleneck(bottleneck)
+        require_int("bn_size", bn_size, 1)
+        require_int("num_init_features", num_init_features, 1)
+        require("drop_rate", drop_rate, is_number(drop_rate) and 0 <= drop_rate < 1, "a number in [0, 1)")
+        require_int("num_classes", num_classes, 1)
+        require_int("in_channels", in_channels, 1)
+        require("stem", stem, stem in STEMS, f"one of {', '.join(STEMS)}")
 
         self.growth_rate = growth_rate
         self.compression = float(compression)
@@ -358,7 +359,6 @@ class DenseNet(nn.Module):
                 width = out
         self.features.add_module(f"norm{len(self.block_config) + 1}", nn.BatchNorm2d(width))
         self.classifier = nn.Linear(width, num_classes)
-        self.num_features = width
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -423,10 +423,10 @@ def densenet_cifar(
     """The paper's CIFAR/SVHN family: three dense blocks of (depth-4)/3 layers, half that with
     bottleneck; first conv of 16 maps, or 2k for DenseNet-BC; 3x3 stem. DenseNet-BC (L=100, k=12)
     is ``densenet_cifar(100, 12, True, 0.5)``."""
-    _check("depth", depth, isinstance(depth, int) and depth >= 7 and (depth - 4) % 3 == 0, "4 + 3n for n >= 1")
+    require("depth", depth, is_int(depth) and depth >= 7 and (depth - 4) % 3 == 0, "4 + 3n for n >= 1")
     per_block = (depth - 4) // 3
     if bottleneck:
-        _check("depth", depth, per_block % 2 == 0, "4 + 6n with bottleneck (two convs per layer)")
+        require("depth", depth, per_block % 2 == 0, "4 + 6n with bottleneck (two convs per layer)")
         per_block //= 2
     kwargs = {
         "growth_rate": growth_rate,

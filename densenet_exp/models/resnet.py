@@ -15,17 +15,18 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from .densenet import STEMS, _check
+from ..checks import is_int, require, require_int
+from .densenet import STEMS
 
 TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50")
 
 
 def torchvision_resnet(arch: str, num_classes: int = 1000, in_channels: int = 3, stem: str = "imagenet") -> nn.Module:
     """torchvision's ResNet; the "cifar" stem is a 3x3 stride-1 conv with no max-pool."""
-    _check("arch", arch, arch in TORCHVISION_RESNETS, f"one of {', '.join(TORCHVISION_RESNETS)}")
-    _check("stem", stem, stem in STEMS, f"one of {', '.join(STEMS)}")
-    _check("num_classes", num_classes, isinstance(num_classes, int) and num_classes >= 1, "an integer >= 1")
-    _check("in_channels", in_channels, isinstance(in_channels, int) and in_channels >= 1, "an integer >= 1")
+    require("arch", arch, arch in TORCHVISION_RESNETS, f"one of {', '.join(TORCHVISION_RESNETS)}")
+    require("stem", stem, stem in STEMS, f"one of {', '.join(STEMS)}")
+    require_int("num_classes", num_classes, 1)
+    require_int("in_channels", in_channels, 1)
     model = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
     if stem == "cifar":
         model.conv1 = nn.Conv2d(in_channels, 64, 3, padding=1, bias=False)
@@ -66,9 +67,9 @@ class CifarResNet(nn.Module):
 
     def __init__(self, depth: int = 110, num_classes: int = 10, in_channels: int = 3, shortcuts: bool = True) -> None:
         super().__init__()
-        _check("depth", depth, isinstance(depth, int) and depth >= 8 and (depth - 2) % 6 == 0, "6n + 2 for n >= 1")
-        _check("num_classes", num_classes, isinstance(num_classes, int) and num_classes >= 1, "an integer >= 1")
-        _check("in_channels", in_channels, isinstance(in_channels, int) and in_channels >= 1, "an integer >= 1")
+        require("depth", depth, is_int(depth) and depth >= 8 and (depth - 2) % 6 == 0, "6n + 2 for n >= 1")
+        require_int("num_classes", num_classes, 1)
+        require_int("in_channels", in_channels, 1)
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)

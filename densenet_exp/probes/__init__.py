@@ -11,6 +11,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from ..checks import require
+
 from .convergence import ConvergenceProbe
 from .feature_reuse import FeatureReuseProbe, feature_reuse, feature_reuse_summary, plot_feature_reuse
 from .gradient_flow import GradientFlowProbe
@@ -34,19 +36,19 @@ OPTIONS: dict[str, tuple[str, str]] = {
 def build_probes(cfg: Mapping[str, Any] | None) -> list[pl.Callback]:
     """The callbacks of the probes switched on in ``cfg``, e.g. ``{"size_cost": True,
     "gradient_flow": True, "size_cost_warmup_steps": 3}``. A probe that is false or missing
-    is not built; its options are then ignored. Unknown keys raise ``ValueError``."""
-    cfg = dict(cfg or {})
+    is not built and its options are not read. Unknown keys raise ``ValueError``."""
+    cfg = cfg or {}
     allowed = [*PROBES, *OPTIONS]
-    for key, value in cfg.items():
+    for key in cfg:
         if key not in allowed:
-            raise ValueError(f"probes.{key}={value!r} is not a probe option: expected one of {', '.join(allowed)}")
-        if key in PROBES and not isinstance(value, bool | None):
-            raise ValueError(f"probes.{key}={value!r} is invalid: expected true or false")
-    kwargs: dict[str, dict[str, Any]] = {name: {} for name in PROBES}
+            raise ValueError(f"probes.{key}={cfg[key]!r} is not a probe option: expected one of {', '.join(allowed)}")
+    for name in (name for name in PROBES if cfg.get(name) is not None):
+        require(f"probes.{name}", cfg[name], isinstance(cfg[name], bool), "true or false")
+    kwargs: dict[str, dict[str, Any]] = {name: {} for name in PROBES if cfg.get(name)}
     for key, (name, argument) in OPTIONS.items():
-        if cfg.get(key) is not None:
+        if name in kwargs and cfg.get(key) is not None:  # the options of a probe that is off are not read
             kwargs[name][argument] = cfg[key]
-    return [probe(**kwargs[name]) for name, probe in PROBES.items() if cfg.get(name)]
+    return [probe(**kwargs[name]) for name, probe in PROBES.items() if name in kwargs]
 
 
 __all__ = [

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import lightning.pytorch as pl
 
 from .. import record
+from ..checks import require
+from .output import log_results
 
 
 class ConvergenceProbe(pl.Callback):
@@ -19,8 +21,7 @@ class ConvergenceProbe(pl.Callback):
 
     def __init__(self, fractions: Sequence[float] = (0.5, 0.9, 0.95, 0.99), monitor: str = record.VAL_ACC) -> None:
         fractions = tuple(float(f) for f in fractions)
-        if not fractions or not all(0 < f <= 1 for f in fractions):
-            raise ValueError(f"fractions={fractions!r} is invalid: expected numbers in (0, 1]")
+        require("fractions", fractions, bool(fractions) and all(0 < f <= 1 for f in fractions), "numbers in (0, 1]")
         self.fractions = fractions
         self.monitor = monitor
         self.history: list[tuple[int, float, float]] = []  # (epoch, value, seconds since fit start)
@@ -48,5 +49,4 @@ class ConvergenceProbe(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.history or not trainer.is_global_zero:
             return
-        for logger in trainer.loggers:
-            logger.log_metrics(self.summary(), step=trainer.global_step)
+        log_results(trainer, self.summary())

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +25,8 @@ from .. import record
 from ..figures import plot_feature_reuse as feature_reuse_figure
 from ..models.densenet import DenseBlock, DenseNet
 from ..verdicts import figure5_ratios
+
+from .output import log_results
 
 ARTIFACT_PATH, MATRICES_FILE = record.FEATURE_REUSE_MATRICES.split("/")
 
@@ -110,16 +111,12 @@ class FeatureReuseProbe(pl.Callback):
         if not isinstance(model, DenseNet) or not trainer.is_global_zero:
             return
         matrices = feature_reuse(model)
-        for logger in trainer.loggers:
-            logger.log_metrics(feature_reuse_summary(matrices), step=trainer.global_step)
-        mlflow_loggers = [lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)]
-        if not mlflow_loggers:
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            paths = [Path(tmp, "heatmap.png"), Path(tmp, MATRICES_FILE)]
-            plot_feature_reuse(matrices, paths[0], title=f"Feature reuse of run {mlflow_loggers[0].run_id}")
+
+        def write(folder: Path, logger: MLFlowLogger) -> list[Path]:
+            paths = [folder / "heatmap.png", folder / MATRICES_FILE]
+            plot_feature_reuse(matrices, paths[0], title=f"Feature reuse of run {logger.run_id}")
             as_lists = [[[None if math.isnan(v) else v for v in row] for row in m.tolist()] for m in matrices]
             paths[1].write_text(json.dumps(as_lists))
-            for logger in mlflow_loggers:
-                for path in paths:
-                    logger.experiment.log_artifact(logger.run_id, str(path), artifact_path=ARTIFACT_PATH)
+            return paths
+
+        log_results(trainer, feature_reuse_summary(matrices), ARTIFACT_PATH, write)

@@ -9,7 +9,6 @@ own weight's norm: the relative change one SGD step makes to that layer.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -20,6 +19,7 @@ from torch import nn
 
 from .. import record
 from ..figures import plot_gradient_flow_run
+from .output import log_results
 
 ARTIFACT_PATH, TABLE = record.RELATIVE_GRADS.split("/")
 COLUMNS = ["phase", "step", "depth", "relative_depth", "layer", "kind", "grad_norm", "weight_norm", "relative_grad"]
@@ -115,16 +115,12 @@ class GradientFlowProbe(pl.Callback):
         if not self.records or not trainer.is_global_zero:
             return
         table = self.table()
-        for logger in trainer.loggers:
-            logger.log_metrics(summarize(table), step=trainer.global_step)
-        mlflow_loggers = [lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)]
-        if not mlflow_loggers:
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            paths = [Path(tmp, TABLE), Path(tmp, "relative_grads.png")]
+
+        def write(folder: Path, logger: MLFlowLogger) -> list[Path]:
+            paths = [folder / TABLE, folder / "relative_grads.png"]
             table.to_csv(paths[0], index=False)
-            for logger in mlflow_loggers:
-                name = logger.experiment.get_run(logger.run_id).info.run_name
-                plot_gradient_flow_run(table, f"Gradient flow: {name}").savefig(paths[1], dpi=120)
-                for path in paths:
-                    logger.experiment.log_artifact(logger.run_id, str(path), artifact_path=ARTIFACT_PATH)
+            name = logger.experiment.get_run(logger.run_id).info.run_name
+            plot_gradient_flow_run(table, f"Gradient flow: {name}").savefig(paths[1], dpi=120)
+            return paths
+
+        log_results(trainer, summarize(table), ARTIFACT_PATH, write)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .. import record
+from ..checks import require_int
 
 # ru_maxrss is in KiB on Linux and in bytes on macOS.
 _MAXRSS_BYTES = 1 if sys.platform == "darwin" else 1024
@@ -154,10 +155,8 @@ class SizeCostProbe(pl.Callback):
     """
 
     def __init__(self, warmup_steps: int = 3, infer_repeats: int = 5) -> None:
-        if not (isinstance(warmup_steps, int) and warmup_steps >= 0):
-            raise ValueError(f"warmup_steps={warmup_steps!r} is invalid: expected an integer >= 0")
-        if not (isinstance(infer_repeats, int) and infer_repeats >= 1):
-            raise ValueError(f"infer_repeats={infer_repeats!r} is invalid: expected an integer >= 1")
+        require_int("warmup_steps", warmup_steps, 0)
+        require_int("infer_repeats", infer_repeats, 1)
         self.warmup_steps = warmup_steps
         self.infer_repeats = infer_repeats
         self._batch_shape: tuple[int, ...] | None = None

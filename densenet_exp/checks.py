@@ -1,0 +1,36 @@
+"""One message for a value that cannot work: one line naming the key, the value and what is allowed.
+
+The config checks (validate.py), the model constructors used as a library and the command-line
+tools all raise it through `require`, so a bad knob reads the same wherever it comes from.
+Torch-free, so the light tools import it cheaply.
+"""
+
+from __future__ import annotations
+
+from numbers import Real
+from typing import Any
+
+
+class InvalidValue(ValueError):
+    """A value that cannot work; the message names the key, the value and what is allowed."""
+
+
+def require(key: str, value: Any, ok: bool, allowed: str) -> None:
+    """Raise InvalidValue naming `key`, `value` and what is `allowed` unless `ok`."""
+    if not ok:
+        raise InvalidValue(f"{key}={value!r} is invalid: expected {allowed}")
+
+
+def is_int(value: Any) -> bool:
+    """An integer, not a bool (YAML's true is an int to Python)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A real number, not a bool."""
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def require_int(key: str, value: Any, low: int) -> None:
+    """An integer >= `low`."""
+    require(key, value, is_int(value) and value >= low, f"an integer >= {low}")
