@@ -137,8 +137,8 @@ def record_job(hc: Any, run_id: str, skipped: bool = False) -> None:
         return
     folder = Path(hc.sweep.dir) / JOBS_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    record = {"job": int(hc.job.num), "run_id": run_id, "skipped": skipped, "started": time.time()}
-    (folder / f"{hc.job.num}.json").write_text(json.dumps(record))
+    entry = {"job": int(hc.job.num), "run_id": run_id, "skipped": skipped, "started": time.time()}
+    (folder / f"{hc.job.num}.json").write_text(json.dumps(entry))
 
 
 def duration(seconds: float) -> str:
@@ -163,12 +163,12 @@ def sweep_summary(client: MlflowClient, parent_id: str, sweep_dir: Path, config:
     failed = {int(p.stem) for p in failures.glob("*.txt")} if failures.is_dir() else set()
     rows, earlier = [], False
     for job in sorted(records.keys() | failed):
-        record = records.get(job)
-        if record is None:  # failed before it had a run (its config, say); the error is printed below
+        entry = records.get(job)
+        if entry is None:  # failed before it had a run (its config, say); the error is printed below
             rows.append([job + 1, "-", "-", "FAILED", "-", "-"])
             continue
         try:
-            run = client.get_run(record["run_id"])
+            run = client.get_run(entry["run_id"])
         except Exception as err:  # the store went away: the table must not cost the sweep its exit status
             rows.append([job + 1, "-", "-", f"unknown ({type(err).__name__})", "-", "-"])
             continue
@@ -176,13 +176,13 @@ def sweep_summary(client: MlflowClient, parent_id: str, sweep_dir: Path, config:
         acc = run.data.metrics.get(record.TEST_ACC)
         ended = run.info.end_time is not None and run.info.status != "RUNNING"
         wall = "-"
-        if ended and not record["skipped"]:  # from when the job chose its run (a resumed run started earlier)
-            wall = duration(max(0.0, run.info.end_time / 1000 - record["started"]))
+        if ended and not entry["skipped"]:  # from when the job chose its run (a resumed run started earlier)
+            wall = duration(max(0.0, run.info.end_time / 1000 - entry["started"]))
         rows.append([
             job + 1,
             run.data.tags.get(record.VARIANT, run.info.run_name),
             run.data.tags.get(record.SEED, "-"),
-            "SKIPPED (done before)" if record["skipped"] else run.info.status,
+            "SKIPPED (done before)" if entry["skipped"] else run.info.status,
             "-" if acc is None else f"{acc:.4f}",
             wall,
         ])

@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
@@ -56,7 +56,7 @@ def save(experiment: str, tracking_uri: str, out: Path) -> int:
     with tempfile.TemporaryDirectory() as tmp, gzip.GzipFile(out, "wb", mtime=0) as raw:
         for run in runs:
             run_id = run.info.run_id
-            record = {
+            entry = {
                 "experiment": experiment,
                 "run_id": run_id,
                 "run_name": run.info.run_name,
@@ -71,7 +71,7 @@ def save(experiment: str, tracking_uri: str, out: Path) -> int:
                 },
                 "artifacts": _text_artifacts(client, run_id, Path(tmp, run_id)),
             }
-            raw.write((json.dumps(record, sort_keys=True) + "\n").encode())
+            raw.write((json.dumps(entry, sort_keys=True) + "\n").encode())
     return len(runs)
 
 
@@ -90,24 +90,24 @@ def load(path: Path, tracking_uri: str, experiment: str | None = None) -> str:
 
     experiment_id = ensure_experiment(client, experiment)
     new_ids: dict[str, str] = {}
-    for record in records:  # oldest first: a sweep's parent precedes its children
-        tags = {k: new_ids.get(v, v) if k in RUN_ID_TAGS else v for k, v in record["tags"].items()}
-        run = client.create_run(experiment_id, start_time=record["start_time"], tags=tags,
-                                run_name=record["run_name"])
-        run_id = new_ids[record["run_id"]] = run.info.run_id
-        params = [Param(k, v) for k, v in record["params"].items()]
-        metrics = [Metric(k, v, ts, step) for k, history in record["metrics"].items() for step, ts, v in history]
+    for entry in records:  # oldest first: a sweep's parent precedes its children
+        tags = {k: new_ids.get(v, v) if k in RUN_ID_TAGS else v for k, v in entry["tags"].items()}
+        run = client.create_run(experiment_id, start_time=entry["start_time"], tags=tags,
+                                run_name=entry["run_name"])
+        run_id = new_ids[entry["run_id"]] = run.info.run_id
+        params = [Param(k, v) for k, v in entry["params"].items()]
+        metrics = [Metric(k, v, ts, step) for k, history in entry["metrics"].items() for step, ts, v in history]
         for i in range(0, len(params), 100):
             client.log_batch(run_id, params=params[i : i + 100])
         for i in range(0, len(metrics), _BATCH):
             client.log_batch(run_id, metrics=metrics[i : i + _BATCH])
         with tempfile.TemporaryDirectory() as tmp:
-            for name, text in record["artifacts"].items():
+            for name, text in entry["artifacts"].items():
                 local = Path(tmp, name)
                 local.parent.mkdir(parents=True, exist_ok=True)
                 local.write_text(text)
                 client.log_artifact(run_id, str(local), name.rpartition("/")[0] or None)
-        client.set_terminated(run_id, record["status"], end_time=record["end_time"])
+        client.set_terminated(run_id, entry["status"], end_time=entry["end_time"])
     return experiment
 
 

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from . import record
-from .results import CONFIG, FAMILY_NAMES, interval
+from .results import FAMILY_NAMES, interval
 
 # family -> (colour, marker); configurations within a family differ by line style and marker fill.
 FAMILY_STYLE = {

@@ -140,6 +140,8 @@ def compose(cfg: DictConfig, hc: Any) -> tuple[dict[str, Any], Speed]:
 
 @dataclass
 class Built:
+    """What the job trains, on what, with which probes; whether freed memory is kept (speed.py)."""
+
     module: ImageClassifier
     datamodule: ImageDataModule
     probes: list[L.Callback]
@@ -173,6 +175,9 @@ def build(plain: dict[str, Any], speed: Speed, hc: Any) -> Built:
 
 @dataclass
 class OpenRun:
+    """The job's MLflow run as it trains: store client, claim (run id, checkpoints, owner lock),
+    Lightning logger, file of figures the store could not take, owner heartbeat."""
+
     client: MlflowClient
     uri: str
     claim: RunClaim

@@ -10,7 +10,6 @@ import json
 import platform
 import subprocess
 import sys
-import time
 from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
@@ -115,13 +114,13 @@ def system_facts(device: str) -> dict[str, str]:
     return facts
 
 
-def spool(path: Path | None, uri: str | None, run_id: str | None, **record: Any) -> None:
+def spool(path: Path | None, uri: str | None, run_id: str | None, **entry: Any) -> None:
     """Append one record the store could not take (metrics, or the status the run should end
     with) to `path`; `python -m densenet_exp.replay` sends them once the store is back."""
     if path is None:
         return
     with path.open("a") as f:
-        f.write(json.dumps({"uri": uri, "run_id": run_id, **record}) + "\n")
+        f.write(json.dumps({"uri": uri, "run_id": run_id, **entry}) + "\n")
 
 
 def runs_of_config(client: MlflowClient, experiment_id: str, chash: str) -> list[Run]:

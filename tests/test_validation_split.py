@@ -25,4 +25,4 @@ def test_paper_recipe_without_validation_split_trains_and_tests_on_the_last_epoc
     assert "test/acc" in metrics and "val/acc" not in metrics and "val/loss" not in metrics
     assert metrics["test/images"] == 64 and run.data.params["data.val_size"] == "0"
     checkpoints = sorted(p.name for p in (store.path / "out" / "checkpoints").iterdir())
-    assert checkpoints == ["last.ckpt"]
+    assert checkpoints == ["last.ckpt", "owner.lock"]  # the lock its owner held while training
