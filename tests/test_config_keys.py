@@ -25,7 +25,7 @@ from densenet_exp.classifier import ImageClassifier
 from densenet_exp.data import ImageDataModule, has_validation_split
 from densenet_exp.models import build_model
 from densenet_exp.probes import build_probes
-from densenet_exp.run import apply_knobs
+from densenet_exp.job import apply_knobs
 from densenet_exp.speed import choose_speed
 from densenet_exp.store import bound_http_waits
 from densenet_exp.validate import validate_config
