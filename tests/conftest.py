@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -50,6 +51,30 @@ class Store:
             timeout=timeout,
         )
 
+    def run_here(self, *overrides: str, out: str = "out") -> tuple[int, str]:
+        """The command line run in this process (no second start-up of torch, Lightning and
+        MLflow: for checks that end before training). Returns (exit code, stderr)."""
+        import contextlib
+        import io
+        import signal
+        from unittest import mock
+
+        from densenet_exp import run
+
+        argv = ["densenet_exp.run", *overrides, f"hydra.run.dir={self.path / out}"]
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # run.main installs its own
+        stderr, code = io.StringIO(), 0
+        try:
+            with mock.patch.dict(os.environ, self.env(), clear=True), mock.patch.object(sys, "argv", argv), \
+                    contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+                run.main()
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+        return code, stderr.getvalue()
+
     def runs(self, experiment: str = "smoke"):
         client = self.client()
         exp = client.get_experiment_by_name(experiment)
@@ -71,8 +96,25 @@ def tiny_sweep(tmp_path_factory) -> Store:
     return store
 
 
+@pytest.fixture(scope="session")
+def migrated_store_file(tmp_path_factory) -> Path:
+    """An empty SQLite store with MLflow's tables made once: creating them costs each new store
+    about two seconds of migrations."""
+    template = Store(tmp_path_factory.mktemp("template"))
+    template.client().search_experiments()
+    return template.path / "mlflow.db"
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
+def store(tmp_path: Path, migrated_store_file: Path) -> Store:
+    """A store with MLflow's tables and nothing in them."""
+    shutil.copyfile(migrated_store_file, tmp_path / "mlflow.db")
+    return Store(tmp_path)
+
+
+@pytest.fixture
+def new_store(tmp_path: Path) -> Store:
+    """A store whose file does not exist yet (the first client creates it)."""
     return Store(tmp_path)
 
 

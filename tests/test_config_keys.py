@@ -117,7 +117,7 @@ def unread_keys(plain: dict, refs: set[str]) -> set[str]:
     bound_http_waits(tracking["http"])
     source = "\n".join(p.read_text() for p in (ROOT / "densenet_exp").glob("*.py"))
     for key in STORE_PHASE:
-        if re.search(rf"tracking\[\"{key}\"\]", source):
+        if re.search(rf"(tracking|\[\"tracking\"\])\[\"{key}\"\]", source):
             tracking[key]  # noqa: B018 (read by name where the store is open)
     return {leaf for leaf in leaves(plain) if leaf not in cfg.reads | refs}
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, assert_clean, run_until
+from conftest import ROOT, Store, assert_clean, run_until
 from densenet_exp.checkpoints import PAUSE_ENV
 from densenet_exp.tracking import ensure_experiment
 
@@ -239,16 +239,27 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("override,expected", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
 def test_bad_input_fails_before_any_run(store, override, expected):
-    result = store.run("experiment=smoke", override)
-    assert result.returncode != 0
+    code, stderr = store.run_here("experiment=smoke", override)  # the command line, in this process
+    assert code != 0
     for text in expected:
-        assert text in result.stderr, (text, result.stderr[-2000:])
-    assert "Traceback" not in result.stderr  # one clear message, not a stack trace
+        assert text in stderr, (text, stderr[-2000:])
+    assert "Traceback" not in stderr  # one clear message, not a stack trace
     assert store.all_runs() == [] if (store.path / "mlflow.db").exists() else True
     assert not (store.path / "out").exists()  # no half-written output folder either
 
 
-def test_an_output_folder_that_cannot_be_created_is_one_line(store):
+@pytest.mark.parametrize("override", ["growth_rate=0", "tracking.uri=bogus://x"])
+def test_bad_input_as_a_process_is_one_line_and_exit_code_2(store, override):
+    result = store.run("experiment=smoke", override)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {override.split('=')[0]}="), result.stderr[-2000:]
+    assert store.all_runs() == [] if (store.path / "mlflow.db").exists() else True
+    assert not (store.path / "out").exists()
+
+
+def test_an_output_folder_that_cannot_be_created_is_one_line(new_store):
+    store = new_store
     command = [*store.command("experiment=smoke"), "hydra.run.dir=/dev/null/out"]  # the last one wins
     result = subprocess.run(command, cwd=ROOT, env=store.env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 2
@@ -270,11 +281,20 @@ def test_failing_job_leaves_the_others_and_exits_nonzero(store):
     assert parent.info.status == "FAILED" and "#0" in parent.data.tags["failed_jobs"]
 
 
-def test_same_config_and_seed_give_identical_metrics(store):
-    first = store.run(*SMOKE, "seed=3", out="a")
-    second = store.run(*SMOKE, "seed=3", out="b")
-    assert first.returncode == 0 and second.returncode == 0, second.stderr[-3000:]
-    a, b = sorted(store.runs("smoke"), key=lambda r: r.info.start_time)
+@pytest.fixture(scope="module")
+def seeded_runs(tmp_path_factory) -> tuple[Store, dict[str, object]]:
+    """Three smoke runs in one store, probes off, checkpoints logged: seed 3 twice, seed 4 once."""
+    store = Store(tmp_path_factory.mktemp("seeded"))
+    for out, seed in (("a", 3), ("b", 3), ("c", 4)):
+        result = store.run(*SMOKE, f"seed={seed}", "tracking.log_checkpoint=true", out=out)
+        assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(store.runs("smoke"), key=lambda r: r.info.start_time)
+    return store, dict(zip("abc", runs))
+
+
+def test_same_config_and_seed_give_identical_metrics(seeded_runs):
+    store, runs = seeded_runs
+    a, b = runs["a"], runs["b"]
     assert a.info.run_id != b.info.run_id
     assert a.data.metrics == b.data.metrics
     assert set(a.data.metrics) >= {"train/loss", "val/acc", "test/acc"}
@@ -285,19 +305,17 @@ def test_same_config_and_seed_give_identical_metrics(store):
     ]
 
 
-def test_a_different_seed_changes_the_metrics(store):
-    assert store.run(*SMOKE, "seed=1", out="a").returncode == 0
-    assert store.run(*SMOKE, "seed=2", out="b").returncode == 0
-    a, b = store.runs("smoke")
-    assert a.data.metrics["train/loss"] != b.data.metrics["train/loss"]
+def test_a_different_seed_changes_the_metrics(seeded_runs):
+    _, runs = seeded_runs
+    assert runs["a"].data.params["seed"] == "3" and runs["c"].data.params["seed"] == "4"
+    assert runs["a"].data.metrics["train/loss"] != runs["c"].data.metrics["train/loss"]
 
 
-def test_checkpoint_is_logged_and_loads_with_weights_only(store):
+def test_checkpoint_is_logged_and_loads_with_weights_only(seeded_runs):
     import torch
 
-    result = store.run(*SMOKE, "trainer.max_epochs=1", "tracking.log_checkpoint=true")
-    assert result.returncode == 0, result.stderr[-3000:]
-    (run,) = store.runs("smoke")
+    store, runs = seeded_runs
+    run = runs["a"]
     client = store.client()
     (ckpt,) = [a for a in client.list_artifacts(run.info.run_id, "checkpoints")]
     local = client.download_artifacts(run.info.run_id, ckpt.path, str(store.path))
@@ -306,10 +324,10 @@ def test_checkpoint_is_logged_and_loads_with_weights_only(store):
     assert Path(run.data.tags["checkpoint_dir"], "last.ckpt").is_file()
 
 
-def test_resnet_run_carries_probe_metrics_but_no_feature_reuse(store):
-    result = store.run("experiment=smoke", "model=resnet20", "trainer.max_epochs=1")
-    assert result.returncode == 0, result.stderr[-3000:]
-    (run,) = store.runs("smoke")
+def test_resnet_run_carries_probe_metrics_but_no_feature_reuse(tiny_sweep):
+    (run,) = [r for r in tiny_sweep.runs("smoke")
+              if r.data.params.get("model.arch") == "resnet_cifar" and r.data.params.get("seed") == "0"]
+    store = tiny_sweep
     assert run.info.run_name == "resnet20-s0" and run.data.tags["variant"] == "resnet20"
     assert run.data.params["growth_rate"] == "None"
     assert PROBE_METRICS <= set(run.data.metrics) and not REUSE_METRICS & set(run.data.metrics)

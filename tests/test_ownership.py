@@ -126,7 +126,8 @@ def test_owners_on_other_machines_are_judged_by_their_heartbeat(monkeypatch):
 # --- 2. a new SQLite store, two processes at once -------------------------------------------
 
 
-def test_two_processes_create_a_new_store_at_once(store):
+def test_two_processes_create_a_new_store_at_once(new_store):
+    store = new_store
     assert not (store.path / "mlflow.db").exists()
     procs = [start(store, *SMOKE, f"seed={seed}", out=f"s{seed}") for seed in (0, 1)]
     results = [(p.wait(600), p.stderr.read()) for p in procs]

@@ -40,7 +40,7 @@ def notebook_names() -> set[str]:
 def family_runs(tiny_sweep, tmp_path_factory):
     """One FINISHED run per model family: the shared tiny sweep's DenseNet and ResNet, and a plain net."""
     plain = tiny_sweep.__class__(tmp_path_factory.mktemp("plain"))
-    result = plain.run("experiment=smoke", "model=plain20", "trainer.max_epochs=1")
+    result = plain.run("experiment=smoke", "model=plain20")
     assert result.returncode == 0, result.stderr[-3000:]
     runs = {}
     for store in (tiny_sweep, plain):
