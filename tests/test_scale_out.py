@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import pytest
 import yaml
 
 from conftest import ROOT, assert_clean, run_until
@@ -37,6 +38,7 @@ def test_parallel_joblib_sweep_loses_nothing_in_one_sqlite_store(store):
     assert "locked" not in result.stderr
 
 
+@pytest.mark.slow  # a launcher or sweeper plugin end to end: CI runs it (make test-slow)
 def test_submitit_local_launcher_finishes_both_jobs(store):
     result = store.run(*SMOKE, "seed=0,1", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
                        multirun=True)
@@ -106,6 +108,7 @@ def test_rerun_sweep_skips_finished_jobs_and_redoes_the_rest(store):
     assert_clean(store)
 
 
+@pytest.mark.slow  # a launcher or sweeper plugin end to end: CI runs it (make test-slow)
 def test_optuna_search_runs_each_trial_as_a_child_run(store):
     result = store.run(*SMOKE, "hparams_search=optuna", "model=densenet_tiny", "trainer.max_epochs=1",
                        "hydra.sweeper.n_trials=3", "tracking.experiment=smoke", multirun=True)
