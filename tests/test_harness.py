@@ -52,7 +52,7 @@ def start(store, *overrides: str, multirun: bool = False, env: dict | None = Non
 
 
 def test_sweep_nests_finished_children_under_one_parent(store):
-    result = store.run("experiment=smoke", "probes=none", "growth_rate=12,32", multirun=True)
+    result = store.run("experiment=smoke", "growth_rate=12,32", multirun=True)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = store.runs("smoke")
     parents = [r for r in runs if r.data.tags.get("sweep") == "parent"]
