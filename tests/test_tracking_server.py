@@ -89,6 +89,7 @@ def test_sweep_over_http_records_params_metrics_and_artifacts(server, tmp_path):
         assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml"]
 
 
+@pytest.mark.slow  # a minute of restarts and retries: CI runs it (make test-slow)
 def test_server_outage_during_a_run_loses_nothing(server, tmp_path):
     store = HttpStore(tmp_path, server.uri)
     name = f"outage-{uuid.uuid4().hex[:8]}"
