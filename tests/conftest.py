@@ -140,11 +140,11 @@ def owner_alive(run) -> bool:
     return state != "Z"
 
 
-def assert_clean(store: Store) -> None:
-    """What every lifecycle test checks last: in the whole store, no run is RUNNING without a
-    live owner and no (metric, step) was logged twice."""
+def assert_clean(store: Store, experiment: str | None = None) -> None:
+    """What every lifecycle test checks last: in the whole store (or in `experiment`, where tests
+    share a store), no run is RUNNING without a live owner and no (metric, step) was logged twice."""
     client = store.client()
-    for run in store.all_runs():
+    for run in store.all_runs() if experiment is None else store.runs(experiment):
         if run.info.status == "RUNNING":
             assert owner_alive(run), f"run {run.info.run_id} RUNNING, owner {run.data.tags.get('owner')} gone"
         for key in run.data.metrics:

@@ -151,7 +151,7 @@ def test_a_server_down_for_good_stops_the_run_within_a_minute_and_the_replay_del
     (run,) = store.runs(name)
     assert run.info.status == "FINISHED"
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/acc")) == [7, 15, 23]
-    assert_clean(store)
+    assert_clean(store, name)  # the module's tests share one server
 
 
 def test_metrics_are_kept_on_disk_when_the_store_is_gone_for_good(tmp_path, monkeypatch):
