@@ -126,14 +126,15 @@ def resume_command() -> str:
 
 # -- 1. compose ------------------------------------------------------------------------------
 
-def compose(cfg: DictConfig, hc: Any) -> tuple[dict[str, Any], Speed]:
-    """The job's config as plain data, checked, with its `auto` speed settings resolved."""
+def compose(cfg: DictConfig, hc: Any) -> tuple[dict[str, Any], Speed, str]:
+    """The job's config as plain data, checked, with its `auto` speed settings resolved, and
+    its variant name (which reads the sweep's plan: done once here)."""
     plain = resolved_config(cfg)
     apply_knobs(plain)
     validate_config(plain)
     check_added_keys(hc.overrides.task)
     speed = choose_speed(plain)  # resolves trainer.accelerator/precision/deterministic `auto` in plain
-    return plain, speed
+    return plain, speed, variant_name(plain, swept_labels(hc))
 
 
 # -- 2. build --------------------------------------------------------------------------------
@@ -221,12 +222,10 @@ def skipped(client: MlflowClient, plain: dict[str, Any], finished: Any, hc: Any)
             "run_id": finished.info.run_id}
 
 
-def create_run(
-    client: MlflowClient, experiment_id: str, plain: dict[str, Any], hc: Any, root: Path, lock: OwnerLock
-) -> str:
+def create_run(client: MlflowClient, experiment_id: str, plain: dict[str, Any], variant: str, hc: Any, root: Path,
+               lock: OwnerLock) -> str:
     """A new MLflow run for this job, tagged with its variant, config hash, overrides, output
     folder, git state, owner and, in a sweep, its parent run."""
-    variant = variant_name(plain, swept_labels(hc))
     tags = {
         MLFLOW_RUN_NAME: run_name(variant, plain),
         record.VARIANT: variant,
@@ -248,13 +247,14 @@ def create_run(
     return retry_locked(lambda: client.create_run(experiment_id, tags=tags)).info.run_id
 
 
-def open_run(client: MlflowClient, uri: str, experiment_id: str, plain: dict[str, Any], hc: Any) -> OpenRun:
+def open_run(client: MlflowClient, uri: str, experiment_id: str, plain: dict[str, Any], variant: str,
+             hc: Any) -> OpenRun:
     """Refuse, resume or create this job's run (the ownership rule), and its logger."""
     tracking = plain["tracking"]
     chief = rank_zero_only.rank == 0
     root = Path(hc.runtime.cwd)
     claim = choose_run(client, experiment_id, runs_of_config(client, experiment_id, config_hash(plain)), plain, hc,
-                       chief, create=lambda lock: create_run(client, experiment_id, plain, hc, root, lock))
+                       chief, create=lambda lock: create_run(client, experiment_id, plain, variant, hc, root, lock))
     if chief:
         record_job(hc, claim.run_id)
     os.environ[CLAIM_ENV] = claim.to_env()  # DDP ranks that Lightning starts take rank 0's choice
@@ -278,7 +278,7 @@ def record_new_run(run: OpenRun, trainer: L.Trainer, plain: dict[str, Any], tags
 
 # -- 4. fit and test -------------------------------------------------------------------------
 
-def make_trainer(plain: dict[str, Any], built: Built, speed: Speed, run: OpenRun,
+def make_trainer(plain: dict[str, Any], variant: str, built: Built, speed: Speed, run: OpenRun,
                  hc: Any) -> tuple[L.Trainer, ModelCheckpoint]:
     """The Trainer and the checkpoint it keeps: the best on validation accuracy. Without a
     validation split (data.val_size=0, e.g. the paper's final runs on all 50k images) nothing
@@ -287,7 +287,6 @@ def make_trainer(plain: dict[str, Any], built: Built, speed: Speed, run: OpenRun
     checkpoint = ModelCheckpoint(dirpath=run.claim.ckpt_dir, filename="best-{epoch}",
                                  monitor=record.VAL_ACC if validated else None, mode="max",
                                  save_top_k=1 if validated else 0, save_last=False)
-    variant = variant_name(plain, swept_labels(hc))
     about = f"{run_name(variant, plain)}: MLflow run {run.claim.run_id} in experiment {plain['tracking']['experiment']!r}"
     choices = {"channels_last": speed.channels_last, "keep_freed_memory": built.kept_freed_memory}
     trainer = L.Trainer(
@@ -345,17 +344,17 @@ def train(cfg: DictConfig, hc: Any) -> dict[str, Any]:
     logging.getLogger("lightning").handlers.clear()
     started = time.perf_counter()
     stopping.raise_if_stopped()  # Ctrl-C between two jobs of a sweep
-    plain, speed = compose(cfg, hc)
+    plain, speed, variant = compose(cfg, hc)
     built = build(plain, speed, hc)
     client, uri, experiment_id = open_store(plain, Path(hc.runtime.cwd))
     twin = finished_twin(client, experiment_id, plain, hc)
     if twin is not None:
         return skipped(client, plain, twin, hc)
-    run = open_run(client, uri, experiment_id, plain, hc)
+    run = open_run(client, uri, experiment_id, plain, variant, hc)
     trainer: L.Trainer | None = None
     error: BaseException | None = None
     try:
-        trainer, checkpoint = make_trainer(plain, built, speed, run, hc)
+        trainer, checkpoint = make_trainer(plain, variant, built, speed, run, hc)
         val_acc, test_acc = fit_and_test(plain, built, speed, run, trainer, checkpoint)
     except BaseException as err:
         error = err
@@ -364,7 +363,6 @@ def train(cfg: DictConfig, hc: Any) -> dict[str, Any]:
         raise stopping.as_stopped(err) or err
     finally:
         close(run, trainer, error)
-    variant = variant_name(plain, swept_labels(hc))
     summary = {
         "variant": variant,
         "test_acc": test_acc,
