@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -56,7 +57,6 @@ class Store:
         MLflow: for checks that end before training). Returns (exit code, stderr)."""
         import contextlib
         import io
-        import signal
         from unittest import mock
 
         from densenet_exp import run
@@ -124,6 +124,16 @@ def run_until(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float 
     while time.time() < deadline and proc.poll() is None and not ready():
         time.sleep(0.1)
     assert proc.poll() is None, "the process ended before the moment the test waits for: give it more work"
+
+
+def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float = 300) -> None:
+    """Kill -9 `proc` (and reap it) once `ready()` holds (see run_until); kill it on failure too."""
+    try:
+        run_until(proc, ready, timeout)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        proc.kill()
 
 
 def owner_alive(run) -> bool:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, Store, assert_clean, run_until
+from conftest import ROOT, Store, assert_clean, kill_when, run_until
 from densenet_exp.checkpoints import PAUSE_ENV
 from densenet_exp.tracking import ensure_experiment
 
@@ -86,15 +86,9 @@ def test_kill_between_an_epochs_metrics_and_its_checkpoint_resumes_exactly(store
     overrides = (*SMOKE, "trainer.max_epochs=3")
     ensure_experiment(store.client(), "smoke")  # create the store first: polling must not race its migration
     proc, out = start(store, *overrides, env={PAUSE_ENV: "300@2"})
-    try:
-        run_until(proc, lambda: out.has("pausing"))
-        (run,) = store.runs("smoke")
-        assert metric_steps(store.client(), run.info.run_id, "train/loss") == [7, 15]  # inside the window
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        proc.kill()
+    kill_when(proc, lambda: out.has("pausing"))  # paused: what it logged is what it had at the kill
     (killed,) = store.runs("smoke")
+    assert metric_steps(store.client(), killed.info.run_id, "train/loss") == [7, 15]  # inside the window
     assert killed.info.status == "RUNNING"
 
     result = store.run(*overrides, out="again")  # resumes from epoch 0's checkpoint, redoes epoch 1

@@ -20,7 +20,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from conftest import ROOT, assert_clean, run_until
+from conftest import ROOT, assert_clean, kill_when, run_until
 from densenet_exp.checkpoints import PAUSE_ENV
 from densenet_exp.ownership import OwnerLock, earlier_live_rival, owner_gone
 from densenet_exp.replay import main as replay_main
@@ -179,13 +179,7 @@ def test_a_sweep_whose_parent_cannot_be_created_stops_loudly(tmp_path, monkeypat
 def test_a_run_killed_before_its_first_checkpoint_is_closed_then_resumed(store):
     overrides = (*SMOKE, "data.train_size=4096")
     ensure_experiment(store.client(), "smoke")
-    proc = start(store, *overrides)
-    try:
-        run_until(proc, lambda: bool(store.runs("smoke")))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        proc.kill()
+    kill_when(start(store, *overrides), lambda: bool(store.runs("smoke")))
     (orphan,) = store.runs("smoke")
     assert orphan.info.status == "RUNNING"
     other = store.run(*SMOKE, "seed=1", "trainer.max_epochs=1", out="other")  # any later launch closes it

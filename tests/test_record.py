@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import Store
 from densenet_exp import record
 from densenet_exp.results import model_family
 
@@ -39,7 +40,7 @@ def notebook_names() -> set[str]:
 @pytest.fixture(scope="module")
 def family_runs(tiny_sweep, tmp_path_factory):
     """One FINISHED run per model family: the shared tiny sweep's DenseNet and ResNet, and a plain net."""
-    plain = tiny_sweep.__class__(tmp_path_factory.mktemp("plain"))
+    plain = Store(tmp_path_factory.mktemp("plain"))
     result = plain.run("experiment=smoke", "model=plain20")
     assert result.returncode == 0, result.stderr[-3000:]
     runs = {}

@@ -3,17 +3,16 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
 from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import pytest
 import yaml
 
-from conftest import ROOT, assert_clean, run_until
+from conftest import ROOT, assert_clean, kill_when
 from densenet_exp.data import ImageDataModule
 from densenet_exp.results import load_runs
 from densenet_exp.tracking import ensure_experiment
@@ -82,12 +81,7 @@ def test_rerun_sweep_skips_finished_jobs_and_redoes_the_rest(store):
     ensure_experiment(store.client(), "smoke")
     proc = subprocess.Popen(store.command(*overrides, multirun=True), cwd=ROOT, env=store.env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        run_until(proc, lambda: any(r.info.status == "FINISHED" for r in children(store)))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        proc.kill()
+    kill_when(proc, lambda: any(r.info.status == "FINISHED" for r in children(store)))
     (first,) = [r for r in children(store) if r.info.status == "FINISHED"]
     (old_parent,) = [r for r in store.runs("smoke") if r.data.tags.get("sweep") == "parent"]
     assert old_parent.info.status == "RUNNING"  # kill -9: nothing could close it
