@@ -14,6 +14,7 @@ from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from . import record
+from .speed import compile_cache_per_cpu_capability
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 SCHEDULERS = ("constant", "multistep", "cosine", "onecycle")
@@ -45,6 +46,8 @@ class ImageClassifier(L.LightningModule):
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         # torch.compile wraps the forward only; `self.model` stays the plain module for probes.
+        if compile:
+            compile_cache_per_cpu_capability()
         self.forward_fn = torch.compile(self.model) if compile else self.model
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")

@@ -225,6 +225,22 @@ def keep_freed_memory(on: bool) -> bool:
     )
 
 
+def compile_cache_per_cpu_capability() -> str:
+    """Point torch.compile's on-disk kernel cache at a folder of its own per ATen CPU capability,
+    unless TORCHINDUCTOR_CACHE_DIR names a folder other than the default; returns the folder.
+
+    Inductor's cache key leaves ATEN_CPU_CAPABILITY out: after a run on the CPU's own ISA, a run
+    with ATen capped at AVX2 (README's AVX2 imitation) reused the cached kernels and computed NaN
+    (tests/test_fast_path.py). Call before the first compiled call; the folder stays for the process.
+    """
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    default = os.path.abspath(default_cache_dir())  # torch writes it into the variable once used
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR", default) == default:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(default, cpu_capability().lower())
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+
+
 def bf16_native(device: torch.device) -> bool:
     """Whether bf16 autocast runs natively on `device` (the rule of `choose_precision`)."""
     return (gpu_bf16() if device.type == "cuda" else cpu_bf16())[0]
