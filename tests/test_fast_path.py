@@ -33,10 +33,14 @@ def tiny_densenet(**kwargs) -> DenseNet:
                     in_channels=1, num_classes=10, **kwargs)
 
 
-@pytest.fixture
-def batch():
+def make_batch():
     g = torch.Generator().manual_seed(1)
     return torch.randn(16, 1, 28, 28, generator=g), torch.randint(0, 10, (16,), generator=g)
+
+
+@pytest.fixture
+def batch():
+    return make_batch()
 
 
 def loss_and_grads(module: ImageClassifier, batch, autocast: bool = False):
@@ -266,25 +270,17 @@ def test_keep_freed_memory_stops_refaulting_big_blocks():
     assert default > 50_000 and statistics.median(steady) < default / 20, (default, out[2:])
 
 
+# The tiny model, batch and comparison of the tests above, in a process of its own.
 COMPILED_VS_EAGER = """
-import torch, torch.nn.functional as F
-from densenet_exp.classifier import ImageClassifier
-from densenet_exp.models import DenseNet
+import copy, sys
+import torch
+sys.path.insert(0, "tests")
+from test_fast_path import OPTIM, ImageClassifier, loss_and_grads, make_batch, tiny_densenet
 
-OPTIM = {"name": "sgd", "lr": 0.1, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0, "scheduler": "constant"}
-g = torch.Generator().manual_seed(1)
-x, y = torch.randn(16, 1, 28, 28, generator=g), torch.randint(0, 10, (16,), generator=g)
-
-def logits_and_grads(compile):
-    torch.manual_seed(0)
-    model = DenseNet(growth_rate=6, block_config=(2, 3), num_init_features=12, bn_size=2, stem="cifar",
-                     in_channels=1, num_classes=10)
-    module = ImageClassifier(model, 10, OPTIM, compile=compile).train()
-    logits = module(x)
-    F.cross_entropy(logits, y).backward()
-    return logits.detach(), {n: p.grad for n, p in module.model.named_parameters()}
-
-(logits_a, grads_a), (logits_b, grads_b) = logits_and_grads(False), logits_and_grads(True)
+eager = ImageClassifier(tiny_densenet(), 10, OPTIM)
+compiled = ImageClassifier(copy.deepcopy(eager.model), 10, OPTIM, compile=True)
+logits_a, grads_a = loss_and_grads(eager, make_batch())
+logits_b, grads_b = loss_and_grads(compiled, make_batch())
 torch.testing.assert_close(logits_b, logits_a, atol=1e-4, rtol=1e-4)
 for name, grad in grads_a.items():
     torch.testing.assert_close(grads_b[name], grad, atol=1e-4, rtol=1e-3, msg=name)
