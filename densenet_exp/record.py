@@ -61,9 +61,18 @@ FEATURE_REUSE_DIR = "feature_reuse"
 FEATURE_REUSE_MATRICES = f"{FEATURE_REUSE_DIR}/matrices.json"
 GRADIENT_FLOW_DIR = "gradient_flow"
 RELATIVE_GRADS = f"{GRADIENT_FLOW_DIR}/relative_grads.csv"
+# The same Figure 5 matrices at step 0 (before any update): the control every reuse claim is judged against.
+FEATURE_REUSE_MATRICES_INIT = f"{FEATURE_REUSE_DIR}/matrices_init.json"
+# relative_grads.csv: one row per conv or linear layer and phase.
+RELATIVE_GRADS_COLUMNS = ("phase", "step", "depth", "relative_depth", "layer", "kind", "role", "grad_norm",
+                          "weight_norm", "relative_grad")
+# A layer's role in its architecture, so that like is compared with like across families.
+LAYER_ROLES = ("stem", "body", "bottleneck", "transition", "shortcut", "classifier")
+BODY_ROLE = "body"  # the body's 3x3 convolutions: the layer set of every gradient measure
 
 # -- tags ------------------------------------------------------------------------------------
 VARIANT = "variant"  # the run name without the seed: what repeats share
+CONFIG_KEY = "config_key"  # of the resolved config minus the seed: runs that may be pooled share it
 CONFIG_HASH = "config_hash"  # of the resolved config: runs of one config share it
 SEED = "seed"
 OVERRIDES = "overrides"
@@ -85,6 +94,11 @@ SWEEP_ID = "sweep_id"  # the parent run id, on each child
 SWEEP_JOB = "sweep_job"
 SWEEP_DIR = "sweep_dir"
 PREVIOUS_SWEEP_IDS = "previous_sweep_ids"  # sweeps a resumed or skipped run belonged to before
+# studies (a declared plan, densenet_exp/plan.py)
+STUDY_PLAN = "study_plan"  # the plan's name
+STUDY_PLAN_HASH = "study_plan_hash"  # of the plan file's bytes when the run started
+STUDY_STAGE = "study_stage"  # exploration or confirmation
+STUDY_ARM = "study_arm"  # the plan's name for this run's configuration
 # the report's own run
 REPORT = "report"
 REPORT_SWEEP_ID = "report_sweep_id"
