@@ -43,6 +43,7 @@ from .console import job_label, record_job, swept_labels
 from .data import ImageDataModule, has_validation_split
 from .models import DENSENET_KNOBS, build_model, is_densenet
 from .ownership import Heartbeat, OwnerLock, close_orphans
+from .plan import load_plan
 from .probes import build_probes
 from .progress import job_callbacks
 from .run_logger import RunLogger
@@ -100,9 +101,11 @@ def run_name(variant: str, cfg: dict[str, Any]) -> str:
     return f"{variant}-s{cfg['seed']}"
 
 
-def parallel_jobs(hc: Any) -> int:
-    """How many jobs of this sweep run side by side on this machine: a joblib launcher's n_jobs
-    (-1 or less: one per core), else 1."""
+def parallel_jobs(hc: Any, configured: int | None = None) -> int:
+    """How many jobs run side by side on this machine: the configured number (`parallel_jobs`, as
+    the study runner sets it), else a joblib launcher's n_jobs (-1 or less: one per core), else 1."""
+    if configured:
+        return int(configured)
     launcher = hc.get("launcher") or {}
     if "joblib" not in str(launcher.get("_target_", "")).lower():
         return 1
@@ -110,14 +113,23 @@ def parallel_jobs(hc: Any) -> int:
     return (os.cpu_count() or 1) if jobs < 1 else jobs
 
 
-def cpu_threads(configured: int | None, hc: Any) -> int | None:
+def cpu_threads(configured: int | None, hc: Any, jobs_configured: int | None = None) -> int | None:
     """Torch threads for this job: the configured number, else a share of the cores when jobs run
     side by side (two jobs of two threads each on two cores stall each other badly), else torch's
     default (None)."""
     if configured:
         return int(configured)
-    jobs = parallel_jobs(hc)
+    jobs = parallel_jobs(hc, jobs_configured)
     return max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+
+
+def study_tags(study: dict[str, Any]) -> dict[str, str]:
+    """The plan, its hash when the run started, the stage and the arm of a run of a declared study."""
+    if study.get("plan") is None:
+        return {}
+    plan = load_plan(study["plan"])
+    return {record.STUDY_PLAN: plan.name, record.STUDY_PLAN_HASH: plan.hash, record.STUDY_STAGE: study["stage"],
+            record.STUDY_ARM: study["arm"]}
 
 
 def resume_command() -> str:
@@ -152,7 +164,7 @@ class Built:
 def build(plain: dict[str, Any], speed: Speed, hc: Any) -> Built:
     """Seed, threads and allocator first (they shape everything after), then the parts."""
     L.seed_everything(plain["seed"], workers=True, verbose=False)
-    threads = cpu_threads(plain.get("cpu_threads"), hc)
+    threads = cpu_threads(plain.get("cpu_threads"), hc, plain.get("parallel_jobs"))
     if threads:
         torch.set_num_threads(threads)
     freed = keep_freed_memory(speed.keep_freed_memory)
@@ -231,13 +243,14 @@ def create_run(client: MlflowClient, experiment_id: str, plain: dict[str, Any], 
         record.VARIANT: variant,
         record.CONFIG_HASH: config_hash(plain),
         # Jobs that shared the cores while timing must not be compared with jobs that had them alone.
-        record.PARALLEL_JOBS: str(parallel_jobs(hc)),
+        record.PARALLEL_JOBS: str(parallel_jobs(hc, plain.get("parallel_jobs"))),
         record.SEED: str(plain["seed"]),
         record.OVERRIDES: " ".join(hc.overrides.task),
         record.OUTPUT_DIR: str(Path(hc.runtime.output_dir).resolve()),
         record.CHECKPOINT_DIR: str(lock.path.parent),
         **git_state(root),
         **lock.tags(),
+        **study_tags(plain["study"]),
     }
     if hc.mode == RunMode.MULTIRUN:
         tags.update({record.SWEEP_JOB: str(hc.job.num), record.SWEEP_DIR: str(Path(hc.sweep.dir).resolve())})

@@ -209,6 +209,25 @@ def validate_optim(optim: Mapping[str, Any]) -> None:
         require("optim.pct_start", pct, is_number(pct) and 0 < pct < 1, "a number in (0, 1)")
 
 
+def validate_study(cfg: Mapping[str, Any]) -> None:
+    """A run of a declared plan: the plan reads, the stage and arm are the plan's, and a
+    confirmation run's seed is one of the plan's confirmation seeds."""
+    from .plan import STAGES, load_plan
+
+    study = cfg.get("study") or {}
+    if study.get("plan") is None:
+        for key in ("stage", "arm"):
+            require(f"study.{key}", study.get(key), study.get(key) is None, "null without study.plan")
+        return
+    plan = load_plan(study["plan"])
+    stage = study.get("stage")
+    require("study.stage", stage, stage in STAGES, " or ".join(STAGES))
+    arms = plan.arms[stage]
+    require("study.arm", study.get("arm"), study.get("arm") in arms, f"an arm of the plan's {stage} ({', '.join(arms)})")
+    seeds = plan.seeds_of(stage, study["arm"])
+    require("seed", cfg["seed"], cfg["seed"] in seeds, f"one of the plan's {stage} seeds of this arm {list(seeds)}")
+
+
 def validate_config(cfg: Mapping[str, Any]) -> None:
     """Raise ConfigError on the first bad value of a resolved run config."""
     validate_knobs(cfg)
@@ -228,5 +247,8 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     require("speed.compile", compile_, isinstance(compile_, bool), "true or false")
     if cfg.get("cpu_threads") is not None:
         require_int("cpu_threads", cfg["cpu_threads"], 1)
+    if cfg.get("parallel_jobs") is not None:
+        require_int("parallel_jobs", cfg["parallel_jobs"], 1)
+    validate_study(cfg)
     ls = cfg.get("loss", {}).get("label_smoothing", 0.0)
     require("loss.label_smoothing", ls, is_number(ls) and 0 <= ls < 1, "a number in [0, 1)")
