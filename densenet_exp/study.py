@@ -79,7 +79,7 @@ class Runner:
         folder.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         with open(folder / "stdout.log", "ab") as out:
-            child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, process_group=0)
             with self.lock:
                 self.children.add(child)
             code = child.wait()
