@@ -10,7 +10,7 @@ NBPORT ?= 8888
 EXPERIMENT ?=
 SWEEP ?=
 
-.PHONY: setup data run test test-slow test-all ui ui-screenshot notebook startup-time server bench study study-report study-notebooks study-screenshot clean
+.PHONY: setup data run test test-slow test-all ui ui-screenshot notebook startup-time server bench study decisive-pilot decisive study-report study-notebooks study-screenshot clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -79,13 +79,30 @@ study: setup
 	  || exit 1; done
 	$(PY) -m densenet_exp.export save --experiment study_fmnist --out $(STUDY)/runs.jsonl.gz
 
-# Regenerates $(STUDY)/report.md (and headline.md, README's "Results") from the committed runs,
-# without training: they are loaded into a throwaway store at a fixed path (the report names it).
+# The decisive study (docs/results/fmnist_decisive): its plan declares the pilot (exploration) and the
+# confirmation; `decisive-pilot`, then `decisive` (prints the estimate from the pilot, then trains, then
+# exports). Each resumes where it stopped.
+DECISIVE := docs/results/fmnist_decisive
+decisive-pilot: setup
+	$(PY) -m densenet_exp.study run $(DECISIVE)/plan.yaml --stage exploration
+
+decisive: setup
+	$(PY) -m densenet_exp.study estimate $(DECISIVE)/plan.yaml
+	$(PY) -m densenet_exp.study run $(DECISIVE)/plan.yaml --stage confirmation
+	$(PY) -m densenet_exp.export save --experiment fmnist_decisive --out $(DECISIVE)/runs.jsonl.gz
+
+# Regenerates each committed study's report.md (and headline.md, README's "Results") from its committed
+# runs, without training: they are loaded into a throwaway store at a fixed path (the report names it);
+# a study with a plan.yaml is judged by its plan.
+STUDIES := study_fmnist fmnist_decisive
 study-report: setup
-	@rm -rf .study-store && mkdir .study-store && \
-	$(PY) -m densenet_exp.export load $(STUDY)/runs.jsonl.gz --tracking-uri sqlite:///.study-store/mlflow.db && \
-	$(PY) -m densenet_exp.report --experiment study_fmnist --tracking-uri sqlite:///.study-store/mlflow.db --out $(STUDY); \
-	s=$$?; rm -rf .study-store; exit $$s
+	@for s in $(STUDIES); do \
+	  [ -f docs/results/$$s/runs.jsonl.gz ] || continue; \
+	  rm -rf .study-store && mkdir .study-store && \
+	  $(PY) -m densenet_exp.export load docs/results/$$s/runs.jsonl.gz --tracking-uri sqlite:///.study-store/mlflow.db && \
+	  $(PY) -m densenet_exp.report --experiment $$s --tracking-uri sqlite:///.study-store/mlflow.db --out docs/results/$$s \
+	    $$([ -f docs/results/$$s/plan.yaml ] && echo --plan docs/results/$$s/plan.yaml) || { rm -rf .study-store; exit 1; }; \
+	done; rm -rf .study-store
 
 # Executes both notebooks on the committed study and saves them with their outputs.
 study-notebooks: setup

@@ -60,6 +60,9 @@ from .results import (
     summarize,
 )
 from .store import retry_locked, tracking_uri
+from .confirmation import Confirmation, confirmation_runs, judge_plan
+from .confirmation import rules as plan_rules
+from .plan import Plan, load_plan
 from .verdicts import DEFAULT_MARGIN_PP, NOISY_CV, Judgement, claims_table, conclusion, evaluate_claims, method
 
 
@@ -226,28 +229,90 @@ def _claims_section(doc: Document, judged: Judgement) -> None:
                  + ("; ".join(family) if family else "none (no claim had a test)") + ".")
 
 
-def write_report(experiment: str, uri: str, out: Path, sweep: str | None = None,
-                 margin_pp: float = DEFAULT_MARGIN_PP) -> dict[str, object]:
-    """Read the runs, write report.md, report.html and the PNGs to `out`; returns what it found
-    (runs, finished, summary, judgement, claims, published, files) for callers and tests."""
-    out.mkdir(parents=True, exist_ok=True)
+@dataclass
+class Evidence:
+    """What a report reads from the store: every training run, the finished ones, their
+    validation curves, relative gradients and feature-reuse matrices (trained and at init)."""
+
+    runs: pd.DataFrame
+    done: pd.DataFrame
+    curves: pd.DataFrame
+    grads: pd.DataFrame
+    matrices: dict[str, list]
+    init: dict[str, list]
+
+
+def load_evidence(experiment: str, uri: str, sweep: str | None = None) -> Evidence:
     runs = load_runs(experiment, uri, sweep)
     done = finished(runs)
-    left_out = runs[runs["status"] != "FINISHED"]
-    summary = summarize(done)
-    matrices = feature_reuse_matrices(done[done["family"] == "densenet"], uri)
-    judged = evaluate_claims(done, matrices, margin_pp)
-    published = published_beside_ours(done)
-    curves = learning_curves(done, uri)
-    grads = relative_grads(done, uri)
+    dense = done[done["family"] == "densenet"]
+    return Evidence(runs, done, learning_curves(done, uri), relative_grads(done, uri),
+                    feature_reuse_matrices(dense, uri), feature_reuse_matrices(dense, uri, record.FEATURE_REUSE_MATRICES_INIT))
 
-    title = f"DenseNet ablation report: {experiment}" + (f", sweep {sweep}" if sweep else "")
+
+@dataclass
+class Findings:
+    """What the report concludes: the declared plan's verdicts on its confirmation runs (if a plan
+    was given), the exploratory claims on every other finished run, and their summaries."""
+
+    evidence: Evidence
+    explored: pd.DataFrame  # the finished runs outside the plan's confirmation stage
+    summary: pd.DataFrame  # of `explored`
+    judgement: Judgement  # exploratory
+    margin_pp: float
+    confirmation: Confirmation | None = None
+    confirmed: pd.DataFrame | None = None  # summary of the confirmation runs, one row per arm
+    published: pd.DataFrame = field(default_factory=pd.DataFrame)
+    files: list[Path] = field(default_factory=list)
+
+
+def judge(evidence: Evidence, margin_pp: float, plan: Plan | None = None) -> Findings:
+    done = evidence.done
+    confirmation, confirmed, explored = None, None, done
+    if plan is not None:
+        confirmation = judge_plan(plan, evidence.runs, evidence.curves, evidence.matrices, evidence.init,
+                                  evidence.grads)
+        mine = confirmation_runs(plan, done)
+        explored = done[~done["run_id"].isin(mine["run_id"])]
+        confirmed = summarize(mine.assign(model=mine[f"tags.{record.STUDY_ARM}"]), [*SUMMARY_METRICS, record.TRAIN_LOSS])
+    judged = evaluate_claims(explored, evidence.matrices, margin_pp, evidence.init, evidence.grads, evidence.curves)
+    return Findings(evidence, explored, summarize(explored), judged, margin_pp, confirmation, confirmed,
+                    published_beside_ours(done))
+
+
+def _plan_section(doc: Document, found: Findings) -> None:
+    conf = found.confirmation
+    doc.heading(f"Declared plan: {esc(conf.plan.name)}")
+    doc.text("The claims below were declared in the plan file before its confirmation runs started, and are judged "
+             "on those runs alone (fresh seeds no selection looked at). The plan as read now:")
+    doc.bullets([esc(line) for line in conf.plan.describe()])
+    doc.bullets([esc(line) for line in conf.notes])
+    doc.heading("Confirmation runs per arm", 3)
+    doc.text("Mean ± std [95% interval] over the arm's seeds; `converged` counts runs that met the convergence rule "
+             "(Method).")
+    table = format_summary(found.confirmed).rename(columns={"model": "arm"}).drop(columns=["data", "k", "θ", "B"])
+    table["converged"] = [f"{len(a.runs) - len(a.not_converged)} of {len(a.runs)}" for a in
+                          (conf.arms[name] for name in found.confirmed["model"])]
+    doc.table(table)
+    late = [f"{esc(a.name)} {esc(s)}" for a in conf.arms.values() for s in a.not_converged]
+    if late:
+        doc.text("Not converged: " + "; ".join(late) + ".")
+    doc.heading("Declared claims, judged on the confirmation runs", 3)
+    doc.table(claims_table(conf.claims).drop(columns="data").assign(
+        **{c: lambda t, c=c: t[c].map(lambda p: "" if p is None or pd.isna(p) else f"{p:.3g}") for c in ("p", "p (Holm)")}),
+        bold=["verdict"])
+    doc.text(f"Holm family ({len(conf.family)} tests, alpha {conf.plan.alpha:g} one-sided): "
+             + ("; ".join(esc(c) for c in conf.family) if conf.family else "none (no claim had a test)") + ".")
+
+
+def render(found: Findings, out: Path, title: str, intro: str) -> list[Path]:
+    """Write report.md, report.html, headline.md and the PNGs to `out`; returns the files."""
+    out.mkdir(parents=True, exist_ok=True)
+    ev, done, summary, judged = found.evidence, found.explored, found.summary, found.judgement
+    left_out = ev.runs[ev.runs["status"] != "FINISHED"]
     doc = Document(out)
     doc.heading(esc(title), 1)
-    doc.text(f"Store `{esc(uri)}`, experiment `{esc(experiment)}`" + (f", sweep `{esc(sweep)}`" if sweep else "")
-             + f"; written {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}. {len(runs)} training runs read: "
-             f"{len(done)} finished and used, {len(left_out)} left out. Margin of \"the same accuracy\": "
-             f"±{margin_pp:g} percentage points (--margin).")
+    doc.text(intro)
 
     notes = [f"`{esc(c)}` on {esc(d)}: single seed, so no std, no interval and no test"
              for c, d, n in zip(summary["variant"], summary["data"], summary["runs"]) if n == 1]
@@ -256,6 +321,11 @@ def write_report(experiment: str, uri: str, out: Path, sweep: str | None = None,
     if len(no_val):
         notes.append(f"{len(no_val)} run(s) trained without a validation split (data.val_size=0): "
                      + esc(", ".join(sorted(no_val["variant"].astype(str).unique()))))
+    if found.confirmation is not None:
+        _plan_section(doc, found)
+        doc.heading("Exploration: runs outside the confirmation stage (no verdicts)")
+        doc.text("The pilot and any other finished run of the experiment. Read as exploration: what the tests would "
+                 "say is labelled exploratory, since these runs chose the arms, learning rates and epochs.")
     if notes:
         doc.heading("Notes")
         doc.bullets(notes)
@@ -279,52 +349,80 @@ def write_report(experiment: str, uri: str, out: Path, sweep: str | None = None,
     _claims_section(doc, judged)
     doc.heading("What this shows")
     doc.bullets([esc(line) for line in conclusion(judged)] or ["No finished runs."])
+    _published_section(doc, found.published)
 
-    doc.heading("Published figures beside ours")
-    if published.empty:
-        doc.text("No configuration here matches a published one (rule in the Method section): e.g. DenseNet-BC "
-                 "(L=100, k=12), `densenet_bc100_k12` on `cifar10` with `data.augment=crop_flip`, 4.51% error on "
-                 "C10+ (Huang et al. 2017, Table 2).")
-    else:
-        shown = published.copy()
-        for column in ("published accuracy", "our accuracy mean", "our accuracy std"):
-            shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.4f}")
-        doc.text("The published recipes train far longer (300 epochs on CIFAR with crop and flip, 90 on ImageNet): "
-                 "compare our epochs before reading a gap as a failed reproduction.")
-        doc.table(shown)
-
-    datasets = sorted(done["data"].dropna().unique())
+    shown = ev.done if found.confirmation is None else confirmation_runs(found.confirmation.plan, ev.done)
+    shown_summary = summary if found.confirmation is None else summarize(shown)
+    curves = ev.curves[ev.curves["run_id"].isin(shown["run_id"])]
+    grads = ev.grads[ev.grads["run_id"].isin(shown["run_id"])]
+    datasets = sorted(shown["data"].dropna().unique())
+    which = "" if found.confirmation is None else " (confirmation runs)"
     # (heading, figure of one data set, file name, caption): one figure per data set under each heading.
     per_data_set = [
-        ("Accuracy against parameters and FLOPs", lambda d: plot_accuracy_vs_cost(summary, d), "accuracy_vs_cost",
-         "DenseNet variants and baselines, test accuracy against parameters and FLOPs per image."),
-        ("Effects of the DenseNet knobs", lambda d: plot_knob_effects(done, d), "knob_effects",
+        ("Accuracy against parameters and FLOPs" + which, lambda d: plot_accuracy_vs_cost(shown_summary, d),
+         "accuracy_vs_cost", "DenseNet variants and baselines, test accuracy against parameters and FLOPs per image."),
+        ("Effects of the DenseNet knobs" + which, lambda d: plot_knob_effects(shown, d), "knob_effects",
          "each knob with two or more levels, one line per setting of the others."),
-        ("Learning curves", lambda d: plot_learning_curves(curves, d), "learning_curves",
+        ("Learning curves" + which, lambda d: plot_learning_curves(curves, d), "learning_curves",
          "validation accuracy per epoch."),
-        ("Gradient flow by depth", lambda d: plot_relative_grads(grads, d), "gradient_flow",
+        ("Gradient flow by depth" + which, lambda d: plot_relative_grads(grads, d), "gradient_flow",
          "relative gradient by relative depth (from gradient_flow/relative_grads.csv)."),
     ]
     for heading, plot, name, caption in per_data_set:
         doc.heading(heading)
         for data in datasets:
             doc.figure(plot(data), f"{name}_{data}", f"{data}: {caption}")
-    doc.heading("Feature reuse")
+    doc.heading("Feature reuse" + which)
     doc.text("Mean over seeds of each DenseNet configuration's `feature_reuse/matrices.json`, drawn like the "
              "paper's Figure 5: pixel (s, l) is the mean |weight| per input map with which layer l reads source "
              "s; the last column is the transition (T) or classifier (C).")
-    for path, caption in feature_reuse_figures(done, matrices, out):
+    for path, caption in feature_reuse_figures(shown, ev.matrices, out):
         doc.image(path, caption)
 
     doc.heading("Method")
-    doc.bullets(method_lines(margin_pp))
+    if found.confirmation is not None:
+        doc.text("Rules of the declared claims:")
+        doc.bullets([f"**{name}**: {text}" for name, text in plan_rules(found.confirmation.plan)])
+        doc.text("Rules of the exploratory claims:")
+    doc.bullets(method_lines(found.margin_pp))
 
     (out / "report.md").write_text(doc.markdown())
     (out / "report.html").write_text(doc.html(title))
-    (out / "headline.md").write_text(headline(summary, judged))
-    files = [out / "report.md", out / "report.html", out / "headline.md", *doc.figures]
-    return {"runs": runs, "finished": done, "summary": summary, "judgement": judged, "claims": judged.claims,
-            "published": published, "files": files}
+    (out / "headline.md").write_text(headline(found))
+    return [out / "report.md", out / "report.html", out / "headline.md", *doc.figures]
+
+
+def _published_section(doc: Document, published: pd.DataFrame) -> None:
+    doc.heading("Published figures beside ours")
+    if published.empty:
+        doc.text("No configuration here matches a published one (rule in the Method section): e.g. DenseNet-BC "
+                 "(L=100, k=12), `densenet_bc100_k12` on `cifar10` with `data.augment=crop_flip`, 4.51% error on "
+                 "C10+ (Huang et al. 2017, Table 2).")
+        return
+    shown = published.copy()
+    for column in ("published accuracy", "our accuracy mean", "our accuracy std"):
+        shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.4f}")
+    doc.text("The published recipes train far longer (300 epochs on CIFAR with crop and flip, 90 on ImageNet): "
+             "compare our epochs before reading a gap as a failed reproduction.")
+    doc.table(shown)
+
+
+def write_report(experiment: str, uri: str, out: Path, sweep: str | None = None,
+                 margin_pp: float = DEFAULT_MARGIN_PP, plan: Plan | None = None) -> Findings:
+    """Read the runs, judge them (the plan's declared claims on its confirmation runs, exploratory
+    claims on the rest) and write report.md, report.html and the PNGs to `out`."""
+    evidence = load_evidence(experiment, uri, sweep)
+    found = judge(evidence, margin_pp, plan)
+    title = f"DenseNet ablation report: {experiment}" + (f", sweep {sweep}" if sweep else "")
+    runs, done = evidence.runs, evidence.done
+    intro = (f"Store `{esc(uri)}`, experiment `{esc(experiment)}`" + (f", sweep `{esc(sweep)}`" if sweep else "")
+             + f"; written {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}. {len(runs)} training runs read: "
+             f"{len(done)} finished and used, {len(runs) - len(done)} left out. Margin of \"the same accuracy\" in the "
+             f"exploratory claims: ±{margin_pp:g} percentage points (--margin)."
+             + (f" Declared plan: `{esc(plan.path)}`." if plan else " No declared plan (--plan): every claim below is "
+                "exploratory."))
+    found.files = render(found, out, title, intro)
+    return found
 
 
 HEADLINE_METRICS = {  # the README's results table: metric -> column
@@ -336,23 +434,37 @@ HEADLINE_METRICS = {  # the README's results table: metric -> column
 }
 
 
-def headline(summary: pd.DataFrame, judged: Judgement) -> str:
-    """The short form of a report for a README: per configuration the mean ± std over seeds of
-    HEADLINE_METRICS (n runs), then each claim's verdict. Written as `headline.md` beside the
-    report, so the README's figures come from the same code and runs (a test compares them)."""
+def _headline_table(rows: pd.DataFrame, names: pd.Series, metrics: dict[str, str]) -> str:
+    table = pd.DataFrame({"configuration": names.to_numpy(), "runs": rows["runs"].to_numpy()})
+    for metric, label in metrics.items():
+        table[label] = [
+            "" if not row[f"{metric} n"] else format_number(row[f"{metric} mean"])
+            + (f" ± {format_number(row[f'{metric} std'])}" if row[f"{metric} n"] > 1 else "")
+            for _, row in rows.iterrows()
+        ]
+    return table.astype(object).map(_cell).to_markdown(index=False, tablefmt="github")
+
+
+def headline(found: Findings) -> str:
+    """The short form of a report for a README: per configuration (per arm of a declared plan) the
+    mean ± std over seeds of HEADLINE_METRICS, then each claim's verdict with its evidence, then the
+    warnings. Written as `headline.md` beside the report, so the README's figures come from the
+    same code and runs (a test compares them)."""
+    conf = found.confirmation
+    if conf is not None:
+        metrics = {**HEADLINE_METRICS, record.TRAIN_LOSS: "final train loss"}
+        lines = [f"**{esc(conf.plan.name)}**: declared plan, confirmation runs (mean ± std over seeds):", "",
+                 _headline_table(found.confirmed, found.confirmed["model"], metrics), ""]
+        lines += [f"- {esc(c.claim)}: **{esc(c.label)}**. {esc(c.evidence)}" for c in conf.claims]
+        lines += ["", "Warnings: " + " ".join(esc(n) for n in conf.notes), ""]
+        return "\n".join(lines)
     lines = []
-    for data, rows in summary.groupby("data", sort=True):
-        table = pd.DataFrame({"configuration": rows["variant"], "runs": rows["runs"]})
-        for metric, label in HEADLINE_METRICS.items():
-            table[label] = [
-                "" if not row[f"{metric} n"] else format_number(row[f"{metric} mean"])
-                + (f" ± {format_number(row[f'{metric} std'])}" if row[f"{metric} n"] > 1 else "")
-                for _, row in rows.iterrows()
-            ]
-        lines += [f"**{esc(data)}** (mean ± std over seeds):", "",
-                  table.astype(object).map(_cell).to_markdown(index=False, tablefmt="github"), ""]
-        lines += [f"- {esc(c.claim)}: **{esc(c.label)}**" for c in judged.claims if c.data == data]
-        lines.append("")
+    for data, rows in found.summary.groupby("data", sort=True):
+        lines += [f"**{esc(data)}** (mean ± std over seeds; exploratory: no declared plan):", "",
+                  _headline_table(rows, rows["variant"], HEADLINE_METRICS), ""]
+        lines += [f"- {esc(c.claim)}: **{esc(c.label)}**. {esc(c.evidence)}" for c in found.judgement.claims
+                  if c.data == data]
+        lines += ["", "Warnings: " + " ".join(esc(w) for w in found.judgement.warnings.get(data, [])), ""]
     return "\n".join(lines)
 
 
@@ -389,7 +501,8 @@ def _margin(text: str) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m densenet_exp.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--experiment", required=True, help="MLflow experiment name (tracking.experiment)")
+    parser.add_argument("--experiment", help="MLflow experiment name (tracking.experiment); default: the plan's")
+    parser.add_argument("--plan", help="a declared study plan (YAML): its claims are judged on its confirmation runs")
     parser.add_argument("--sweep", help="parent run id of one sweep (tag sweep_id of its runs); default: all runs")
     parser.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db")
     parser.add_argument("--out", type=Path, help="report folder; default: reports/<experiment>[-<sweep>]")
@@ -401,17 +514,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per downloaded file
     uri = tracking_uri(args.tracking_uri, Path.cwd())
     try:
+        plan = load_plan(args.plan) if args.plan else None
+        experiment = args.experiment or (plan.experiment if plan else None)
+        require("--experiment", experiment, experiment is not None, "an MLflow experiment name (or --plan)")
         if args.sweep is not None:
             check_run_id(args.sweep)  # before it names a folder or enters a search filter
-        out = args.out or Path("reports") / (args.experiment + (f"-{args.sweep[:8]}" if args.sweep else ""))
-        found = write_report(args.experiment, uri, out, args.sweep, args.margin)
-    except (ExperimentNotFound, InvalidRunId) as err:
+        out = args.out or Path("reports") / (experiment + (f"-{args.sweep[:8]}" if args.sweep else ""))
+        found = write_report(experiment, uri, out, args.sweep, args.margin, plan)
+    except (ExperimentNotFound, InvalidRunId, InvalidValue) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    run_id = log_report(found["files"], args.experiment, uri, args.sweep)
-    done, summary = found["finished"], found["summary"]
-    print(f"report: {out / 'report.html'} ({len(done)} finished runs in {len(summary)} configurations, "
-          f"{len(found['runs']) - len(done)} left out; {time.perf_counter() - started:.1f} s), MLflow run {run_id}")
+    run_id = log_report(found.files, experiment, uri, args.sweep)
+    runs, done = found.evidence.runs, found.evidence.done
+    print(f"report: {out / 'report.html'} ({len(done)} finished runs, {len(runs) - len(done)} left out; "
+          f"{time.perf_counter() - started:.1f} s), MLflow run {run_id}")
     return 0
 
 

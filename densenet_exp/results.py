@@ -42,8 +42,6 @@ SUMMARY_METRICS = {
 }
 CONFIDENCE = 0.95  # of the intervals over seeds
 FAMILY_NAMES = {"densenet": "DenseNet", "resnet": "ResNet", "plain": "plain net (no shortcuts)"}
-RELATIVE_GRADS_COLUMNS = ["phase", "depth", "relative_depth", "layer", "kind", "grad_norm", "weight_norm",
-                          "relative_grad"]
 # MLflow run ids are hex; anything else (quotes above all) would go into a filter string.
 RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -166,7 +164,7 @@ def pooling_problems(runs: pd.DataFrame) -> list[str]:
     problems = []
     for key, group in runs.groupby(CONFIG, dropna=False, sort=True):
         name = f"`{group['variant'].iloc[0]}` on {key[0]}"
-        params = group.filter(regex=r"^params\.(?!seed$|tracking\.)")
+        params = group.filter(regex=r"^params\.(?!seed$|data\.split_seed$|tracking\.|study\.)")
         varying = [c.removeprefix("params.") for c in params if params[c].nunique(dropna=False) > 1]
         if varying:
             problems.append(f"{name}: runs differ in more than the seed ({', '.join(varying)}); pooled anyway")
@@ -280,7 +278,7 @@ def learning_curves(runs: pd.DataFrame, tracking_uri: str, metric: str = record.
 
 def relative_grads(runs: pd.DataFrame, tracking_uri: str) -> pd.DataFrame:
     """The gradient-flow probe's `gradient_flow/relative_grads.csv` of each run that has one
-    (RELATIVE_GRADS_COLUMNS: phase init or epoch1, depth, relative_depth with 0 = first conv and
+    (list(record.RELATIVE_GRADS_COLUMNS): phase init or epoch1, depth, relative_depth with 0 = first conv and
     1 = classifier, layer, kind, grad_norm, weight_norm, relative_grad = grad_norm / weight_norm)
     plus run_id, CONFIG, family, variant and seed."""
     client = MlflowClient(tracking_uri)
@@ -289,20 +287,22 @@ def relative_grads(runs: pd.DataFrame, tracking_uri: str) -> pd.DataFrame:
         for run_id in runs["run_id"]:
             path = _download(client, run_id, record.RELATIVE_GRADS, Path(tmp, run_id))
             if path is not None:
-                frames.append(pd.read_csv(path).reindex(columns=RELATIVE_GRADS_COLUMNS).assign(run_id=run_id))
-    grads = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*RELATIVE_GRADS_COLUMNS,
+                frames.append(pd.read_csv(path).reindex(columns=list(record.RELATIVE_GRADS_COLUMNS)).assign(run_id=run_id))
+    grads = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*list(record.RELATIVE_GRADS_COLUMNS),
                                                                                        "run_id"])
     return grads.merge(runs[["run_id", *CONFIG, "family", "variant", "seed"]], on="run_id")
 
 
-def feature_reuse_matrices(runs: pd.DataFrame, tracking_uri: str) -> dict[str, list[np.ndarray]]:
-    """{run_id: one matrix per dense block} from each run's `feature_reuse/matrices.json` (null
-    read back as NaN); runs without it (ResNets, probe off) are absent."""
+def feature_reuse_matrices(runs: pd.DataFrame, tracking_uri: str,
+                           artifact: str = record.FEATURE_REUSE_MATRICES) -> dict[str, list[np.ndarray]]:
+    """{run_id: one matrix per dense block} from each run's `feature_reuse/matrices.json` (or
+    `artifact`, e.g. record.FEATURE_REUSE_MATRICES_INIT; null read back as NaN); runs without it
+    (ResNets, probe off, runs older than the artifact) are absent."""
     client = MlflowClient(tracking_uri)
     matrices = {}
     with tempfile.TemporaryDirectory() as tmp:
         for run_id in runs["run_id"]:
-            path = _download(client, run_id, record.FEATURE_REUSE_MATRICES, Path(tmp, run_id))
+            path = _download(client, run_id, artifact, Path(tmp, run_id))
             if path is not None:
                 matrices[run_id] = [np.array(m, dtype=float) for m in json.loads(path.read_text())]
     return matrices

@@ -1,37 +1,45 @@
-"""The DenseNet paper's claims judged on a sweep's finished runs, data set by data set.
+"""The DenseNet paper's claims read on a sweep's finished runs without a declared plan:
+exploratory verdicts, data set by data set.
 
-    judged = evaluate_claims(done, matrices, margin_pp=0.5)   # done: results.finished(...)
+    judged = evaluate_claims(done, matrices, margin_pp=0.5, init=init, grads=grads, curves=curves)
     judged.claims, judged.selections
 
-Every rule is stated once, as text next to the code that applies it; `method(margin_pp)` returns
-those texts in order and the report prints them verbatim in its Method section. The margin of
-"the same accuracy" is declared before the data are read (default DEFAULT_MARGIN_PP, the
-report's --margin). No selection ever looks at test accuracy; every test needs MIN_SEEDS seeds
-per side; the claims of one data set form one Holm-Bonferroni family.
+Runs chosen on the same runs that judge them keep the winner's curse (D and R are the best of
+their families on validation, and validation and test errors correlate over seeds), so nothing
+here is ever "supported" or "contradicted": a claim that would be decided reads "exploratory
+(chosen on these runs; leans ...)". Decided verdicts come only from a declared plan judged on
+fresh seeds (densenet_exp/confirmation.py), which shares the measurement rules below: the
+convergence gate, feature reuse against the net's own initialization, gradients on the body's
+3x3 convolutions. Every rule is stated once, as text next to the code that applies it; `method`
+returns those texts in order and the report prints them verbatim.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
+from . import record, stats
+from .figure5 import FIGURE5, RATIOS_RULE, figure5_ratios, share_change, short_blocks
+from .plan import CONVERGENCE_KEYS
 from .results import CONFIG, FAMILY_NAMES
-from . import record
 
-ALPHA = 0.05  # family-wise error rate of each data set's claims (Holm)
-MIN_SEEDS = 3  # per side, for every test
+ALPHA = 0.05  # one-sided, family-wise over each data set's claims (Holm)
+MIN_SEEDS = stats.MIN_SEEDS
 DEFAULT_MARGIN_PP = 0.5  # of "the same accuracy", percentage points of accuracy
 NOISY_CV = 0.10  # throughput whose coefficient of variation over seeds exceeds this is not judged
 DEPTH_RATIO = 1.5  # "equal(ish) depth": the deeper net at most this many times the shallower
-SPREAD_FRACTION = 0.5  # feature reuse (a), (b): early sources keep at least this share of uniform
+MIN_REUSE_LAYERS = 6  # feature reuse is read only on blocks with at least this many layers
+KEEP_FRACTION = 0.5  # (a), (b): early sources keep at least this share of their weight at init
+MOVED = 0.1  # (a), (b) need training to have moved the shares: mean |log(trained / init)| at least this
 NEAR_CHANCE_PP = 10  # accuracy within this many points of chance: a warning
 FEW_EPOCHS = 10  # fewer training epochs: a warning on the claims about trained nets
 
 SUPPORTED, CONTRADICTED, INCONCLUSIVE, NOT_COMPARABLE = "supported", "contradicted", "inconclusive", "not comparable"
+EXPLORATORY = "exploratory"
 
 
 @dataclass
@@ -172,14 +180,15 @@ def select(data: str, runs: pd.DataFrame) -> Selection:
 
 # label -> how to read it from a run (a params.* or tags.* column, or a function of the run).
 RECIPE_PARAMS = ["data.name", "data.num_classes", "data.train_size", "data.val_size", "data.test_size",
-                 "data.split_seed", "data.image_size", "data.augment", "data.batch_size", "trainer.max_epochs",
+                 "data.image_size", "data.augment", "data.batch_size", "trainer.max_epochs",
                  "trainer.accumulate_grad_batches", "trainer.gradient_clip_val", "loss.label_smoothing"]
 RECIPE_PREFIXES = ["optim."]
 COMPARABILITY_RULE = (
     "Two configurations are compared only when all their runs share the recipe: "
     f"{', '.join(f'`{p}`' for p in RECIPE_PARAMS)}, every `optim.*` param (optimizer and schedule), the "
     "precision (tag `precision`, else param `trainer.precision`), the device (tag `device`) and the code "
-    "version (tag `git_commit`); the model, the DenseNet knobs and the seed may differ. A key one run lacks "
+    "version (tag `git_commit`); the model, the DenseNet knobs and the seed may differ, and so may "
+    "`data.split_seed`, a seed of the train/validation split (a plan's confirmation runs draw it with the seed). A key one run lacks "
     "counts as a value of its own. Otherwise the claim is \"not comparable\" and names the keys that differ. "
     "Claims on training speed also need the same `parallel_jobs` tag (jobs sharing the cores while timing; "
     "1 where not recorded) and the same `cpu_threads` tag on every run."
@@ -217,107 +226,135 @@ def recipe_differences(*configs: Config, timing: bool = False) -> list[str]:
 
 SEEDS_RULE = (
     f"Every test needs at least {MIN_SEEDS} seeds (runs) on each side; with fewer the claim is "
-    f"\"inconclusive (needs >= {MIN_SEEDS} seeds)\". One seed never gives supported or contradicted."
+    f"\"inconclusive (needs >= {MIN_SEEDS} seeds per side)\". One seed never gives a verdict."
 )
 DIRECTIONAL_RULE = (
-    "A claim that one side is higher (or lower) is judged by Welch's two-sided t-test (one-sample t-test "
-    "against a fixed reference) of the claimed difference: supported when the estimate lies on the claimed "
-    "side and the Holm-adjusted p < α, contradicted when it lies on the other side and the adjusted p < α, "
-    "inconclusive otherwise. Metrics that span orders of magnitude (relative gradients, memory, time per "
-    "image or per FLOP) are tested on the log scale. A metric that does not vary over seeds on either side "
-    "cannot be tested: inconclusive, except for exact figures (memory), which are compared directly."
+    "A claim that one side is higher (or lower) is tested one-sided in each direction (Welch's t-test over seeds; "
+    "a one-sample t-test against a fixed reference), both by statsmodels; the smaller p-value, with its direction, "
+    "enters the Holm family. Metrics that span orders of magnitude (relative gradients, memory, time per image or "
+    "per FLOP) are tested on the log scale. A metric that does not vary over seeds on either side cannot be "
+    "tested: inconclusive, except for exact figures (memory), which are compared directly."
 )
-HOLM_RULE = (
-    f"The claims of one data set that have a test form one family; Holm-Bonferroni keeps its family-wise "
-    f"error rate at α = {ALPHA}: with m tests and raw p-values sorted p(1) <= ... <= p(m), the adjusted "
-    "p(i) is the running maximum of min(1, (m - i + 1) p(i)). The claims table prints raw and adjusted "
-    "p-values and names the family."
+EXPLORATORY_RULE = (
+    "Without a declared plan judged on fresh seeds, D, R and c are chosen on the very runs that would judge them, "
+    "which keeps the winner's curse (validation and test accuracy move together over seeds). So no claim here is "
+    "supported or contradicted: one that the tests would decide reads \"exploratory (chosen on these runs; leans "
+    "supported/contradicted, p (Holm) = ...)\". Declare a plan and run its confirmation stage for verdicts "
+    "(`python -m densenet_exp.study`)."
 )
 
 
 def equivalence_rule(margin_pp: float) -> str:
     return (
-        f"Two configurations have the same accuracy when two one-sided Welch tests (TOST) of their test "
-        f"accuracies both reject a difference of ±{margin_pp:g} percentage points (the margin, declared "
-        f"before the data are read: report --margin) at α = {ALPHA}, with at least {MIN_SEEDS} seeds each; "
-        "the TOST p-value is the larger of the two. Not showing a difference is never taken for the same "
-        "accuracy."
+        f"Two configurations have the same accuracy when TOST (statsmodels `ttost_ind`, two one-sided Welch tests) of "
+        f"their test accuracies rejects a difference of ±{margin_pp:g} percentage points (the margin, declared "
+        f"before the data are read: report --margin) at α = {ALPHA}, with at least {MIN_SEEDS} seeds each. Not "
+        "showing a difference is never taken for the same accuracy."
     )
 
 
-def seeds_short(*sides: np.ndarray) -> str:
-    """SEEDS_RULE: '' when every side has MIN_SEEDS values, else the inconclusive reason."""
-    if all(len(s) >= MIN_SEEDS for s in sides):
-        return ""
-    return f"needs >= {MIN_SEEDS} seeds"
-
-
-def holm(p_values: Sequence[float]) -> list[float]:
-    """HOLM_RULE: Holm-Bonferroni adjusted p-values, in the order given."""
-    p = np.asarray(p_values, dtype=float)
-    adjusted = np.empty(len(p))
-    running = 0.0
-    for rank, i in enumerate(np.argsort(p, kind="stable")):
-        running = max(running, min(1.0, (len(p) - rank) * p[i]))
-        adjusted[i] = running
-    return adjusted.tolist()
-
-
-def tost(a: np.ndarray, b: np.ndarray, margin: float) -> tuple[float, float, float] | None:
-    """equivalence_rule's TOST of a against b: (p, p_lower, p_upper), p_lower testing H0: mean(a)
-    - mean(b) <= -margin, p_upper H0: >= +margin; None when neither side varies."""
-    if np.ptp(a) == 0 and np.ptp(b) == 0:
-        return None
-    lower = stats.ttest_ind(a + margin, b, equal_var=False, alternative="greater").pvalue
-    upper = stats.ttest_ind(a - margin, b, equal_var=False, alternative="less").pvalue
-    return float(max(lower, upper)), float(lower), float(upper)
-
-
-def welch(a: np.ndarray, b: np.ndarray | float, shift: float = 0.0) -> tuple[float, float, str] | None:
-    """DIRECTIONAL_RULE's test: Welch's two-sided t-test of mean(a) + shift against mean(b), or a
-    one-sample t-test when b is a fixed reference -> (t, p, description); None without spread."""
-    fixed = not isinstance(b, np.ndarray)
-    if np.ptp(a) == 0 and (fixed or np.ptp(b) == 0):
-        return None
-    if fixed:
-        result = stats.ttest_1samp(a + shift, b)
-        name = f"one-sample t-test against {b:.4g} (n = {len(a)})"
-    else:
-        result = stats.ttest_ind(a + shift, b, equal_var=False)
-        name = f"Welch's t-test (n = {len(a)}, {len(b)})"
-    return float(result.statistic), float(result.pvalue), f"{name}: t = {result.statistic:.3g}, p = {result.pvalue:.3g}"
+def one_sided(claim: Claim, p_claimed: float | None, p_opposite: float | None, test: str) -> Claim:
+    """DIRECTIONAL_RULE: `claim` with the smaller of its two one-sided p-values and that side's
+    direction (Holm decides later); "no spread over seeds" when neither could be computed."""
+    if p_claimed is None or p_opposite is None:
+        claim.test, claim.reason = test, claim.reason or "no spread over seeds"
+        return claim
+    claim.p_value, claim.direction = (p_claimed, 1) if p_claimed <= p_opposite else (p_opposite, -1)
+    claim.test = f"{test}: p = {p_claimed:.3g} in the claimed direction, {p_opposite:.3g} in the opposite"
+    return claim
 
 
 def directional(data: str, name: str, a: np.ndarray, b: np.ndarray | float, higher: bool, evidence: str,
-                shift: float = 0.0) -> Claim:
-    """DIRECTIONAL_RULE for 'a (+ shift) is higher (or lower) than b', before Holm: a claim with
-    its raw p and direction, or inconclusive without enough seeds or spread."""
-    sides = (a,) if not isinstance(b, np.ndarray) else (a, b)
-    if not all(len(s) for s in sides):
-        return Claim(data, name, INCONCLUSIVE, evidence, "no test", "metric missing")
-    short = seeds_short(*sides)
+                shift: float = 0.0, scale: str = "") -> Claim:
+    """DIRECTIONAL_RULE for 'a (+ shift) is higher (or lower) than b', before Holm; `scale` names a
+    transform already applied (e.g. "log"). Inconclusive without enough seeds or spread."""
+    fixed = not isinstance(b, np.ndarray)
+    sides = (a,) if fixed else (a, b)
+    claim = Claim(data, name, INCONCLUSIVE, evidence, "no test")
+    if not all(len(side) for side in sides):
+        claim.reason = "metric missing"
+        return claim
+    short = stats.seeds_short(*sides)
     if short:
-        counts = ", ".join(str(len(s)) for s in sides)
-        return Claim(data, name, INCONCLUSIVE, evidence, f"no test ({counts} seeds)", short)
-    result = welch(a, b, shift)
-    if result is None:
-        return Claim(data, name, INCONCLUSIVE, evidence, "no test", "no spread over seeds")
-    t, p, text = result
-    sign = (1 if higher else -1) * (1 if t > 0 else -1)
-    return Claim(data, name, INCONCLUSIVE, evidence, text, p_value=p, direction=sign)
+        claim.test, claim.reason = f"no test ({', '.join(str(len(side)) for side in sides)} seeds)", short
+        return claim
+    up, down = ("larger", "smaller") if higher else ("smaller", "larger")
+    if fixed:
+        p = lambda alt: stats.one_sample_one_sided(a + shift, b, alt)  # noqa: E731
+        test = f"one-sample t-test{f' on {scale}' if scale else ''} against {b:.4g} (n = {len(a)})"
+    else:
+        p = lambda alt: stats.welch_one_sided(a + shift, b, alt)  # noqa: E731
+        test = f"Welch's t-test{f' on {scale}' if scale else ''} (n = {len(a)}, {len(b)})"
+    return one_sided(claim, p(up), p(down), test)
 
 
-def decide(claims: list[Claim]) -> list[str]:
-    """HOLM_RULE then DIRECTIONAL_RULE over one data set's claims (in place): fills p_holm and the
-    verdict of every claim with a test; returns the family (claim names) that was corrected."""
+def decide(claims: list[Claim], alpha: float = ALPHA) -> list[str]:
+    """stats.HOLM_RULE then DIRECTIONAL_RULE over one family of claims (in place): fills p_holm and
+    the verdict of every claim with a test; returns the family (claim names) that was corrected."""
     tested = [c for c in claims if c.p_value is not None]
-    for claim, adjusted in zip(tested, holm([c.p_value for c in tested])):
+    for claim, adjusted in zip(tested, stats.holm([c.p_value for c in tested])):
         claim.p_holm = adjusted
-        if adjusted < ALPHA and claim.direction:
+        if adjusted < alpha and claim.direction:
             claim.verdict, claim.reason = (SUPPORTED if claim.direction > 0 else CONTRADICTED), ""
         else:
             claim.verdict, claim.reason = INCONCLUSIVE, f"not significant after Holm, p = {adjusted:.3g}"
     return [c.claim for c in tested]
+
+
+def exploratory(claims: list[Claim]) -> None:
+    """EXPLORATORY_RULE (in place): a decided verdict becomes exploratory, saying how it leans."""
+    for claim in claims:
+        if claim.verdict in (SUPPORTED, CONTRADICTED):
+            claim.verdict, claim.reason = EXPLORATORY, (f"chosen on these runs; leans {claim.verdict}"
+                                                        + (f", p (Holm) = {claim.p_holm:.3g}" if claim.p_holm
+                                                           is not None else ""))
+
+
+# --- convergence -----------------------------------------------------------------------------
+
+def convergence_rule(rule: Mapping[str, float] = CONVERGENCE_KEYS) -> str:
+    return (
+        f"A run has converged when `{rule['metric']}` gained less than {rule['max_gain_pp']:g} percentage points "
+        f"over the last max(1, round({rule['last_fraction']:g} n)) of its n validation checks. A claim about trained "
+        "accuracy, cost at matched accuracy or trained feature weights needs every run of its configurations "
+        "converged, else it is \"inconclusive (not converged: ...)\" naming the runs and their gains. Claims at "
+        "initialization (gradients) and at a fixed budget (degradation) do not need convergence."
+    )
+
+
+def convergence_gain(values: Sequence[float], last_fraction: float) -> tuple[float, int]:
+    """(gain in percentage points over the last window of validation checks, window length)."""
+    window = max(1, round(last_fraction * len(values)))
+    if len(values) <= window:
+        return float("nan"), window
+    return 100 * (values[-1] - values[-1 - window]), window
+
+
+def not_converged(runs: pd.DataFrame, curves: pd.DataFrame | None,
+                  rule: Mapping[str, float] = CONVERGENCE_KEYS) -> list[str]:
+    """convergence_rule's offenders among `runs`, as "<variant> seed <s>: gained X pp over ...";
+    nothing when no curves were read (the caller then cannot gate on convergence)."""
+    if curves is None:
+        return []
+    late = []
+    for _, run in runs.iterrows():
+        values = curves.loc[curves["run_id"] == run["run_id"], "value"].to_list()
+        gain, window = convergence_gain(values, rule["last_fraction"])
+        if not np.isfinite(gain):
+            late.append(f"{run['variant']} seed {run['seed']}: {len(values)} validation check(s), too few to tell")
+        elif gain >= rule["max_gain_pp"]:
+            late.append(f"{run['variant']} seed {run['seed']}: gained {gain:.2f} pp over its last {window} of "
+                        f"{len(values)} validation checks")
+    return late
+
+
+def converged_or_reason(claim: Claim, runs: Sequence[pd.DataFrame], curves: pd.DataFrame | None,
+                        rule: Mapping[str, float] = CONVERGENCE_KEYS) -> bool:
+    """Sets claim.reason and returns False when a run of `runs` has not converged."""
+    late = [r for side in runs for r in not_converged(side, curves, rule)]
+    if late:
+        claim.reason = "not converged: " + "; ".join(late[:3]) + (f"; and {len(late) - 3} more" if len(late) > 3 else "")
+    return not late
 
 
 # --- claim: fewer parameters for the same accuracy -------------------------------------------
@@ -328,11 +365,11 @@ PARAMS = "fewer parameters for the same accuracy"
 def params_rule(margin_pp: float) -> str:
     return (
         "c = the DenseNet configuration with fewer mean parameters than R that the selection rule ranks first "
-        "(validation, never test). Claim: c is at least as accurate as R (more accurate also counts), i.e. the "
-        f"test-accuracy difference c - R exceeds -{margin_pp:g} points: the directional rule on that difference "
-        f"shifted by the margin (Welch of c + {margin_pp:g} pp against R). Contradicted: c is worse than R by "
-        "more than the margin. Inconclusive without such a DenseNet. The evidence also gives the TOST "
-        "equivalence of c and R, which decides whether the pair has matched accuracy for the cost claims."
+        "(validation, never test). Claim: c is at least as accurate as R, i.e. non-inferior within the margin: "
+        f"one-sided Welch test of H0 mean(c) - mean(R) <= -{margin_pp:g} points (statsmodels `ttest_ind`, "
+        f"`value=-{margin_pp / 100:g}`); its mirror (c worse by more than the margin) is the opposite direction. "
+        "Both need converged runs. The evidence also gives the TOST equivalence of c and R, which decides whether "
+        "the pair has matched accuracy for the cost claims."
     )
 
 
@@ -350,7 +387,8 @@ def _acc(c: Config) -> str:
     return f"{c.describe(record.TEST_ACC, '.2f', 100, ' %')}, {c.mean(record.PARAMS):,.0f} params"
 
 
-def params_claim(data: str, sel: Selection, configs: list[Config], margin_pp: float) -> tuple[Claim, Pair | None]:
+def params_claim(data: str, sel: Selection, configs: list[Config], margin_pp: float,
+                 curves: pd.DataFrame | None = None) -> tuple[Claim, Pair | None]:
     r = sel.resnet
     smaller = [c for c in configs if c.family == "densenet" and c.mean(record.PARAMS) < r.mean(record.PARAMS)]
     c = best_by(smaller, sel.criterion)
@@ -363,34 +401,49 @@ def params_claim(data: str, sel: Selection, configs: list[Config], margin_pp: fl
         return Claim(data, PARAMS, NOT_COMPARABLE, evidence, "no test", "; ".join(differ)), None
     a, b = c.values(record.TEST_ACC), r.values(record.TEST_ACC)
     margin = margin_pp / 100
-    claim = directional(data, PARAMS, a, b, True, evidence, shift=margin)
-    equivalent = tost(a, b, margin) if not seeds_short(a, b) and len(a) and len(b) else None
-    if equivalent is None:
-        note = "TOST: no test"
-    else:
-        p, low, high = equivalent
-        note = (f"TOST within ±{margin_pp:g} pp: p = {p:.3g} (lower {low:.3g}, upper {high:.3g}): "
-                + ("same accuracy" if p < ALPHA else "same accuracy not shown"))
+    claim = Claim(data, PARAMS, INCONCLUSIVE, evidence, "no test")
+    if len(a) and len(b):
         claim.evidence += f"; difference {round(100 * (a.mean() - b.mean()), 2) + 0.0:+.2f} pp"  # no -0.00
-    claim.test += f"; {note}"
-    return claim, Pair(c, r, equivalent is not None and equivalent[0] < ALPHA, note)
+    converged = converged_or_reason(claim, (c.runs, r.runs), curves)
+    equivalent = stats.tost(a, b, margin) if not stats.seeds_short(a, b) and converged else None
+    note = "TOST: no test" if equivalent is None else (
+        f"TOST within ±{margin_pp:g} pp: p = {equivalent:.3g}: "
+        + ("same accuracy" if equivalent < ALPHA else "same accuracy not shown"))
+    pair = Pair(c, r, equivalent is not None and equivalent < ALPHA, note)
+    if not converged:
+        return claim, pair
+    claim = directional(data, PARAMS, a, b, True, claim.evidence, shift=margin)
+    claim.test += f"; non-inferiority within {margin_pp:g} pp; {note}"
+    return claim, pair
 
 
 # --- claims: stronger gradient flow ----------------------------------------------------------
 GRADIENT_PHASES = dict(zip(record.GRADIENT_PHASES, ("init", "after epoch 1")))  # phase -> words
-GRADIENT_PHASES = {"init": "init", "epoch1": "after epoch 1"}
+EARLY, LATE = 0.25, 0.75  # positions among a run's body convolutions
 GRADIENT_RULE = (
-    "For each comparison family F (the plain net without shortcuts first, ResNet second): F* is the deepest F "
-    f"configuration that has a DenseNet configuration within {DEPTH_RATIO:g}x its depth (else the deepest F "
-    "configuration), D* the DenseNet configuration closest to it in depth (conv and linear layers; ties go to "
-    f"the selection rule's order); depths more than {DEPTH_RATIO:g}x apart are not comparable. Metric: "
-    "`grad/early_rel_<phase>`, the mean relative gradient ||grad|| / ||weight|| of the layers at relative "
-    "depth <= 0.25, at initialization (first optimizer step) and after the first epoch. The claim is against "
-    "vanishing gradients, so it applies only where F* shows them: the geometric mean over seeds of F*'s "
-    "`grad/early_over_late_<phase>` (early over late layers, relative depth >= 0.75) below 1; otherwise "
-    "inconclusive, saying what F* shows instead. Then D* higher than F* by the directional rule on the log "
-    "scale."
+    "Layers: the body's 3x3 convolutions only (role `body` in `gradient_flow/relative_grads.csv`: no stem, "
+    "transition, 1x1 bottleneck, shortcut or classifier), in every family, so that like is compared with like. "
+    f"Early = the first quarter of them (position <= {EARLY:g} in the run's body order), late = the last quarter "
+    f"(>= {LATE:g}); metric: the mean relative gradient ||grad|| / ||weight|| of the early ones, at the first "
+    "optimizer step and after the first epoch. For each comparison family F (plain net first, ResNet second): F* "
+    f"is the deepest F configuration with a DenseNet configuration within {DEPTH_RATIO:g}x its depth (else the "
+    "deepest), D* the DenseNet configuration closest to it in depth (ties by the selection order); depths more "
+    f"than {DEPTH_RATIO:g}x apart are not comparable. The claim is against vanishing gradients, so it applies only "
+    "where F* shows them on the same layer set: the geometric mean over seeds of F*'s early / late below 1; "
+    "otherwise inconclusive, saying what F* shows. Then D* higher than F* by the directional rule on log10."
 )
+
+
+def body_gradients(grads: pd.DataFrame, phase: str) -> pd.DataFrame:
+    """Per run, GRADIENT_RULE's early and late mean relative gradient of the body 3x3 convolutions
+    at `phase` (rows of results.relative_grads with a `role`): index run_id, columns early, late."""
+    rows = grads[(grads["phase"] == phase) & (grads["role"] == record.BODY_ROLE)] if "role" in grads else grads.iloc[:0]
+    out = {}
+    for run_id, g in rows.groupby("run_id", sort=False):
+        values = g.sort_values("depth")["relative_grad"].to_numpy(float)
+        position = np.arange(len(values)) / max(len(values) - 1, 1)
+        out[run_id] = {"early": values[position <= EARLY].mean(), "late": values[position >= LATE].mean()}
+    return pd.DataFrame.from_dict(out, orient="index", columns=["early", "late"])
 
 
 def _closest(configs: list[Config], depth: float) -> Config | None:
@@ -398,127 +451,139 @@ def _closest(configs: list[Config], depth: float) -> Config | None:
     return min(known, key=lambda c: abs(np.log(c.depth / depth))) if known else None
 
 
-def gradient_claims(data: str, sel: Selection, configs: list[Config]) -> list[Claim]:
+def gradient_pair(family: str, ranked: list[Config], configs: list[Config]) -> tuple[Config | None, Config | None]:
+    """GRADIENT_RULE's (F*, D*) for one comparison family (None where there is none)."""
+    others = [c for c in configs if c.family == family and np.isfinite(c.depth)]
+    matched = [c for c in others if (d := _closest(ranked, c.depth)) is not None
+               and max(d.depth, c.depth) <= DEPTH_RATIO * min(d.depth, c.depth)]
+    other = max(matched or others, key=lambda c: c.depth) if others else None
+    return other, (_closest(ranked, other.depth) if other is not None else None)
+
+
+def gradient_claim(data: str, name: str, dense: Config, other: Config, body: pd.DataFrame) -> Claim:
+    """GRADIENT_RULE for one pair at one phase, from body_gradients' table."""
+    d, o = body.reindex(dense.runs["run_id"]).dropna(), body.reindex(other.runs["run_id"]).dropna()
+    claim = Claim(data, name, INCONCLUSIVE, f"{dense.variant} (depth {dense.depth:g}) vs {other.variant} (depth "
+                                            f"{other.depth:g})", "no test")
+    if max(dense.depth, other.depth) > DEPTH_RATIO * min(dense.depth, other.depth):
+        claim.verdict, claim.reason = NOT_COMPARABLE, f"depth {dense.depth:g} vs {other.depth:g}"
+        return claim
+    differ = recipe_differences(dense, other)
+    if differ:
+        claim.verdict, claim.reason = NOT_COMPARABLE, "; ".join(differ)
+        return claim
+    if not len(d) or not len(o):
+        claim.reason = "no relative gradients of body 3x3 convolutions"
+        return claim
+    ratio = float(np.exp(np.log(o["early"] / o["late"]).mean()))  # geometric mean over seeds
+    claim.evidence += (f": early body-conv relative gradient {d['early'].mean():.3g} vs {o['early'].mean():.3g}; "
+                       f"{other.variant} early/late {ratio:.3g}")
+    if ratio >= 1:  # the baseline has no vanishing gradient to alleviate
+        what = "exploding" if ratio > 10 else "no decay"
+        claim.reason = (f"{other.variant} shows no vanishing gradient on its body 3x3 convolutions: early layers get "
+                        f"{ratio:.3g}x the late layers' relative gradient ({what})")
+        return claim
+    return directional(data, name, np.log10(d["early"].to_numpy()), np.log10(o["early"].to_numpy()), True,
+                       claim.evidence, scale="log10")
+
+
+def gradient_claims(data: str, sel: Selection, configs: list[Config], grads: pd.DataFrame | None) -> list[Claim]:
     ranked = sorted([c for c in configs if c.family == "densenet"],
                     key=lambda c: -c.mean(sel.criterion) if sel.criterion == record.VAL_ACC else c.mean(sel.criterion))
+    grads = grads if grads is not None else pd.DataFrame(columns=["run_id", "phase", "role"])
     claims = []
     for family in ("plain", "resnet"):
-        others = [c for c in configs if c.family == family and np.isfinite(c.depth)]
-        matched = [c for c in others if (d := _closest(ranked, c.depth)) is not None
-                   and max(d.depth, c.depth) <= DEPTH_RATIO * min(d.depth, c.depth)]
-        other = max(matched or others, key=lambda c: c.depth) if others else None
-        dense = _closest(ranked, other.depth) if other is not None else None
+        other, dense = gradient_pair(family, ranked, configs)
         for phase, when in GRADIENT_PHASES.items():
             name = f"stronger gradient flow than a {'plain net' if family == 'plain' else 'ResNet'} ({when})"
-            metric = record.early_relative_gradient(phase)
             if other is None or dense is None:
                 missing = FAMILY_NAMES[family] if other is None else "DenseNet of known depth"
                 claims.append(Claim(data, name, INCONCLUSIVE, f"no {missing} on {data}", "no test", "nothing to compare"))
-                continue
-            evidence = (f"{metric}: {dense.describe(metric, '.3g')} at depth {dense.depth:g} vs "
-                        f"{other.describe(metric, '.3g')} at depth {other.depth:g}")
-            if max(dense.depth, other.depth) > DEPTH_RATIO * min(dense.depth, other.depth):
-                reason = f"depth {dense.depth:g} vs {other.depth:g}"
-                claims.append(Claim(data, name, NOT_COMPARABLE, evidence, "no test", reason))
-                continue
-            differ = recipe_differences(dense, other)
-            if differ:
-                claims.append(Claim(data, name, NOT_COMPARABLE, evidence, "no test", "; ".join(differ)))
-                continue
-            if not len(dense.values(metric)) or not len(other.values(metric)):
-                claims.append(Claim(data, name, INCONCLUSIVE, evidence, "no test", f"no {metric} logged"))
-                continue
-            ratio = other.values(record.early_over_late_gradient(phase))
-            if not len(ratio):
-                claims.append(Claim(data, name, INCONCLUSIVE, evidence, "no test",
-                                    f"no {record.early_over_late_gradient(phase)} for {other.variant}"))
-                continue
-            early_over_late = float(np.exp(np.log(ratio).mean()))  # geometric mean over seeds
-            if early_over_late >= 1:  # the baseline has no vanishing gradient to alleviate
-                what = "exploding" if early_over_late > 10 else "no decay"
-                reason = (f"{other.variant} shows no vanishing gradient: its early layers get {early_over_late:.3g}x "
-                          f"the late layers' relative gradient ({what})")
-                claims.append(Claim(data, name, INCONCLUSIVE, evidence, "no test", reason))
-                continue
-            a, b = dense.values(metric), other.values(metric)
-            logged = (np.log10(a), np.log10(b)) if (a > 0).all() and (b > 0).all() else (a, b)
-            claim = directional(data, name, *logged, True, evidence)
-            claim.test = claim.test.replace("t-test", "t-test on log10", 1)
-            claims.append(claim)
+            else:
+                claims.append(gradient_claim(data, name, dense, other, body_gradients(grads, phase)))
     return claims
 
 
 # --- claims: feature reuse (the paper's Figure 5) --------------------------------------------
 
 # Observation -> (claim name, metric the probe logs, reference ratio, claimed higher).
-FIGURE5 = {
-    "a": ("feature reuse (a): layers use early features", record.REUSE_EARLY_OVER_UNIFORM, SPREAD_FRACTION, True),
-    "b": ("feature reuse (b): transitions use the whole block", record.REUSE_TRANSITION_EARLY_OVER_UNIFORM,
-          SPREAD_FRACTION, True),
-    "c": ("feature reuse (c): transition outputs get less weight", record.REUSE_TRANSITION_OUTPUT_OVER_UNIFORM, 1.0,
-          False),
-    "d": ("feature reuse (d): classifier concentrates on late features", record.REUSE_CLASSIFIER_LATE_OVER_UNIFORM,
-          1.0, True),
-}
 FIGURE5_RULE = (
-    "From each run's `feature_reuse/matrices.json` (per block, rows = sources s = 0..L with 0 the block "
-    "input, columns = layers 1..L then the transition or classifier; cell = mean |weight| per input map), each "
-    "column is turned into shares of its sum over the sources that can feed it; uniform weighting gives each of "
-    "a target's n sources 1/n. Each observation is a ratio to what uniform weighting gives, per run, averaged "
-    "over the cells named: "
-    "(a) layers spread their weight over many inputs, early layers included: the share of layer l (l >= 3) on "
-    "sources 1..floor(l/2), plus the block input in block 1 only, over its uniform share; claimed at least "
-    f"{SPREAD_FRACTION:g} (spread means early sources keep a good part of a uniform share); "
-    "(b) transitions spread their weight over the whole block: the share of each transition on layers "
-    f"1..floor(L/2) of its block over its uniform share; claimed at least {SPREAD_FRACTION:g}; "
-    "(c) in blocks 2 and later the transition output (the block input) gets below-average weight: its share "
-    "in layers 2..L over 1/l; claimed below 1; "
-    "(d) the classifier concentrates on the last layers: its share on the later floor(L/2) layers of the last "
-    "block over their uniform share; claimed above 1. "
-    "Each by a one-sample t-test of D's runs against the reference (directional rule); uniform weighting "
-    "therefore bears out (a) and (b), which say weight is spread, and leaves (c) and (d) inconclusive."
+    "From each run's `feature_reuse/matrices.json` and `feature_reuse/matrices_init.json` (the same matrices at "
+    "step 0, before any update: the control). " + RATIOS_RULE + " With He initialization every source gets about "
+    "the same weight per map, so every ratio starts near 1: an observation is about what training changed. Per run, "
+    "the change log(trained / init) of each ratio is judged against the paper's direction: (a) early sources and (b) "
+    f"the block's early layers in a transition keep at least {KEEP_FRACTION:g} of their weight at init; (c) training "
+    "lowers the weight on transition outputs; (d) training moves the classifier's weight to late features. Only "
+    f"blocks with at least {MIN_REUSE_LAYERS} layers count (others are named as skipped), trained runs must have "
+    "converged, and an untrained net (no change) is inconclusive. (a) and (b) say the weight stays spread, which an "
+    "untrained net shows too: they are judged only where training moved the matrices, the mean |log(trained / init)| "
+    f"of every cell's share at least {MOVED:g} in every run."
 )
+REUSE_DIRECTIONS = {  # observation -> (claimed change of log(trained / init), its words)
+    "a": ("keep", "early sources keep at least {keep:g} of their weight at init"),
+    "b": ("keep", "transitions keep at least {keep:g} of their weight on the block's early layers"),
+    "c": ("lower", "training lowers the weight on transition outputs"),
+    "d": ("higher", "training moves the classifier's weight to late features"),
+}
 
 
-def figure5_ratios(matrices: Sequence[np.ndarray]) -> dict[str, float]:
-    """FIGURE5_RULE's ratios of one run's matrices, keyed by FIGURE5's metric names; a ratio the
-    blocks are too short (or too few) for is absent."""
-    shares = [m / np.nansum(m, axis=0) for m in matrices]
-    early, transition, on_input = [], [], []
-    for b, share in enumerate(shares):
-        num_layers = share.shape[0] - 1
-        for layer in range(3, num_layers + 1):  # layer l reads sources 0..l-1, in column l-1
-            sources = [*range(1, layer // 2 + 1), *([0] if b == 0 else [])]
-            early.append(share[sources, layer - 1].sum() / (len(sources) / layer))
-        if b < len(shares) - 1 and num_layers >= 2:
-            sources = list(range(1, num_layers // 2 + 1))
-            transition.append(share[sources, -1].sum() / (len(sources) / (num_layers + 1)))
-        if b > 0:
-            on_input += [share[0, layer - 1] * layer for layer in range(2, num_layers + 1)]
-    ratios = {"a": early, "b": transition, "c": on_input}
-    last, num_layers = shares[-1], shares[-1].shape[0] - 1
-    if num_layers >= 2:
-        late = list(range(num_layers - num_layers // 2 + 1, num_layers + 1))
-        ratios["d"] = [last[late, -1].sum() / (len(late) / (num_layers + 1))]
-    return {FIGURE5[k][1]: float(np.mean(v)) for k, v in ratios.items() if v}
+def reuse_change_claims(data: str, variant: str, runs: pd.DataFrame, matrices: Mapping[str, list[np.ndarray]],
+                        init: Mapping[str, list[np.ndarray]], curves: pd.DataFrame | None,
+                        min_layers: int = MIN_REUSE_LAYERS, keep: float = KEEP_FRACTION,
+                        rule: Mapping[str, float] = CONVERGENCE_KEYS) -> list[Claim]:
+    """FIGURE5_RULE for one DenseNet configuration's runs: one claim per observation, in FIGURE5's
+    order, each with the paired change from the run's own initialization (before Holm)."""
+    ids = [i for i in runs["run_id"] if i in matrices and i in init]
+    skipped = short_blocks(matrices[ids[0]], min_layers) if ids else []
+    note = f"blocks {', '.join(map(str, skipped))} skipped (< {min_layers} layers)" if skipped else ""
+    claims = []
+    for key, (direction, words) in REUSE_DIRECTIONS.items():
+        claim = Claim(data, FIGURE5[key][0], INCONCLUSIVE, variant, "no test")
+        claims.append(claim)
+        if not ids:
+            what = record.FEATURE_REUSE_MATRICES if not any(i in matrices for i in runs["run_id"]) else \
+                record.FEATURE_REUSE_MATRICES_INIT
+            claim.evidence, claim.reason = f"{variant}: no {what}", "not measured" if what == \
+                record.FEATURE_REUSE_MATRICES else "no init matrix recorded (the control)"
+            continue
+        pairs = [(figure5_ratios(init[i], min_layers).get(FIGURE5[key][1]),
+                  figure5_ratios(matrices[i], min_layers).get(FIGURE5[key][1])) for i in ids]
+        pairs = [p for p in pairs if p[0] is not None and p[1] is not None and min(p) > 0]
+        if not pairs:
+            claim.evidence, claim.reason = f"{variant}: {note or 'no block long enough for it'}", "not measured"
+            continue
+        before, after = np.array(pairs).T
+        change = np.log(after / before)
+        claim.evidence = (f"{variant} ({words.format(keep=keep)}): ratio to uniform {before.mean():.3f} at init -> "
+                          f"{after.mean():.3f} trained (trained / init {np.exp(change.mean()):.3f}, n={len(change)})"
+                          + (f"; {note}" if note else ""))
+        if stats.seeds_short(change):
+            claim.reason = stats.seeds_short(change)
+            continue
+        if not converged_or_reason(claim, (runs,), curves, rule):
+            continue
+        if np.ptp(change) == 0:
+            claim.reason = "training did not change the ratio (the same at init)"
+            continue
+        moved = min(share_change(init[i], matrices[i], min_layers) for i in ids)
+        if direction == "keep" and not moved >= MOVED:
+            claim.reason = (f"the matrices barely moved from init (mean |log(trained / init)| {moved:.3f} < {MOVED:g} in "
+                            "some run): a spread that training did not change says nothing about reuse")
+            continue
+        reference = float(np.log(keep)) if direction == "keep" else 0.0
+        up = stats.one_sample_one_sided(change, reference, "larger")
+        down = stats.one_sample_one_sided(change, reference, "smaller")
+        one_sided(claim, *((down, up) if direction == "lower" else (up, down)),
+                  f"one-sample t-test of log(trained / init) against {reference:.3g} (n = {len(change)})")
+    return claims
 
 
-def reuse_claims(data: str, d: Config | None, matrices: dict[str, list[np.ndarray]]) -> list[Claim]:
+def reuse_claims(data: str, d: Config | None, matrices: Mapping[str, list[np.ndarray]],
+                 init: Mapping[str, list[np.ndarray]], curves: pd.DataFrame | None = None) -> list[Claim]:
     if d is None:
         return [Claim(data, name, INCONCLUSIVE, f"no DenseNet on {data}", "no test", "nothing to judge")
-                for name, *_ in FIGURE5.values()]
-    own = [figure5_ratios(matrices[i]) for i in d.runs["run_id"] if i in matrices]
-    claims = []
-    for name, metric, reference, higher in FIGURE5.values():
-        values = np.array([r[metric] for r in own if metric in r])
-        if not own or not len(values):
-            why = f"no {record.FEATURE_REUSE_MATRICES}" if not own else "blocks too short or too few for it"
-            claims.append(Claim(data, name, INCONCLUSIVE, f"D = {d.variant}: {why}", "no test", "not measured"))
-            continue
-        spread = f" ± {values.std(ddof=1):.3f}" if len(values) > 1 else ""
-        evidence = f"D = {d.variant}: ratio to uniform {values.mean():.3f}{spread} (n={len(values)}); reference {reference:g}"
-        claims.append(directional(data, name, values, float(reference), higher, evidence))
-    return claims
+                for name, _ in FIGURE5.values()]
+    return reuse_change_claims(data, f"D = {d.variant}", d.runs, matrices, init, curves)
 
 
 # --- claims: memory and compute cost ---------------------------------------------------------
@@ -571,9 +636,7 @@ def memory_claim(data: str, pair: Pair | None) -> Claim:
             return Claim(data, MEMORY, INCONCLUSIVE, evidence, "exact figures, equal", "equal")
         verdict = SUPPORTED if a[0] > b[0] else CONTRADICTED
         return Claim(data, MEMORY, verdict, evidence, f"exact figures compared directly: ratio {a[0] / b[0]:.3g}")
-    claim = directional(data, MEMORY, np.log(a), np.log(b), True, evidence)
-    claim.test = claim.test.replace("t-test", "t-test on log", 1)
-    return claim
+    return directional(data, MEMORY, np.log(a), np.log(b), True, evidence, scale="log")
 
 
 def _timing_blocked(data: str, name: str, evidence: str, *sides: Config) -> Claim | None:
@@ -597,9 +660,9 @@ def compute_claims(data: str, sel: Selection, pair: Pair | None) -> list[Claim]:
         c, r = pair.dense, pair.resnet
         evidence = (f"{c.describe('train_images_per_s', '.4g', 1, ' train images/s')} vs "
                     f"{r.describe('train_images_per_s', '.4g', 1, ' train images/s')}")
-        claims.append(_timing_blocked(data, COMPUTE, evidence, c, r) or _log_claim(
+        claims.append(_timing_blocked(data, COMPUTE, evidence, c, r) or directional(
             data, COMPUTE, -np.log(c.values(record.TRAIN_IMAGES_PER_S)), -np.log(r.values(record.TRAIN_IMAGES_PER_S)),
-            evidence))
+            True, evidence, scale="log"))
     d, r = sel.dense, sel.resnet
     per_flop = {s.variant: 1e9 / (s.values(record.TRAIN_IMAGES_PER_S) * s.mean(record.FLOPS_PER_IMAGE)) for s in (d, r)}
     evidence = "; ".join(f"{v}: {x.mean():.4g} s per GFLOP (n={len(x)})" if len(x) and np.isfinite(x).all()
@@ -609,14 +672,8 @@ def compute_claims(data: str, sel: Selection, pair: Pair | None) -> list[Claim]:
         claims.append(Claim(data, COMPUTE_FLOP, INCONCLUSIVE, evidence, "no test", "metric missing"))
     else:
         claims.append(_timing_blocked(data, COMPUTE_FLOP, evidence, d, r)
-                      or _log_claim(data, COMPUTE_FLOP, np.log(a), np.log(b), evidence))
+                      or directional(data, COMPUTE_FLOP, np.log(a), np.log(b), True, evidence, scale="log"))
     return claims
-
-
-def _log_claim(data: str, name: str, a: np.ndarray, b: np.ndarray, evidence: str) -> Claim:
-    claim = directional(data, name, a, b, True, evidence)
-    claim.test = claim.test.replace("t-test", "t-test on log", 1)
-    return claim
 
 
 # --- all claims, and what they show ----------------------------------------------------------
@@ -638,40 +695,45 @@ class Judgement:
     margin_pp: float = DEFAULT_MARGIN_PP
 
 
-def evaluate_claims(runs: pd.DataFrame, matrices: dict[str, list[np.ndarray]] | None = None,
-                    margin_pp: float = DEFAULT_MARGIN_PP) -> Judgement:
+def evaluate_claims(runs: pd.DataFrame, matrices: Mapping[str, list[np.ndarray]] | None = None,
+                    margin_pp: float = DEFAULT_MARGIN_PP, init: Mapping[str, list[np.ndarray]] | None = None,
+                    grads: pd.DataFrame | None = None, curves: pd.DataFrame | None = None) -> Judgement:
     """Judge every claim in CLAIMS on each data set of `runs` (finished runs), by the rules of
-    `method(margin_pp)`. `matrices` from results.feature_reuse_matrices."""
+    `method(margin_pp)`, then label them exploratory (EXPLORATORY_RULE). From results: `matrices`
+    and `init` (feature_reuse_matrices, trained and at init), `grads` (relative_grads with layer
+    roles), `curves` (learning_curves of val/acc, for the convergence gate)."""
     judged = Judgement(margin_pp=margin_pp)
     for key, group in runs.groupby("data", sort=True):
         data, configs = str(key), configs_of(group)
         sel = select(data, group)
         judged.selections[data] = sel
-        claims = reuse_claims(data, sel.dense, matrices or {}) + gradient_claims(data, sel, configs)
+        claims = reuse_claims(data, sel.dense, matrices or {}, init or {}, curves)
+        claims += gradient_claims(data, sel, configs, grads)
         if sel.dense is None or sel.resnet is None:
             missing = "no DenseNet" if sel.dense is None else "no ResNet baseline"
             claims += [Claim(data, n, INCONCLUSIVE, f"{missing} on {data}", "no test", "nothing to compare")
                        for n in (PARAMS, MEMORY, COMPUTE, COMPUTE_FLOP)]
         else:
-            claim, pair = params_claim(data, sel, configs, margin_pp)
+            claim, pair = params_claim(data, sel, configs, margin_pp, curves)
             claims += [claim, memory_claim(data, pair), *compute_claims(data, sel, pair)]
         judged.families[data] = decide(claims)
+        exploratory(claims)
         judged.claims += sorted(claims, key=lambda c: CLAIMS.index(c.claim))
-        judged.warnings[data] = warnings(sel, group)
+        judged.warnings[data] = warnings(sel, group, curves)
     return judged
 
 
 CONCLUSION_RULE = (
-    f"The conclusion lists the claims each data set supports and contradicts, and warns when D's or R's mean "
-    f"test accuracy is within {NEAR_CHANCE_PP} points of chance (1 / classes) or the runs trained fewer than "
-    f"{FEW_EPOCHS} epochs (the paper's comparisons are at 300 epochs on CIFAR): the verdicts on accuracy, "
-    "feature reuse, matched-accuracy cost and post-epoch-1 gradients then describe barely trained nets."
+    "The conclusion counts the claims each data set leans towards (exploratory: none is decided without a plan), "
+    f"names the runs that had not converged, and warns when D's or R's mean test accuracy is within {NEAR_CHANCE_PP} "
+    f"points of chance (1 / classes) or the runs trained fewer than {FEW_EPOCHS} epochs (the paper's comparisons are "
+    "at 300 epochs on CIFAR)."
 )
 
 
-def warnings(sel: Selection, runs: pd.DataFrame) -> list[str]:
+def warnings(sel: Selection, runs: pd.DataFrame, curves: pd.DataFrame | None = None) -> list[str]:
     """CONCLUSION_RULE's warnings for one data set."""
-    notes = []
+    notes = [EXPLORATORY_RULE.split(": one that")[0] + "."]
     classes = pd.to_numeric(runs.get("num_classes"), errors="coerce").dropna()
     for role, config in (("D", sel.dense), ("R", sel.resnet)):
         if config is None or not len(classes):
@@ -684,6 +746,9 @@ def warnings(sel: Selection, runs: pd.DataFrame) -> list[str]:
     if len(epochs) and epochs.max() < FEW_EPOCHS:
         notes.append(f"At most {int(epochs.max())} training epoch(s): too few for the accuracy, feature-reuse and "
                      "matched-accuracy cost claims (the paper trains 300 epochs on CIFAR).")
+    late = not_converged(runs, curves)
+    if late:
+        notes.append(f"{len(late)} of {len(runs)} runs had not converged by the convergence rule (e.g. {late[0]}).")
     return notes
 
 
@@ -692,12 +757,12 @@ def conclusion(judged: Judgement) -> list[str]:
     lines = []
     for data in sorted(judged.selections):
         claims = [c for c in judged.claims if c.data == data]
-        pick = lambda v: [c.claim for c in claims if c.verdict == v]  # noqa: E731
-        supported, contradicted = pick(SUPPORTED), pick(CONTRADICTED)
+        leaning = lambda v: [c.claim for c in claims if c.reason.startswith(f"chosen on these runs; leans {v}")]  # noqa: E731
+        supported, contradicted = leaning(SUPPORTED), leaning(CONTRADICTED)
         open_ = len(claims) - len(supported) - len(contradicted)
-        text = f"**{data}**: "
-        text += f"supported: {'; '.join(supported)}. " if supported else "no claim supported. "
-        text += f"Contradicted: {'; '.join(contradicted)}. " if contradicted else "None contradicted. "
+        text = f"**{data}** (exploratory, nothing decided): "
+        text += f"leans supported: {'; '.join(supported)}. " if supported else "no claim leans supported. "
+        text += f"Leans contradicted: {'; '.join(contradicted)}. " if contradicted else "None leans contradicted. "
         if open_:
             text += f"{open_} of {len(claims)} claims inconclusive or not comparable"
             short = sum("seeds" in c.reason for c in claims)
@@ -713,10 +778,12 @@ def method(margin_pp: float = DEFAULT_MARGIN_PP) -> list[tuple[str, str]]:
     return [
         ("selection", SELECTION_RULE),
         ("comparability", COMPARABILITY_RULE),
+        ("exploratory", EXPLORATORY_RULE),
         ("seeds", SEEDS_RULE),
+        ("convergence", convergence_rule()),
         ("same accuracy (equivalence)", equivalence_rule(margin_pp)),
         ("directional rule", DIRECTIONAL_RULE),
-        ("multiple comparisons", HOLM_RULE),
+        ("multiple comparisons", stats.HOLM_RULE),
         (PARAMS, params_rule(margin_pp)),
         ("stronger gradient flow", GRADIENT_RULE),
         ("feature reuse (Figure 5)", FIGURE5_RULE),

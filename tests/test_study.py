@@ -8,10 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from densenet_exp import export
-from densenet_exp.report import headline
-from densenet_exp.results import feature_reuse_matrices, finished, load_runs, summarize
-from densenet_exp.verdicts import evaluate_claims
+from densenet_exp import export, report
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDY = ROOT / "docs" / "results" / "study_fmnist"
@@ -21,9 +18,7 @@ STUDY = ROOT / "docs" / "results" / "study_fmnist"
 def study_headline(tmp_path_factory) -> str:
     uri = f"sqlite:///{tmp_path_factory.mktemp('study') / 'mlflow.db'}"
     experiment = export.load(STUDY / "runs.jsonl.gz", uri)
-    done = finished(load_runs(experiment, uri))
-    matrices = feature_reuse_matrices(done[done["family"] == "densenet"], uri)
-    return headline(summarize(done), evaluate_claims(done, matrices))
+    return report.headline(report.judge(report.load_evidence(experiment, uri), report.DEFAULT_MARGIN_PP))
 
 
 def test_committed_headline_is_what_the_runs_give(study_headline):

@@ -10,12 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from scipy import stats
+from scipy import stats as scipy_stats
 from torch import nn
 
 from conftest import Store
-from densenet_exp import figures, report, results, verdicts
-from densenet_exp.verdicts import CONTRADICTED, INCONCLUSIVE, NOT_COMPARABLE, SUPPORTED
+from densenet_exp import figures, record, report, results, stats, verdicts
+from densenet_exp.figure5 import FIGURE5, figure5_ratios
+from densenet_exp.verdicts import CONTRADICTED, EXPLORATORY, INCONCLUSIVE, NOT_COMPARABLE, SUPPORTED
 from test_report import add_run
 
 KNOBS_NONE = {"growth_rate": None, "compression": None, "bottleneck": None}
@@ -87,13 +88,37 @@ def build(store: Store, experiment: str, spec: dict, seeds: int = 3, extra: dict
     rng = np.random.default_rng(0)
     for variant, (params, metrics) in spec.items():
         for seed in range(seeds):
-            files = artifacts(variant, rng) if artifacts else None
+            files = artifacts(variant, {k: v[seed] for k, v in metrics.items()}, rng) if artifacts else None
             add_run(client, experiment_id, variant, {**RECIPE, **params, **(extra or {}).get(variant, {})},
                     {k: v[seed] for k, v in metrics.items()}, seed, data, artifacts=files)
 
 
-def reuse_artifacts(variant: str, rng: np.random.Generator) -> dict | None:
-    return {"feature_reuse/matrices.json": as_json(figure5_like(rng))} if variant == "dense-big" else None
+def flat(rng: np.random.Generator) -> list[np.ndarray]:
+    """Figure 5 matrices at He initialization: every source about the same weight per map."""
+    return [np.where(np.isnan(m), np.nan, 1.0) * rng.uniform(0.97, 1.03, m.shape) for m in figure5_like(rng)]
+
+
+def body_grads_csv(early: float, early_over_late: float) -> str:
+    """relative_grads.csv at init: a stem, eight body 3x3 convs (the first two `early`, the last two
+    early / early_over_late) and a classifier far above them all."""
+    late = early / early_over_late
+    rows = [("stem", 1.0)] + [("body", early if d < 2 else late if d > 5 else (early + late) / 2) for d in range(8)]
+    rows.append(("classifier", 5.0))
+    lines = [f"init,0,{d},{d / 9},l{d},{'Linear' if r == 'classifier' else 'Conv2d'},{r},{g},1.0,{g}"
+             for d, (r, g) in enumerate(rows)]
+    return ",".join(record.RELATIVE_GRADS_COLUMNS) + "\n" + "\n".join(lines) + "\n"
+
+
+def reuse_artifacts(variant: str, metrics: dict, rng: np.random.Generator) -> dict | None:
+    """Trained (Figure 5-like) and init matrices for dense-big; body-conv gradients where the spec has them."""
+    files = {}
+    if variant == "dense-big":
+        files |= {record.FEATURE_REUSE_MATRICES: as_json(figure5_like(rng)),
+                  record.FEATURE_REUSE_MATRICES_INIT: as_json(flat(rng))}
+    if "grad/early_rel_init" in metrics:
+        files[record.RELATIVE_GRADS] = body_grads_csv(metrics["grad/early_rel_init"],
+                                                      metrics.get("grad/early_over_late_init", 1.0))
+    return files or None
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +127,7 @@ def store(tmp_path_factory) -> Store:
     build(store, "equivalent", EQUIVALENT, artifacts=reuse_artifacts)
     build(store, "one_seed", EQUIVALENT, seeds=1, artifacts=reuse_artifacts)
     loss = {**EQUIVALENT, "dense-small": (SMALL, {**EQUIVALENT["dense-small"][1], "test/acc": [0.900, 0.901, 0.902]})}
-    build(store, "clear_loss", loss)
+    build(store, "clear_loss", loss, artifacts=reuse_artifacts)
     # The test-best DenseNet (dense-big) is not the val-best (dense-small).
     flipped = {**EQUIVALENT, "dense-small": (SMALL, {**EQUIVALENT["dense-small"][1], "val/acc": [0.96, 0.965, 0.97]})}
     build(store, "selection", flipped)
@@ -116,68 +141,77 @@ def judge(store: Store, experiment: str, margin_pp: float = 0.5, edit=None) -> d
     if edit:
         done = edit(done.copy())
     matrices = results.feature_reuse_matrices(done, store.uri)
-    judged = verdicts.evaluate_claims(done, matrices, margin_pp)
+    init = results.feature_reuse_matrices(done, store.uri, record.FEATURE_REUSE_MATRICES_INIT)
+    judged = verdicts.evaluate_claims(done, matrices, margin_pp, init, results.relative_grads(done, store.uri))
     assert [c.claim for c in judged.claims] == verdicts.CLAIMS
     return {c.claim: c for c in judged.claims}
 
 
+def leans(claim: verdicts.Claim) -> str:
+    """What an exploratory claim would have been decided as (its verdict otherwise)."""
+    if claim.verdict != EXPLORATORY:
+        return claim.verdict
+    return SUPPORTED if "leans supported" in claim.reason else CONTRADICTED
+
+
 def test_holm_matches_hand_computed_values():
     # Sorted: 0.005 x 4 = 0.02; 0.01 x 3 = 0.03; 0.03 x 2 = 0.06; 0.04 x 1 = 0.04 -> running max 0.06.
-    assert verdicts.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
-    assert verdicts.holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])  # capped at 1
-    assert verdicts.holm([0.02]) == pytest.approx([0.02])
+    assert stats.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02], abs=1e-12)
+    assert stats.holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert stats.holm([0.02]) == pytest.approx([0.02])
 
 
 def test_tost_agrees_with_two_one_sided_welch_tests_by_hand():
-    a, b, m = np.array([0.9245, 0.925, 0.9255]), np.array([0.9248, 0.925, 0.9252]), 0.005
-    va, vb = a.var(ddof=1) / 3, b.var(ddof=1) / 3
-    se, df = math.sqrt(va + vb), (va + vb) ** 2 / (va**2 / 2 + vb**2 / 2)
-    diff = a.mean() - b.mean()
-    lower, upper = stats.t.sf((diff + m) / se, df), stats.t.cdf((diff - m) / se, df)
-    assert verdicts.tost(a, b, m) == pytest.approx((max(lower, upper), lower, upper), rel=1e-9)
+    a, b, m = np.array([0.921, 0.925, 0.923]), np.array([0.920, 0.926, 0.921, 0.924]), 0.005
+    lower = scipy_stats.ttest_ind(a + m, b, equal_var=False, alternative="greater").pvalue
+    upper = scipy_stats.ttest_ind(a - m, b, equal_var=False, alternative="less").pvalue
+    assert stats.tost(a, b, m) == pytest.approx(max(lower, upper), rel=1e-9)
+    # Non-inferiority is the lower of the two one-sided tests.
+    assert stats.welch_one_sided(a, b, "larger", -m) == pytest.approx(lower, rel=1e-9)
 
 
-def test_three_seeds_inside_the_margin_support_fewer_parameters_and_unlock_the_cost_claims(store):
+def test_three_seeds_inside_the_margin_lean_fewer_parameters_and_unlock_the_cost_claims(store):
     claims = judge(store, "equivalent")
+    assert {c.verdict for c in claims.values()} <= {EXPLORATORY, INCONCLUSIVE, NOT_COMPARABLE}  # no plan
     params = claims[verdicts.PARAMS]
-    assert params.verdict == SUPPORTED and params.p_value < 0.05 and params.p_holm >= params.p_value
+    assert leans(params) == SUPPORTED and params.p_value < 0.05 and params.p_holm >= params.p_value
     assert "c = dense-small" in params.evidence and "same accuracy" in params.test
     # Matched accuracy: memory per image 640/32 = 20 MiB vs 320/32 = 10 MiB, exact figures.
     memory = claims[verdicts.MEMORY]
-    assert memory.verdict == SUPPORTED and memory.p_value is None and "20 MiB/image" in memory.evidence
-    assert claims[verdicts.COMPUTE].verdict == SUPPORTED  # 1/100 s vs 1/300 s per image
-    assert claims[verdicts.COMPUTE_FLOP].verdict == SUPPORTED  # 1e9/(50.5*80e6) vs 1e9/(301*40e6)
-    # Gradient flow: plain20 vanishes (early/late 0.11), dense-big (depth 24) is the closest DenseNet.
+    assert leans(memory) == SUPPORTED and memory.p_value is None and "20 MiB/image" in memory.evidence
+    assert leans(claims[verdicts.COMPUTE]) == SUPPORTED  # 1/100 s vs 1/300 s per image
+    assert leans(claims[verdicts.COMPUTE_FLOP]) == SUPPORTED  # 1e9/(50.5*80e6) vs 1e9/(301*40e6)
+    # Gradient flow on body convs: plain20 vanishes (early/late 0.11), dense-big (depth 24) is the closest DenseNet.
     plain = claims["stronger gradient flow than a plain net (init)"]
-    assert plain.verdict == SUPPORTED and "depth 24" in plain.evidence and "log10" in plain.test
+    assert leans(plain) == SUPPORTED and "depth 24" in plain.evidence and "log10" in plain.test
     resnet = claims["stronger gradient flow than a ResNet (init)"]
     assert resnet.verdict == INCONCLUSIVE and "no vanishing gradient" in resnet.reason
-    for observation in "abcd":
-        assert claims[verdicts.FIGURE5[observation][0]].verdict == SUPPORTED, observation
-    # Holm over every claim with a test, by hand.
+    # Feature reuse against init: trained like Figure 5 from a flat start.
+    for observation in "cd":
+        assert leans(claims[FIGURE5[observation][0]]) == SUPPORTED, observation
+    # Holm over every claim with a test.
     tested = [c for c in claims.values() if c.p_value is not None]
-    assert len(tested) == 8
-    assert [c.p_holm for c in tested] == pytest.approx(verdicts.holm([c.p_value for c in tested]))
+    assert [c.p_holm for c in tested] == pytest.approx(stats.holm([c.p_value for c in tested]), rel=1e-9)
 
 
 def test_one_seed_per_side_leaves_every_claim_inconclusive(store):
     claims = judge(store, "one_seed")
     assert {c.verdict for c in claims.values()} == {INCONCLUSIVE}
-    assert claims[verdicts.PARAMS].reason == "needs >= 3 seeds"
-    assert claims[verdicts.FIGURE5["a"][0]].reason == "needs >= 3 seeds"
+    assert claims[verdicts.PARAMS].reason == "needs >= 3 seeds per side"
+    assert claims[FIGURE5["a"][0]].reason == "needs >= 3 seeds per side"
     assert claims[verdicts.MEMORY].reason == "accuracy not matched"  # no TOST without 3 seeds
 
 
-def test_a_clear_loss_outside_the_margin_contradicts_fewer_parameters(store):
+def test_a_clear_loss_outside_the_margin_leans_contradicted(store):
     claims = judge(store, "clear_loss")
     params = claims[verdicts.PARAMS]
-    assert params.verdict == CONTRADICTED and params.p_holm < 0.05 and "-2.40 pp" in params.evidence
+    assert leans(params) == CONTRADICTED and params.p_holm < 0.05 and "-2.40 pp" in params.evidence
     assert claims[verdicts.MEMORY].reason == "accuracy not matched"
 
 
 def test_a_wider_margin_is_applied_and_printed(store):
     claims = judge(store, "clear_loss", margin_pp=3.0)  # -2.4 pp is inside ±3 pp: not a loss any more
-    assert claims[verdicts.PARAMS].verdict == SUPPORTED
+    assert leans(claims[verdicts.PARAMS]) == SUPPORTED
     assert "±3 pp" in claims[verdicts.PARAMS].test
     assert "±3 percentage points" in dict(verdicts.method(3.0))["same accuracy (equivalence)"]
 
@@ -207,7 +241,7 @@ def test_timing_claims_need_the_same_parallel_jobs_and_steady_throughput(store):
         return done
 
     claims = judge(store, "equivalent", edit=shared_cores)
-    assert claims[verdicts.PARAMS].verdict == SUPPORTED  # accuracy does not depend on timing
+    assert leans(claims[verdicts.PARAMS]) == SUPPORTED  # accuracy does not depend on timing
     for name in (verdicts.COMPUTE, verdicts.COMPUTE_FLOP):
         assert claims[name].verdict == NOT_COMPARABLE and "parallel_jobs: 1, 2" in claims[name].reason
 
@@ -229,7 +263,7 @@ def test_selection_uses_validation_accuracy_and_the_report_says_what_test_would_
     text = (tmp_path / "report.md").read_text()
     assert "D = `dense-small` (mean val/acc 0.965)" in text
     assert "the highest mean test accuracy would have picked `dense-big`" in text and "not used" in text
-    assert found["judgement"].selections["fashion_mnist"].dense.variant == "dense-small"
+    assert found.judgement.selections["fashion_mnist"].dense.variant == "dense-small"
 
 
 def test_runs_without_a_validation_split_are_selected_on_training_loss_and_the_report_says_so(store, tmp_path):
@@ -242,26 +276,29 @@ def test_runs_without_a_validation_split_are_selected_on_training_loss_and_the_r
     assert "no validation split" in text and "selected on the lowest mean last-epoch training loss" in text
 
 
-def test_figure5_observations_each_against_uniform_weighting():
+def test_figure5_observations_are_judged_on_the_change_from_initialization():
     rng = np.random.default_rng(1)
-    runs = pd.DataFrame({"run_id": ["r0", "r1", "r2"], "variant": "d", "family": "densenet"})
-    d = verdicts.Config("d", "densenet", runs)
+    runs = pd.DataFrame({"run_id": ["r0", "r1", "r2"], "variant": "d", "seed": [0, 1, 2]})
 
-    def verdict_of(make):
-        claims = verdicts.reuse_claims("x", d, {i: make() for i in runs["run_id"]})
+    def verdict_of(start, end):
+        init = {i: start() for i in runs["run_id"]}
+        trained = {i: end() if end else init[i] for i in runs["run_id"]}
+        claims = verdicts.reuse_change_claims("x", "d", runs, trained, init, None)
         verdicts.decide(claims)
-        return {name[len("feature reuse ("):][0]: c.verdict for name, c in zip([v[0] for v in verdicts.FIGURE5.values()],
-                                                                             claims)}
+        return {c.claim[len("feature reuse ("):][0]: c for c in claims}
 
-    assert verdict_of(lambda: figure5_like(rng)) == dict.fromkeys("abcd", SUPPORTED)
-    # Uniform weighting spreads weight over every input, which is what (a) and (b) say; it shows
-    # neither the transition-output dip (c) nor the classifier's late focus (d).
-    flat = lambda: [np.where(np.isnan(m), np.nan, 1.0) * rng.uniform(0.97, 1.03, m.shape)  # noqa: E731
-                    for m in figure5_like(rng)]
-    assert verdict_of(flat) == {"a": SUPPORTED, "b": SUPPORTED, "c": INCONCLUSIVE, "d": INCONCLUSIVE}
-    # Weight on the most recent input only: no spread, so (a) and (b) are contradicted.
-    got = verdict_of(lambda: [m * rng.uniform(0.97, 1.03, m.shape) for m in recency()])
-    assert got["a"] == CONTRADICTED and got["b"] == CONTRADICTED
+    # Trained like the paper's Figure 5 from a flat start: (c) and (d) hold, (a) and (b) keep their weight.
+    got = verdict_of(lambda: flat(rng), lambda: figure5_like(rng))
+    assert {k: c.verdict for k, c in got.items()} == dict.fromkeys("abcd", SUPPORTED)
+    # An untrained net (trained = init) is inconclusive on every observation: nothing changed.
+    got = verdict_of(lambda: flat(rng), None)
+    assert {c.verdict for c in got.values()} == {INCONCLUSIVE}
+    # Noise alone (a barely trained net): (a) and (b) are not read as reuse.
+    got = verdict_of(lambda: flat(rng), lambda: flat(rng))
+    assert got["a"].verdict == INCONCLUSIVE and "barely moved" in got["a"].reason
+    # Training that drops early sources for the most recent one contradicts (a) and (b).
+    got = verdict_of(lambda: flat(rng), lambda: [m * rng.uniform(0.97, 1.03, m.shape) for m in recency()])
+    assert got["a"].verdict == CONTRADICTED and got["b"].verdict == CONTRADICTED
 
 
 def test_figure5_ratios_by_hand():
@@ -270,7 +307,7 @@ def test_figure5_ratios_by_hand():
                   [np.nan, 1.0, 1.0, 1.0],
                   [np.nan, np.nan, 1.0, 1.0],
                   [np.nan, np.nan, np.nan, 5.0]])
-    ratios = verdicts.figure5_ratios([m])
+    ratios = figure5_ratios([m])
     # (a) block 1, layer 3: early sources {1, 0} get (1 + 2) / 4 of the weight; uniform gives 2/3.
     assert ratios["reuse/early_over_uniform"] == pytest.approx((3 / 4) / (2 / 3))
     # (d) classifier: later floor(3/2) = 1 layer (source 3) gets 5/8; uniform gives 1/4.

@@ -1,0 +1,109 @@
+"""How long a plan's confirmation stage will take, from its exploration runs' own timings.
+
+    python -m densenet_exp.study estimate PLAN [--jobs 2]
+
+Each confirmation arm is timed by the exploration runs of the same model on this store: training
+images per second (steps only, as the size-cost probe logs them while the pilot's jobs shared the
+cores, so the figure already includes that sharing), the share of each epoch spent outside the
+steps (validation, logging) and the per-run fixed cost (start-up, compile, test, probes). The
+arm's epochs and training images come from its composed config. Torch-free.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from . import record
+from .plan import Plan
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+TRAIN_IMAGES = {"fashion_mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000}
+
+
+def composed(overrides: list[str]) -> dict:
+    """The config of one job, composed as `densenet_exp.run` would (Hydra, no torch)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[o for o in overrides if not o.startswith("hydra.")])
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def train_images(cfg: dict) -> int:
+    data = cfg["data"]
+    total = TRAIN_IMAGES.get(data["name"], 0) - int(data["val_size"] or 0)
+    return min(total, int(data["train_size"])) if data.get("train_size") else total
+
+
+def timings(plan: Plan, uri: str) -> pd.DataFrame:
+    """Per finished exploration run: model, train images/s (median over epochs), epoch overhead
+    (epoch time over step time) and fixed seconds (run wall time minus its epochs)."""
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(plan.experiment)
+    if experiment is None:
+        return pd.DataFrame(columns=["model", "images_per_s", "best_images_per_s", "epoch_overhead", "fixed_s"])
+    rows = []
+    for run in client.search_runs([experiment.experiment_id], filter_string=(
+            f"tags.{record.STUDY_STAGE} = 'exploration' and attributes.status = 'FINISHED'"), max_results=10_000):
+        ips = [m.value for m in client.get_metric_history(run.info.run_id, record.TRAIN_IMAGES_PER_S)]
+        epochs = [m.value for m in client.get_metric_history(run.info.run_id, record.EPOCH_TIME_S)]
+        params = run.data.params
+        if not ips or not epochs:
+            continue
+        images = train_images({"data": {"name": params.get("data.name"), "val_size": params.get("data.val_size"),
+                                        "train_size": None if params.get("data.train_size") in (None, "None")
+                                        else params.get("data.train_size")}})
+        steps_s = images / float(np.median(ips))
+        wall = (run.info.end_time - run.info.start_time) / 1000
+        rows.append({"model": params.get("model.name"), "images_per_s": float(np.median(ips)), "best_images_per_s": max(ips),
+                     "epoch_overhead": float(np.median(epochs[1:] or epochs)) / steps_s if len(epochs) > 1 else np.nan,
+                     "fixed_s": max(0.0, wall - sum(epochs))})
+    return pd.DataFrame(rows, columns=["model", "images_per_s", "best_images_per_s", "epoch_overhead", "fixed_s"])
+
+
+def estimate(plan: Plan, uri: str, jobs: int) -> tuple[pd.DataFrame, float, float]:
+    """Per confirmation arm: model, epochs, minutes per run, runs, arm minutes (at the median
+    speed of its model's exploration runs, and at their fastest epoch: other work on the machine
+    slows the median); and the stage's wall-clock hours at both speeds with `jobs` at a time
+    (NaN where an arm's model was never explored)."""
+    measured = timings(plan, uri)
+    overhead = float(measured["epoch_overhead"].median()) if measured["epoch_overhead"].notna().any() else 1.1
+    fixed = float(measured["fixed_s"].median()) if len(measured) else 60.0
+    rows = []
+    for arm, overrides in plan.arms["confirmation"].items():
+        cfg = composed([*plan.recipe, *overrides])
+        mine = measured[measured["model"] == cfg["model"]["name"]]
+        ips = float(mine["images_per_s"].median()) if len(mine) else float("nan")
+        best = float(mine["best_images_per_s"].max()) if len(mine) else float("nan")
+        epochs, images = int(cfg["trainer"]["max_epochs"]), train_images(cfg)
+        minutes = [(epochs * images / speed * overhead + fixed) / 60 for speed in (ips, best)]
+        seeds = len(plan.seeds_of("confirmation", arm))
+        rows.append({"arm": arm, "model": cfg["model"]["name"], "train images/s": round(ips, 1),
+                     "fastest": round(best, 1), "epochs": epochs, "minutes per run": round(minutes[0], 1),
+                     "runs": seeds, "arm minutes": round(minutes[0] * seeds, 1),
+                     "arm minutes (fastest)": round(minutes[1] * seeds, 1)})
+    table = pd.DataFrame(rows)
+    hours = [float(table[c].sum()) / 60 / jobs if len(table) else 0.0 for c in ("arm minutes", "arm minutes (fastest)")]
+    return table, hours[0], hours[1]
+
+
+def print_estimate(plan: Plan, uri: str, jobs: int) -> int:
+    table, hours, fastest = estimate(plan, uri, jobs)
+    if table.empty:
+        print(f"plan {plan.name}: no confirmation arms declared yet", file=sys.stderr)
+        return 2
+    print(table.to_markdown(index=False))
+    missing = table.loc[table["train images/s"].isna(), "arm"].tolist()
+    if missing:
+        print(f"no exploration run times these arms' models: {', '.join(missing)}", file=sys.stderr)
+    print(f"confirmation stage: about {hours:.2f} h of wall time with {jobs} jobs at a time at the explored runs' "
+          f"median speed, {fastest:.2f} h at their fastest epochs (the machine to itself)"
+          + ("" if math.isfinite(hours) else " (unknown: see above)"))
+    return 0
