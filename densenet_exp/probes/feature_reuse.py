@@ -24,11 +24,12 @@ from torch import Tensor
 from .. import record
 from ..figures import plot_feature_reuse as feature_reuse_figure
 from ..models.densenet import DenseBlock, DenseNet
-from ..verdicts import figure5_ratios
+from ..figure5 import figure5_ratios
 
 from .output import log_results
 
 ARTIFACT_PATH, MATRICES_FILE = record.FEATURE_REUSE_MATRICES.split("/")
+INIT_FILE = record.FEATURE_REUSE_MATRICES_INIT.split("/")[1]
 
 
 def _l1_per_input_map(weight: Tensor) -> np.ndarray:
@@ -101,10 +102,32 @@ def plot_feature_reuse(matrices: Sequence[np.ndarray], path: str | Path, title: 
     feature_reuse_figure(matrices, title).savefig(path, dpi=120)
 
 
+def as_json(matrices: Sequence[np.ndarray]) -> str:
+    """The matrices as JSON lists of rows, NaN as null (what results.feature_reuse_matrices reads)."""
+    return json.dumps([[[None if math.isnan(v) else v for v in row] for row in m.tolist()] for m in matrices])
+
+
 class FeatureReuseProbe(pl.Callback):
-    """At the end of training, if the module's ``.model`` is a DenseNet, logs
-    ``feature_reuse/heatmap.png``, ``feature_reuse/matrices.json`` (one matrix per block, as lists
-    of rows, NaN as null) and the scalars of :func:`feature_reuse_summary`; else logs nothing."""
+    """If the module's ``.model`` is a DenseNet: at the start of training, before any update, the
+    matrices of the untrained net (the control every reuse claim is judged against); at the end,
+    logs ``feature_reuse/heatmap.png``, ``feature_reuse/matrices.json`` and
+    ``feature_reuse/matrices_init.json`` (one matrix per block, as lists of rows, NaN as null) and
+    the scalars of :func:`feature_reuse_summary`; else logs nothing."""
+
+    def __init__(self) -> None:
+        self.init: list[np.ndarray] | None = None  # kept in checkpoints: a resumed run still has its step 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        model = getattr(pl_module, "model", None)
+        if isinstance(model, DenseNet) and trainer.global_step == 0 and self.init is None:
+            self.init = feature_reuse(model)
+
+    def state_dict(self) -> dict:
+        return {"init": None if self.init is None else [m.tolist() for m in self.init]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        init = state_dict.get("init")
+        self.init = None if init is None else [np.array(m, dtype=float) for m in init]
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         model = getattr(pl_module, "model", None)
@@ -115,8 +138,10 @@ class FeatureReuseProbe(pl.Callback):
         def write(folder: Path, logger: MLFlowLogger) -> list[Path]:
             paths = [folder / "heatmap.png", folder / MATRICES_FILE]
             plot_feature_reuse(matrices, paths[0], title=f"Feature reuse of run {logger.run_id}")
-            as_lists = [[[None if math.isnan(v) else v for v in row] for row in m.tolist()] for m in matrices]
-            paths[1].write_text(json.dumps(as_lists))
+            paths[1].write_text(as_json(matrices))
+            if self.init is not None:
+                paths.append(folder / INIT_FILE)
+                paths[-1].write_text(as_json(self.init))
             return paths
 
         log_results(trainer, feature_reuse_summary(matrices), ARTIFACT_PATH, write)

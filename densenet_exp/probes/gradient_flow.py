@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import pandas as pd
 import torch
 from lightning.pytorch.loggers import MLFlowLogger
@@ -22,11 +23,11 @@ from ..figures import plot_gradient_flow_run
 from .output import log_results
 
 ARTIFACT_PATH, TABLE = record.RELATIVE_GRADS.split("/")
-COLUMNS = ["phase", "step", "depth", "relative_depth", "layer", "kind", "grad_norm", "weight_norm", "relative_grad"]
+COLUMNS = list(record.RELATIVE_GRADS_COLUMNS)
 # The two moments of a run: the first optimizer step (at initialization) and the first step after
 # one epoch of training.
 PHASES = record.GRADIENT_PHASES
-EARLY, LATE = 0.25, 0.75  # relative depths that bound the "early" and "late" layers
+EARLY, LATE = 0.25, 0.75  # positions among the body convolutions that bound the "early" and "late" ones
 
 
 def weighted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -35,7 +36,34 @@ def weighted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
-def relative_gradients(layers: list[tuple[str, nn.Module]], phase: str, step: int) -> pd.DataFrame:
+def layer_roles(model: nn.Module) -> dict[str, str]:
+    """record.LAYER_ROLES of each weighted layer, from the model's structure: the classifier (a
+    Linear), the stem (the first conv), DenseNet transitions, shortcut (downsample) convs, 1x1
+    bottleneck convs, and the body's 3x3 convolutions, the like-for-like set of every gradient
+    measure."""
+    from ..models import Transition
+
+    inside = {n for name, m in model.named_modules() if isinstance(m, Transition) or name.endswith("downsample")
+              for n, _ in m.named_modules(prefix=name)}
+    roles = {}
+    for i, (name, module) in enumerate(weighted_layers(model)):
+        if isinstance(module, nn.Linear):
+            roles[name] = "classifier"
+        elif i == 0:
+            roles[name] = "stem"
+        elif name in inside:
+            roles[name] = "shortcut" if ".downsample" in f".{name}" else "transition"
+        elif module.kernel_size == (1, 1):
+            roles[name] = "bottleneck"
+        elif module.kernel_size == (3, 3):
+            roles[name] = record.BODY_ROLE
+        else:
+            roles[name] = "stem"
+    return roles
+
+
+def relative_gradients(layers: list[tuple[str, nn.Module]], phase: str, step: int,
+                       roles: dict[str, str] | None = None) -> pd.DataFrame:
     """One row per layer (COLUMNS) from the gradients the layers hold now; depth 0 is the first
     conv, relative depth 1 the classifier."""
     with torch.no_grad():
@@ -51,7 +79,7 @@ def relative_gradients(layers: list[tuple[str, nn.Module]], phase: str, step: in
     return pd.DataFrame(
         [
             {"phase": phase, "step": step, "depth": depth, "relative_depth": depth / last, "layer": name,
-             "kind": type(module).__name__, "grad_norm": g, "weight_norm": w, "relative_grad": g / w if w else float("nan")}
+             "kind": type(module).__name__, "role": (roles or {}).get(name), "grad_norm": g, "weight_norm": w, "relative_grad": g / w if w else float("nan")}
             for depth, ((name, module), (g, w)) in enumerate(zip(layers, norms))
         ],
         columns=COLUMNS,
@@ -59,12 +87,14 @@ def relative_gradients(layers: list[tuple[str, nn.Module]], phase: str, step: in
 
 
 def summarize(table: pd.DataFrame) -> dict[str, float]:
-    """Per phase: `grad/early_rel_<phase>`, the mean relative gradient of the layers at relative depth
-    <= EARLY, and `grad/early_over_late_<phase>`, that mean over the mean at relative depth >= LATE."""
+    """Per phase, on the body's 3x3 convolutions only (layer_roles): `grad/early_rel_<phase>`, the
+    mean relative gradient of the first quarter of them, and `grad/early_over_late_<phase>`, that
+    mean over the mean of the last quarter."""
     metrics = {}
-    for phase, rows in table.groupby("phase"):
-        early = rows.loc[rows["relative_depth"] <= EARLY, "relative_grad"].mean()
-        late = rows.loc[rows["relative_depth"] >= LATE, "relative_grad"].mean()
+    for phase, rows in table[table["role"] == record.BODY_ROLE].groupby("phase"):
+        values = rows.sort_values("depth")["relative_grad"].to_numpy(float)
+        position = np.arange(len(values)) / max(len(values) - 1, 1)
+        early, late = values[position <= EARLY].mean(), values[position >= LATE].mean()
         metrics[record.early_relative_gradient(phase)] = float(early)
         metrics[record.early_over_late_gradient(phase)] = float(early / late) if late else float("nan")
     return metrics
@@ -83,10 +113,12 @@ class GradientFlowProbe(pl.Callback):
 
     def __init__(self) -> None:
         self.layers: list[tuple[str, nn.Module]] = []
+        self.roles: dict[str, str] = {}
         self.records: list[pd.DataFrame] = []  # restored from a checkpoint on resume
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.layers = weighted_layers(getattr(pl_module, "model", pl_module))
+        model = getattr(pl_module, "model", pl_module)
+        self.layers, self.roles = weighted_layers(model), layer_roles(model)
 
     def _phase(self, trainer: pl.Trainer) -> str | None:
         if trainer.global_step == 0:
@@ -99,7 +131,7 @@ class GradientFlowProbe(pl.Callback):
         phase = self._phase(trainer)
         if phase is None or not trainer.is_global_zero or any((t["phase"] == phase).any() for t in self.records):
             return  # a resumed run may pass the same step again
-        self.records.append(relative_gradients(self.layers, phase, trainer.global_step))
+        self.records.append(relative_gradients(self.layers, phase, trainer.global_step, self.roles))
 
     # Kept in checkpoints, so a resumed run still logs the phases recorded before the kill.
     def state_dict(self) -> dict:
