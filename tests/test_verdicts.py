@@ -16,6 +16,8 @@ from torch import nn
 from conftest import Store
 from densenet_exp import figures, record, report, results, stats, verdicts
 from densenet_exp.figure5 import FIGURE5, figure5_ratios
+from densenet_exp.probes.gradient_flow import layer_roles, relative_gradients, weighted_layers
+from densenet_exp.probes.gradient_flow import summarize as summarize_gradients
 from densenet_exp.verdicts import CONTRADICTED, EXPLORATORY, INCONCLUSIVE, NOT_COMPARABLE, SUPPORTED
 from test_report import add_run
 
@@ -319,20 +321,16 @@ def test_figure5_ratios_by_hand():
 
 
 def relative_grads_at_init(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> pd.DataFrame:
-    """gradient_flow/relative_grads.csv's rows for one training-mode step at initialization."""
+    """gradient_flow/relative_grads.csv's rows for one training-mode step at initialization, as the probe writes them."""
     model.train()
     nn.functional.cross_entropy(model(images), labels).backward()
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
-    rows = [{"phase": "init", "depth": d, "relative_depth": d / (len(layers) - 1), "layer": n,
-             "kind": type(m).__name__, "grad_norm": float(m.weight.grad.norm()),
-             "weight_norm": float(m.weight.detach().norm())} for d, (n, m) in enumerate(layers)]
-    table = pd.DataFrame(rows)
-    return table.assign(relative_grad=table["grad_norm"] / table["weight_norm"])
+    return relative_gradients(weighted_layers(model), "init", 0, layer_roles(model))
 
 
 def early_and_ratio(table: pd.DataFrame) -> tuple[float, float]:
-    early = table.loc[table["relative_depth"] <= 0.25, "relative_grad"].mean()
-    return early, early / table.loc[table["relative_depth"] >= 0.75, "relative_grad"].mean()
+    """The probe's summary on the body 3x3 convolutions: early relative gradient, early over late."""
+    metrics = summarize_gradients(table)
+    return metrics["grad/early_rel_init"], metrics["grad/early_over_late_init"]
 
 
 def test_gradient_flow_of_real_plain110_and_densenet_at_initialization(tmp_path):
@@ -364,11 +362,11 @@ def test_gradient_flow_of_real_plain110_and_densenet_at_initialization(tmp_path)
     dense, plain = np.array(measured["densenet-bc100"]), np.array(measured["plain110"])
     assert plain.min() > 100 * dense.max()  # not smaller: exploding
     done = results.finished(results.load_runs("grads", store.uri))
-    claims = {c.claim: c for c in verdicts.evaluate_claims(done).claims}
+    grads = results.relative_grads(done, store.uri)
+    claims = {c.claim: c for c in verdicts.evaluate_claims(done, grads=grads).claims}
     claim = claims["stronger gradient flow than a plain net (init)"]
     assert claim.verdict == INCONCLUSIVE and "plain110 shows no vanishing gradient" in claim.reason
     assert "exploding" in claim.reason and "depth 100" in claim.evidence and "depth 110" in claim.evidence
-    grads = results.relative_grads(done, store.uri)
     assert set(grads["family"]) == {"densenet", "plain"} and set(grads["phase"]) == {"init"}
     fig = figures.plot_relative_grads(grads, "fashion_mnist")
     assert fig is not None and len(fig.axes[0].lines) == 2
