@@ -135,6 +135,13 @@ def _gate(claim: Claim, arms: Sequence[Arm], converged: bool = True) -> Claim | 
     return None
 
 
+def undeclared_differences(plan: Plan, *arms: Arm) -> list[str]:
+    """The recipe keys on which the arms' runs disagree (verdicts.COMPARABILITY_RULE), less those the
+    plan sets per arm (e.g. the learning rate chosen per family in the pilot): those are declared."""
+    declared = {o.split("=", 1)[0].lstrip("+") for a in arms for o in plan.arms["confirmation"][a.name]}
+    return [d for d in recipe_differences(*(a.config() for a in arms)) if d.split(":", 1)[0] not in declared]
+
+
 def fewer_params_claim(plan: Plan, c: DeclaredClaim, arms: Mapping[str, Arm]) -> Claim:
     small, large = arms[c["smaller"]], arms[c["larger"]]
     margin = c["margin_pp"] / 100
@@ -156,7 +163,7 @@ def fewer_params_claim(plan: Plan, c: DeclaredClaim, arms: Mapping[str, Arm]) ->
         claim.verdict, claim.reason = NOT_COMPARABLE, f"{factor:.2f}x fewer parameters, below the declared " \
                                                       f"{c['min_param_factor']:g}x"
         return claim
-    differ = recipe_differences(small.config(), large.config())
+    differ = undeclared_differences(plan, small, large)
     if differ:
         claim.verdict, claim.reason = NOT_COMPARABLE, "; ".join(differ)
         return claim
@@ -176,7 +183,10 @@ def matched_cost_claims(plan: Plan, c: DeclaredClaim, arms: Mapping[str, Arm]) -
     same = Claim(plan.name, f"{small.name} and {large.name} reach the same test accuracy (within ±{c['margin_pp']:g} pp)",
                  INCONCLUSIVE, f"{small.describe(record.TEST_ACC, 100, unit=' %')}; "
                                f"{large.describe(record.TEST_ACC, 100, unit=' %')}", "no test")
-    if not _gate(same, (small, large)):
+    differ = undeclared_differences(plan, small, large)
+    if differ:
+        same.verdict, same.reason = NOT_COMPARABLE, "; ".join(differ)
+    elif not _gate(same, (small, large)):
         p = stats.tost(a, b, margin)
         if p is None:
             same.reason = "no spread over seeds"
@@ -358,8 +368,9 @@ def rules(plan: Plan) -> list[tuple[str, str]]:
         ("multiple comparisons", stats.HOLM_RULE),
         ("power", stats.POWER_RULE),
         ("fewer parameters", "The smaller arm must have at least the declared factor fewer parameters than the larger "
-                             "(else not comparable), the same recipe, converged runs, and be non-inferior in test "
-                             "accuracy within the declared margin."),
+                             "(else not comparable), the same recipe (the comparability rule, except the keys the "
+                             "plan sets per arm, such as the learning rate chosen per family in the pilot), "
+                             "converged runs, and be non-inferior in test accuracy within the declared margin."),
         ("cost at matched accuracy", "Only when TOST shows the pair's test accuracies equivalent within the margin "
                                      "(after Holm): FLOPs per image and train-step memory per image (`memory/"
                                      "train_step_mb` over `data.batch_size`) compared as exact figures. Throughput "

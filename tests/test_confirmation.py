@@ -226,3 +226,20 @@ def test_the_reports_p_values_and_power_agree_with_an_independent_computation(st
     expected = 1 - sp.nct.cdf(sp.t.ppf(1 - non_inferior.alpha, df), df, noncentrality)
     assert stats.power(sd, m, n1, n2, non_inferior.alpha) == pytest.approx(expected, rel=1e-9)
     assert f"power {expected:.2f}" in params.evidence
+
+
+def test_keys_the_plan_sets_per_arm_may_differ_and_others_may_not(tmp_path):
+    import pandas as pd
+
+    path = tmp_path / "p.yaml"
+    path.write_text(PLAN.format(experiment="x").replace("small: [model=densenet_bc28_k12]",
+                                                        "small: [model=densenet_bc28_k12, optim.lr=0.2]"))
+    plan = load_plan(path)
+
+    def arm(name: str, lr: str, batch: str) -> confirmation.Arm:
+        return confirmation.Arm(name, pd.DataFrame({"run_id": ["r"], "family": ["x"], "params.optim.lr": [lr],
+                                                    "params.data.batch_size": [batch]}))
+
+    assert confirmation.undeclared_differences(plan, arm("small", "0.2", "128"), arm("big", "0.1", "128")) == []
+    assert confirmation.undeclared_differences(plan, arm("small", "0.2", "128"), arm("big", "0.1", "64")) == [
+        "data.batch_size: 128, 64"]
