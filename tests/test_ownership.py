@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -20,11 +22,11 @@ import torch
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from conftest import ROOT, assert_clean, kill_when, run_until
-from densenet_exp.checkpoints import PAUSE_ENV
+from conftest import ROOT, Store, assert_clean, kill_when, run_until
+from densenet_exp.checkpoints import OWNER_KEY, PAUSE_ENV, kept_best, owner, prune_best, resume_problem
 from densenet_exp.ownership import OwnerLock, earlier_live_rival, owner_gone
 from densenet_exp.replay import main as replay_main
-from densenet_exp.store import prepare_store
+from densenet_exp.store import MLFLOW_TABLES, StoreConfigError, prepare_store
 from densenet_exp.tracking import PARENT_ID_FILE, SweepParentRun, ensure_experiment
 from densenet_exp.validate import ConfigError, check_added_keys
 
@@ -138,6 +140,59 @@ def test_two_processes_create_a_new_store_at_once(new_store):
     assert sorted(r.data.params["seed"] for r in runs) == ["0", "1"]
     assert all(r.info.status == "FINISHED" for r in runs)
     assert_clean(store)
+
+
+@pytest.mark.slow
+def test_a_kill_during_a_new_stores_creation_never_leaves_it_half_made(tmp_path):
+    """Issue 23, finding 5: kill -9 at several moments after "Creating initial MLflow database
+    tables"; the store appears complete or not at all, and the next launch uses it."""
+    for delay in (0.3, 0.8, 1.5, 3.0):
+        store = Store(tmp_path / f"kill-{delay}")
+        db = store.path / "mlflow.db"
+        proc = start(store, *SMOKE)
+        # From the moment MLflow starts "Creating initial MLflow database tables" (in the draft file).
+        run_until(proc, (store.path / "mlflow.db.creating").exists, timeout=600)
+        time.sleep(delay)
+        kill_when(proc, lambda: True)
+        if db.exists():  # moved into place whole, or not at all
+            with sqlite3.connect(db) as conn:
+                tables = {r[0] for r in conn.execute("select name from sqlite_master where type = 'table'")}
+            assert set(MLFLOW_TABLES) <= tables and not [t for t in tables if t.startswith("_alembic_tmp_")], delay
+        prepare_store(store.uri)  # what the next launch does first
+        client = store.client()
+        client.create_run(ensure_experiment(client, "smoke"))
+        assert not (store.path / "mlflow.db.creating").exists()
+    result = store.run(*SMOKE, "trainer.max_epochs=1")  # a launch on the last of them trains
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_clean(store)
+
+
+@pytest.mark.parametrize("written", [False, True], ids=["unwritten", "with-a-run"])
+def test_a_half_made_store_is_made_anew_only_if_nothing_was_written_to_it(store, written, capsys):
+    """A store that older code left half-made (a kill during its migrations): set aside and
+    made anew if no run was written to it, else one line and left alone."""
+    if written:
+        client = store.client()
+        client.create_run(ensure_experiment(client, "smoke"))
+    db = store.path / "half" / "mlflow.db"  # a copy: no client of this process has it open
+    db.parent.mkdir()
+    shutil.copyfile(store.path / "mlflow.db", db)
+    with sqlite3.connect(db) as conn:  # as a kill mid-migration leaves it
+        conn.execute("update alembic_version set version_num = 'half_made'")
+        conn.execute("create table _alembic_tmp_datasets (x integer)")
+    before = db.read_bytes()
+    if written:
+        with pytest.raises(StoreConfigError, match="is not a usable MLflow store"):
+            prepare_store(f"sqlite:///{db}")
+        assert db.read_bytes() == before and not list(db.parent.glob("*half-made*"))
+        return
+    prepare_store(f"sqlite:///{db}")
+    err = capsys.readouterr().err
+    assert f"warning: {db} is a half-made MLflow store that no run has written to: set aside as" in err
+    (aside,) = db.parent.glob("mlflow.db.half-made-*")
+    assert aside.read_bytes() == before
+    client = MlflowClient(f"sqlite:///{db}")
+    client.create_run(ensure_experiment(client, "smoke"))
 
 
 @pytest.mark.slow
