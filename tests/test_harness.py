@@ -4,8 +4,11 @@ MLflow store."""
 
 from __future__ import annotations
 
+import http.server
+import shlex
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -228,6 +231,7 @@ BAD_INPUTS = [
     ("data.batch_size=512", ["data.batch_size=512", "at most the training set's size (256 images)"]),
     ("tracking.uri=bogus://x", ["tracking.uri='bogus://x'", "sqlite:///PATH"]),
     ("tracking.uri=sqlite:////dev/null/x/mlflow.db", ["/dev/null is not a folder", "writable folder"]),
+    ("tracking.heartbeat_s=inf", ["tracking.heartbeat_s=inf", "seconds > 0 and at most"]),
 ]
 
 
@@ -260,6 +264,33 @@ def test_an_output_folder_that_cannot_be_created_is_one_line(new_store):
     assert "error: hydra.run.dir='/dev/null/out' cannot be created: /dev/null is not a writable folder" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (store.path / "mlflow.db").exists()  # stopped before the store was touched
+
+
+def test_a_tracking_uri_that_answers_http_but_is_not_mlflow_is_one_line(store):
+    """Issue 23, finding 6: a plain web server (`python -m http.server`) at tracking.uri."""
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # the server's request lines would join the command's stderr
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        code, stderr = store.run_here("experiment=smoke", f"tracking.uri={uri}")
+    finally:
+        server.shutdown()
+    assert code == 2
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: tracking.uri='{uri}' does not answer as an MLflow"), stderr
+    assert not (store.path / "out").exists()
+
+
+def test_help_piped_into_a_reader_that_stops_early_prints_no_error(tmp_path):
+    """Issue 23, finding 6: `run --help | head` (here `| true`, which reads nothing)."""
+    errors = tmp_path / "stderr.txt"
+    subprocess.run(f"{shlex.quote(sys.executable)} -m densenet_exp.run --help 2>{errors} | true", shell=True,
+                   cwd=ROOT, timeout=120, check=True)
+    assert errors.read_text() == ""
 
 
 def test_failing_job_leaves_the_others_and_exits_nonzero(store):
