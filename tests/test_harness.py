@@ -102,6 +102,8 @@ def test_kill_between_an_epochs_metrics_and_its_checkpoint_resumes_exactly(store
     for key in ("train/loss", "train/acc", "val/acc", "val/loss", "lr"):
         assert metric_steps(client, run.info.run_id, key) == [7, 15, 23], key
     assert "test/acc" in run.data.metrics
+    # Epoch 1's best checkpoint, written before the kill, is not left beside the newer one (issue 23).
+    assert len(list((store.path / "out" / "checkpoints").glob("best-*.ckpt"))) == 1
     assert_clean(store)
     # Exact: the same figures as a run that was never interrupted.
     reference = store.run(*overrides, "tracking.experiment=reference", out="reference")
@@ -136,6 +138,46 @@ def test_sigterm_exits_143_with_the_run_killed_and_the_same_command_resumes_it(s
     assert "stop_reason" not in run.data.tags and "SIGTERM" in run.data.tags["resumed_after"]
     assert metric_steps(store.client(), run.info.run_id, "val/acc") == [7, 15, 23]
     assert_clean(store)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum,extra", [(signal.SIGTERM, ()), (signal.SIGKILL, ("data.val_size=0",))],
+                         ids=["sigterm", "kill-9-without-validation"])
+def test_a_run_stopped_during_its_test_resumes_straight_into_the_test(store, signum, extra):
+    """Issue 23, finding 1: SIGTERM (SLURM's preemption) or kill -9 0.3 s after `Trainer.fit`
+    stopped, while the test runs; the same command tests the final weights (last.ckpt of the last
+    epoch) and finishes the run, each (metric, step) once."""
+    overrides = (*SMOKE, *extra)
+    ensure_experiment(store.client(), "smoke")
+    proc, out = start(store, *overrides, env={PAUSE_ENV: "300@test"})  # the test lasts until the signal
+    try:
+        run_until(proc, lambda: out.has("`Trainer.fit` stopped"), timeout=900)
+        time.sleep(0.3)
+        proc.send_signal(signum)
+        assert proc.wait(120) == (143 if signum == signal.SIGTERM else -signal.SIGKILL)
+    finally:
+        proc.kill()
+    assert out.has("pausing") or signum == signal.SIGKILL  # SIGTERM: stopped inside the test
+    (stopped,) = store.runs("smoke")
+    assert stopped.info.status == ("KILLED" if signum == signal.SIGTERM else "RUNNING")
+    assert "test/acc" not in stopped.data.metrics
+
+    result = store.run(*overrides)  # the command it printed
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    (run,) = store.runs("smoke")
+    assert run.info.run_id == stopped.info.run_id and run.info.status == "FINISHED"
+    client = store.client()
+    for key in ("train/loss", "lr", *(() if extra else ("val/acc",))):
+        assert metric_steps(client, run.info.run_id, key) == [7, 15], key  # not trained again
+    assert metric_steps(client, run.info.run_id, "test/acc") == [16]
+    assert len(list((store.path / "out" / "checkpoints").glob("best-*.ckpt"))) == (0 if extra else 1)
+    assert_clean(store)
+    if signum == signal.SIGTERM:  # the test of the final weights, as if never stopped
+        reference = store.run(*overrides, "tracking.experiment=reference", out="reference")
+        assert reference.returncode == 0, reference.stderr[-3000:]
+        (ref,) = store.runs("reference")
+        assert run.data.metrics["test/acc"] == ref.data.metrics["test/acc"]
 
 
 @pytest.mark.slow

@@ -250,6 +250,69 @@ def test_a_run_killed_before_its_first_checkpoint_is_closed_then_resumed(store):
     assert_clean(store)
 
 
+@pytest.mark.slow
+def test_a_reused_output_folder_never_resumes_one_configuration_from_another(store):
+    """Issue 23, finding 2: run A killed in folder D; configuration B launched in D is refused
+    (D holds A's resume point); a checkpoint of another run put in A's folder (as older code
+    left it) is set aside with a warning naming both runs, never loaded; A finishes."""
+    a = (*SMOKE, "trainer.max_epochs=2")
+    ensure_experiment(store.client(), "smoke")
+    last = store.path / "D" / "checkpoints" / "last.ckpt"
+    kill_when(start(store, *a, out="D"), last.exists, timeout=900)  # killed in epoch 1, from epoch 0's checkpoint
+    (killed,) = store.runs("smoke")
+
+    b = store.run(*a, "optim.lr=0.1", out="D")
+    assert b.returncode == 2, b.stderr[-3000:]
+    lines = [line for line in b.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: hydra.run.dir=") and killed.info.run_id in lines[0]
+    assert len(store.runs("smoke")) == 1 and last.is_file()
+
+    # B trained elsewhere; its checkpoint copied into A's folder, where a resume would find it.
+    other = store.run(*a, "optim.lr=0.1", "trainer.max_epochs=1", out="E")
+    assert other.returncode == 0, other.stderr[-3000:]
+    (b_run,) = [r for r in store.runs("smoke") if r.info.run_id != killed.info.run_id]
+    shutil.copyfile(store.path / "E" / "checkpoints" / "last.ckpt", last)
+
+    result = store.run(*a, out="D")  # A's own command
+    assert result.returncode == 0, result.stderr[-3000:]
+    warning = next(line for line in result.stderr.splitlines() if line.startswith("warning: checkpoint"))
+    assert f"belongs to MLflow run {b_run.info.run_id}" in warning and killed.info.run_id in warning
+    assert "starts over from epoch 0" in warning
+    assert len(list(last.parent.glob("last.ckpt.foreign-*"))) == 1
+    run = store.client().get_run(killed.info.run_id)
+    assert run.info.status == "FINISHED" and "test/acc" in run.data.metrics
+    assert sorted(m.step for m in store.client().get_metric_history(run.info.run_id, "val/acc")) == [7, 15]
+    assert owner(last) == {"run_id": killed.info.run_id, "config_hash": run.data.tags["config_hash"]}
+    assert_clean(store)
+
+
+def test_a_checkpoint_resumes_only_the_run_it_names(tmp_path):
+    """Every checkpoint carries its run id and config hash; any other run, a checkpoint that names
+    none and a `last.ckpt` that is a folder are refused with the reason."""
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}, OWNER_KEY: {"run_id": "a", "config_hash": "h"}}, path)
+    assert resume_problem(path, "a", "h") is None
+    kind, why = resume_problem(path, "b", "h")
+    assert kind == "foreign" and why == "belongs to MLflow run a (config h), not to MLflow run b (config h)"
+    assert resume_problem(path, "a", "other")[0] == "foreign"
+    torch.save({"state_dict": {}}, path)
+    assert "names no MLflow run" in resume_problem(path, "a", "h")[1]
+    path.unlink()
+    path.mkdir()
+    assert resume_problem(path, "a", "h") == ("corrupt", "is not a file")
+
+
+def test_only_the_best_checkpoint_its_state_keeps_stays_after_a_resume(tmp_path):
+    for name in ("best-epoch=0.ckpt", "best-epoch=1.ckpt", "last.ckpt"):
+        (tmp_path / name).write_bytes(b"x")
+    kept = tmp_path / "best-epoch=0.ckpt"
+    torch.save({"callbacks": {"ModelCheckpoint{}": {"best_k_models": {str(kept): torch.tensor(0.5)},
+                                                     "best_model_path": str(kept)}}}, tmp_path / "last.ckpt")
+    assert kept_best(tmp_path / "last.ckpt") == {kept}
+    assert prune_best(tmp_path, {kept}) == [tmp_path / "best-epoch=1.ckpt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best-epoch=0.ckpt", "last.ckpt"]
+
+
 # --- 7. one line for every unusable store and checkpoint ------------------------------------
 
 
@@ -272,17 +335,23 @@ def test_an_unusable_store_file_is_one_line(store, damage):
     assert not (store.path / "out").exists()
 
 
-def test_a_corrupt_checkpoint_is_set_aside_and_the_run_starts_over(store):
+@pytest.mark.parametrize("damage", ["truncated", pytest.param("folder", marks=pytest.mark.slow)])
+def test_a_corrupt_checkpoint_is_set_aside_and_the_run_starts_over(store, damage):
     overrides = (*SMOKE, "trainer.max_epochs=1")
     assert store.run(*overrides).returncode == 0
     (run,) = store.runs("smoke")
     client = store.client()
     client.set_terminated(run.info.run_id, "KILLED")  # as if stopped: the next launch resumes it
     last = store.path / "out" / "checkpoints" / "last.ckpt"
-    last.write_bytes(last.read_bytes()[:1000])
+    if damage == "truncated":
+        last.write_bytes(last.read_bytes()[:1000])
+    else:
+        last.unlink()
+        last.mkdir()
     result = store.run(*overrides, out="again")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"warning: checkpoint {last} cannot be read" in result.stderr and "starts over from epoch 0" in result.stderr
+    why = "cannot be read" if damage == "truncated" else "is not a file"
+    assert f"warning: checkpoint {last} {why}" in result.stderr and "starts over from epoch 0" in result.stderr
     folder = last.parent
     assert len(list(folder.glob("last.ckpt.corrupt-*"))) == 1
     assert sorted(p.name for p in folder.glob("*.ckpt")) == ["best-epoch=0.ckpt", "last.ckpt"]  # no last-v1.ckpt
