@@ -390,3 +390,35 @@ def test_replay_has_a_command_line():
     result = subprocess.run([sys.executable, "-m", "densenet_exp.replay", "--help"], cwd=ROOT, capture_output=True,
                             text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0 and "unsent_metrics.jsonl" in result.stdout
+
+
+def test_replay_never_creates_a_store(tmp_path, capsys):
+    missing = tmp_path / "gone" / "mlflow.db"
+    spool = tmp_path / "unsent_metrics.jsonl"
+    spool.write_text(json.dumps({"uri": f"sqlite:///{missing}", "run_id": "r", "step": 1, "metrics": {"x": 1}}) + "\n")
+    assert replay_main([str(spool)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: uri (in unsent_metrics.jsonl)=") and f"there is no MLflow store at {missing}" in err
+    assert err.count("\n") == 1
+    assert not missing.parent.exists() and spool.exists()
+
+
+@pytest.mark.slow  # the bounds' own waits: about 30 s
+def test_replay_gives_up_on_a_server_that_stays_down_within_the_runs_bounds(tmp_path):
+    """Issue 23, finding 7: the replay waited 248 s (MLflow's own retries) where a run gives up
+    after tracking.http's (about 30 s)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    spool = tmp_path / "unsent_metrics.jsonl"
+    spool.write_text(json.dumps({"uri": f"http://127.0.0.1:{port}", "run_id": "r", "step": 1, "metrics": {"x": 1}})
+                     + "\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "densenet_exp.replay", str(spool)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    took = time.monotonic() - started
+    assert result.returncode == 75, result.stderr[-2000:]
+    assert "still unreachable" in result.stderr and "Traceback" not in result.stderr
+    assert took < 120, took  # the bounds of conf/config.yaml, not MLflow's 7 retries
+    print(f"replay gave up after {took:.0f} s")
