@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import Checkpoint
 
 from . import stopping
 
@@ -39,9 +40,14 @@ OWNER_KEY = "densenet_exp"  # in every checkpoint: {"run_id": ..., "config_hash"
 PAUSE_ENV = "DENSENET_EXP_TEST_PAUSE_BEFORE_CHECKPOINT"
 
 
-class LastCheckpoint(L.Callback):
+class LastCheckpoint(Checkpoint):
     """Keep `dirpath/last.ckpt` at the last epoch whose metrics are all logged, and stamp every
-    checkpoint the trainer writes with the run it belongs to."""
+    checkpoint the trainer writes with the run it belongs to.
+
+    A Checkpoint, so that Lightning runs it after the other callbacks and after the
+    ModelCheckpoint listed before it, which saves the epoch's best at the same hook: the epoch's
+    checkpoint then holds the selection that includes that epoch, the one whose files are on disk
+    (else a resume went back to the previous epoch's selection, and its best file stayed behind)."""
 
     def __init__(self, dirpath: Path, run_id: str | None, config_hash: str) -> None:
         self.last = Path(dirpath) / LAST

@@ -177,7 +177,7 @@ def prepare_store(uri: str, key: str = "tracking.uri") -> None:
         raise StoreConfigError(f"{key}={uri!r}: {path} is not writable: point it at a writable folder")
     with _exclusive(folder / f"{path.name}.lock"):
         if not path.exists() or path.stat().st_size == 0:
-            _create(path)
+            _create(path, uri, key)
         try:
             _check_sqlite_file(path, uri, key)
             _probe(uri, key)
@@ -191,7 +191,7 @@ def prepare_store(uri: str, key: str = "tracking.uri") -> None:
                     os.replace(f"{path}{suffix}", f"{moved}{suffix}")
             print(f"warning: {path} is a half-made MLflow store that no run has written to: set aside as {moved.name}, "
                   "and a new one is made", file=sys.stderr, flush=True)
-            _create(path)
+            _create(path, uri, key)
             _probe(uri, key)
 
 
@@ -228,7 +228,7 @@ def _probe(uri: str, key: str) -> None:
                                "(`mlflow server`, `make server`)") from None
 
 
-def _create(path: Path) -> None:
+def _create(path: Path, uri: str, key: str) -> None:
     """Make a new store at `path`: created and migrated as `<name>.creating` (a leftover of a
     kill is removed first), then moved into place in one step."""
     from mlflow.store.tracking import DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH
@@ -242,6 +242,10 @@ def _create(path: Path) -> None:
     draft_uri = f"sqlite:///{draft}"
     try:
         SqlAlchemyStore(draft_uri, DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH)  # creates the tables, then checks them
+    except Exception as err:  # a full disk, a read-only folder after all: one line
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise StoreConfigError(f"{key}={uri!r}: no MLflow store could be made at {path} ({first}): point it at "
+                               "a writable folder with room") from None
     finally:
         _forget(draft_uri)  # no connection may outlive the file's name
     os.replace(draft, path)

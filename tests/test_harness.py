@@ -151,7 +151,8 @@ def test_a_run_stopped_during_its_test_resumes_straight_into_the_test(store, sig
     ensure_experiment(store.client(), "smoke")
     proc, out = start(store, *overrides, env={PAUSE_ENV: "300@test"})  # the test lasts until the signal
     try:
-        run_until(proc, lambda: out.has("`Trainer.fit` stopped"), timeout=900)
+        run_until(proc, lambda: out.has("`Trainer.fit` stopped"), timeout=1800)
+        assert out.has("`Trainer.fit` stopped")  # not a timeout: the moment the issue names
         time.sleep(0.3)
         proc.send_signal(signum)
         assert proc.wait(120) == (143 if signum == signal.SIGTERM else -signal.SIGKILL)
