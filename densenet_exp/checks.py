@@ -7,8 +7,13 @@ Torch-free, so the light tools import it cheaply.
 
 from __future__ import annotations
 
+import re
 from numbers import Real
 from typing import Any
+
+# A name that becomes a folder (an experiment's artifacts, a report's folder): one safe path
+# component, never `..`, `/` or a leading dot.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_. -]{0,199}")
 
 
 class InvalidValue(ValueError):
@@ -34,3 +39,11 @@ def is_number(value: Any) -> bool:
 def require_int(key: str, value: Any, low: int) -> None:
     """An integer >= `low`."""
     require(key, value, is_int(value) and value >= low, f"an integer >= {low}")
+
+
+def require_name(key: str, value: Any) -> str:
+    """`value` if it is a safe name (SAFE_NAME): every name that reaches the file system passes here."""
+    require(key, value, isinstance(value, str) and SAFE_NAME.fullmatch(value) is not None,
+            "a name of letters, digits, '_', '-', '.' and spaces that starts with a letter or digit "
+            "(it names a folder)")
+    return value

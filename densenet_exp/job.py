@@ -36,7 +36,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from omegaconf import DictConfig, OmegaConf
 
 from . import record, stopping
-from .checkpoints import LastCheckpoint
+from .checkpoints import LastCheckpoint, prune_best
 from .claim import CLAIM_ENV, RunClaim, choose_run
 from .classifier import ImageClassifier
 from .console import job_label, record_job, swept_labels
@@ -305,7 +305,8 @@ def make_trainer(plain: dict[str, Any], variant: str, built: Built, speed: Speed
     trainer = L.Trainer(
         **plain["trainer"], **({} if validated else {"limit_val_batches": 0}), logger=run.logger,
         use_distributed_sampler=False,
-        callbacks=[checkpoint, LastCheckpoint(run.claim.ckpt_dir), stopping.StopAtNextStep(), *built.probes,
+        callbacks=[checkpoint, LastCheckpoint(run.claim.ckpt_dir, run.claim.run_id, config_hash(plain)),
+                   stopping.StopAtNextStep(), *built.probes,
                    *job_callbacks(plain, job_label(hc), about, choices)],
         default_root_dir=hc.runtime.output_dir,  # where Lightning's SLURM requeue writes its checkpoint
     )
@@ -316,6 +317,8 @@ def fit_and_test(plain: dict[str, Any], built: Built, speed: Speed, run: OpenRun
                  checkpoint: ModelCheckpoint) -> tuple[float | None, float]:
     """Train, then test the final weights once (the paper's protocol: a fixed schedule, no early
     stopping); `best-*.ckpt`, chosen on validation accuracy, is kept and logged for reloading.
+    A run stopped after training (during or before its test) resumes from `last.ckpt` of its
+    last epoch: `fit` restores the final weights and trains nothing, and the test runs.
     Returns (last validation accuracy or None, test accuracy)."""
     validated = has_validation_split(plain["data"])
     if run.chief and run.claim.resumed:
@@ -323,12 +326,24 @@ def fit_and_test(plain: dict[str, Any], built: Built, speed: Speed, run: OpenRun
     if run.chief and not run.claim.recorded:
         record_new_run(run, trainer, plain, speed.tags())
     trainer.fit(built.module, datamodule=built.datamodule, ckpt_path=run.claim.ckpt_path, weights_only=True)
-    val_acc = float(trainer.callback_metrics[record.VAL_ACC]) if validated else None  # test() resets them
+    val_acc = last_logged(run, trainer, record.VAL_ACC) if validated else None  # test() resets callback_metrics
+    if run.chief and (checkpoint.best_model_path or not validated):  # one best checkpoint, or none without validation
+        prune_best(run.claim.ckpt_dir, {Path(checkpoint.best_model_path)} if validated else set())
     results = trainer.test(built.module, datamodule=built.datamodule, verbose=False)[0]
     kept = checkpoint.best_model_path or str(run.claim.ckpt_dir / "last.ckpt")
     if run.chief and plain["tracking"]["log_checkpoint"] and Path(kept).is_file():
         run.client.log_artifact(run.claim.run_id, kept, record.CHECKPOINTS_DIR)
     return val_acc, float(results[record.TEST_ACC])
+
+
+def last_logged(run: OpenRun, trainer: L.Trainer, key: str) -> float | None:
+    """The last value of metric `key`: as this fit computed it, else (a run resumed after its
+    training ended validates nothing) as the run's history holds it."""
+    value = trainer.callback_metrics.get(key)
+    if value is not None:
+        return float(value)
+    logged = retry_locked(lambda: run.client.get_run(run.claim.run_id)).data.metrics.get(key)
+    return None if logged is None else float(logged)
 
 
 # -- 5. close --------------------------------------------------------------------------------

@@ -109,6 +109,8 @@ OWNER_HEARTBEAT = "owner_heartbeat"  # unix time of the owner's last sign of lif
 OWNER_SLURM_JOB = "owner_slurm_job"  # SLURM job id and restart count of the owner
 STOP_REASON = "stop_reason"  # why a run or sweep was stopped or closed (KILLED)
 RESUMED_AFTER = "resumed_after"  # the stop reason of the attempt a resumed run continues
+# export.py
+SOURCE_RUN_ID = "source_run_id"  # on a run loaded from an export: its id in the store it was first saved from
 
 # -- what the report and the notebooks read ------------------------------------------------
 # Params are the flattened config keys (conf/); results.load_runs reads these.

@@ -7,6 +7,9 @@ run (or a sweep's parent) should have ended with. Metrics already in the run's h
 step are skipped, so replaying twice, or after the run was resumed, logs nothing twice. A status
 is applied only to a run that is still RUNNING with its owner gone. The file is renamed to
 `*.replayed` once everything is in.
+
+Like a run, it gives up on a server that stays down within the `tracking.http` bounds of the run
+config (exit 75), and it never creates a store: each store it names must exist.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from .ownership import owner_gone
-from .store import retry_locked, unreachable
+from .store import StoreConfigError, bound_tool_waits, check_store, retry_locked, unreachable
 
 
 def replay(path: Path, uri: str | None = None, owner_timeout_s: float = 600) -> dict[str, int]:
@@ -31,6 +34,8 @@ def replay(path: Path, uri: str | None = None, owner_timeout_s: float = 600) -> 
     by_run: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for record in records:
         by_run[(uri or record["uri"], record["run_id"])].append(record)
+    for store in {store for store, _ in by_run}:
+        check_store(store, "--tracking-uri" if uri else f"uri (in {path.name})")
     counts = {"sent": 0, "present": 0, "statuses": 0}
     for (store, run_id), items in by_run.items():
         client = MlflowClient(store)
@@ -63,8 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.file.is_file():
         print(f"error: {args.file} is not a file", file=sys.stderr)
         return 2
+    bound_tool_waits()  # a server that stays down: give up as a run does
     try:
         counts = replay(args.file, args.tracking_uri)
+    except StoreConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except Exception as err:
         if unreachable(err):
             print("error: the tracking store is still unreachable: try again once it is back", file=sys.stderr)

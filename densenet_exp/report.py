@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import markdown
 import nh3
@@ -34,7 +35,7 @@ from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
 from . import record
-from .checks import InvalidValue, require
+from .checks import InvalidValue, require, require_name
 from .figures import (
     level,
     plot_accuracy_vs_cost,
@@ -59,7 +60,7 @@ from .results import (
     relative_grads,
     summarize,
 )
-from .store import retry_locked, tracking_uri
+from .store import StoreConfigError, StoreUnreachable, bound_tool_waits, check_store, retry_locked, tool_uri
 from .confirmation import Confirmation, confirmation_runs, judge_plan
 from .confirmation import rules as plan_rules
 from .plan import Plan, load_plan
@@ -158,13 +159,29 @@ _CSS = """body{font-family:system-ui,sans-serif;max-width:1300px;margin:2em auto
 table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}
 th{background:#f3f3f3}img{max-width:100%;display:block}code{background:#f3f3f3;padding:0 3px}
 p>em{color:#555;font-size:13px}"""
+# What report.html may point at: its own figures, inlined, and links to the web (never a
+# scheme-less `//host/...` address nor a `data:` page, which markdown in a run name could make).
+IMAGE_PREFIX = "data:image/png;base64,"
+LINK_SCHEMES = ("http", "https")
+
+
+def _allowed_url(element: str, attribute: str, value: str) -> str | None:
+    """nh3's last word on each attribute: an image only from a PNG data URI, a link only to an
+    absolute http(s) address (None drops the attribute)."""
+    if attribute == "src":
+        return value if element == "img" and value.startswith(IMAGE_PREFIX) else None
+    if attribute == "href":
+        parts = urlsplit(value)
+        return value if parts.scheme in LINK_SCHEMES and parts.netloc else None
+    return value
 
 
 @dataclass
 class Document:
     """The report as markdown, with its PNGs saved beside it; `html` renders it with the
-    `markdown` package, sanitizes the result with nh3 (no script, no event handler, images
-    only as data URIs) and embeds each image, so the HTML file stands alone."""
+    `markdown` package, embeds each image and sanitizes the result with nh3 (no script, no event
+    handler, images only as PNG data URIs, links only to http(s) addresses: `_allowed_url`), so
+    the HTML file stands alone and loads nothing from elsewhere."""
 
     folder: Path
     parts: list[str] = field(default_factory=list)
@@ -203,8 +220,8 @@ class Document:
         body = markdown.markdown(self.markdown(), extensions=["tables"])
         for path in self.figures:
             data = base64.b64encode(path.read_bytes()).decode()
-            body = body.replace(f'src="{path.name}"', f'src="data:image/png;base64,{data}"')
-        body = nh3.clean(body, url_schemes={"data"})
+            body = body.replace(f'src="{path.name}"', f'src="{IMAGE_PREFIX}{data}"')
+        body = nh3.clean(body, url_schemes={"data", *LINK_SCHEMES}, url_relative="deny", attribute_filter=_allowed_url)
         return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
                 f"<style>{_CSS}</style></head>\n<body>\n{body}\n</body></html>\n")
 
@@ -512,18 +529,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     started = time.perf_counter()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per downloaded file
-    uri = tracking_uri(args.tracking_uri, Path.cwd())
+    uri, key = tool_uri(args.tracking_uri)
+    bound_tool_waits()
     try:
         plan = load_plan(args.plan) if args.plan else None
         experiment = args.experiment or (plan.experiment if plan else None)
         require("--experiment", experiment, experiment is not None, "an MLflow experiment name (or --plan)")
         if args.sweep is not None:
             check_run_id(args.sweep)  # before it names a folder or enters a search filter
+        if args.out is None:
+            require_name("--experiment", experiment)  # it names the folder under reports/
+        check_store(uri, key)  # the checks training makes; a report never creates a store
         out = args.out or Path("reports") / (experiment + (f"-{args.sweep[:8]}" if args.sweep else ""))
         found = write_report(experiment, uri, out, args.sweep, args.margin, plan)
-    except (ExperimentNotFound, InvalidRunId, InvalidValue) as err:
+    except (ExperimentNotFound, InvalidRunId, InvalidValue, StoreConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except StoreUnreachable as err:
+        print(f"error: {err}: start it, or point {key} at another store", file=sys.stderr)
+        return 75
     run_id = log_report(found.files, experiment, uri, args.sweep)
     runs, done = found.evidence.runs, found.evidence.done
     print(f"report: {out / 'report.html'} ({len(done)} finished runs, {len(runs) - len(done)} left out; "

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -98,6 +99,20 @@ def main(cfg: DictConfig) -> float | None:
         raise
 
 
+# Hydra's flags that print and exit (no job runs).
+PRINT_ONLY_FLAGS = {"-h", "--help", "--hydra-help", "-i", "--info", "-c", "--cfg", "--version", "-sc",
+                    "--shell-completion"}
+
+
+def quiet_on_closed_pipe(argv: list[str]) -> None:
+    """`run --help | head`: when the reader goes away, end quietly as Unix tools do (SIGPIPE's
+    default) instead of printing BrokenPipeError. Only for the flags that print and exit: a run
+    that trains must close its MLflow run whatever happens to its terminal."""
+    if PRINT_ONLY_FLAGS.intersection(argv[1:]):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+
+
 if __name__ == "__main__":
     sys.argv = ddp_rank_argv(sys.argv, dict(os.environ))
+    quiet_on_closed_pipe(sys.argv)
     main()

@@ -3,7 +3,11 @@ once under a file lock, and bounded waits for a tracking server that does not an
 
 Two processes that open a new SQLite store at once would both run MLflow's migrations and can
 leave it broken for good (`table _alembic_tmp_latest_metrics already exists`), so the first
-process creates it while holding `<store>.lock` and the others wait for it.
+process creates it while holding `<store>.lock` and the others wait for it. It creates and
+migrates the store in `<store>.creating` and moves it into place once complete, so a kill during
+the migrations leaves no half-made store behind (and a half-made one left by older code, that no
+run has written to, is set aside and made anew). Readers (the report, export, replay) never
+create a store: `check_store` turns a missing or unusable one into one line.
 
 Kept free of Lightning and Hydra so that the report and the notebooks, which only read the
 store, start in seconds (`densenet_exp.tracking` builds on this for training runs).
@@ -14,7 +18,9 @@ from __future__ import annotations
 import fcntl
 import os
 import sqlite3
+import sys
 import time
+from datetime import datetime
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,6 +39,12 @@ HTTP_SETTINGS = {
     "timeout_s": "MLFLOW_HTTP_REQUEST_TIMEOUT",
 }
 CREATE_LOCK_WAIT_S = 300
+CONFIG_FILE = Path(__file__).resolve().parent.parent / "conf" / "config.yaml"  # the run config's defaults
+# Tables every MLflow store has (MLflow's own test of a complete store), and the prefix of the
+# copies its migrations make while they alter a table.
+MLFLOW_TABLES = ("alembic_version", "experiments", "runs", "tags", "params", "metrics")
+MIGRATION_TABLE_PREFIX = "_alembic_tmp_"
+SIDE_FILES = ("-journal", "-wal", "-shm")  # SQLite's files beside a database, named after it
 _down: set[str] = set()  # servers found unreachable in this process: no call waits on them again
 
 
@@ -63,6 +75,13 @@ def tracking_uri(configured: str | None, root: Path) -> str:
     """The store a run logs to: the config's `tracking.uri`, else `$MLFLOW_TRACKING_URI`, else
     the SQLite file `mlflow.db` in the project root."""
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def tool_uri(flag: str | None, name: str = "--tracking-uri") -> tuple[str, str]:
+    """The store a command-line tool reads, and how to name where it came from in a message:
+    its flag, else $MLFLOW_TRACKING_URI, else `mlflow.db` in the current folder."""
+    key = name if flag else "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else f"{name} (default)"
+    return tracking_uri(flag, Path.cwd()), key
 
 
 def is_down(uri: str | None) -> bool:
@@ -107,6 +126,21 @@ def bound_http_waits(http: Mapping[str, Any] | None) -> None:
             os.environ[HTTP_SETTINGS[key]] = str(value)
 
 
+def bound_tool_waits(config: Path = CONFIG_FILE) -> None:
+    """For the command-line tools (replay, report, export), which have no Hydra config: the
+    `tracking.http` bounds of the run config (`conf/config.yaml`), where the environment does
+    not set MLflow's own settings, so that they give up on a server that is down as a run does."""
+    import yaml
+
+    try:
+        http = (yaml.safe_load(config.read_text()).get("tracking") or {}).get("http") or {}
+    except (OSError, AttributeError, yaml.YAMLError):
+        return  # an installed copy without the config folder: MLflow's own settings
+    for key, value in http.items():
+        if key in HTTP_SETTINGS and value is not None:
+            os.environ.setdefault(HTTP_SETTINGS[key], str(value))
+
+
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a `sqlite:///` URI (None for an in-memory database)."""
     path = uri.split("://", 1)[1].removeprefix("/")
@@ -124,12 +158,12 @@ def check_uri(uri: str, key: str) -> None:
 
 def prepare_store(uri: str, key: str = "tracking.uri") -> None:
     """Check the URI; for SQLite, create and migrate the store once, under a file lock, before
-    any client uses it, and turn every way the file can be unusable into one line."""
+    any client uses it, and turn every way the file can be unusable into one line; for a server,
+    check that it answers as MLflow (StoreUnreachable when it does not answer at all)."""
     check_uri(uri, key)
-    if not uri.startswith("sqlite:"):
-        return
-    path = sqlite_path(uri)
+    path = sqlite_path(uri) if uri.startswith("sqlite:") else None
     if path is None:
+        _probe(uri, key)
         return
     folder = path.parent
     try:
@@ -142,37 +176,134 @@ def prepare_store(uri: str, key: str = "tracking.uri") -> None:
     if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise StoreConfigError(f"{key}={uri!r}: {path} is not writable: point it at a writable folder")
     with _exclusive(folder / f"{path.name}.lock"):
-        _check_sqlite_file(path, uri, key)
+        if not path.exists() or path.stat().st_size == 0:
+            _create(path, uri, key)
         try:
-            from mlflow.tracking import MlflowClient
+            _check_sqlite_file(path, uri, key)
+            _probe(uri, key)
+        except StoreConfigError:
+            if not _unwritten(path):
+                raise
+            _forget(uri)
+            moved = path.with_name(f"{path.name}.half-made-{datetime.now():%Y%m%d-%H%M%S}")
+            for suffix in ("", *SIDE_FILES):
+                if Path(f"{path}{suffix}").exists():
+                    os.replace(f"{path}{suffix}", f"{moved}{suffix}")
+            print(f"warning: {path} is a half-made MLflow store that no run has written to: set aside as {moved.name}, "
+                  "and a new one is made", file=sys.stderr, flush=True)
+            _create(path, uri, key)
+            _probe(uri, key)
 
-            # Creating the client's store creates the tables or checks their version; the store is
-            # cached per URI, so the harness's later clients reuse it.
-            retry_locked(lambda: MlflowClient(uri).search_experiments(max_results=1))
-        except Exception as err:
+
+def check_store(uri: str, key: str = "--tracking-uri") -> None:
+    """For tools that only read or add to an existing store (report, export, replay): the URI,
+    and a store that exists, is complete and answers; never creates one. One line
+    (StoreConfigError) for each way it can fail, StoreUnreachable for a server that is down."""
+    check_uri(uri, key)
+    path = sqlite_path(uri) if uri.startswith("sqlite:") else None
+    if path is not None:
+        if not path.is_file() or path.stat().st_size == 0:
+            raise StoreConfigError(f"{key}={uri!r}: there is no MLflow store at {path} (a training run creates one; "
+                                   "this command only reads or adds to one)")
+        _check_sqlite_file(path, uri, key, complete=True)
+    _probe(uri, key)
+
+
+def _probe(uri: str, key: str) -> None:
+    """One call that opens the store (MLflow creates or checks its tables; the store is cached
+    per URI, so the harness's later clients reuse it) and shows that a server speaks MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        retry_locked(lambda: MlflowClient(uri).search_experiments(max_results=1))
+    except Exception as err:
+        if unreachable(err):
+            raise StoreUnreachable(uri) from None
+        path = sqlite_path(uri) if uri.startswith("sqlite:") else None
+        if path is not None:
             raise StoreConfigError(_unusable(uri, key, path, err)) from None
+        why = str(err).split(". Response body", 1)[0].strip().splitlines()
+        raise StoreConfigError(f"{key}={uri!r} does not answer as an MLflow tracking server "
+                               f"({(why[0] if why else type(err).__name__)[:300]}): point it at an MLflow server "
+                               "(`mlflow server`, `make server`)") from None
 
 
-def _check_sqlite_file(path: Path, uri: str, key: str) -> None:
-    """Garbage, a truncated copy or another program's database: say so before MLflow tries it."""
+def _create(path: Path, uri: str, key: str) -> None:
+    """Make a new store at `path`: created and migrated as `<name>.creating` (a leftover of a
+    kill is removed first), then moved into place in one step."""
+    from mlflow.store.tracking import DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    draft = path.with_name(f"{path.name}.creating")
+    # A kill's leftovers: the draft, and journals of the draft or of an empty file at `path`
+    # (SQLite would replay a stale journal into the new store).
+    for leftover in (draft, *(Path(f"{f}{suffix}") for f in (draft, path) for suffix in SIDE_FILES)):
+        leftover.unlink(missing_ok=True)
+    draft_uri = f"sqlite:///{draft}"
+    try:
+        SqlAlchemyStore(draft_uri, DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH)  # creates the tables, then checks them
+    except Exception as err:  # a full disk, a read-only folder after all: one line
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise StoreConfigError(f"{key}={uri!r}: no MLflow store could be made at {path} ({first}): point it at "
+                               "a writable folder with room") from None
+    finally:
+        _forget(draft_uri)  # no connection may outlive the file's name
+    os.replace(draft, path)
+
+
+def _forget(uri: str) -> None:
+    """Close and drop MLflow's cached database engine of `uri` (its file moved or went away)."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    engine = getattr(SqlAlchemyStore, "_engine_map", {}).pop(uri, None)
+    if engine is not None:
+        engine.dispose()
+
+
+def _tables(conn: sqlite3.Connection) -> set[str]:
+    return {row[0] for row in conn.execute("select name from sqlite_master where type = 'table'")}
+
+
+def _unwritten(path: Path) -> bool:
+    """Whether `path` is a store that MLflow began to make (its migration tables are there) and
+    no one has used: no run, no experiment but MLflow's Default."""
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+            tables = _tables(conn)
+            if "alembic_version" not in tables and not any(t.startswith(MIGRATION_TABLE_PREFIX) for t in tables):
+                return False
+            runs = conn.execute("select count(*) from runs").fetchone()[0] if "runs" in tables else 0
+            named = (conn.execute("select count(*) from experiments where experiment_id != 0").fetchone()[0]
+                     if "experiments" in tables else 0)
+    except sqlite3.Error:
+        return False
+    return runs == 0 and named == 0
+
+
+def _check_sqlite_file(path: Path, uri: str, key: str, complete: bool = False) -> None:
+    """Garbage, a truncated copy or another program's database: say so before MLflow tries it.
+    `complete`: MLflow's tables must all be there (a reader must not make MLflow migrate)."""
     if not path.exists() or path.stat().st_size == 0:
         return
     try:
         with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
             check = conn.execute("PRAGMA quick_check").fetchone()[0]
-            tables = {row[0] for row in conn.execute("select name from sqlite_master where type = 'table'")}
+            tables = _tables(conn)
     except sqlite3.Error as err:
         raise StoreConfigError(_unusable(uri, key, path, err)) from None
     if check != "ok":
         raise StoreConfigError(_unusable(uri, key, path, check))
     if tables and "experiments" not in tables:
         raise StoreConfigError(_unusable(uri, key, path, "an SQLite database without MLflow's tables"))
+    missing = [t for t in MLFLOW_TABLES if t not in tables]
+    if complete and missing:
+        raise StoreConfigError(_unusable(uri, key, path, f"a half-made store: no table {', '.join(missing)}"))
 
 
 def _unusable(uri: str, key: str, path: Path, why: object) -> str:
     first = str(why).strip().splitlines()[0] if str(why).strip() else type(why).__name__
     return (f"{key}={uri!r}: {path} is not a usable MLflow store ({first[:300]}): move it aside, "
-            "or point tracking.uri at another file")
+            f"or point {key} at another file")
 
 
 class _exclusive:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import inspect
 import os
-import re
 import sys
+import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from .checks import InvalidValue, is_int, is_number, require, require_int
+from .checks import InvalidValue, is_int, is_number, require, require_int, require_name
 from .classifier import OPTIMIZERS, SCHEDULERS
 from .data import AUGMENTATIONS, FASHION_MNIST_HELP, find_fashion_mnist
 from .models import ARCHITECTURES, KNOB_CHECKS
@@ -25,8 +25,6 @@ from .models import ARCHITECTURES, KNOB_CHECKS
 DATA_SETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 TRAIN_IMAGES = {"fashion_mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000}  # before the validation split
 NATIVE_SIZE = {"fashion_mnist": 28, "cifar10": 32, "cifar100": 32}  # in-memory sets are not resized
-# An experiment's name becomes a folder name (its artifacts): one safe path component.
-EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_. -]{0,199}")
 # Keys the code reads that not every config file defines, so `+key=value` may add them. Model and
 # probe options are checked by their builders, trainer keys against lightning.Trainer.
 ADDABLE_KEYS = (
@@ -117,13 +115,12 @@ def validate_batch_fits(cfg: Mapping[str, Any]) -> None:
 
 
 def validate_tracking(tracking: Mapping[str, Any]) -> None:
-    name = tracking.get("experiment")
-    require("tracking.experiment", name, isinstance(name, str) and EXPERIMENT_NAME.fullmatch(name) is not None,
-            "a name of letters, digits, '_', '-', '.' and spaces that starts with a letter or digit "
-            "(it names a folder)")
+    require_name("tracking.experiment", tracking.get("experiment"))
     for key in ("heartbeat_s", "owner_timeout_s"):
         value = tracking.get(key)
-        require(f"tracking.{key}", value, is_number(value) and value > 0, "a number of seconds > 0")
+        # The heartbeat thread waits heartbeat_s between beats: the longest wait threading allows.
+        ok = is_number(value) and 0 < value <= threading.TIMEOUT_MAX
+        require(f"tracking.{key}", value, ok, f"a number of seconds > 0 and at most {threading.TIMEOUT_MAX:.0f}")
     require("tracking.owner_timeout_s", tracking["owner_timeout_s"],
              tracking["owner_timeout_s"] >= 2 * tracking["heartbeat_s"], "at least twice tracking.heartbeat_s")
     for key, value in (tracking.get("http") or {}).items():

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import gzip
+import json
 
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from densenet_exp import export
+from densenet_exp.ownership import lock_path
 
 
 def make_store(path, experiment="study") -> tuple[str, str, str]:
@@ -48,3 +50,81 @@ def test_saved_runs_load_into_another_store_with_links_pointing_at_the_new_ids(t
     assert [(m.step, m.timestamp, m.value) for m in history] == [(e, 1000 + e, 0.5 + e / 10) for e in range(3)]
     local = client.download_artifacts(child.info.run_id, "feature_reuse/matrices.json", str(tmp_path / "dl"))
     assert open(local).read() == "[[[1.0, null]]]"
+
+
+def rewrite(path, change) -> None:
+    """Apply `change` to each record of the export `path` (a crafted file)."""
+    records = export.read(path)
+    for entry in records:
+        change(entry)
+    with gzip.open(path, "wt") as f:
+        f.write("".join(json.dumps(entry) + "\n" for entry in records))
+
+
+def test_a_crafted_export_writes_nothing_outside_the_store(tmp_path, capsys):
+    """Issue 23, finding 3: `export load F --experiment ../../../escaped_exp`, a file whose
+    `experiment` field is `../../pwn_from_file`, or whose artifact name climbs out."""
+    uri, _, _ = make_store(tmp_path)
+    out = tmp_path / "runs.jsonl.gz"
+    export.save("study", uri, out)
+    work = tmp_path / "a" / "b" / "c"
+    work.mkdir(parents=True)
+    target = f"sqlite:///{work / 'dst.db'}"
+    assert export.main(["load", str(out), "--tracking-uri", target, "--experiment", "../../../escaped_exp"]) == 2
+    assert "error: --experiment='../../../escaped_exp' is invalid" in capsys.readouterr().err
+    rewrite(out, lambda entry: entry.update(experiment="../../pwn_from_file"))
+    assert export.main(["load", str(out), "--tracking-uri", target]) == 2
+    assert f"error: the experiment field of {out}='../../pwn_from_file' is invalid" in capsys.readouterr().err
+    rewrite(out, lambda entry: entry.update(experiment="study", artifacts={"../../evil.txt": "x"} if entry["artifacts"]
+                                            else {}))
+    assert export.main(["load", str(out), "--tracking-uri", target]) == 2
+    assert "error: artifact '../../evil.txt' of run" in capsys.readouterr().err
+    assert not [p for p in tmp_path.rglob("*") if "escaped" in p.name or "pwn" in p.name or "evil" in p.name]
+
+
+def test_a_loaded_run_is_a_record_that_no_launch_resumes(tmp_path):
+    """Tags naming the trainer's processes and files are not loaded; a run RUNNING when saved is
+    loaded KILLED (nothing trains it here)."""
+    uri, _, child = make_store(tmp_path)
+    client = MlflowClient(uri)
+    lock = str(tmp_path / "elsewhere" / "checkpoints" / "owner.lock")
+    client.set_tag(child, "owner_lock", lock)
+    client.set_tag(child, "checkpoint_dir", str(tmp_path / "elsewhere" / "checkpoints"))
+    client.update_run(child, "RUNNING")
+    out = tmp_path / "runs.jsonl.gz"
+    export.save("study", uri, out)
+    target = f"sqlite:///{tmp_path / 'dst.db'}"
+    export.load(out, target)
+    dst = MlflowClient(target)
+    (loaded,) = [r for r in dst.search_runs([dst.get_experiment_by_name("study").experiment_id])
+                 if r.info.run_name == "v-s0"]
+    assert loaded.info.status == "KILLED" and "RUNNING when saved" in loaded.data.tags["stop_reason"]
+    assert "owner_lock" not in loaded.data.tags and "checkpoint_dir" not in loaded.data.tags
+    assert loaded.data.tags["source_run_id"] == child
+    assert lock_path(loaded) is None  # so the ownership rule never claims it
+
+
+def test_loading_runs_that_are_there_already_is_refused_unless_asked(tmp_path, capsys):
+    uri, _, _ = make_store(tmp_path)
+    out = tmp_path / "runs.jsonl.gz"
+    export.save("study", uri, out)
+    target = f"sqlite:///{tmp_path / 'dst.db'}"
+    client = MlflowClient(target)
+    count = lambda: len(client.search_runs([client.get_experiment_by_name("study").experiment_id]))  # noqa: E731
+    assert export.main(["load", str(out), "--tracking-uri", target]) == 0
+    assert count() == 2
+    assert export.main(["load", str(out), "--tracking-uri", target]) == 3
+    assert "2 of the 2 runs of" in capsys.readouterr().err and count() == 2
+    assert export.main(["load", str(out), "--tracking-uri", uri]) == 3  # back into the store it came from
+    export.save("study", target, tmp_path / "again.jsonl.gz")  # a copy of the copies: still the same runs
+    assert export.main(["load", str(tmp_path / "again.jsonl.gz"), "--tracking-uri", target]) == 3
+    assert export.main(["load", str(out), "--tracking-uri", target, "--again"]) == 0
+    assert count() == 4
+
+
+def test_export_save_never_creates_a_store(tmp_path, capsys):
+    missing = tmp_path / "none" / "mlflow.db"
+    args = ["save", "--experiment", "study", "--tracking-uri", f"sqlite:///{missing}", "--out", str(tmp_path / "x.gz")]
+    assert export.main(args) == 2
+    assert f"there is no MLflow store at {missing}" in capsys.readouterr().err
+    assert not missing.parent.exists()

@@ -4,8 +4,11 @@ MLflow store."""
 
 from __future__ import annotations
 
+import http.server
+import shlex
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -99,6 +102,8 @@ def test_kill_between_an_epochs_metrics_and_its_checkpoint_resumes_exactly(store
     for key in ("train/loss", "train/acc", "val/acc", "val/loss", "lr"):
         assert metric_steps(client, run.info.run_id, key) == [7, 15, 23], key
     assert "test/acc" in run.data.metrics
+    # Epoch 1's best checkpoint, written before the kill, is not left beside the newer one (issue 23).
+    assert len(list((store.path / "out" / "checkpoints").glob("best-*.ckpt"))) == 1
     assert_clean(store)
     # Exact: the same figures as a run that was never interrupted.
     reference = store.run(*overrides, "tracking.experiment=reference", out="reference")
@@ -133,6 +138,47 @@ def test_sigterm_exits_143_with_the_run_killed_and_the_same_command_resumes_it(s
     assert "stop_reason" not in run.data.tags and "SIGTERM" in run.data.tags["resumed_after"]
     assert metric_steps(store.client(), run.info.run_id, "val/acc") == [7, 15, 23]
     assert_clean(store)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum,extra", [(signal.SIGTERM, ()), (signal.SIGKILL, ("data.val_size=0",))],
+                         ids=["sigterm", "kill-9-without-validation"])
+def test_a_run_stopped_during_its_test_resumes_straight_into_the_test(store, signum, extra):
+    """Issue 23, finding 1: SIGTERM (SLURM's preemption) or kill -9 0.3 s after `Trainer.fit`
+    stopped, while the test runs; the same command tests the final weights (last.ckpt of the last
+    epoch) and finishes the run, each (metric, step) once."""
+    overrides = (*SMOKE, *extra)
+    ensure_experiment(store.client(), "smoke")
+    proc, out = start(store, *overrides, env={PAUSE_ENV: "300@test"})  # the test lasts until the signal
+    try:
+        run_until(proc, lambda: out.has("`Trainer.fit` stopped"), timeout=1800)
+        assert out.has("`Trainer.fit` stopped")  # not a timeout: the moment the issue names
+        time.sleep(0.3)
+        proc.send_signal(signum)
+        assert proc.wait(120) == (143 if signum == signal.SIGTERM else -signal.SIGKILL)
+    finally:
+        proc.kill()
+    assert out.has("pausing") or signum == signal.SIGKILL  # SIGTERM: stopped inside the test
+    (stopped,) = store.runs("smoke")
+    assert stopped.info.status == ("KILLED" if signum == signal.SIGTERM else "RUNNING")
+    assert "test/acc" not in stopped.data.metrics
+
+    result = store.run(*overrides)  # the command it printed
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    (run,) = store.runs("smoke")
+    assert run.info.run_id == stopped.info.run_id and run.info.status == "FINISHED"
+    client = store.client()
+    for key in ("train/loss", "lr", *(() if extra else ("val/acc",))):
+        assert metric_steps(client, run.info.run_id, key) == [7, 15], key  # not trained again
+    assert metric_steps(client, run.info.run_id, "test/acc") == [16]
+    assert len(list((store.path / "out" / "checkpoints").glob("best-*.ckpt"))) == (0 if extra else 1)
+    assert_clean(store)
+    if signum == signal.SIGTERM:  # the test of the final weights, as if never stopped
+        reference = store.run(*overrides, "tracking.experiment=reference", out="reference")
+        assert reference.returncode == 0, reference.stderr[-3000:]
+        (ref,) = store.runs("reference")
+        assert run.data.metrics["test/acc"] == ref.data.metrics["test/acc"]
 
 
 @pytest.mark.slow
@@ -228,6 +274,7 @@ BAD_INPUTS = [
     ("data.batch_size=512", ["data.batch_size=512", "at most the training set's size (256 images)"]),
     ("tracking.uri=bogus://x", ["tracking.uri='bogus://x'", "sqlite:///PATH"]),
     ("tracking.uri=sqlite:////dev/null/x/mlflow.db", ["/dev/null is not a folder", "writable folder"]),
+    ("tracking.heartbeat_s=inf", ["tracking.heartbeat_s=inf", "seconds > 0 and at most"]),
 ]
 
 
@@ -260,6 +307,33 @@ def test_an_output_folder_that_cannot_be_created_is_one_line(new_store):
     assert "error: hydra.run.dir='/dev/null/out' cannot be created: /dev/null is not a writable folder" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (store.path / "mlflow.db").exists()  # stopped before the store was touched
+
+
+def test_a_tracking_uri_that_answers_http_but_is_not_mlflow_is_one_line(store):
+    """Issue 23, finding 6: a plain web server (`python -m http.server`) at tracking.uri."""
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # the server's request lines would join the command's stderr
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        code, stderr = store.run_here("experiment=smoke", f"tracking.uri={uri}")
+    finally:
+        server.shutdown()
+    assert code == 2
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: tracking.uri='{uri}' does not answer as an MLflow"), stderr
+    assert not (store.path / "out").exists()
+
+
+def test_help_piped_into_a_reader_that_stops_early_prints_no_error(tmp_path):
+    """Issue 23, finding 6: `run --help | head` (here `| true`, which reads nothing)."""
+    errors = tmp_path / "stderr.txt"
+    subprocess.run(f"{shlex.quote(sys.executable)} -m densenet_exp.run --help 2>{errors} | true", shell=True,
+                   cwd=ROOT, timeout=120, check=True)
+    assert errors.read_text() == ""
 
 
 def test_failing_job_leaves_the_others_and_exits_nonzero(store):

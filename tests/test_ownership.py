@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -20,11 +22,11 @@ import torch
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from conftest import ROOT, assert_clean, kill_when, run_until
-from densenet_exp.checkpoints import PAUSE_ENV
+from conftest import ROOT, Store, assert_clean, kill_when, run_until
+from densenet_exp.checkpoints import OWNER_KEY, PAUSE_ENV, kept_best, owner, prune_best, resume_problem
 from densenet_exp.ownership import OwnerLock, earlier_live_rival, owner_gone
 from densenet_exp.replay import main as replay_main
-from densenet_exp.store import prepare_store
+from densenet_exp.store import MLFLOW_TABLES, StoreConfigError, prepare_store
 from densenet_exp.tracking import PARENT_ID_FILE, SweepParentRun, ensure_experiment
 from densenet_exp.validate import ConfigError, check_added_keys
 
@@ -141,6 +143,59 @@ def test_two_processes_create_a_new_store_at_once(new_store):
 
 
 @pytest.mark.slow
+def test_a_kill_during_a_new_stores_creation_never_leaves_it_half_made(tmp_path):
+    """Issue 23, finding 5: kill -9 at several moments after "Creating initial MLflow database
+    tables"; the store appears complete or not at all, and the next launch uses it."""
+    for delay in (0.3, 0.8, 1.5, 3.0):
+        store = Store(tmp_path / f"kill-{delay}")
+        db = store.path / "mlflow.db"
+        proc = start(store, *SMOKE)
+        # From the moment MLflow starts "Creating initial MLflow database tables" (in the draft file).
+        run_until(proc, (store.path / "mlflow.db.creating").exists, timeout=600)
+        time.sleep(delay)
+        kill_when(proc, lambda: True)
+        if db.exists():  # moved into place whole, or not at all
+            with sqlite3.connect(db) as conn:
+                tables = {r[0] for r in conn.execute("select name from sqlite_master where type = 'table'")}
+            assert set(MLFLOW_TABLES) <= tables and not [t for t in tables if t.startswith("_alembic_tmp_")], delay
+        prepare_store(store.uri)  # what the next launch does first
+        client = store.client()
+        client.create_run(ensure_experiment(client, "smoke"))
+        assert not (store.path / "mlflow.db.creating").exists()
+    result = store.run(*SMOKE, "trainer.max_epochs=1")  # a launch on the last of them trains
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_clean(store)
+
+
+@pytest.mark.parametrize("written", [False, True], ids=["unwritten", "with-a-run"])
+def test_a_half_made_store_is_made_anew_only_if_nothing_was_written_to_it(store, written, capsys):
+    """A store that older code left half-made (a kill during its migrations): set aside and
+    made anew if no run was written to it, else one line and left alone."""
+    if written:
+        client = store.client()
+        client.create_run(ensure_experiment(client, "smoke"))
+    db = store.path / "half" / "mlflow.db"  # a copy: no client of this process has it open
+    db.parent.mkdir()
+    shutil.copyfile(store.path / "mlflow.db", db)
+    with sqlite3.connect(db) as conn:  # as a kill mid-migration leaves it
+        conn.execute("update alembic_version set version_num = 'half_made'")
+        conn.execute("create table _alembic_tmp_datasets (x integer)")
+    before = db.read_bytes()
+    if written:
+        with pytest.raises(StoreConfigError, match="is not a usable MLflow store"):
+            prepare_store(f"sqlite:///{db}")
+        assert db.read_bytes() == before and not list(db.parent.glob("*half-made*"))
+        return
+    prepare_store(f"sqlite:///{db}")
+    err = capsys.readouterr().err
+    assert f"warning: {db} is a half-made MLflow store that no run has written to: set aside as" in err
+    (aside,) = db.parent.glob("mlflow.db.half-made-*")
+    assert aside.read_bytes() == before
+    client = MlflowClient(f"sqlite:///{db}")
+    client.create_run(ensure_experiment(client, "smoke"))
+
+
+@pytest.mark.slow
 def test_two_sweeps_on_a_new_store_each_get_their_parent(store):
     procs = [start(store, *SMOKE, f"seed={a},{a + 1}", "trainer.max_epochs=1", out=f"sweep{a}", multirun=True)
              for a in (0, 2)]
@@ -195,6 +250,69 @@ def test_a_run_killed_before_its_first_checkpoint_is_closed_then_resumed(store):
     assert_clean(store)
 
 
+@pytest.mark.slow
+def test_a_reused_output_folder_never_resumes_one_configuration_from_another(store):
+    """Issue 23, finding 2: run A killed in folder D; configuration B launched in D is refused
+    (D holds A's resume point); a checkpoint of another run put in A's folder (as older code
+    left it) is set aside with a warning naming both runs, never loaded; A finishes."""
+    a = (*SMOKE, "trainer.max_epochs=2")
+    ensure_experiment(store.client(), "smoke")
+    last = store.path / "D" / "checkpoints" / "last.ckpt"
+    kill_when(start(store, *a, out="D"), last.exists, timeout=900)  # killed in epoch 1, from epoch 0's checkpoint
+    (killed,) = store.runs("smoke")
+
+    b = store.run(*a, "optim.lr=0.1", out="D")
+    assert b.returncode == 2, b.stderr[-3000:]
+    lines = [line for line in b.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: hydra.run.dir=") and killed.info.run_id in lines[0]
+    assert len(store.runs("smoke")) == 1 and last.is_file()
+
+    # B trained elsewhere; its checkpoint copied into A's folder, where a resume would find it.
+    other = store.run(*a, "optim.lr=0.1", "trainer.max_epochs=1", out="E")
+    assert other.returncode == 0, other.stderr[-3000:]
+    (b_run,) = [r for r in store.runs("smoke") if r.info.run_id != killed.info.run_id]
+    shutil.copyfile(store.path / "E" / "checkpoints" / "last.ckpt", last)
+
+    result = store.run(*a, out="D")  # A's own command
+    assert result.returncode == 0, result.stderr[-3000:]
+    warning = next(line for line in result.stderr.splitlines() if line.startswith("warning: checkpoint"))
+    assert f"belongs to MLflow run {b_run.info.run_id}" in warning and killed.info.run_id in warning
+    assert "starts over from epoch 0" in warning
+    assert len(list(last.parent.glob("last.ckpt.foreign-*"))) == 1
+    run = store.client().get_run(killed.info.run_id)
+    assert run.info.status == "FINISHED" and "test/acc" in run.data.metrics
+    assert sorted(m.step for m in store.client().get_metric_history(run.info.run_id, "val/acc")) == [7, 15]
+    assert owner(last) == {"run_id": killed.info.run_id, "config_hash": run.data.tags["config_hash"]}
+    assert_clean(store)
+
+
+def test_a_checkpoint_resumes_only_the_run_it_names(tmp_path):
+    """Every checkpoint carries its run id and config hash; any other run, a checkpoint that names
+    none and a `last.ckpt` that is a folder are refused with the reason."""
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}, OWNER_KEY: {"run_id": "a", "config_hash": "h"}}, path)
+    assert resume_problem(path, "a", "h") is None
+    kind, why = resume_problem(path, "b", "h")
+    assert kind == "foreign" and why == "belongs to MLflow run a (config h), not to MLflow run b (config h)"
+    assert resume_problem(path, "a", "other")[0] == "foreign"
+    torch.save({"state_dict": {}}, path)
+    assert "names no MLflow run" in resume_problem(path, "a", "h")[1]
+    path.unlink()
+    path.mkdir()
+    assert resume_problem(path, "a", "h") == ("corrupt", "is not a file")
+
+
+def test_only_the_best_checkpoint_its_state_keeps_stays_after_a_resume(tmp_path):
+    for name in ("best-epoch=0.ckpt", "best-epoch=1.ckpt", "last.ckpt"):
+        (tmp_path / name).write_bytes(b"x")
+    kept = tmp_path / "best-epoch=0.ckpt"
+    torch.save({"callbacks": {"ModelCheckpoint{}": {"best_k_models": {str(kept): torch.tensor(0.5)},
+                                                     "best_model_path": str(kept)}}}, tmp_path / "last.ckpt")
+    assert kept_best(tmp_path / "last.ckpt") == {kept}
+    assert prune_best(tmp_path, {kept}) == [tmp_path / "best-epoch=1.ckpt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best-epoch=0.ckpt", "last.ckpt"]
+
+
 # --- 7. one line for every unusable store and checkpoint ------------------------------------
 
 
@@ -217,17 +335,23 @@ def test_an_unusable_store_file_is_one_line(store, damage):
     assert not (store.path / "out").exists()
 
 
-def test_a_corrupt_checkpoint_is_set_aside_and_the_run_starts_over(store):
+@pytest.mark.parametrize("damage", ["truncated", pytest.param("folder", marks=pytest.mark.slow)])
+def test_a_corrupt_checkpoint_is_set_aside_and_the_run_starts_over(store, damage):
     overrides = (*SMOKE, "trainer.max_epochs=1")
     assert store.run(*overrides).returncode == 0
     (run,) = store.runs("smoke")
     client = store.client()
     client.set_terminated(run.info.run_id, "KILLED")  # as if stopped: the next launch resumes it
     last = store.path / "out" / "checkpoints" / "last.ckpt"
-    last.write_bytes(last.read_bytes()[:1000])
+    if damage == "truncated":
+        last.write_bytes(last.read_bytes()[:1000])
+    else:
+        last.unlink()
+        last.mkdir()
     result = store.run(*overrides, out="again")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"warning: checkpoint {last} cannot be read" in result.stderr and "starts over from epoch 0" in result.stderr
+    why = "cannot be read" if damage == "truncated" else "is not a file"
+    assert f"warning: checkpoint {last} {why}" in result.stderr and "starts over from epoch 0" in result.stderr
     folder = last.parent
     assert len(list(folder.glob("last.ckpt.corrupt-*"))) == 1
     assert sorted(p.name for p in folder.glob("*.ckpt")) == ["best-epoch=0.ckpt", "last.ckpt"]  # no last-v1.ckpt
@@ -266,3 +390,35 @@ def test_replay_has_a_command_line():
     result = subprocess.run([sys.executable, "-m", "densenet_exp.replay", "--help"], cwd=ROOT, capture_output=True,
                             text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0 and "unsent_metrics.jsonl" in result.stdout
+
+
+def test_replay_never_creates_a_store(tmp_path, capsys):
+    missing = tmp_path / "gone" / "mlflow.db"
+    spool = tmp_path / "unsent_metrics.jsonl"
+    spool.write_text(json.dumps({"uri": f"sqlite:///{missing}", "run_id": "r", "step": 1, "metrics": {"x": 1}}) + "\n")
+    assert replay_main([str(spool)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: uri (in unsent_metrics.jsonl)=") and f"there is no MLflow store at {missing}" in err
+    assert err.count("\n") == 1
+    assert not missing.parent.exists() and spool.exists()
+
+
+@pytest.mark.slow  # the bounds' own waits: about 30 s
+def test_replay_gives_up_on_a_server_that_stays_down_within_the_runs_bounds(tmp_path):
+    """Issue 23, finding 7: the replay waited 248 s (MLflow's own retries) where a run gives up
+    after tracking.http's (about 30 s)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    spool = tmp_path / "unsent_metrics.jsonl"
+    spool.write_text(json.dumps({"uri": f"http://127.0.0.1:{port}", "run_id": "r", "step": 1, "metrics": {"x": 1}})
+                     + "\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "densenet_exp.replay", str(spool)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    took = time.monotonic() - started
+    assert result.returncode == 75, result.stderr[-2000:]
+    assert "still unreachable" in result.stderr and "Traceback" not in result.stderr
+    assert took < 120, took  # the bounds of conf/config.yaml, not MLflow's 7 retries
+    print(f"replay gave up after {took:.0f} s")

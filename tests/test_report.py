@@ -14,6 +14,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from html.parser import HTMLParser
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -382,6 +383,70 @@ def test_report_escapes_every_value_from_the_store(known, tmp_path):
     text = (tmp_path / "report.md").read_text()
     assert "<script>" not in text and "<img src=x" not in text and "&lt;img src=x onerror=alert(2)>" in text
     assert "&amp;" not in text  # escaped once
+
+
+BEACON = "x![t](//evil.example/beacon.png)"  # markdown image syntax in a run name (issue 23, finding 4)
+DATA_LINK = "[d](data:text/html;base64,PHNjcmlwdD5hbGVydCgxKTwvc2NyaXB0Pg==)"
+
+
+class Loads(HTMLParser):
+    """Every URL-bearing attribute of a page: (tag, attribute, value)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[tuple[str, str, str]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        for name, value in attrs:
+            if name in ("src", "srcset", "href", "action", "formaction", "poster", "data", "background", "cite"):
+                self.urls.append((tag, name, value or ""))
+
+
+def test_report_html_has_no_element_that_loads_from_outside_it(tmp_path):
+    """A run name `x![t](//evil.example/beacon.png)` and an error holding a `data:text/html` link:
+    images stay PNG data URIs, links only http(s) addresses (the PNGs are the report's own)."""
+    store = Store(tmp_path)
+    client = store.client()
+    experiment_id = client.create_experiment("beacon", artifact_location=(tmp_path / "artifacts").as_uri())
+    params, metrics = FASHION["resnet20"]
+    for seed in range(2):
+        add_run(client, experiment_id, BEACON, params, {k: v[seed] for k, v in metrics.items()}, seed, "fashion_mnist")
+    add_run(client, experiment_id, f"failed {DATA_LINK}", params, {}, 5, "fashion_mnist", status="FAILED",
+            tags={"error": f"RuntimeError: see {DATA_LINK} and <//evil.example/x>"})
+    report.write_report("beacon", store.uri, tmp_path / "report")
+    page = (tmp_path / "report" / "report.html").read_text()
+    loads = Loads()
+    loads.feed(page)
+    images = [value for tag, name, value in loads.urls if name == "src"]
+    assert images and all(v.startswith("data:image/png;base64,") for v in images), [v[:60] for v in images]
+    for tag, name, value in loads.urls:
+        assert name in ("src", "href"), (tag, name, value)
+        if name == "href":
+            assert tag == "a" and re.match(r"https?://[^/]", value), value
+    assert "evil.example" not in "".join(v for _, _, v in loads.urls) and "data:text" not in page
+    assert "x" in page and "failed" in page  # the names are still shown, as text
+
+
+def test_report_refuses_a_name_that_would_leave_reports_and_never_creates_a_store(known, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """Issue 23, findings 3, 6 and 7: `--experiment ../../../escaped_exp`, a truncated store, a
+    store that does not exist: one line each, exit 2, nothing written."""
+    store, _ = known
+    work = tmp_path / "a" / "b" / "c"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    assert report.main(["--experiment", "../../../escaped_exp", "--tracking-uri", store.uri]) == 2
+    assert "error: --experiment='../../../escaped_exp' is invalid" in capsys.readouterr().err
+    missing = tmp_path / "none" / "mlflow.db"
+    assert report.main(["--experiment", EXPERIMENT, "--tracking-uri", f"sqlite:///{missing}"]) == 2
+    err = capsys.readouterr().err
+    assert f"there is no MLflow store at {missing}" in err and err.count("\n") == 1
+    truncated = tmp_path / "truncated.db"
+    truncated.write_bytes((store.path / "mlflow.db").read_bytes()[:200_000])
+    assert report.main(["--experiment", EXPERIMENT, "--tracking-uri", f"sqlite:///{truncated}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{truncated} is not a usable MLflow store" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "b", "c", "truncated.db"]
 
 
 def test_report_imports_neither_lightning_nor_torch():
