@@ -11,7 +11,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import ROOT
-from densenet_exp.job import apply_knobs, variant_name
+from densenet_exp.job import variant_name
+from densenet_exp.options import apply_knobs
 from densenet_exp.models import DenseNet, build_model
 from densenet_exp.run import ddp_rank_argv
 from densenet_exp.tracking import config_hash, flatten
