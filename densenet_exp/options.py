@@ -1,7 +1,7 @@
 """The values a config key may take and the DenseNet knobs, named once and torch-free: the config
 checks (validate.py) run before torch, Lightning or MLflow load, so bad input is rejected in
-about a second. The modules that build from these names (models, classifier, data) import them
-from here; tests/test_options.py checks that each list matches what those modules build.
+about a second. models.ARCHITECTURES and classifier.OPTIMIZERS map the same names to what they
+build; tests/test_config.py checks that they match these lists.
 """
 
 from __future__ import annotations

@@ -145,3 +145,11 @@ def test_slurm_launcher_defaults(monkeypatch):
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.partition == "gpu-a100" and launcher.tasks_per_node == 4 and launcher.timeout_min == 240
+
+
+def test_the_light_option_lists_name_what_the_code_builds():
+    """validate.py checks names against options.py (torch-free); the builders must agree with it."""
+    from densenet_exp import classifier, models, options
+
+    assert options.ARCHITECTURES == tuple(models.ARCHITECTURES)
+    assert options.OPTIMIZERS == tuple(classifier.OPTIMIZERS)
