@@ -122,7 +122,7 @@ def _shard_worker(rank: int, world: int, root: str, init: str, out: str) -> None
     """One DDP rank: the images its training loader yields in two epochs, gathered on rank 0."""
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     dm = ImageDataModule({"name": "imagefolder", "root": root, "image_size": 8, "batch_size": 4,
-                          "eval_batch_size": 4, "num_workers": 0}, seed=3)
+                          "eval_batch_size": 4, "num_workers": 0, "val_size": None, "split_seed": 0}, seed=3)
     dm.trainer = SimpleNamespace(global_rank=rank, world_size=world)  # what _loader reads of a Trainer
     dm.setup("fit")
     seen = {}
@@ -130,7 +130,7 @@ def _shard_worker(rank: int, world: int, root: str, init: str, out: str) -> None
         for split, loader in (("train", dm.train_dataloader()), ("val", dm.val_dataloader())):
             loader.sampler.set_epoch(epoch)  # what Lightning does at each epoch's start
             # Image i of class c is filled with red = i: read it back from the normalized pixels.
-            seen[split, epoch] = [(int(c), round(float(x[0, 0, 0] * 0.229 + 0.485) * 255))
+            seen[split, epoch] = [(int(c), round(float(x[0, 4, 4] * 0.229 + 0.485) * 255))
                                   for xs, cs in loader for x, c in zip(xs, cs)]
     gathered = [None] * world
     dist.all_gather_object(gathered, seen)
