@@ -10,7 +10,8 @@ figures as PNGs to DIR (default reports/<experiment>[-<sweep>]), then logs the f
 artifacts of a report run (tag report=true) in the same experiment. Later reports skip report
 runs. Its Method section prints every rule exactly as the code applies it.
 
-Imports neither torch nor Lightning, so it starts in seconds.
+Imports neither torch nor Lightning, and MLflow only once it reads a store, so `--help` answers
+at once (tools/startup-time measures it).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import markdown
 import nh3
 import pandas as pd
 from matplotlib.figure import Figure
-from mlflow.tracking import MlflowClient
 
 from . import record
 from .checks import InvalidValue, require
@@ -41,7 +41,9 @@ from .figures import (
     plot_feature_reuse,
     plot_knob_effects,
     plot_learning_curves,
+    plot_param_importances,
     plot_relative_grads,
+    plot_search_history,
 )
 from .results import (
     CONFIG,
@@ -54,12 +56,15 @@ from .results import (
     learning_curves,
     load_runs,
     mean_matrices,
+    param_importances,
     pooling_problems,
     published_beside_ours,
     relative_grads,
+    search_trials,
     summarize,
 )
 from .store import retry_locked, tracking_uri
+from .tables import FORMATS, figure, headline_table, write_tables
 from .verdicts import DEFAULT_MARGIN_PP, NOISY_CV, Judgement, claims_table, conclusion, evaluate_claims, method
 
 
@@ -82,26 +87,17 @@ def feature_reuse_figures(
 # --- tables ----------------------------------------------------------------------------------
 
 
-def format_number(x: float) -> str:
-    if pd.isna(x):
-        return ""
-    for threshold, scale, suffix in ((1e9, 1e9, "G"), (1e6, 1e6, "M"), (1e4, 1e3, "k")):
-        if abs(x) >= threshold:
-            return f"{x / scale:.4g}{suffix}"
-    return f"{x:.4g}"
-
-
 def format_stat(row: pd.Series, metric: str) -> str:
     """'mean ± std [ci_low, ci_high]' of a summarize() row; the mean alone for one value, blank for
     none, '(n=…)' when fewer runs than the configuration's logged it."""
     n = row[f"{metric} n"]
     if not n:
         return ""
-    text = format_number(row[f"{metric} mean"])
+    text = figure(row[f"{metric} mean"])
     if n > 1:
-        text += f" ± {format_number(row[f'{metric} std'])}"
+        text += f" ± {figure(row[f'{metric} std'])}"
         if pd.notna(row[f"{metric} ci_low"]):
-            text += f" [{format_number(row[f'{metric} ci_low'])}, {format_number(row[f'{metric} ci_high'])}]"
+            text += f" [{figure(row[f'{metric} ci_low'])}, {figure(row[f'{metric} ci_high'])}]"
         if metric.endswith("images_per_s") and row[f"{metric} cv"] > NOISY_CV:
             text += f" (noisy: CV {row[f'{metric} cv']:.0%})"  # timings are flagged, not judged
     return text + (f" (n={n})" if n < row["runs"] else "")
@@ -120,6 +116,8 @@ def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
         "seeds": summary["seeds"],
         "epochs": summary["epochs"],
     })
+    if "differs" in summary and summary["differs"].fillna("").astype(bool).any():  # names that collide
+        table.insert(2, "differs", summary["differs"].fillna(""))
     for metric, label in SUMMARY_METRICS.items():
         table[label] = [format_stat(row, metric) for _, row in summary.iterrows()]
     return table
@@ -226,13 +224,54 @@ def _claims_section(doc: Document, judged: Judgement) -> None:
                  + ("; ".join(family) if family else "none (no claim had a test)") + ".")
 
 
+def _search_section(doc: Document, studies: dict[str, pd.DataFrame], experiment: str) -> None:
+    """Each Optuna search as a search: its best trial, its trials (best first), the history and the
+    parameters' importances."""
+    doc.heading("Search")
+    doc.text("Trials of a hyperparameter search train one seed each and are chosen on validation accuracy, so they "
+             "are shown here and not judged as configurations. Train the best again with new seeds: "
+             f"`python -m densenet_exp.search --experiment {esc(experiment)} --top 3`; the report then judges those "
+             "runs.")
+    for name, trials in studies.items():
+        doc.heading(f"Study `{esc(name)}`", 3)
+        objective, direction = trials.attrs["objective"], trials.attrs["direction"]
+        done = trials.dropna(subset=["objective"])
+        params = [c for c in trials.columns if c not in ("trial", "objective", "run_id", "variant")]
+        if done.empty:
+            doc.text("No finished trial logged the objective.")
+            continue
+        best = done.loc[done["objective"].idxmin() if direction == "minimize" else done["objective"].idxmax()]
+        values = ", ".join(f"{p} = {best[p]}" for p in params)
+        doc.text(f"{len(done)} finished trials; objective {esc(objective)} ({direction}d). Best: trial "
+                 f"{best['trial']}, {esc(objective)} {best['objective']:.4f} with {esc(values)} (run "
+                 f"`{esc(best['run_id'])}`).")
+        ranked = done.sort_values("objective", ascending=direction == "minimize").head(10)
+        doc.table(ranked.assign(objective=ranked["objective"].map(lambda v: f"{v:.4f}"))[
+            ["trial", "objective", *params, "run_id"]].rename(columns={"objective": objective}))
+        doc.figure(plot_search_history(trials, f"{name}: {objective} per trial"), f"search_history_{name}",
+                   f"{name}: each trial's {objective} and the best so far.")
+        importances = param_importances(trials)
+        if importances:
+            doc.figure(plot_param_importances(importances, f"{name}: parameter importances"),
+                       f"search_importances_{name}",
+                       f"{name}: how much each parameter explains the objective over the trials (Optuna's "
+                       "default importance evaluator).")
+        else:
+            doc.text("Parameter importances need at least two finished trials with different results.")
+
+
 def write_report(experiment: str, uri: str, out: Path, sweep: str | None = None,
-                 margin_pp: float = DEFAULT_MARGIN_PP) -> dict[str, object]:
-    """Read the runs, write report.md, report.html and the PNGs to `out`; returns what it found
-    (runs, finished, summary, judgement, claims, published, files) for callers and tests."""
+                 margin_pp: float = DEFAULT_MARGIN_PP, table_format: str | None = None) -> dict[str, object]:
+    """Read the runs, write report.md, report.html and the PNGs to `out` (and, with `table_format`,
+    the per-configuration and claims tables for a paper: tables.write_tables); returns what it
+    found (runs, finished, summary, judgement, claims, published, files) for callers and tests."""
     out.mkdir(parents=True, exist_ok=True)
     runs = load_runs(experiment, uri, sweep)
-    done = finished(runs)
+    studies = search_trials(finished(runs))
+    # A search's trials are one seed each, chosen on validation accuracy: shown as a search, never
+    # judged as configurations (search.py --top trains the best again with confirmation seeds).
+    trial_ids = {i for trials in studies.values() for i in trials["run_id"]}
+    done = finished(runs)[lambda r: ~r["run_id"].isin(trial_ids)]
     left_out = runs[runs["status"] != "FINISHED"]
     summary = summarize(done)
     matrices = feature_reuse_matrices(done[done["family"] == "densenet"], uri)
@@ -246,7 +285,8 @@ def write_report(experiment: str, uri: str, out: Path, sweep: str | None = None,
     doc.heading(esc(title), 1)
     doc.text(f"Store `{esc(uri)}`, experiment `{esc(experiment)}`" + (f", sweep `{esc(sweep)}`" if sweep else "")
              + f"; written {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}. {len(runs)} training runs read: "
-             f"{len(done)} finished and used, {len(left_out)} left out. Margin of \"the same accuracy\": "
+             f"{len(done)} finished and used, {len(trial_ids)} search trials (section Search), {len(left_out)} left "
+             f"out. Margin of \"the same accuracy\": "
              f"±{margin_pp:g} percentage points (--margin).")
 
     notes = [f"`{esc(c)}` on {esc(d)}: single seed, so no std, no interval and no test"
@@ -256,6 +296,12 @@ def write_report(experiment: str, uri: str, out: Path, sweep: str | None = None,
     if len(no_val):
         notes.append(f"{len(no_val)} run(s) trained without a validation split (data.val_size=0): "
                      + esc(", ".join(sorted(no_val["variant"].astype(str).unique()))))
+    untested = done[done[record.TEST_ACC].isna()] if record.TEST_ACC in done else done
+    if len(untested):
+        notes.append(f"no held-out test set for {len(untested)} run(s) ("
+                     + esc(", ".join(sorted(untested["variant"].astype(str).unique())))
+                     + "): their data has no test split (an image folder without test/), so they have no test "
+                     "accuracy; their validation images chose the model and are not a test")
     if notes:
         doc.heading("Notes")
         doc.bullets(notes)
@@ -266,8 +312,13 @@ def write_report(experiment: str, uri: str, out: Path, sweep: str | None = None,
     else:
         doc.table(left_out[["variant", "data", "seed", "status", "error", "run_id"]].astype("string").fillna(""))
 
+    if studies:
+        _search_section(doc, studies, experiment)
+
     doc.heading("Results per configuration")
-    doc.text("One row per configuration (data set, model, k, θ, B): its runs differ only in the seed. Cells give "
+    doc.text("One row per configuration: its runs differ only in the seed (runs that differ in anything else, a "
+             "block_config, an image folder, a learning rate, are never pooled; where two rows share a name, column "
+             "`differs` says how they differ). Cells give "
              "mean ± std [95% interval] over seeds (intervals as in the Method section: they stay inside the "
              "metric's range); a blank means no run logged the metric. Data sets are never pooled.")
     if summary.empty:
@@ -323,32 +374,24 @@ def write_report(experiment: str, uri: str, out: Path, sweep: str | None = None,
     (out / "report.html").write_text(doc.html(title))
     (out / "headline.md").write_text(headline(summary, judged))
     files = [out / "report.md", out / "report.html", out / "headline.md", *doc.figures]
+    if table_format:
+        files += write_tables(summary, claims_table(judged.claims), out, table_format)
     return {"runs": runs, "finished": done, "summary": summary, "judgement": judged, "claims": judged.claims,
             "published": published, "files": files}
 
 
-HEADLINE_METRICS = {  # the README's results table: metric -> column
-    record.TEST_ACC: "test accuracy",
-    record.PARAMS: "parameters",
-    record.FLOPS_PER_IMAGE: "FLOPs / image",
-    record.TRAIN_IMAGES_PER_S: "train images/s",
-    record.TRAIN_STEP_MB: "train-step memory (MiB)",
-}
+HEADLINE_METRICS = (record.TEST_ACC, record.PARAMS, record.FLOPS_PER_IMAGE, record.TRAIN_IMAGES_PER_S,
+                    record.TRAIN_STEP_MB)  # the README's results table, columns as tables.PAPER_METRICS names them
 
 
 def headline(summary: pd.DataFrame, judged: Judgement) -> str:
     """The short form of a report for a README: per configuration the mean ± std over seeds of
-    HEADLINE_METRICS (n runs), then each claim's verdict. Written as `headline.md` beside the
-    report, so the README's figures come from the same code and runs (a test compares them)."""
+    HEADLINE_METRICS, rounded to their uncertainty as in the paper tables (tables.py), then each
+    claim's verdict. Written as `headline.md` beside the report, so the README's figures come
+    from the same code and runs (a test compares them)."""
     lines = []
     for data, rows in summary.groupby("data", sort=True):
-        table = pd.DataFrame({"configuration": rows["variant"], "runs": rows["runs"]})
-        for metric, label in HEADLINE_METRICS.items():
-            table[label] = [
-                "" if not row[f"{metric} n"] else format_number(row[f"{metric} mean"])
-                + (f" ± {format_number(row[f'{metric} std'])}" if row[f"{metric} n"] > 1 else "")
-                for _, row in rows.iterrows()
-            ]
+        table = headline_table(rows, HEADLINE_METRICS)
         lines += [f"**{esc(data)}** (mean ± std over seeds):", "",
                   table.astype(object).map(_cell).to_markdown(index=False, tablefmt="github"), ""]
         lines += [f"- {esc(c.claim)}: **{esc(c.label)}**" for c in judged.claims if c.data == data]
@@ -364,6 +407,8 @@ def method_lines(margin_pp: float) -> list[str]:
 def log_report(files: Sequence[Path], experiment: str, uri: str, sweep: str | None = None) -> str:
     """Log the report's files (not whatever else the folder holds) as the artifacts of a new report
     run (tag report=true, which load_runs skips) in `experiment`; returns its run id."""
+    from mlflow.tracking import MlflowClient  # seconds of import: not for --help
+
     client = MlflowClient(uri)
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
     tags = {record.REPORT: "true", **({record.REPORT_SWEEP_ID: sweep} if sweep else {})}
@@ -393,6 +438,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sweep", help="parent run id of one sweep (tag sweep_id of its runs); default: all runs")
     parser.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db")
     parser.add_argument("--out", type=Path, help="report folder; default: reports/<experiment>[-<sweep>]")
+    parser.add_argument("--format", choices=FORMATS, dest="table_format",
+                        help="also write the per-configuration and claims tables for a paper as configurations.EXT and "
+                             "claims.EXT (csv, tex, md), numbers rounded to their uncertainty")
     parser.add_argument("--margin", type=_margin, default=DEFAULT_MARGIN_PP,
                         help="margin of 'the same accuracy' in percentage points, declared before reading the runs "
                              f"(default {DEFAULT_MARGIN_PP:g})")
@@ -404,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.sweep is not None:
             check_run_id(args.sweep)  # before it names a folder or enters a search filter
         out = args.out or Path("reports") / (args.experiment + (f"-{args.sweep[:8]}" if args.sweep else ""))
-        found = write_report(args.experiment, uri, out, args.sweep, args.margin)
+        found = write_report(args.experiment, uri, out, args.sweep, args.margin, args.table_format)
     except (ExperimentNotFound, InvalidRunId) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -412,6 +460,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     done, summary = found["finished"], found["summary"]
     print(f"report: {out / 'report.html'} ({len(done)} finished runs in {len(summary)} configurations, "
           f"{len(found['runs']) - len(done)} left out; {time.perf_counter() - started:.1f} s), MLflow run {run_id}")
+    if args.table_format:
+        print("tables: " + ", ".join(str(p) for p in found["files"][-2:]))
     return 0
 
 
