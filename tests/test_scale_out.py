@@ -118,6 +118,48 @@ def test_optuna_search_runs_each_trial_as_a_child_run(store):
         assert 0.25 <= float(run.data.params["compression"]) <= 1.0
 
 
+@pytest.mark.slow  # four trials, a kill and a resume
+def test_an_optuna_search_killed_after_two_of_four_trials_resumes_and_finishes_four_in_one_study(store, tmp_path):
+    import sqlite3
+
+    import optuna
+
+    from densenet_exp.report import write_report
+
+    overrides = (*SMOKE, "hparams_search=optuna", "trainer.max_epochs=1", "hydra.sweeper.n_trials=4")
+    storage = store.path / "optuna.db"  # beside the run store
+
+    def completed() -> int:
+        try:
+            with sqlite3.connect(f"file:{storage}?mode=ro", uri=True, timeout=1) as db:
+                return db.execute("SELECT COUNT(*) FROM trials WHERE state = 'COMPLETE'").fetchone()[0]
+        except sqlite3.Error:
+            return 0
+
+    ensure_experiment(store.client(), "smoke")
+    proc = subprocess.Popen(store.command(*overrides, multirun=True), cwd=ROOT, env=store.env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_when(proc, lambda: completed() >= 2, timeout=1200)
+    assert completed() == 2
+    result = store.run(*overrides, multirun=True, out="again", timeout=1200)  # the same command, a new sweep folder
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 of 4 trials finished" in result.stdout
+    (name,) = optuna.get_all_study_names(f"sqlite:///{storage}")
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{storage}")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 4 and not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    trials = [r for r in store.runs("smoke") if r.data.tags.get("search_study") == name]
+    assert len(trials) == 4 and all(r.info.status == "FINISHED" for r in trials)
+    assert {t.user_attrs["mlflow_run_id"] for t in complete} == {r.info.run_id for r in trials}
+    for run in trials:  # launched rounded: the run's params are what Optuna's trial says, to 3 digits
+        assert len(run.data.params["compression"].removeprefix("0.")) <= 3
+    assert_clean(store)
+    found = write_report("smoke", store.uri, tmp_path / "report")
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert f"### Study `{name}`" in text and "4 finished trials" in text and found["summary"].empty
+    assert any(p.name.startswith("search_history_") for p in found["files"])
+
+
 def _shard_worker(rank: int, world: int, root: str, init: str, out: str) -> None:
     """One DDP rank: the images its training loader yields in two epochs, gathered on rank 0."""
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
