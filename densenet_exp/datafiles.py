@@ -93,7 +93,8 @@ def read_image_folder(root: str | Path) -> ImageFolderFacts:
     require("data.root", str(root), (root / "train").is_dir(), LAYOUT)
     classes = _class_folders(root / "train")
     require("data.root", str(root), len(classes) >= 2,
-            f"a train/ folder with at least two class folders (it holds {len(classes)}: {', '.join(classes) or 'none'})")
+            f"a train/ folder with at least two class folders (it holds {len(classes)}: "
+            f"{', '.join(classes) or 'none'})")
     files: list[tuple[str, int]] = []
     images = {}
     for split in SPLITS:

@@ -284,7 +284,8 @@ def plot_run_curves(curves: dict[str, pd.DataFrame], title: str = "") -> Figure 
         for run_id, group in rows.groupby("run_id", sort=False):
             first = group.iloc[0]
             colour, marker = family_style(first["family"])
-            ax.plot(group["epoch"], group["value"], marker=marker, label=f"{first['variant']}-s{first['seed']} ({run_id[:8]})")
+            ax.plot(group["epoch"], group["value"], marker=marker,
+                    label=f"{first['variant']}-s{first['seed']} ({run_id[:8]})")
         ax.set(xlabel="epoch", ylabel=metric, title=metric)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(loc="best", fontsize="small")

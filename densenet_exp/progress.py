@@ -231,7 +231,8 @@ def job_callbacks(plain: dict[str, Any], label: str, run: str, speed: dict[str, 
     own, and the epoch lines say how far a long epoch got)."""
     bar = plain["trainer"].get("enable_progress_bar", True)
     terminal = is_terminal(sys.stdout)
-    report: list[Callback] = [JobReport(plain, label, run, speed, later_jobs, lines_within_epoch=not (bar and terminal))]
+    report: list[Callback] = [JobReport(plain, label, run, speed, later_jobs,
+                                        lines_within_epoch=not (bar and terminal))]
     if bar:
         report.append(RunProgressBar(label))
         if not terminal:

@@ -217,8 +217,8 @@ def pooling_problems(runs: pd.DataFrame) -> list[str]:
         repeated = sorted(group["seed"][group["seed"].duplicated()].dropna().unique())
         if repeated:
             problems.append(f"`{group['variant'].iloc[0]}` on {group['data'].iloc[0]}: seed "
-                            f"{', '.join(map(str, repeated))} repeated; the repeats are pooled as if independent, which "
-                            "understates the spread")
+                            f"{', '.join(map(str, repeated))} repeated; the repeats are pooled as if independent, "
+                            "which understates the spread")
     return problems
 
 

@@ -79,7 +79,8 @@ def distribution(override: Override) -> optuna.distributions.BaseDistribution:
         return optuna.distributions.FloatDistribution(float(value.start), float(value.end), log=log_scale)
     if isinstance(value, RangeSweep):
         return optuna.distributions.IntDistribution(int(value.start), int(value.stop) - 1, step=int(value.step))
-    raise ValueError(f"hydra.sweeper.params.{key}={override.input_line!r}: expected choice(...), interval(...) or range(...)")
+    raise ValueError(f"hydra.sweeper.params.{key}={override.input_line!r}: expected choice(...), interval(...) "
+                     "or range(...)")
 
 
 def launched(value: Any, dist: Any) -> Any:
@@ -327,8 +328,9 @@ def confirmation_command(trial: Any, seeds: Sequence[int]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m densenet_exp.search",
-                                     description="Train the best trials of an Optuna search again with confirmation seeds.")
+    parser = argparse.ArgumentParser(
+        prog="python -m densenet_exp.search",
+        description="Train the best trials of an Optuna search again with confirmation seeds.")
     parser.add_argument("--experiment", required=True, help="the MLflow experiment the search logged to")
     parser.add_argument("--top", type=int, default=3, help="how many of the best trials (default 3)")
     parser.add_argument("--seeds", help="comma-separated seeds (default: the three after the trial's own)")

@@ -79,7 +79,8 @@ def summary_cell(row: Mapping, metric: str, scale: float = 1.0) -> str:
     return text + (f" (n={n})" if n < row["runs"] else "")
 
 
-def configuration_table(summary: pd.DataFrame, metrics: Mapping[str, tuple[str, float]] = PAPER_METRICS) -> pd.DataFrame:
+def configuration_table(summary: pd.DataFrame,
+                        metrics: Mapping[str, tuple[str, float]] = PAPER_METRICS) -> pd.DataFrame:
     """summarize()'s table as a paper prints it: data set, configuration (with what sets it apart
     where names collide), runs, then mean ± std per metric of `metrics`."""
     names = summary["variant"].astype(str)

@@ -115,10 +115,12 @@ def validate_image_folder(data: Mapping[str, Any]) -> None:
     require("data.fingerprint", data.get("fingerprint"), data.get("fingerprint") == facts.fingerprint,
             f"{facts.fingerprint}, the folder's own (the harness writes it)")
     classes = len(facts.classes)
-    require("data.num_classes", data.get("num_classes"), is_int(data.get("num_classes")) and data["num_classes"] >= classes,
+    count = data.get("num_classes")
+    require("data.num_classes", count, is_int(count) and count >= classes,
             f"at least the {classes} class folders of train/ (null: their number)")
     require_int("data.image_size", data.get("image_size"), 1)
-    require("data.stem", data.get("stem"), data.get("stem") in STEMS, f"one of {', '.join(STEMS)} (null: by image size)")
+    stem = data.get("stem")
+    require("data.stem", stem, stem in STEMS, f"one of {', '.join(STEMS)} (null: by image size)")
     val = data.get("val_size")
     if "val" in facts.images:
         require("data.val_size", val, val is None, "null: the folder has its own val/ folder")

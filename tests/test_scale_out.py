@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -158,6 +159,13 @@ def test_an_optuna_search_killed_after_two_of_four_trials_resumes_and_finishes_f
     text = (tmp_path / "report" / "report.md").read_text()
     assert f"### Study `{name}`" in text and "4 finished trials" in text and found["summary"].empty
     assert any(p.name.startswith("search_history_") for p in found["files"])
+    # The best trial again with confirmation seeds: its overrides, without the search, new seeds.
+    top = subprocess.run([sys.executable, "-m", "densenet_exp.search", "--experiment", "smoke", "--top", "1",
+                          "--dry-run"], cwd=ROOT, env=store.env(), capture_output=True, text=True, timeout=600)
+    assert top.returncode == 0, top.stderr[-2000:]
+    (line,) = top.stdout.splitlines()
+    assert "-m densenet_exp.run -m experiment=smoke probes=none trainer.max_epochs=1 growth_rate=" in line
+    assert line.endswith(" seed=1,2,3") and "hparams_search" not in line
 
 
 def _shard_worker(rank: int, world: int, root: str, init: str, out: str) -> None:
