@@ -56,7 +56,7 @@ notebook: setup
 	$(VENV)/bin/jupyter-lab --ip 127.0.0.1 --port $(NBPORT) --no-browser --notebook-dir notebooks \
 		$(if $(filter 0,$(shell id -u)),--allow-root)
 
-# How long `--help` of the training and report commands takes (a benchmark, not a test).
+# How long `--help` of the training and report commands takes, and a bad override to be rejected (a benchmark).
 startup-time: setup
 	$(PY) tools/startup-time
 

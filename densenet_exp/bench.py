@@ -261,7 +261,7 @@ def bare_epoch(overrides: list[str]) -> float:
     from .classifier import ImageClassifier
     from .data import ImageDataModule
     from .models import build_model
-    from .job import apply_knobs
+    from .options import apply_knobs
     from .run import CONF_DIR
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):

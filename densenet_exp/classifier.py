@@ -16,8 +16,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from . import record
 from .speed import compile_cache_per_cpu_capability
 
+# The names are listed torch-free in options.OPTIMIZERS and options.SCHEDULERS, for the config checks.
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-SCHEDULERS = ("constant", "multistep", "cosine", "onecycle")
 # Reading a GPU value on the host waits for every queued kernel: the training step only counts
 # non-finite losses on the device, and the count is read every this many steps and at the end
 # of each training epoch.

@@ -101,6 +101,14 @@ def job_label(hc: Any) -> str:
     return f"job {int(hc.job.num) + 1}{total}"
 
 
+def jobs_after(hc: Any) -> int:
+    """How many jobs of this sweep come after this one (0 outside a sweep or when unknown)."""
+    if hc.mode != RunMode.MULTIRUN:
+        return 0
+    plan = SweepPlan.read(Path(hc.sweep.dir))
+    return max(0, plan.jobs - int(hc.job.num) - 1) if plan and plan.jobs else 0
+
+
 def _short(value: str) -> str:
     """A knob's value as a run name shows it: 0.012345678 -> 0.0123; integers and words unchanged."""
     try:
@@ -152,9 +160,11 @@ def duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
-def sweep_summary(client: MlflowClient, parent_id: str, sweep_dir: Path, config: DictConfig) -> str:
+def sweep_summary(client: MlflowClient, parent_id: str, sweep_dir: Path, config: DictConfig,
+                  parent_deleted: bool = False) -> str:
     """The table that ends a sweep: one row per job (variant, seed, status, test accuracy, wall
-    time), the parent run id and the report command to run next."""
+    time), the parent run id (or, `parent_deleted`, that no job trained under it) and the report
+    command to run next."""
     from tabulate import tabulate
 
     jobs = sweep_dir / JOBS_DIR
@@ -190,6 +200,7 @@ def sweep_summary(client: MlflowClient, parent_id: str, sweep_dir: Path, config:
                      colalign=("right", "left", "right", "left", "right", "right"), disable_numparse=True)
     experiment = config.tracking.experiment
     command = f"python -m densenet_exp.report --experiment {experiment}"
+    earlier |= parent_deleted
     if not earlier:
         command += f" --sweep {parent_id}"
     if config.tracking.uri:
@@ -197,7 +208,8 @@ def sweep_summary(client: MlflowClient, parent_id: str, sweep_dir: Path, config:
     lines = [
         f"\nSweep {sweep_dir} ({len(rows)} job{'s' if len(rows) != 1 else ''}):",
         table,
-        f"Parent run: {parent_id} (MLflow experiment {experiment!r})",
+        f"No job logged a run of its own (each was FINISHED before, or failed first): the sweep's parent run "
+        f"{parent_id} was removed" if parent_deleted else f"Parent run: {parent_id} (MLflow experiment {experiment!r})",
         f"Report: {command}",
     ]
     if earlier:

@@ -2,14 +2,15 @@
 
 Data that fits in memory (Fashion-MNIST, CIFAR, synthetic) is held as one uint8 tensor and
 served a whole batch per index operation, on the GPU when training runs there: no per-image
-PIL decoding, no collation, no worker processes. ImageNet-style folders go through
-torchvision's usual per-image pipeline.
+PIL decoding, no collation, no worker processes. Image folders (your own data; layout in
+datafiles.py) go through torchvision's per-image pipeline with loader processes.
 """
 
 from __future__ import annotations
 
 import gzip
 import math
+import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+
+from .datafiles import FASHION_MNIST_FILES, FASHION_MNIST_HELP, SMALL_IMAGES, find_fashion_mnist, read_image_folder
+from .options import AUGMENTATIONS  # noqa: F401 (TensorImages' augmentations)
 
 # Per-channel statistics of each training set, for normalization.
 STATS = {
@@ -29,17 +33,7 @@ STATS = {
     "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "synthetic": ((0.5,), (0.25,)),
 }
-AUGMENTATIONS = ("none", "flip", "crop", "crop_flip")
-
-FASHION_MNIST_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
-FASHION_MNIST_HELP = (
-    "install Debian's package (apt-get install dataset-fashion-mnist, which fills "
-    "/usr/share/datasets/fashion-mnist), point data.root at a folder with the idx files, "
-    "or set data.download=true to let torchvision download it"
-)
+MAX_WORKERS = 8  # loader processes for an image folder, at most
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -149,16 +143,6 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def find_fashion_mnist(root: Path) -> Path | None:
-    """The folder holding the idx files: `root` itself (Debian's layout) or torchvision's
-    `root/FashionMNIST/raw`."""
-    for folder in (root, root / "FashionMNIST" / "raw"):
-        name = FASHION_MNIST_FILES["train"][0]
-        if (folder / name).exists() or (folder / f"{name}.gz").exists():
-            return folder
-    return None
-
-
 def _idx_path(folder: Path, name: str) -> Path:
     plain = folder / name
     return plain if plain.exists() else folder / f"{name}.gz"
@@ -214,9 +198,47 @@ def make_synthetic(
 
 
 def has_validation_split(cfg: Mapping[str, Any]) -> bool:
-    """Whether runs on this data config validate: an ImageFolder set has its own val/ folder, the
-    in-memory sets hold out `val_size` training images (0: train on all, validate on none)."""
-    return cfg["name"] == "imagefolder" or cfg["val_size"] > 0
+    """Whether runs on this data config validate: an image folder with its own val/ folder
+    (val_size null) or `val_size` training images held out (0: train on all, validate on none)."""
+    return cfg["val_size"] is None or cfg["val_size"] > 0
+
+
+def loader_workers(configured: int | None) -> int:
+    """Loader processes for an image folder: the configured number, else one per core this
+    process may use but one (the training process's), at most MAX_WORKERS."""
+    if configured is not None:
+        return int(configured)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(MAX_WORKERS, cores - 1))
+
+
+class UnreadableImage(OSError):
+    """An image of a folder that cannot be decoded; the message names its file."""
+
+
+def load_rgb(path: str) -> Any:
+    """torchvision's image loader, naming the file when it cannot be read (the config checks
+    decode every image of a small folder before training, a sample of a large one)."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as err:
+        raise UnreadableImage(f"{path}: {type(err).__name__}: {err}") from err
+
+
+def class_folder(folder: Path, classes: tuple[str, ...], transform: Any) -> Dataset:
+    """torchvision's ImageFolder over `folder` with the labels of train/'s `classes` (a val/ or
+    test/ folder may lack some classes: its own sorted order would shift the labels)."""
+    from torchvision.datasets import ImageFolder
+
+    ds = ImageFolder(str(folder), transform, loader=load_rgb, allow_empty=True)
+    index = {name: i for i, name in enumerate(classes)}
+    ds.samples = [(path, index[ds.classes[label]]) for path, label in ds.samples if ds.classes[label] in index]
+    ds.imgs, ds.targets = ds.samples, [label for _, label in ds.samples]
+    ds.classes, ds.class_to_idx = list(classes), index
+    return ds
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -233,7 +255,8 @@ class ImageDataModule(L.LightningDataModule):
         self.eval_batch_size = cfg["eval_batch_size"] or self.batch_size
         if self.name == "imagefolder":
             self.root = Path(str(cfg["root"])).expanduser()
-            self.image_size, self.num_workers = cfg["image_size"], int(cfg["num_workers"])
+            self.image_size, self.num_workers = cfg["image_size"], loader_workers(cfg["num_workers"])
+            self.val_size, self.split_seed = cfg["val_size"], cfg["split_seed"]
         else:
             if self.name == "synthetic":
                 self.synthetic = {key: cfg[key] for key in ("num_classes", "channels", "image_size", "seed")}
@@ -280,20 +303,36 @@ class ImageDataModule(L.LightningDataModule):
                 ds.to(device)
 
     def _image_folders(self) -> dict[str, Dataset]:
+        """train/, and val/ or `val_size` images held out of train/ (by data.split_seed, as for the
+        in-memory sets), and test/ only where the folder has one: no test set, no test metric."""
         import torchvision.transforms.v2 as T
-        from torchvision.datasets import ImageFolder
 
         root, size = self.root, self.image_size
+        classes = read_image_folder(root).classes
         mean, std = STATS["imagefolder"]
         to_tensor = [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
-        train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *to_tensor])
-        eval_tf = T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), *to_tensor])
-        test_dir = root / "test" if (root / "test").is_dir() else root / "val"
-        return {
-            "train": ImageFolder(str(root / "train"), train_tf),
-            "val": ImageFolder(str(root / "val"), eval_tf),
-            "test": ImageFolder(str(test_dir), eval_tf),
-        }
+        if size <= SMALL_IMAGES:  # CIFAR's augmentation: pad, random crop and flip, at the images' own size
+            train_tf = T.Compose([T.Resize(size), T.CenterCrop(size), T.RandomCrop(size, padding=max(1, size // 8)),
+                                  T.RandomHorizontalFlip(), *to_tensor])
+            eval_tf = T.Compose([T.Resize(size), T.CenterCrop(size), *to_tensor])
+        else:  # ImageNet's
+            train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *to_tensor])
+            eval_tf = T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), *to_tensor])
+        train = class_folder(root / "train", classes, train_tf)
+        if self.val_size is None:
+            sets = {"train": train, "val": class_folder(root / "val", classes, eval_tf)}
+        else:
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.split_seed)).tolist()
+            held_out = class_folder(root / "train", classes, eval_tf)  # the same files, without augmentation
+            sets = {"train": Subset(train, order[self.val_size:]), "val": Subset(held_out, order[: self.val_size])}
+        if (root / "test").is_dir():
+            sets["test"] = class_folder(root / "test", classes, eval_tf)
+        return sets
+
+    @property
+    def has_test_set(self) -> bool:
+        """Whether there is a held-out test set (an image folder without test/ has none)."""
+        return self.name != "imagefolder" or (self.root / "test").is_dir()
 
     def _loader(self, split: str) -> DataLoader:
         ds = self.datasets[split]

@@ -243,3 +243,52 @@ def plot_feature_reuse(matrices: Sequence[np.ndarray], title: str = "") -> Figur
     if title:
         fig.suptitle(title)
     return fig
+
+
+def plot_search_history(trials: pd.DataFrame, title: str) -> Figure:
+    """An Optuna search's history (results.search_trials): each trial's objective in trial order and
+    the best so far."""
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.subplots()
+    done = trials.dropna(subset=["objective"])
+    best = done["objective"].cummin() if trials.attrs.get("direction") == "minimize" else done["objective"].cummax()
+    ax.plot(done["trial"], done["objective"], "o", color="tab:blue", label="trial")
+    ax.step(done["trial"], best, where="post", color="tab:orange", label="best so far")
+    ax.set(xlabel="trial", ylabel=trials.attrs.get("objective", "objective"), title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(loc="best")
+    return fig
+
+
+def plot_param_importances(importances: dict[str, float], title: str) -> Figure | None:
+    """Horizontal bars, one per searched parameter, most important on top; None without any."""
+    if not importances:
+        return None
+    names = list(importances)[::-1]
+    fig = Figure(figsize=(7, 1 + 0.5 * len(names)), layout="constrained")
+    ax = fig.subplots()
+    ax.barh(names, [importances[n] for n in names], color="tab:blue")
+    ax.set(xlabel="importance (share of the objective's variation)", title=title)
+    return fig
+
+
+def plot_run_curves(curves: dict[str, pd.DataFrame], title: str = "") -> Figure | None:
+    """Chosen runs' histories side by side: one panel per metric (results.learning_curves of each),
+    one line per run, labelled with its variant, seed and run id. None without any history."""
+    panels = {m: c for m, c in curves.items() if not c.empty}
+    if not panels:
+        return None
+    fig = Figure(figsize=(6 * len(panels), 4.5), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (metric, rows) in zip(axes, panels.items()):
+        for run_id, group in rows.groupby("run_id", sort=False):
+            first = group.iloc[0]
+            colour, marker = family_style(first["family"])
+            ax.plot(group["epoch"], group["value"], marker=marker,
+                    label=f"{first['variant']}-s{first['seed']} ({run_id[:8]})")
+        ax.set(xlabel="epoch", ylabel=metric, title=metric)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(loc="best", fontsize="small")
+    if title:
+        fig.suptitle(title)
+    return fig

@@ -39,9 +39,10 @@ from . import record, stopping
 from .checkpoints import LastCheckpoint, prune_best
 from .claim import CLAIM_ENV, RunClaim, choose_run
 from .classifier import ImageClassifier
-from .console import job_label, record_job, swept_labels
+from .console import job_label, jobs_after, record_job, swept_labels
 from .data import ImageDataModule, has_validation_split
-from .models import DENSENET_KNOBS, build_model, is_densenet
+from .identity import config_key
+from .models import build_model
 from .ownership import Heartbeat, OwnerLock, close_orphans
 from .plan import load_plan
 from .probes import build_probes
@@ -59,33 +60,17 @@ from .tracking import (
     flatten,
     git_state,
     parent_run_id,
-    resolved_config,
     retry_locked,
     runs_of_config,
     system_facts,
     tracking_uri,
 )
-from .validate import ConfigError, check_added_keys, validate_config
+from .validate import ConfigError, checked_config
 
 log = logging.getLogger("densenet_exp")
 
 
 # -- names -----------------------------------------------------------------------------------
-
-def apply_knobs(cfg: dict[str, Any]) -> None:
-    """Fold the top-level knobs into a DenseNet's model config (null keeps the preset's value)
-    and write the effective values back, so every run records the k, theta and B it trained.
-    Other architectures have no such knobs: theirs are recorded as null."""
-    model = cfg["model"]
-    densenet = is_densenet(str(model.get("arch", "")))
-    for knob in DENSENET_KNOBS:
-        if densenet:
-            if cfg.get(knob) is not None:
-                model[knob] = cfg[knob]
-            cfg[knob] = model.get(knob)
-        else:
-            cfg[knob] = None
-
 
 def variant_name(cfg: dict[str, Any], swept: list[str] | tuple[str, ...] = ()) -> str:
     """`densenet121-k12-c0.5-B`: the model and the knobs it was trained with, then the labels of
@@ -141,10 +126,7 @@ def resume_command() -> str:
 def compose(cfg: DictConfig, hc: Any) -> tuple[dict[str, Any], Speed, str]:
     """The job's config as plain data, checked, with its `auto` speed settings resolved, and
     its variant name (which reads the sweep's plan: done once here)."""
-    plain = resolved_config(cfg)
-    apply_knobs(plain)
-    validate_config(plain)
-    check_added_keys(hc.overrides.task)
+    plain = checked_config(cfg, hc.overrides.task)
     speed = choose_speed(plain)  # resolves trainer.accelerator/precision/deterministic `auto` in plain
     return plain, speed, variant_name(plain, swept_labels(hc))
 
@@ -236,12 +218,13 @@ def skipped(client: MlflowClient, plain: dict[str, Any], finished: Any, hc: Any)
 
 def create_run(client: MlflowClient, experiment_id: str, plain: dict[str, Any], variant: str, hc: Any, root: Path,
                lock: OwnerLock) -> str:
-    """A new MLflow run for this job, tagged with its variant, config hash, overrides, output
-    folder, git state, owner and, in a sweep, its parent run."""
+    """A new MLflow run for this job, tagged with its variant, config hash and key, overrides,
+    output folder, git state, owner and, in a sweep, its parent run."""
     tags = {
         MLFLOW_RUN_NAME: run_name(variant, plain),
         record.VARIANT: variant,
         record.CONFIG_HASH: config_hash(plain),
+        record.CONFIG_KEY: config_key(plain),  # what its repeats over seeds share
         # Jobs that shared the cores while timing must not be compared with jobs that had them alone.
         record.PARALLEL_JOBS: str(parallel_jobs(hc, plain.get("parallel_jobs"))),
         record.SEED: str(plain["seed"]),
@@ -307,19 +290,21 @@ def make_trainer(plain: dict[str, Any], variant: str, built: Built, speed: Speed
         use_distributed_sampler=False,
         callbacks=[checkpoint, LastCheckpoint(run.claim.ckpt_dir, run.claim.run_id, config_hash(plain)),
                    stopping.StopAtNextStep(), *built.probes,
-                   *job_callbacks(plain, job_label(hc), about, choices)],
+                   *job_callbacks(plain, job_label(hc), about, choices, jobs_after(hc) / parallel_jobs(hc))],
         default_root_dir=hc.runtime.output_dir,  # where Lightning's SLURM requeue writes its checkpoint
     )
     return trainer, checkpoint
 
 
 def fit_and_test(plain: dict[str, Any], built: Built, speed: Speed, run: OpenRun, trainer: L.Trainer,
-                 checkpoint: ModelCheckpoint) -> tuple[float | None, float]:
+                 checkpoint: ModelCheckpoint) -> tuple[float | None, float | None]:
     """Train, then test the final weights once (the paper's protocol: a fixed schedule, no early
     stopping); `best-*.ckpt`, chosen on validation accuracy, is kept and logged for reloading.
     A run stopped after training (during or before its test) resumes from `last.ckpt` of its
     last epoch: `fit` restores the final weights and trains nothing, and the test runs.
-    Returns (last validation accuracy or None, test accuracy)."""
+    Data without a held-out test set (an image folder without test/) is not tested: the
+    validation images chose the model and never stand in for a test set.
+    Returns (last validation accuracy or None, test accuracy or None)."""
     validated = has_validation_split(plain["data"])
     if run.chief and run.claim.resumed:
         run.logger.load_history(run.client)  # an epoch redone after a kill is not logged twice
@@ -329,11 +314,13 @@ def fit_and_test(plain: dict[str, Any], built: Built, speed: Speed, run: OpenRun
     val_acc = last_logged(run, trainer, record.VAL_ACC) if validated else None  # test() resets callback_metrics
     if run.chief and (checkpoint.best_model_path or not validated):  # one best checkpoint, or none without validation
         prune_best(run.claim.ckpt_dir, {Path(checkpoint.best_model_path)} if validated else set())
-    results = trainer.test(built.module, datamodule=built.datamodule, verbose=False)[0]
+    test_acc = None
+    if built.datamodule.has_test_set:
+        test_acc = float(trainer.test(built.module, datamodule=built.datamodule, verbose=False)[0][record.TEST_ACC])
     kept = checkpoint.best_model_path or str(run.claim.ckpt_dir / "last.ckpt")
     if run.chief and plain["tracking"]["log_checkpoint"] and Path(kept).is_file():
         run.client.log_artifact(run.claim.run_id, kept, record.CHECKPOINTS_DIR)
-    return val_acc, float(results[record.TEST_ACC])
+    return val_acc, test_acc
 
 
 def last_logged(run: OpenRun, trainer: L.Trainer, key: str) -> float | None:
@@ -400,6 +387,7 @@ def train(cfg: DictConfig, hc: Any) -> dict[str, Any]:
         "run_id": run.claim.run_id,
     }
     if run.chief:
-        log.info(f"{run_name(variant, plain)}: test accuracy {test_acc:.4f}, {summary['params'] / 1e6:.3f}M "
+        tested = "no held-out test set" if test_acc is None else f"test accuracy {test_acc:.4f}"
+        log.info(f"{run_name(variant, plain)}: {tested}, {summary['params'] / 1e6:.3f}M "
                  f"parameters, {summary['wall_s']:.1f} s, MLflow run {run.claim.run_id}")
     return summary

@@ -1,6 +1,8 @@
 """What a training job shows while it runs: before the first step, one block that says what will
-run; then a progress bar over the whole run ("job j/N epoch e/E", the run's ETA) and one line
-per epoch. Lines go through `logging`, so Hydra's per-job `run.log` keeps them too.
+run; then, on a terminal, a progress bar over the whole run ("job j/N epoch e/E", the run's
+ETA); and one line per epoch with the time left in the run and in the sweep. Where stdout is not
+a terminal (a pipe, a SLURM .out file) there is no bar, and a long epoch also gets a line every
+PROGRESS_EVERY_S seconds. Lines go through `logging`, so Hydra's per-job `run.log` keeps them too.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import record
 from .console import duration
+from .logs import is_terminal
 
 log = logging.getLogger("densenet_exp")
+PROGRESS_EVERY_S = 300.0  # without a progress bar: a line at least this often within an epoch
 
 
 def _on_off(flag: Any) -> str:
@@ -28,11 +32,16 @@ def _on_off(flag: Any) -> str:
 
 
 class JobReport(Callback):
-    """Logs what will run before the first step, then one line per epoch with the time left."""
+    """Logs what will run before the first step, then one line per epoch with the time left in
+    the run and, in a sweep, in the sweep (`later_jobs`: the jobs after this one, counted in runs
+    of this one's length; each is assumed to take as long as this one). With `lines_within_epoch`
+    (no progress bar) a long epoch also logs a line every `every_s` seconds."""
 
-    def __init__(self, plain: dict[str, Any], label: str, run: str, speed: dict[str, bool]) -> None:
+    def __init__(self, plain: dict[str, Any], label: str, run: str, speed: dict[str, bool], later_jobs: float = 0.0,
+                 lines_within_epoch: bool = False, every_s: float = PROGRESS_EVERY_S) -> None:
         self.plain, self.label, self.run, self.speed = plain, label, run, speed
-        self.started = 0.0
+        self.later_jobs, self.lines_within_epoch, self.every_s = later_jobs, lines_within_epoch, every_s
+        self.started = self.last_line = 0.0
         self.first_epoch = 0
 
     def block(self, trainer: pl.Trainer, module: pl.LightningModule) -> str:
@@ -43,6 +52,9 @@ class JobReport(Callback):
         params = sum(p.numel() for p in module.parameters())
         sets = getattr(trainer.datamodule, "datasets", {}) if trainer.datamodule is not None else {}
         sizes = ", ".join(f"{len(sets[s])} {s}" for s in ("train", "val", "test") if s in sets)
+        sizes = f"{sizes} images" if sizes else "sizes unknown"
+        if sets and not getattr(trainer.datamodule, "has_test_set", True):
+            sizes += ", no held-out test set (no test/ folder: no test metric)"
         device = str(trainer.strategy.root_device)
         if trainer.world_size > 1:
             device += f" x {trainer.world_size} processes ({trainer_cfg.get('strategy', 'ddp')})"
@@ -57,7 +69,7 @@ class JobReport(Callback):
             f"{params / 1e6:.3f}M parameters",
             f"  input      {data.get('channels', '?')}x{data.get('image_size', '?')}x{data.get('image_size', '?')}, "
             f"{data['num_classes']} classes",
-            f"  data       {data['name']}: {sizes or 'sizes unknown'} images; batch {data['batch_size']}",
+            f"  data       {data['name']}: {sizes}; batch {data['batch_size']}",
             f"  device     {device}, {torch.get_num_threads()} CPU threads; precision {trainer.precision}",
             f"  speed      channels_last {_on_off(self.speed.get('channels_last'))}, keep freed memory "
             f"{_on_off(self.speed.get('keep_freed_memory'))}, compile {_on_off(cfg['speed'].get('compile'))}, "
@@ -68,25 +80,59 @@ class JobReport(Callback):
         return "\n".join(lines)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.started, self.first_epoch = time.perf_counter(), trainer.current_epoch
+        self.started = self.last_line = time.perf_counter()
+        self.first_epoch = trainer.current_epoch
         if trainer.is_global_zero:
             log.info(self.block(trainer, pl_module))
+
+    def timing(self, elapsed: float, done: float, total: float) -> str:
+        """"12.0 s so far, about 36.0 s left; sweep about 4 min 10 s left" after `done` of `total`
+        units of this run's work (epochs or steps, counted from where this attempt started)."""
+        if done >= total or done <= 0:
+            left = 0.0
+            text = duration(elapsed)
+        else:
+            left = elapsed / done * (total - done)
+            text = f"{duration(elapsed)} so far, about {duration(left)} left"
+        if self.later_jobs > 0 and done > 0:
+            sweep = left + self.later_jobs * elapsed / done * total
+            text += f"; sweep about {duration(sweep)} left"
+        return text
+
+    def _prefix(self) -> str:
+        return f"{self.label} " if self.label else ""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        now = time.perf_counter()
+        if not self.lines_within_epoch or now - self.last_line < self.every_s or not trainer.is_global_zero:
+            return
+        self.last_line = now
+        steps = trainer.num_training_batches
+        if not steps or math.isinf(steps):
+            return
+        epoch, epochs = trainer.current_epoch + 1, trainer.max_epochs
+        done = (trainer.current_epoch - self.first_epoch) * steps + batch_idx + 1
+        total = (epochs - self.first_epoch) * steps
+        loss = trainer.callback_metrics.get(record.TRAIN_LOSS)
+        figures = f", train loss {float(loss):.4f}" if loss is not None else ""
+        log.info(f"{self._prefix()}epoch {epoch}/{epochs}, step {batch_idx + 1}/{steps}{figures} "
+                 f"({self.timing(now - self.started, done, total)})")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
         epoch, epochs = trainer.current_epoch + 1, trainer.max_epochs
-        elapsed = time.perf_counter() - self.started
-        left = elapsed / (epoch - self.first_epoch) * (epochs - epoch)
+        self.last_line = time.perf_counter()
+        elapsed = self.last_line - self.started
         metrics = trainer.callback_metrics
         figures = ", ".join(
             f"{label} {float(metrics[key]):.4f}"
             for key, label in ((record.TRAIN_LOSS, "train loss"), (record.VAL_ACC, "val acc"))
             if key in metrics
         )
-        prefix = f"{self.label} " if self.label else ""
-        timing = duration(elapsed) + (f" so far, about {duration(left)} left" if epoch < epochs else "")
-        log.info(f"{prefix}epoch {epoch}/{epochs}: {figures} ({timing})")
+        timing = self.timing(elapsed, epoch - self.first_epoch, epochs - self.first_epoch)
+        log.info(f"{self._prefix()}epoch {epoch}/{epochs}: {figures} ({timing})")
 
 
 class RunProgressBar(TQDMProgressBar):
@@ -178,9 +224,17 @@ class RunProgressBar(TQDMProgressBar):
         return metrics
 
 
-def job_callbacks(plain: dict[str, Any], label: str, run: str, speed: dict[str, bool]) -> list[Callback]:
-    """The callbacks that report a job's progress: the progress bar only where the trainer shows one."""
-    report: list[Callback] = [JobReport(plain, label, run, speed)]
-    if plain["trainer"].get("enable_progress_bar", True):
+def job_callbacks(plain: dict[str, Any], label: str, run: str, speed: dict[str, bool],
+                  later_jobs: float = 0.0) -> list[Callback]:
+    """The callbacks that report a job's progress: the progress bar only where the trainer shows one
+    and stdout is a terminal (elsewhere the bar is there but silent, so Lightning adds none of its
+    own, and the epoch lines say how far a long epoch got)."""
+    bar = plain["trainer"].get("enable_progress_bar", True)
+    terminal = is_terminal(sys.stdout)
+    report: list[Callback] = [JobReport(plain, label, run, speed, later_jobs,
+                                        lines_within_epoch=not (bar and terminal))]
+    if bar:
         report.append(RunProgressBar(label))
+        if not terminal:
+            report[-1].disable()
     return report

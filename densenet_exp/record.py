@@ -99,6 +99,12 @@ STUDY_PLAN = "study_plan"  # the plan's name
 STUDY_PLAN_HASH = "study_plan_hash"  # of the plan file's bytes when the run started
 STUDY_STAGE = "study_stage"  # exploration or confirmation
 STUDY_ARM = "study_arm"  # the plan's name for this run's configuration
+# hyperparameter search (search.py): on each trial's run
+SEARCH_STUDY = "search_study"  # the Optuna study's name
+SEARCH_TRIAL = "search_trial"  # the trial's number in it
+SEARCH_SPACE = "search_space"  # JSON: direction, objective (a metric) and each parameter's Optuna distribution
+SEARCH_PARAMS = "search_params"  # JSON: the values the trial was launched with
+SEARCH_OVERRIDES = "search_overrides"  # JSON: the job's overrides, for training it again (search.py --top)
 # the report's own run
 REPORT = "report"
 REPORT_SWEEP_ID = "report_sweep_id"

@@ -10,7 +10,8 @@ figures as PNGs to DIR (default reports/<experiment>[-<sweep>]), then logs the f
 artifacts of a report run (tag report=true) in the same experiment. Later reports skip report
 runs. Its Method section prints every rule exactly as the code applies it.
 
-Imports neither torch nor Lightning, so it starts in seconds.
+Imports neither torch nor Lightning, and MLflow only once it reads a store, so `--help` answers
+at once (tools/startup-time measures it).
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import markdown
 import nh3
 import pandas as pd
 from matplotlib.figure import Figure
-from mlflow.tracking import MlflowClient
 
 from . import record
 from .checks import InvalidValue, require, require_name
@@ -42,7 +42,9 @@ from .figures import (
     plot_feature_reuse,
     plot_knob_effects,
     plot_learning_curves,
+    plot_param_importances,
     plot_relative_grads,
+    plot_search_history,
 )
 from .results import (
     CONFIG,
@@ -55,15 +57,18 @@ from .results import (
     learning_curves,
     load_runs,
     mean_matrices,
+    param_importances,
     pooling_problems,
     published_beside_ours,
     relative_grads,
+    search_trials,
     summarize,
 )
 from .store import StoreConfigError, StoreUnreachable, bound_tool_waits, check_store, retry_locked, tool_uri
 from .confirmation import Confirmation, confirmation_runs, judge_plan
 from .confirmation import rules as plan_rules
 from .plan import Plan, load_plan
+from .tables import FORMATS, figure, headline_table, write_tables
 from .verdicts import DEFAULT_MARGIN_PP, NOISY_CV, Judgement, claims_table, conclusion, evaluate_claims, method
 
 
@@ -86,26 +91,17 @@ def feature_reuse_figures(
 # --- tables ----------------------------------------------------------------------------------
 
 
-def format_number(x: float) -> str:
-    if pd.isna(x):
-        return ""
-    for threshold, scale, suffix in ((1e9, 1e9, "G"), (1e6, 1e6, "M"), (1e4, 1e3, "k")):
-        if abs(x) >= threshold:
-            return f"{x / scale:.4g}{suffix}"
-    return f"{x:.4g}"
-
-
 def format_stat(row: pd.Series, metric: str) -> str:
     """'mean ± std [ci_low, ci_high]' of a summarize() row; the mean alone for one value, blank for
     none, '(n=…)' when fewer runs than the configuration's logged it."""
     n = row[f"{metric} n"]
     if not n:
         return ""
-    text = format_number(row[f"{metric} mean"])
+    text = figure(row[f"{metric} mean"])
     if n > 1:
-        text += f" ± {format_number(row[f'{metric} std'])}"
+        text += f" ± {figure(row[f'{metric} std'])}"
         if pd.notna(row[f"{metric} ci_low"]):
-            text += f" [{format_number(row[f'{metric} ci_low'])}, {format_number(row[f'{metric} ci_high'])}]"
+            text += f" [{figure(row[f'{metric} ci_low'])}, {figure(row[f'{metric} ci_high'])}]"
         if metric.endswith("images_per_s") and row[f"{metric} cv"] > NOISY_CV:
             text += f" (noisy: CV {row[f'{metric} cv']:.0%})"  # timings are flagged, not judged
     return text + (f" (n={n})" if n < row["runs"] else "")
@@ -124,6 +120,8 @@ def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
         "seeds": summary["seeds"],
         "epochs": summary["epochs"],
     })
+    if "differs" in summary and summary["differs"].fillna("").astype(bool).any():  # names that collide
+        table.insert(2, "differs", summary["differs"].fillna(""))
     for metric, label in SUMMARY_METRICS.items():
         table[label] = [format_stat(row, metric) for _, row in summary.iterrows()]
     return table
@@ -248,8 +246,9 @@ def _claims_section(doc: Document, judged: Judgement) -> None:
 
 @dataclass
 class Evidence:
-    """What a report reads from the store: every training run, the finished ones, their
-    validation curves, relative gradients and feature-reuse matrices (trained and at init)."""
+    """What a report reads from the store: every training run, the finished ones (a search's
+    trials apart, in `studies`), their validation curves, relative gradients and feature-reuse
+    matrices (trained and at init)."""
 
     runs: pd.DataFrame
     done: pd.DataFrame
@@ -257,14 +256,58 @@ class Evidence:
     grads: pd.DataFrame
     matrices: dict[str, list]
     init: dict[str, list]
+    studies: dict[str, pd.DataFrame] = field(default_factory=dict)  # Optuna study name -> its trials
 
 
 def load_evidence(experiment: str, uri: str, sweep: str | None = None) -> Evidence:
     runs = load_runs(experiment, uri, sweep)
-    done = finished(runs)
+    studies = search_trials(finished(runs))
+    # A search's trials are one seed each, chosen on validation accuracy: shown as a search, never
+    # judged as configurations (search.py --top trains the best again with confirmation seeds).
+    trial_ids = {i for trials in studies.values() for i in trials["run_id"]}
+    done = finished(runs)[lambda r: ~r["run_id"].isin(trial_ids)]
     dense = done[done["family"] == "densenet"]
     return Evidence(runs, done, learning_curves(done, uri), relative_grads(done, uri),
-                    feature_reuse_matrices(dense, uri), feature_reuse_matrices(dense, uri, record.FEATURE_REUSE_MATRICES_INIT))
+                    feature_reuse_matrices(dense, uri), feature_reuse_matrices(dense, uri, record.FEATURE_REUSE_MATRICES_INIT),
+                    studies)
+
+
+def _search_section(doc: Document, studies: dict[str, pd.DataFrame], experiment: str) -> None:
+    """Each Optuna search as a search: its best trial, its trials (best first), the history and the
+    parameters' importances."""
+    doc.heading("Search")
+    doc.text("Trials of a hyperparameter search train one seed each and are chosen on validation accuracy, so they "
+             "are shown here and not judged as configurations. Train the best again with new seeds: "
+             f"`python -m densenet_exp.search --experiment {esc(experiment)} --top 3`; the report then judges those "
+             "runs.")
+    for name, trials in studies.items():
+        doc.heading(f"Study `{esc(name)}`", 3)
+        objective, direction = trials.attrs["objective"], trials.attrs["direction"]
+        done = trials.dropna(subset=["objective"])
+        params = [c for c in trials.columns if c not in ("trial", "objective", "run_id", "variant")]
+        if done.empty:
+            doc.text("No finished trial logged the objective.")
+            continue
+        best = done.loc[done["objective"].idxmin() if direction == "minimize" else done["objective"].idxmax()]
+        values = ", ".join(f"{p} = {best[p]}" for p in params)
+        doc.text(f"{len(done)} finished trials; objective {esc(objective)} ({direction}d). Best: trial "
+                 f"{best['trial']}, {esc(objective)} {best['objective']:.4f} with {esc(values)} (run "
+                 f"`{esc(best['run_id'])}`).")
+        ranked = done.sort_values("objective", ascending=direction == "minimize").head(10)
+        doc.table(ranked.assign(objective=ranked["objective"].map(lambda v: f"{v:.4f}"))[
+            ["trial", "objective", *params, "run_id"]].rename(columns={"objective": objective}))
+        doc.figure(plot_search_history(trials, f"{name}: {objective} per trial"), f"search_history_{name}",
+                   f"{name}: each trial's {objective} and the best so far.")
+        importances = param_importances(trials)
+        if importances:
+            doc.figure(plot_param_importances(importances, f"{name}: parameter importances"),
+                       f"search_importances_{name}",
+                       f"{name}: how much each parameter explains the objective over the trials (Optuna's "
+                       "default importance evaluator).")
+        else:
+            doc.text("Parameter importances need at least two finished trials with different results.")
+
+
 
 
 @dataclass
@@ -281,6 +324,7 @@ class Findings:
     confirmed: pd.DataFrame | None = None  # summary of the confirmation runs, one row per arm
     published: pd.DataFrame = field(default_factory=pd.DataFrame)
     files: list[Path] = field(default_factory=list)
+    experiment: str = ""
 
 
 def judge(evidence: Evidence, margin_pp: float, plan: Plan | None = None) -> Findings:
@@ -338,6 +382,12 @@ def render(found: Findings, out: Path, title: str, intro: str) -> list[Path]:
     if len(no_val):
         notes.append(f"{len(no_val)} run(s) trained without a validation split (data.val_size=0): "
                      + esc(", ".join(sorted(no_val["variant"].astype(str).unique()))))
+    untested = done[done[record.TEST_ACC].isna()] if record.TEST_ACC in done else done
+    if len(untested):
+        notes.append(f"no held-out test set for {len(untested)} run(s) ("
+                     + esc(", ".join(sorted(untested["variant"].astype(str).unique())))
+                     + "): their data has no test split (an image folder without test/), so they have no test "
+                     "accuracy; their validation images chose the model and are not a test")
     if found.confirmation is not None:
         _plan_section(doc, found)
         doc.heading("Exploration: runs outside the confirmation stage (no verdicts)")
@@ -353,8 +403,13 @@ def render(found: Findings, out: Path, title: str, intro: str) -> list[Path]:
     else:
         doc.table(left_out[["variant", "data", "seed", "status", "error", "run_id"]].astype("string").fillna(""))
 
+    if ev.studies:
+        _search_section(doc, ev.studies, found.experiment)
+
     doc.heading("Results per configuration")
-    doc.text("One row per configuration (data set, model, k, θ, B): its runs differ only in the seed. Cells give "
+    doc.text("One row per configuration: its runs differ only in the seed (runs that differ in anything else, a "
+             "block_config, an image folder, a learning rate, are never pooled; where two rows share a name, column "
+             "`differs` says how they differ). Cells give "
              "mean ± std [95% interval] over seeds (intervals as in the Method section: they stay inside the "
              "metric's range); a blank means no run logged the metric. Data sets are never pooled.")
     if summary.empty:
@@ -425,60 +480,58 @@ def _published_section(doc: Document, published: pd.DataFrame) -> None:
 
 
 def write_report(experiment: str, uri: str, out: Path, sweep: str | None = None,
-                 margin_pp: float = DEFAULT_MARGIN_PP, plan: Plan | None = None) -> Findings:
+                 margin_pp: float = DEFAULT_MARGIN_PP, plan: Plan | None = None,
+                 table_format: str | None = None) -> Findings:
     """Read the runs, judge them (the plan's declared claims on its confirmation runs, exploratory
-    claims on the rest) and write report.md, report.html and the PNGs to `out`."""
+    claims on the rest) and write report.md, report.html and the PNGs to `out` (and, with
+    `table_format`, the per-configuration and claims tables for a paper: tables.write_tables)."""
     evidence = load_evidence(experiment, uri, sweep)
     found = judge(evidence, margin_pp, plan)
+    found.experiment = experiment
     title = f"DenseNet ablation report: {experiment}" + (f", sweep {sweep}" if sweep else "")
     runs, done = evidence.runs, evidence.done
+    trials = sum(len(t) for t in evidence.studies.values())
     intro = (f"Store `{esc(uri)}`, experiment `{esc(experiment)}`" + (f", sweep `{esc(sweep)}`" if sweep else "")
              + f"; written {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}. {len(runs)} training runs read: "
-             f"{len(done)} finished and used, {len(runs) - len(done)} left out. Margin of \"the same accuracy\" in the "
+             f"{len(done)} finished and used, {trials} search trials (section Search), "
+             f"{(runs['status'] != 'FINISHED').sum()} left out. Margin of \"the same accuracy\" in the "
              f"exploratory claims: ±{margin_pp:g} percentage points (--margin)."
              + (f" Declared plan: `{esc(plan.path)}`." if plan else " No declared plan (--plan): every claim below is "
                 "exploratory."))
     found.files = render(found, out, title, intro)
+    if table_format:
+        conf = found.confirmation  # a plan's tables are its arms and declared claims
+        summary = found.summary if conf is None else found.confirmed.assign(variant=found.confirmed["model"])
+        found.files += write_tables(summary, claims_table((conf or found.judgement).claims), out, table_format)
     return found
 
 
-HEADLINE_METRICS = {  # the README's results table: metric -> column
-    record.TEST_ACC: "test accuracy",
-    record.PARAMS: "parameters",
-    record.FLOPS_PER_IMAGE: "FLOPs / image",
-    record.TRAIN_IMAGES_PER_S: "train images/s",
-    record.TRAIN_STEP_MB: "train-step memory (MiB)",
-}
+HEADLINE_METRICS = (record.TEST_ACC, record.PARAMS, record.FLOPS_PER_IMAGE, record.TRAIN_IMAGES_PER_S,
+                    record.TRAIN_STEP_MB)  # the README's results table, columns as tables.PAPER_METRICS names them
 
 
-def _headline_table(rows: pd.DataFrame, names: pd.Series, metrics: dict[str, str]) -> str:
-    table = pd.DataFrame({"configuration": names.to_numpy(), "runs": rows["runs"].to_numpy()})
-    for metric, label in metrics.items():
-        table[label] = [
-            "" if not row[f"{metric} n"] else format_number(row[f"{metric} mean"])
-            + (f" ± {format_number(row[f'{metric} std'])}" if row[f"{metric} n"] > 1 else "")
-            for _, row in rows.iterrows()
-        ]
-    return table.astype(object).map(_cell).to_markdown(index=False, tablefmt="github")
+def _headline_table(rows: pd.DataFrame, metrics: Sequence[str]) -> str:
+    return headline_table(rows, metrics).astype(object).map(_cell).to_markdown(index=False, tablefmt="github")
 
 
 def headline(found: Findings) -> str:
     """The short form of a report for a README: per configuration (per arm of a declared plan) the
-    mean ± std over seeds of HEADLINE_METRICS, then each claim's verdict with its evidence, then the
-    warnings. Written as `headline.md` beside the report, so the README's figures come from the
-    same code and runs (a test compares them)."""
+    mean ± std over seeds of HEADLINE_METRICS, rounded to their uncertainty as in the paper tables
+    (tables.py), then each claim's verdict with its evidence, then the warnings. Written as
+    `headline.md` beside the report, so the README's figures come from the same code and runs (a
+    test compares them)."""
     conf = found.confirmation
     if conf is not None:
-        metrics = {**HEADLINE_METRICS, record.TRAIN_LOSS: "final train loss"}
+        arms = found.confirmed.assign(variant=found.confirmed["model"])
         lines = [f"**{esc(conf.plan.name)}**: declared plan, confirmation runs (mean ± std over seeds):", "",
-                 _headline_table(found.confirmed, found.confirmed["model"], metrics), ""]
+                 _headline_table(arms, [*HEADLINE_METRICS, record.TRAIN_LOSS]), ""]
         lines += [f"- {esc(c.claim)}: **{esc(c.label)}**. {esc(c.evidence)}" for c in conf.claims]
         lines += ["", "Warnings: " + " ".join(esc(n) for n in conf.notes), ""]
         return "\n".join(lines)
     lines = []
     for data, rows in found.summary.groupby("data", sort=True):
         lines += [f"**{esc(data)}** (mean ± std over seeds; exploratory: no declared plan):", "",
-                  _headline_table(rows, rows["variant"], HEADLINE_METRICS), ""]
+                  _headline_table(rows, HEADLINE_METRICS), ""]
         lines += [f"- {esc(c.claim)}: **{esc(c.label)}**. {esc(c.evidence)}" for c in found.judgement.claims
                   if c.data == data]
         lines += ["", "Warnings: " + " ".join(esc(w) for w in found.judgement.warnings.get(data, [])), ""]
@@ -493,6 +546,8 @@ def method_lines(margin_pp: float) -> list[str]:
 def log_report(files: Sequence[Path], experiment: str, uri: str, sweep: str | None = None) -> str:
     """Log the report's files (not whatever else the folder holds) as the artifacts of a new report
     run (tag report=true, which load_runs skips) in `experiment`; returns its run id."""
+    from mlflow.tracking import MlflowClient  # seconds of import: not for --help
+
     client = MlflowClient(uri)
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
     tags = {record.REPORT: "true", **({record.REPORT_SWEEP_ID: sweep} if sweep else {})}
@@ -523,6 +578,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sweep", help="parent run id of one sweep (tag sweep_id of its runs); default: all runs")
     parser.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db")
     parser.add_argument("--out", type=Path, help="report folder; default: reports/<experiment>[-<sweep>]")
+    parser.add_argument("--format", choices=FORMATS, dest="table_format",
+                        help="also write the per-configuration and claims tables for a paper as configurations.EXT and "
+                             "claims.EXT (csv, tex, md), numbers rounded to their uncertainty")
     parser.add_argument("--margin", type=_margin, default=DEFAULT_MARGIN_PP,
                         help="margin of 'the same accuracy' in percentage points, declared before reading the runs "
                              f"(default {DEFAULT_MARGIN_PP:g})")
@@ -541,7 +599,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             require_name("--experiment", experiment)  # it names the folder under reports/
         check_store(uri, key)  # the checks training makes; a report never creates a store
         out = args.out or Path("reports") / (experiment + (f"-{args.sweep[:8]}" if args.sweep else ""))
-        found = write_report(experiment, uri, out, args.sweep, args.margin, plan)
+        found = write_report(experiment, uri, out, args.sweep, args.margin, plan, args.table_format)
     except (ExperimentNotFound, InvalidRunId, InvalidValue, StoreConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -550,8 +608,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 75
     run_id = log_report(found.files, experiment, uri, args.sweep)
     runs, done = found.evidence.runs, found.evidence.done
-    print(f"report: {out / 'report.html'} ({len(done)} finished runs, {len(runs) - len(done)} left out; "
-          f"{time.perf_counter() - started:.1f} s), MLflow run {run_id}")
+    configurations = len(found.summary) + (0 if found.confirmed is None else len(found.confirmed))
+    print(f"report: {out / 'report.html'} ({len(done)} finished runs in {configurations} configurations, "
+          f"{(runs['status'] != 'FINISHED').sum()} left out; {time.perf_counter() - started:.1f} s), MLflow run {run_id}")
+    if args.table_format:
+        print("tables: " + ", ".join(str(p) for p in found.files[-2:]))
     return 0
 
 

@@ -6,8 +6,10 @@ ours. The claims are judged in densenet_exp.verdicts.
     done = finished(runs)
     summary = summarize(done)                               # one row per configuration
 
-A configuration is (data set, model, k, theta, bottleneck): its runs differ only in the seed.
-Runs on different data sets are never pooled. Nothing here imports torch or Lightning.
+A configuration is everything that changes the model or the recipe (its `config_key`,
+densenet_exp.identity): its runs differ only in the seed. Runs on different data sets, or that
+differ in anything but the seed, are never pooled. Nothing here imports torch or Lightning, and
+MLflow and SciPy only when used (the report's --help answers at once).
 """
 
 from __future__ import annotations
@@ -20,16 +22,21 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
-from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
-from scipy import stats
 
 from . import record
+from .identity import config_key, configuration
 
-CONFIG = ["data", "model", "growth_rate", "compression", "bottleneck"]
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+# A configuration: what its rows are named by, then the key that tells apart any two that differ
+# in anything but the seed (a block_config, an image folder, a learning rate).
+CONFIG = ["data", "model", "growth_rate", "compression", "bottleneck", "config_key"]
+MLFLOW_RUN_NAME = "mlflow.runName"  # mlflow.utils.mlflow_tags.MLFLOW_RUN_NAME
 # The per-configuration table: metric -> what the report calls it.
 SUMMARY_METRICS = {
     record.VAL_ACC: "validation accuracy",
@@ -47,6 +54,12 @@ RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 # --- runs ------------------------------------------------------------------------------------
+
+
+def _client(tracking_uri: str) -> MlflowClient:
+    from mlflow.tracking import MlflowClient  # seconds of import: only once a store is read
+
+    return MlflowClient(tracking_uri)
 
 
 def model_family(arch: object) -> str:
@@ -107,16 +120,18 @@ def load_runs(experiment: str, tracking_uri: str, sweep: str | None = None) -> p
     """
     if sweep is not None:
         check_run_id(sweep)
-    client = MlflowClient(tracking_uri)
+    client = _client(tracking_uri)
     if client.get_experiment_by_name(experiment) is None:
         known = ", ".join(sorted(e.name for e in client.search_experiments())) or "none"
         raise ExperimentNotFound(f"no experiment {experiment!r} in {tracking_uri} (experiments: {known})")
+    import mlflow
+
     mlflow.set_tracking_uri(tracking_uri)  # mlflow.search_runs reads the global store
     raw = mlflow.search_runs(
         experiment_names=[experiment], filter_string=f"tags.{record.SWEEP_ID} = '{sweep}'" if sweep else ""
     )
     tags = [record.SWEEP, record.REPORT, record.VARIANT, MLFLOW_RUN_NAME, record.ERROR, record.DEVICE,
-            record.PARALLEL_JOBS]
+            record.PARALLEL_JOBS, record.CONFIG_KEY, record.SEARCH_STUDY, record.SEARCH_TRIAL]
     params = [*record.RUN_PARAMS, *record.RUN_PARAMS_OPTIONAL]
     needed = ["run_id", "status", "start_time", *(f"tags.{t}" for t in tags), *(f"params.{p}" for p in params)]
     raw = raw.reindex(columns=list(dict.fromkeys([*needed, *raw.columns])))
@@ -125,6 +140,8 @@ def load_runs(experiment: str, tracking_uri: str, sweep: str | None = None) -> p
     number = lambda key: pd.to_numeric(param(key), errors="coerce")  # noqa: E731 ("None" -> NaN)
     depth = [network_depth(*row) for row in zip(param("model.arch"), param("model.depth"),
                                                 param("model.block_config"), param("bottleneck"))]
+    # Runs that predate the config_key tag: the same key, from the params they logged.
+    derived = pd.Series([config_key(params) for params in logged_params(raw)], index=raw.index, dtype=object)
     runs = pd.DataFrame({
         "run_id": raw["run_id"].astype(str),  # object dtype even when empty, for merges
         "variant": raw[f"tags.{record.VARIANT}"].fillna(raw[f"tags.{MLFLOW_RUN_NAME}"]).fillna(param("model.name")),
@@ -135,6 +152,7 @@ def load_runs(experiment: str, tracking_uri: str, sweep: str | None = None) -> p
         "growth_rate": number("growth_rate").astype("Int64"),
         "compression": number("compression"),
         "bottleneck": param("bottleneck").map({"True": True, "False": False}).astype("boolean"),
+        "config_key": raw[f"tags.{record.CONFIG_KEY}"].fillna(derived),
         "family": param("model.arch").map(model_family, na_action="ignore"),
         "arch": param("model.arch"),
         "depth": pd.Series(depth, dtype=float).astype("Int64"),
@@ -147,6 +165,7 @@ def load_runs(experiment: str, tracking_uri: str, sweep: str | None = None) -> p
         "device": raw[f"tags.{record.DEVICE}"],
         "parallel_jobs": pd.to_numeric(raw[f"tags.{record.PARALLEL_JOBS}"], errors="coerce").fillna(1).astype("Int64"),
         "start_time": raw["start_time"],
+        "search_study": raw[f"tags.{record.SEARCH_STUDY}"],  # a trial of a hyperparameter search (else NaN)
     })
     metrics = raw.filter(regex=r"^metrics\.").rename(columns=lambda c: c.removeprefix("metrics."))
     strings = raw.filter(regex=r"^(params|tags)\.")
@@ -158,21 +177,87 @@ def finished(runs: pd.DataFrame) -> pd.DataFrame:
     return runs[runs["status"] == "FINISHED"]
 
 
+def logged_params(runs: pd.DataFrame) -> list[dict[str, str]]:
+    """Each run's params as it logged them (a `params.*` column it lacks is left out)."""
+    columns = [c for c in runs.columns if c.startswith("params.")]
+    return [{c.removeprefix("params."): v for c, v in zip(columns, row) if isinstance(v, str)}
+            for row in runs[columns].itertuples(index=False)]
+
+
+def differences(runs: pd.DataFrame) -> dict[str, str]:
+    """config_key -> what sets the configuration apart from the others of the same name on the same
+    data set ("model.block_config=[4, 4]; data.root=/data/a"), or "" when no other shares its name.
+    Names collide where a knob outside the name varies (a block_config, an image folder)."""
+    out: dict[str, str] = {}
+    for _, same_name in runs.groupby(["data", "variant"], dropna=False, sort=True):
+        firsts = same_name.drop_duplicates("config_key")
+        settings = {key: configuration(params) for key, params in zip(firsts["config_key"], logged_params(firsts))}
+        names = sorted({name for cfg in settings.values() for name in cfg})
+        varying = [n for n in names if len({cfg.get(n) for cfg in settings.values()}) > 1] if len(settings) > 1 else []
+        for key, cfg in settings.items():
+            out[key] = "; ".join(f"{n}={cfg.get(n, '(not logged)')}" for n in varying)
+    return out
+
+
 def pooling_problems(runs: pd.DataFrame) -> list[str]:
-    """What is wrong with pooling each configuration's runs over seeds: runs that differ in more
-    than the seed (e.g. two epoch budgets) or repeat a seed (a rerun counted twice)."""
+    """What the report says about pooling over seeds: configurations that share a name but differ
+    in more than the seed (kept apart; `differences` says how) and seeds repeated within one
+    configuration (a rerun counted twice)."""
     problems = []
-    for key, group in runs.groupby(CONFIG, dropna=False, sort=True):
-        name = f"`{group['variant'].iloc[0]}` on {key[0]}"
-        params = group.filter(regex=r"^params\.(?!seed$|data\.split_seed$|tracking\.|study\.)")
-        varying = [c.removeprefix("params.") for c in params if params[c].nunique(dropna=False) > 1]
-        if varying:
-            problems.append(f"{name}: runs differ in more than the seed ({', '.join(varying)}); pooled anyway")
+    for (data, variant), group in runs.groupby(["data", "variant"], dropna=False, sort=True):
+        keys = group["config_key"].nunique()
+        if keys > 1:
+            varying = sorted({part.split("=", 1)[0] for key in group["config_key"].unique()
+                              for part in differences(group)[key].split("; ") if part})
+            problems.append(f"`{variant}` on {data}: {keys} configurations share this name; they differ in "
+                            f"{', '.join(varying)} and are kept apart (column `differs`)")
+    for _, group in runs.groupby(CONFIG, dropna=False, sort=True):
         repeated = sorted(group["seed"][group["seed"].duplicated()].dropna().unique())
         if repeated:
-            problems.append(f"{name}: seed {', '.join(map(str, repeated))} repeated; the repeats are pooled as if "
-                            "independent, which understates the spread")
+            problems.append(f"`{group['variant'].iloc[0]}` on {group['data'].iloc[0]}: seed "
+                            f"{', '.join(map(str, repeated))} repeated; the repeats are pooled as if independent, "
+                            "which understates the spread")
     return problems
+
+
+# --- hyperparameter searches ------------------------------------------------------------------
+
+
+def search_trials(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The finished trials of each Optuna search in `runs` (search.py tags them): study name ->
+    one row per trial, in trial order: trial, objective (the study's metric), one column per
+    searched parameter (the launched value), run_id, variant. Attributes `direction`, `objective`
+    and `distributions` (parameter -> Optuna distribution as JSON) describe the study."""
+    studies = {}
+    trials = runs[runs["search_study"].notna()] if "search_study" in runs else runs.iloc[:0]
+    for name, group in trials.groupby("search_study", sort=True):
+        space = json.loads(group[f"tags.{record.SEARCH_SPACE}"].iloc[0])
+        params = pd.DataFrame([json.loads(p) for p in group[f"tags.{record.SEARCH_PARAMS}"]], index=group.index)
+        table = pd.concat([pd.DataFrame({
+            "trial": pd.to_numeric(group[f"tags.{record.SEARCH_TRIAL}"]).astype(int),
+            "objective": group[space["objective"]] if space["objective"] in group else np.nan,
+        }), params, group[["run_id", "variant"]]], axis=1).sort_values("trial", ignore_index=True)
+        table.attrs.update(direction=space["direction"], objective=space["objective"], distributions=space["params"])
+        studies[str(name)] = table
+    return studies
+
+
+def param_importances(trials: pd.DataFrame) -> dict[str, float]:
+    """How much each searched parameter explains the objective over these trials (Optuna's default
+    evaluator, on an in-memory study rebuilt from them); {} with fewer than two trials or no
+    spread in the objective."""
+    import optuna
+
+    done = trials.dropna(subset=["objective"])
+    if len(done) < 2 or done["objective"].nunique() < 2:
+        return {}
+    distributions = {k: optuna.distributions.json_to_distribution(v) for k, v in trials.attrs["distributions"].items()}
+    study = optuna.create_study(direction=trials.attrs["direction"])
+    for _, row in done.iterrows():
+        params = {k: row[k].item() if hasattr(row[k], "item") else row[k] for k in distributions}
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions,
+                                                  value=float(row["objective"])))
+    return optuna.importance.get_param_importances(study)
 
 
 # --- aggregation over seeds ------------------------------------------------------------------
@@ -215,13 +300,16 @@ def interval(values: Sequence[float] | np.ndarray, metric: str) -> tuple[float, 
     if scale == "logit":
         v = np.clip(v, 1e-6, 1 - 1e-6)  # an accuracy of exactly 0 or 1 has no logit
     z = forward(v)
+    from scipy import stats
+
     half = stats.t.ppf((1 + CONFIDENCE) / 2, len(z) - 1) * z.std(ddof=1) / np.sqrt(len(z))
     return float(back(z.mean() - half)), float(back(z.mean() + half))
 
 
 def summarize(runs: pd.DataFrame, metrics: Iterable[str] = SUMMARY_METRICS) -> pd.DataFrame:
     """One row per configuration of `runs` (pass finished runs): the CONFIG columns, family,
-    variant, depth, `runs` (how many), `seeds`, epochs, and for each metric `<metric> mean`,
+    variant, `differs` (what sets it apart from configurations of the same name, see
+    `differences`), depth, `runs` (how many), `seeds`, epochs, and for each metric `<metric> mean`,
     `std`, `cv` (std over mean), `n` (runs that logged it), `ci_low`, `ci_high` (INTERVAL_RULE).
     std needs two values: with one it is NaN. A metric no run logged gives NaN columns."""
     metrics = list(metrics)
@@ -235,6 +323,7 @@ def summarize(runs: pd.DataFrame, metrics: Iterable[str] = SUMMARY_METRICS) -> p
         seeds=("seed", lambda s: ", ".join(str(v) for v in sorted(s.dropna()))),
         epochs=("epochs", lambda s: ", ".join(str(v) for v in sorted(s.dropna().unique()))),
     )
+    table["differs"] = table.index.get_level_values("config_key").map(differences(runs)).fillna("") if len(runs) else []
     for metric in metrics:
         values = grouped[metric].agg(["mean", "std", "count"])
         bounds = grouped[metric].agg(lambda s: interval(s.to_numpy(float), metric))
@@ -261,7 +350,7 @@ def _download(client: MlflowClient, run_id: str, path: str, dst: Path) -> Path |
 def learning_curves(runs: pd.DataFrame, tracking_uri: str, metric: str = record.VAL_ACC) -> pd.DataFrame:
     """The per-epoch history of `metric` of each run: columns run_id, epoch (counted from 1),
     value, plus the run's CONFIG, family, variant and seed."""
-    client = MlflowClient(tracking_uri)
+    client = _client(tracking_uri)
     rows = []
     for run_id in runs["run_id"]:
         # Lightning logs the 0-based epoch at each step it logs; a resumed run may log a step twice.
@@ -276,12 +365,35 @@ def learning_curves(runs: pd.DataFrame, tracking_uri: str, metric: str = record.
     return curves.merge(runs[["run_id", *CONFIG, "family", "variant", "seed"]], on="run_id")
 
 
+def compare_runs(runs: pd.DataFrame, run_ids: Sequence[str]) -> pd.DataFrame:
+    """Chosen runs side by side (for a notebook): one column per run, named `<variant>-s<seed>
+    (<run id>)`; rows: data, status, seed, the SUMMARY_METRICS and every param in which the runs
+    differ. Raises InvalidRunId for a malformed id and KeyError naming ids that are not in `runs`."""
+    ids = [check_run_id(i, "run id") for i in run_ids]
+    missing = [i for i in ids if i not in set(runs["run_id"])]
+    if missing:
+        raise KeyError(f"no such run here: {', '.join(missing)}")
+    chosen = runs.set_index("run_id").loc[ids].reset_index()
+    names = [f"{v}-s{s} ({i[:8]})" for v, s, i in zip(chosen["variant"], chosen["seed"], chosen["run_id"])]
+    rows = {"data": chosen["data"], "status": chosen["status"], "seed": chosen["seed"]}
+    for metric, label in SUMMARY_METRICS.items():
+        rows[label] = chosen[metric] if metric in chosen else np.nan
+    params = logged_params(chosen)
+    for key in sorted({k for p in params for k in p}):
+        values = [p.get(key) for p in params]
+        if key != "seed" and len(set(values)) > 1:
+            rows[key] = values
+    table = pd.DataFrame({k: list(v) for k, v in rows.items()}, index=names).T
+    table.columns.name = "run"
+    return table
+
+
 def relative_grads(runs: pd.DataFrame, tracking_uri: str) -> pd.DataFrame:
     """The gradient-flow probe's `gradient_flow/relative_grads.csv` of each run that has one
     (list(record.RELATIVE_GRADS_COLUMNS): phase init or epoch1, depth, relative_depth with 0 = first conv and
     1 = classifier, layer, kind, grad_norm, weight_norm, relative_grad = grad_norm / weight_norm)
     plus run_id, CONFIG, family, variant and seed."""
-    client = MlflowClient(tracking_uri)
+    client = _client(tracking_uri)
     frames = []
     with tempfile.TemporaryDirectory() as tmp:
         for run_id in runs["run_id"]:
@@ -298,7 +410,7 @@ def feature_reuse_matrices(runs: pd.DataFrame, tracking_uri: str,
     """{run_id: one matrix per dense block} from each run's `feature_reuse/matrices.json` (or
     `artifact`, e.g. record.FEATURE_REUSE_MATRICES_INIT; null read back as NaN); runs without it
     (ResNets, probe off, runs older than the artifact) are absent."""
-    client = MlflowClient(tracking_uri)
+    client = _client(tracking_uri)
     matrices = {}
     with tempfile.TemporaryDirectory() as tmp:
         for run_id in runs["run_id"]:

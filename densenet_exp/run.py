@@ -31,7 +31,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from .logs import quiet_mlflow
+
 log = logging.getLogger("densenet_exp")
+quiet_mlflow()  # before anything imports MLflow
 
 # Third-party notices that say nothing about the run: an advert, a deprecation inside Lightning,
 # and a hint about per-step logging, which the harness does not do.
@@ -65,37 +68,43 @@ def ddp_rank_argv(argv: list[str], env: dict[str, str]) -> list[str]:
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     """Returns the final validation accuracy: the objective of a hyperparameter search."""
-    from . import stopping
-    from .job import train
-    from .ownership import Busy
-    from .store import StoreConfigError, StoreUnreachable
-    from .tracking import record_failed_job
-    from .validate import ConfigError, output_folder_was_new
+    from .store import StoreConfigError, StoreUnreachable, check_uri, tracking_uri
+    from .validate import ConfigError, checked_config, output_folder_was_new
 
     hc = HydraConfig.get()
-    stopping.install()
     multirun = hc.mode == RunMode.MULTIRUN
-    remember_job_for_ddp_ranks(hc)
     try:
+        # Bad input ends here, before torch, Lightning and MLflow load.
+        checked_config(cfg, hc.overrides.task)
+        check_uri(tracking_uri(cfg.tracking.uri, Path(hc.runtime.cwd)),
+                  "tracking.uri" if cfg.tracking.uri else "MLFLOW_TRACKING_URI")
+        from . import stopping
+        from .job import train
+
+        stopping.install()
+        remember_job_for_ddp_ranks(hc)
         return train(cfg, hc)["val_acc"]
     except StoreUnreachable as err:
         # The rest of a sweep would wait on the same server: stop here, with one line.
         if multirun:
-            record_failed_job(Path(hc.sweep.dir), hc.job.num, list(hc.overrides.task), err)
+            _record_failed_job(hc, err)
         print(f"error: {err.advice()}", file=sys.stderr, flush=True)
         sys.exit(EXIT_STORE_DOWN)
     except Exception as err:
         if multirun:
             # One failed job must not stop the sweep; SweepParentRun reports it at the end.
-            record_failed_job(Path(hc.sweep.dir), hc.job.num, list(hc.overrides.task), err)
+            _record_failed_job(hc, err)
             log.error("job #%s failed: %s: %s", hc.job.num, type(err).__name__, err)
             return None
-        if isinstance(err, ConfigError | StoreConfigError | Busy):
+        bad_input = isinstance(err, ConfigError | StoreConfigError)
+        if not bad_input:
+            from .ownership import Busy  # MLflow: loaded already once a job has started
+        if bad_input or isinstance(err, Busy):
             # Nothing was created but Hydra's output folder: remove it (if this launch made it).
             if output_folder_was_new(hc.runtime.output_dir):
                 shutil.rmtree(hc.runtime.output_dir, ignore_errors=True)
             print(f"error: {err}", file=sys.stderr, flush=True)
-            sys.exit(EXIT_BUSY if isinstance(err, Busy) else EXIT_BAD_INPUT)
+            sys.exit(EXIT_BAD_INPUT if bad_input else EXIT_BUSY)
         raise
 
 
@@ -110,6 +119,12 @@ def quiet_on_closed_pipe(argv: list[str]) -> None:
     that trains must close its MLflow run whatever happens to its terminal."""
     if PRINT_ONLY_FLAGS.intersection(argv[1:]):
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+
+
+def _record_failed_job(hc: Any, err: BaseException) -> None:
+    from .tracking import record_failed_job
+
+    record_failed_job(Path(hc.sweep.dir), hc.job.num, list(hc.overrides.task), err)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, ML
 from omegaconf import DictConfig, OmegaConf
 
 from . import record, stopping
+from .identity import flatten  # noqa: F401 (the params a run logs)
 from .ownership import Heartbeat, OwnerLock, close_orphans
 from .store import (
     tracking_uri,
@@ -67,18 +68,6 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
         if exp is None:
             raise
         return exp.experiment_id
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"model": {"growth_rate": 12}} -> {"model.growth_rate": 12}."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def config_hash(cfg: Mapping[str, Any]) -> str:
@@ -231,6 +220,7 @@ class SweepParentRun(Callback):
         self.sweep_dir: Path | None = None
         self.lock: OwnerLock | None = None
         self.heartbeat: Heartbeat | None = None
+        self.deleted = False  # no job of the sweep logged to a run of its own: the parent was removed
 
     # Launchers that run jobs in other processes (joblib, submitit) pickle the callbacks with each
     # job; the sweep's live state (a lock, a thread, a client) stays with the sweep process.
@@ -322,6 +312,7 @@ class SweepParentRun(Callback):
             for key, value in tags.items():
                 retry_locked(lambda: self.client.set_tag(run_id, key, value))
             retry_locked(lambda: self.client.set_terminated(run_id, status))
+            self.deleted = self._delete_if_empty(run_id)
         except Exception as err:
             # The next launch closes it (its owner is gone); keep the status for the replay too.
             spool(self.sweep_dir / UNSENT_FILE, self.client.tracking_uri, run_id, status=status, tags=tags)
@@ -331,13 +322,25 @@ class SweepParentRun(Callback):
                 self.lock.release()
         return failures
 
+    def _delete_if_empty(self, run_id: str) -> bool:
+        """Delete the parent run when no job logged to a run under it (a rerun of a finished
+        sweep skips every job; a sweep whose every job was refused creates none): an empty
+        parent says nothing and would clutter the runs table. True if deleted."""
+        experiment_id = retry_locked(lambda: self.client.get_run(run_id)).info.experiment_id
+        children = retry_locked(lambda: self.client.search_runs(
+            [experiment_id], f"tags.{record.SWEEP_ID} = '{run_id}'", max_results=1))
+        if children:
+            return False
+        retry_locked(lambda: self.client.delete_run(run_id))
+        return True
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from .console import sweep_summary
 
         parent_id = self.run_id
         failures = self._close()
         if parent_id is not None and self.client is not None and self.sweep_dir is not None:
-            print(sweep_summary(self.client, parent_id, self.sweep_dir, config), flush=True)
+            print(sweep_summary(self.client, parent_id, self.sweep_dir, config, self.deleted), flush=True)
         if failures:
             print(f"{len(failures)} job(s) of the sweep failed:", file=sys.stderr)
             for line in failures:
@@ -345,10 +348,3 @@ class SweepParentRun(Callback):
             sys.stdout.flush()
             raise SystemExit(1)
 
-
-def resolved_config(cfg: DictConfig) -> dict[str, Any]:
-    """The job's config as plain data, without Hydra's own section."""
-    container = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(container, dict)
-    container.pop("hydra", None)
-    return container

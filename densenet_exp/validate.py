@@ -1,7 +1,9 @@
 """Checks on a composed config, run before anything trains or touches the tracking store.
 
 Each failure is one `ConfigError` line naming the key, the value and what is allowed, raised
-through densenet_exp.checks.require (the one place that message is written).
+through densenet_exp.checks.require (the one place that message is written). Torch-free, as are
+the modules it reads (options, datafiles): run.py checks a job's config before torch, Lightning
+or MLflow load, so bad input is rejected in about a second (tools/startup-time measures it).
 """
 
 from __future__ import annotations
@@ -15,14 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .checks import InvalidValue, is_int, is_number, require, require_int, require_name
-from .classifier import OPTIMIZERS, SCHEDULERS
-from .data import AUGMENTATIONS, FASHION_MNIST_HELP, find_fashion_mnist
-from .models import ARCHITECTURES, KNOB_CHECKS
+from .datafiles import FASHION_MNIST_HELP, LAYOUT, find_fashion_mnist, read_image_folder, stem_for
+from .options import (ARCHITECTURES, AUGMENTATIONS, DATA_SETS, KNOB_CHECKS, OPTIMIZERS, SCHEDULERS, STEMS,
+                      apply_knobs)
 
-DATA_SETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 TRAIN_IMAGES = {"fashion_mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000}  # before the validation split
 NATIVE_SIZE = {"fashion_mnist": 28, "cifar10": 32, "cifar100": 32}  # in-memory sets are not resized
 # Keys the code reads that not every config file defines, so `+key=value` may add them. Model and
@@ -57,12 +58,7 @@ def validate_data(data: Mapping[str, Any]) -> None:
         require_int("data.eval_batch_size", data.get("eval_batch_size"), 1)
     root = Path(str(data.get("root"))).expanduser() if data.get("root") else None
     if name == "imagefolder":
-        ok = root is not None and (root / "train").is_dir() and (root / "val").is_dir()
-        require("data.root", str(root), ok, "a folder with train/ and val/ class folders")
-        require_int("data.image_size", data.get("image_size"), 1)
-        require_int("data.num_workers", data.get("num_workers"), 0)
-        for key in ("val_size", "augment"):  # the val/ folder is the split; crop and flip are fixed
-            require(f"data.{key}", data.get(key), key not in data, "no such key for imagefolder (nothing reads it)")
+        validate_image_folder(data)
         return
     # In-memory sets: the images' own size, batches indexed in the main process.
     size = data.get("image_size")
@@ -90,14 +86,61 @@ def validate_data(data: Mapping[str, Any]) -> None:
         require("data.root", str(root), root is not None and root.is_dir(), "an existing folder, or data.download=true")
 
 
+def fill_image_folder(data: DictConfig) -> None:
+    """An image folder's settings that are null, read from its files (datafiles.read_image_folder):
+    the class count, the image size, the model stem that suits it and, without a val/ folder, a
+    tenth of train/ held out for validation. The root is recorded resolved and, as
+    `data.fingerprint`, a hash of its images' names and sizes: both are part of the run's
+    configuration (a different folder is a different data set)."""
+    if OmegaConf.is_missing(data, "root") or not data.get("root"):
+        require("data.root", data._get_node("root")._value(), False, LAYOUT)
+    facts = read_image_folder(data.root)
+    with open_dict(data):
+        data.root, data.fingerprint = str(facts.root), facts.fingerprint
+    if data.get("num_classes") is None:
+        data.num_classes = len(facts.classes)
+    if data.get("image_size") is None:
+        data.image_size = facts.image_size
+    if data.get("stem") is None and is_int(data.image_size):
+        data.stem = stem_for(data.image_size)
+    if data.get("val_size") is None and "val" not in facts.images:
+        data.val_size = max(1, facts.images["train"] // 10)
+
+
+def validate_image_folder(data: Mapping[str, Any]) -> None:
+    """An image folder's settings, as fill_image_folder left them, against what the folder holds."""
+    facts = read_image_folder(data["root"])
+    require("data.fingerprint", data.get("fingerprint"), data.get("fingerprint") == facts.fingerprint,
+            f"{facts.fingerprint}, the folder's own (the harness writes it)")
+    classes = len(facts.classes)
+    count = data.get("num_classes")
+    require("data.num_classes", count, is_int(count) and count >= classes,
+            f"at least the {classes} class folders of train/ (null: their number)")
+    require_int("data.image_size", data.get("image_size"), 1)
+    stem = data.get("stem")
+    require("data.stem", stem, stem in STEMS, f"one of {', '.join(STEMS)} (null: by image size)")
+    val = data.get("val_size")
+    if "val" in facts.images:
+        require("data.val_size", val, val is None, "null: the folder has its own val/ folder")
+    else:
+        require_int("data.val_size", val, 0)
+    require_int("data.split_seed", data.get("split_seed"), 0)
+    if data.get("num_workers") is not None:
+        require_int("data.num_workers", data.get("num_workers"), 0)
+    for key in ("augment", "train_size", "test_size", "download"):  # augmentation follows the image size
+        require(f"data.{key}", data.get(key), key not in data, "no such key for imagefolder (nothing reads it)")
+
+
 def validate_batch_fits(cfg: Mapping[str, Any]) -> None:
     """At least one training batch per process: with none, nothing trains and nothing validates."""
     data = cfg["data"]
     name, batch = data.get("name"), data.get("batch_size")
+    val = data["val_size"] or 0  # null: an image folder's own val/ folder
+    more = "raise data.train_size"
     if name == "imagefolder":
-        return  # a folder's size is known only once it is read
-    val = data["val_size"]
-    if name in TRAIN_IMAGES:
+        total = read_image_folder(data["root"]).images["train"] - val
+        more = "add images to train/" + (" or lower data.val_size" if val else "")
+    elif name in TRAIN_IMAGES:
         total = TRAIN_IMAGES[name] - val
         if data.get("train_size"):
             total = min(total, int(data["train_size"]))
@@ -111,7 +154,7 @@ def validate_batch_fits(cfg: Mapping[str, Any]) -> None:
     per_process = total // max(1, world)
     where = f"{per_process} images per process" if world > 1 else f"{per_process} images"
     require("data.batch_size", batch, batch <= per_process,
-            f"at most the training set's size ({where}): lower data.batch_size or raise data.train_size")
+            f"at most the training set's size ({where}): lower data.batch_size or {more}")
 
 
 def validate_tracking(tracking: Mapping[str, Any]) -> None:
@@ -128,12 +171,15 @@ def validate_tracking(tracking: Mapping[str, Any]) -> None:
         require(f"tracking.http.{key}", value, ok, "a number >= 0 (or null for MLflow's default)")
 
 
+def _trainer_arguments() -> set[str]:
+    import lightning as L  # only for a `+trainer.` override: seconds of import
+
+    return set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
+
+
 def check_added_keys(overrides: Iterable[str]) -> None:
     """Reject `+key=value` overrides that add a key nothing reads (a typo would otherwise train the
     default config under a new config hash)."""
-    import lightning as L
-
-    trainer_args = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
     for override in overrides:
         if not override.startswith("+"):
             continue
@@ -141,7 +187,7 @@ def check_added_keys(overrides: Iterable[str]) -> None:
         section, _, rest = key.partition(".")
         if "/" in key or key.startswith(("hydra.", "model.", "probes.")) or key in (*ADDABLE_KEYS, *CONFIG_GROUPS):
             continue
-        if section == "trainer" and rest in trainer_args:
+        if section == "trainer" and rest in _trainer_arguments():
             continue
         raise ConfigError(f"{override}: nothing reads key {key!r}: remove it or fix its name (keys that + may add: "
                           f"{', '.join(ADDABLE_KEYS)}, trainer.<lightning.Trainer argument>, model.<model option>)")
@@ -225,12 +271,30 @@ def validate_study(cfg: Mapping[str, Any]) -> None:
     require("seed", cfg["seed"], cfg["seed"] in seeds, f"one of the plan's {stage} seeds of this arm {list(seeds)}")
 
 
+def checked_config(cfg: DictConfig, overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """The job's config as plain data, checked: an image folder's null settings read from its
+    files, the DenseNet knobs folded into the model (options.apply_knobs), every value checked.
+    Raises ConfigError on the first bad value or `+key` that nothing reads."""
+    check_added_keys(overrides)
+    if cfg.data.get("name") == "imagefolder":
+        fill_image_folder(cfg.data)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(plain, dict)
+    plain.pop("hydra", None)
+    apply_knobs(plain)
+    validate_config(plain)
+    return plain
+
+
 def validate_config(cfg: Mapping[str, Any]) -> None:
     """Raise ConfigError on the first bad value of a resolved run config."""
     validate_knobs(cfg)
     arch = cfg["model"].get("arch")
     require("model.arch", arch, arch in ARCHITECTURES, f"one of {', '.join(ARCHITECTURES)}")
     validate_data(cfg["data"])
+    classes = cfg["model"].get("num_classes", cfg["data"]["num_classes"])
+    require("model.num_classes", classes, classes == cfg["data"]["num_classes"],
+            f"data.num_classes ({cfg['data']['num_classes']}), the classes the data has")
     validate_batch_fits(cfg)
     validate_tracking(cfg["tracking"])
     validate_optim(cfg["optim"])

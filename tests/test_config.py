@@ -11,7 +11,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import ROOT
-from densenet_exp.job import apply_knobs, variant_name
+from densenet_exp.job import variant_name
+from densenet_exp.options import apply_knobs
 from densenet_exp.models import DenseNet, build_model
 from densenet_exp.run import ddp_rank_argv
 from densenet_exp.tracking import config_hash, flatten
@@ -77,6 +78,21 @@ def test_config_hash_ignores_tracking_but_not_knobs():
     assert config_hash(cfg) == config_hash(same) != config_hash(other)
 
 
+def test_the_configuration_key_leaves_out_the_seed_and_bookkeeping_but_nothing_that_shapes_the_model():
+    from densenet_exp.identity import config_key
+
+    base = composed("experiment=smoke")
+    same = [composed("experiment=smoke", *o) for o in (["seed=4"], ["tracking.experiment=other"], ["cpu_threads=1"],
+                                                        ["probes=none"], ["data.root=/elsewhere/fashion-mnist"])]
+    differ = [composed("experiment=smoke", *o) for o in (["model.block_config=[4,4]"], ["optim.lr=0.01"],
+                                                          ["data.val_size=64"], ["trainer.max_epochs=3"])]
+    assert {config_key(c) for c in same} == {config_key(base)}
+    assert len({config_key(c) for c in differ} | {config_key(base)}) == len(differ) + 1
+    # A run's logged params (values as MLflow stores them) give the same key as its config.
+    params = {k: str(v) for k, v in flatten(base).items()}
+    assert config_key(params) == config_key(base)
+
+
 def test_flatten_nests_keys_with_dots():
     assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {"a.b": 1, "a.c.d": [1, 2], "e": None}
 
@@ -136,6 +152,34 @@ def test_optuna_search_space_parses_into_distributions():
         distribution(plain)
 
 
+def test_a_search_composes_with_an_experiment_and_keeps_its_study_beside_the_run_store(tmp_path):
+    import optuna
+
+    from densenet_exp.search import OptunaSweeper, launched, storage_url, study_name
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        plain = compose("config", overrides=["experiment=smoke"])
+        searched = compose("config", overrides=["experiment=smoke", "hparams_search=optuna"])
+    for key in ("model", "trainer", "optim", "tracking"):  # the experiment's, not replaced by the preset
+        assert searched[key] == plain[key], key
+    # A value fixed on the command line takes its key out of the search space.
+    sweeper = OptunaSweeper(params={"growth_rate": "choice(8, 12)", "compression": "interval(0.25, 1.0)"})
+    space, fixed = sweeper.search_space(["experiment=smoke", "growth_rate=12", "optim.lr=interval(0.01, 0.1)"])
+    assert set(space) == {"compression", "optim.lr"} and fixed == ["experiment=smoke", "growth_rate=12"]
+    # The same command finds the same study; another search space is another study.
+    assert study_name("smoke", space, fixed) == study_name("smoke", dict(reversed(space.items())), fixed[::-1])
+    assert study_name("smoke", space, fixed) != study_name("smoke", space, [*fixed, "seed=3"])
+    assert storage_url(None, f"sqlite:///{tmp_path}/mlflow.db") == f"sqlite:///{tmp_path.resolve()}/optuna.db"
+    assert storage_url("postgresql://db/optuna", "http://127.0.0.1:5000") == "postgresql://db/optuna"
+    with pytest.raises(ConfigError, match="hydra.sweeper.storage=None is invalid: expected an Optuna storage URL"):
+        storage_url(None, "http://127.0.0.1:5000")
+    # Floats are launched rounded (names read compression 0.734), never outside their bounds.
+    dist = optuna.distributions.FloatDistribution(0.25, 1.0)
+    assert launched(0.7344205847999921, dist) == 0.734 and launched(0.99996, dist) == 1.0
+    assert launched(0.2500001, optuna.distributions.FloatDistribution(0.25001, 1.0)) == 0.25001
+    assert launched(12, optuna.distributions.CategoricalDistribution([8, 12])) == 12
+
+
 def test_slurm_launcher_defaults(monkeypatch):
     monkeypatch.setenv("SLURM_PARTITION", "gpu-a100")
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
@@ -144,3 +188,11 @@ def test_slurm_launcher_defaults(monkeypatch):
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.partition == "gpu-a100" and launcher.tasks_per_node == 4 and launcher.timeout_min == 240
+
+
+def test_the_light_option_lists_name_what_the_code_builds():
+    """validate.py checks names against options.py (torch-free); the builders must agree with it."""
+    from densenet_exp import classifier, models, options
+
+    assert options.ARCHITECTURES == tuple(models.ARCHITECTURES)
+    assert options.OPTIMIZERS == tuple(classifier.OPTIMIZERS)

@@ -25,10 +25,10 @@ from densenet_exp.classifier import ImageClassifier
 from densenet_exp.data import ImageDataModule, has_validation_split
 from densenet_exp.models import build_model
 from densenet_exp.probes import build_probes
-from densenet_exp.job import apply_knobs
+from densenet_exp.options import apply_knobs
 from densenet_exp.speed import choose_speed
 from densenet_exp.store import bound_http_waits
-from densenet_exp.validate import validate_config
+from densenet_exp.validate import fill_image_folder, validate_config
 
 CONF = ROOT / "conf"
 GROUPS = ("model", "data", "trainer", "optim", "probes", "experiment", "hparams_search")
@@ -80,13 +80,20 @@ def interpolated(node: Any) -> set[str]:
 def compose_option(group: str | None, option: str | None, tmp_path, *extra: str) -> tuple[dict, set[str]]:
     overrides = [f"{group}={option}", *extra] if group else list(extra)
     if option == "imagefolder":
+        from PIL import Image
+
         for split in ("train", "val"):
-            (tmp_path / split).mkdir(exist_ok=True)
-        overrides.append(f"data.root={tmp_path}")
+            for label in ("a", "b"):
+                (tmp_path / split / label).mkdir(parents=True, exist_ok=True)
+                for i in range(2):
+                    Image.new("RGB", (8, 8)).save(tmp_path / split / label / f"{i}.png")
+        overrides += [f"data.root={tmp_path}", "data.batch_size=2"]
     if option == "gpu" and not torch.cuda.is_available():
         overrides.append("trainer.accelerator=cpu")  # the other keys of trainer=gpu still go to the Trainer
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
+    if option == "imagefolder":
+        fill_image_folder(cfg.data)  # what the folder says: class count, image size, stem, fingerprint
     plain = OmegaConf.to_container(cfg, resolve=True)
     plain.pop("hydra", None)
     if plain["data"]["name"] in ("cifar10", "cifar100"):

@@ -130,3 +130,52 @@ def test_closing_table_marks_skipped_and_failed_jobs(store, tmp_path):
     assert re.search(r"\n\s+3\s+-\s+-\s+FAILED", table), table
     assert f"Parent run: {parent}" in table
     assert "Report: python -m densenet_exp.report --experiment smoke\n" in table + "\n"  # no --sweep: runs predate it
+
+
+def test_a_sweep_whose_jobs_logged_no_run_of_their_own_leaves_no_parent(store, tmp_path, capsys):
+    """A rerun of a finished sweep skips every job: its parent would be an empty run in the table."""
+    import signal
+
+    from conftest import ROOT
+    from densenet_exp.tracking import SweepParentRun
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # the sweep installs its own
+    config = OmegaConf.load(ROOT / "conf" / "config.yaml")
+    config.tracking.uri, config.tracking.experiment = store.uri, "smoke"
+    client = store.client()
+    try:
+        for name in ("skipped_all", "trained_one"):
+            config.hydra = {"runtime": {"cwd": str(ROOT)}, "sweep": {"dir": str(tmp_path / name)},
+                            "overrides": {"task": []}, "sweeper": {"params": {}}}
+            sweep = SweepParentRun()
+            sweep.on_multirun_start(config)
+            if name == "trained_one":
+                run = client.create_run(client.get_run(sweep.run_id).info.experiment_id,
+                                        tags={"sweep_id": sweep.run_id})
+                client.set_terminated(run.info.run_id, "FINISHED")
+            sweep.on_multirun_end(config)
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    parents = [r for r in store.runs("smoke") if r.data.tags.get("sweep") == "parent"]
+    assert [p.data.tags["sweep_dir"] for p in parents] == [str(tmp_path / "trained_one")]
+    out = capsys.readouterr().out
+    assert "parent run" in out and "was removed" in out and out.count("Parent run: ") == 1
+
+
+def test_without_a_progress_bar_a_long_epoch_logs_a_line_with_the_time_left(caplog):
+    import logging
+
+    from densenet_exp.progress import JobReport
+
+    job = JobReport({}, "job 2/4", "run", {}, later_jobs=2, lines_within_epoch=True, every_s=0)
+    job.started = job.last_line = 0.0
+    trainer = SimpleNamespace(is_global_zero=True, num_training_batches=10, current_epoch=0, max_epochs=2,
+                              callback_metrics={"train/loss": 1.5})
+    with caplog.at_level(logging.INFO, logger="densenet_exp"):
+        job.on_train_batch_end(trainer, None, None, None, 4)  # 5 of 20 steps done
+    (line,) = caplog.messages
+    assert line.startswith("job 2/4 epoch 1/2, step 5/10, train loss 1.5000 (")
+    assert "so far, about" in line and "; sweep about" in line
+    # 5 of 20 steps in t: 3t left here, 4t for each of the two jobs after it.
+    assert job.timing(10.0, 5, 20) == "10.0 s so far, about 30.0 s left; sweep about 1 min 50 s left"

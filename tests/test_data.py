@@ -18,6 +18,7 @@ from densenet_exp.data import (
     random_crop,
     read_idx,
 )
+from densenet_exp.datafiles import read_image_folder
 from densenet_exp.validate import ConfigError, validate_data
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -124,14 +125,15 @@ def test_image_folder_serves_resized_normalized_batches(tmp_path: Path):
             for i in range(3):
                 Image.new("RGB", (20 + i, 18), color).save(folder / f"{i}.png")
     cfg = {"name": "imagefolder", "root": str(tmp_path), "image_size": 16, "batch_size": 4, "eval_batch_size": None,
-           "num_workers": 0}
+           "num_workers": 0, "num_classes": 2, "stem": "cifar", "val_size": None, "split_seed": 0,
+           "fingerprint": read_image_folder(tmp_path).fingerprint}
     validate_data(cfg)
     dm = ImageDataModule(cfg)
     dm.setup()
     x, y = next(iter(dm.val_dataloader()))
     assert x.shape == (4, 3, 16, 16) and sorted(set(y.tolist())) <= [0, 1]
-    assert dm.datasets["test"].root == str(tmp_path / "val")  # no test/ folder: val doubles as test
-    with pytest.raises(ConfigError, match="data.root=.*train/ and val/"):
+    assert "test" not in dm.datasets  # no test/ folder: no test set (val/ never doubles as one)
+    with pytest.raises(ConfigError, match=r"data.root=.* expected a folder with train/<class>/<images>"):
         validate_data({**cfg, "root": str(tmp_path / "train")})
 
 

@@ -28,7 +28,7 @@ from scipy import stats
 
 from conftest import ROOT, Store
 from densenet_exp.figure5 import FIGURE5
-from densenet_exp import figures, report, results, verdicts
+from densenet_exp import figures, record, report, results, tables, verdicts
 
 # --- a store with known values ---------------------------------------------------------------
 
@@ -201,22 +201,43 @@ def test_learning_curves_and_relative_grads_read_history_and_artifacts(known):
     assert resnet["value"].tolist() == pytest.approx([0.5, 0.91, 0.5, 0.915, 0.5, 0.92])
     grads = results.relative_grads(done, store.uri)
     assert len(grads) == 9 * 2 * 5 and set(grads["family"]) == {"densenet", "resnet"}
-    assert list(grads.columns[:8]) == results.RELATIVE_GRADS_COLUMNS
+    assert list(grads.columns[:len(record.RELATIVE_GRADS_COLUMNS)]) == list(record.RELATIVE_GRADS_COLUMNS)
     assert set(grads["phase"]) == {"init", "epoch1"} and grads["relative_depth"].max() == 1
 
 
-def test_pooling_problems_name_runs_that_differ_in_more_than_the_seed(known):
+def test_runs_that_differ_in_more_than_the_seed_are_never_pooled(known):
     store, _ = known
     done = results.finished(results.load_runs(EXPERIMENT, store.uri))
-    # ResNet-110 on cifar10 ran with and without augmentation: flagged.
-    assert results.pooling_problems(done) == [
-        "`resnet110` on cifar10: runs differ in more than the seed (data.augment); pooled anyway"]
-    done = done[done["data"] == "fashion_mnist"]
+    # Runs logged without the config_key tag get it from their params: one key per configuration.
+    assert done.groupby(["data", "variant"])["config_key"].nunique().eq(1).all()
+    # ResNet-110 on cifar10 ran with and without augmentation: two configurations, two rows.
+    summary = results.summarize(done)
+    resnet110 = summary[(summary["data"] == "cifar10") & (summary["model"] == "resnet110")]
+    assert sorted(resnet110["variant"]) == ["resnet110", "resnet110-noaug"] and set(resnet110["runs"]) == {1}
     assert results.pooling_problems(done) == []
+    # A rerun of a seed is still one configuration: flagged, not split.
     first = done[(done["model"] == "resnet20") & (done["data"] == "fashion_mnist")].iloc[:1]
-    problems = results.pooling_problems(pd.concat([done, first.assign(**{"params.trainer.max_epochs": "5"})]))
-    assert len(problems) == 2 and all(p.startswith("`resnet20` on fashion_mnist: ") for p in problems)
-    assert "(trainer.max_epochs)" in problems[0] and "seed 0 repeated" in problems[1]
+    (problem,) = results.pooling_problems(pd.concat([done, first]))
+    assert problem.startswith("`resnet20` on fashion_mnist: seed 0 repeated")
+
+
+def test_configurations_that_share_a_name_are_two_rows_and_the_report_says_how_they_differ(store, tmp_path):
+    client = store.client()
+    experiment_id = client.create_experiment("names", artifact_location=(tmp_path / "artifacts").as_uri())
+    dense = FASHION["densenet_small-k12-c0.5-B"][0]
+    for blocks, acc in (("[2, 6, 12]", 0.9), ("[4, 4]", 0.8)):
+        for seed in range(2):
+            add_run(client, experiment_id, "densenet_small-k12-c0.5-B", {**dense, "model.block_config": blocks},
+                    {"test/acc": acc + seed / 100}, seed, "fashion_mnist")
+    done = results.finished(results.load_runs("names", store.uri))
+    summary = results.summarize(done)
+    assert len(summary) == 2 and list(summary["runs"]) == [2, 2]
+    assert sorted(summary["test/acc mean"]) == pytest.approx([0.805, 0.905])
+    assert sorted(summary["differs"]) == ["model.block_config=[2, 6, 12]", "model.block_config=[4, 4]"]
+    (problem,) = results.pooling_problems(done)
+    assert "2 configurations share this name; they differ in model.block_config" in problem
+    cells = report.format_summary(summary)
+    assert sorted(cells["differs"]) == sorted(summary["differs"])
 
 
 def transformed_interval(values: list[float], forward, back) -> tuple[float, float]:
@@ -245,7 +266,7 @@ def test_summary_gives_mean_std_and_range_respecting_interval_over_seeds(known):
     store, _ = known
     everything = sorted({m for _, metrics in FASHION.values() for m in metrics} | set(results.SUMMARY_METRICS))
     summary = results.summarize(results.finished(results.load_runs(EXPERIMENT, store.uri)), everything)
-    assert len(summary) == 3 + 3  # data sets never pooled: resnet20 has a row on each
+    assert len(summary) == 3 + 4  # data sets never pooled: resnet20 has a row on each
     for variant, (params, metrics) in FASHION.items():
         got = row(summary, "fashion_mnist", params["model.name"], params["growth_rate"])
         assert got["runs"] == 3 and got["seeds"] == "0, 1, 2" and got["variant"] == variant
@@ -308,11 +329,12 @@ def test_claims_of_the_known_store(known):
     assert claims["fashion_mnist", verdicts.MEMORY].reason == "accuracy not matched"
     # Trained matrices without the init ones (the control): no test.
     assert claims["fashion_mnist", FIGURE5["c"][0]].reason == "no init matrix recorded (the control)"
-    # cifar10, one seed each: nothing supported or contradicted; resnet110's runs mix augmentations.
-    assert {c.verdict for (data, _), c in claims.items() if data == "cifar10"} == {"inconclusive", "not comparable"}
+    # cifar10, one seed each: nothing supported or contradicted. ResNet-110 with and without
+    # augmentation are two configurations, never pooled.
+    assert {c.verdict for (data, _), c in claims.items() if data == "cifar10"} <= {"inconclusive", "not comparable"}
     assert claims["cifar10", verdicts.PARAMS].reason == "no smaller DenseNet"  # 800k params vs R's 270k
     flow = claims["cifar10", "stronger gradient flow than a ResNet (init)"]
-    assert flow.verdict == "not comparable" and flow.reason == "data.augment: crop_flip, none"
+    assert flow.reason == "no relative gradients of body 3x3 convolutions"
 
 
 def test_published_figures_need_the_same_data_set_augmentation_depth_and_k(known):
@@ -333,6 +355,59 @@ def test_published_figures_need_the_same_data_set_augmentation_depth_and_k(known
     assert table3 == {121: 25.02, 169: 23.80, 201: 22.58, 264: 22.15}
 
 
+def test_numbers_are_rounded_to_their_uncertainty():
+    assert tables.with_uncertainty(83.44, 0.8) == "83.4 ± 0.8"
+    assert tables.with_uncertainty(81.36, 1.672) == "81.4 ± 1.7"  # two digits when the std starts with 1
+    assert tables.with_uncertainty(334.7, 139) == "330 ± 140"
+    assert tables.with_uncertainty(14_310, 12_670) == "14k ± 13k"
+    assert tables.with_uncertainty(40_430, 0) == "40.43k"  # the same in every run: no "± 0"
+    assert tables.with_uncertainty(0.925, float("nan")) == "0.925"  # one run: no std
+
+
+def latex_rows(text: str) -> tuple[int, list[list[str]]]:
+    """The column count of a LaTeX tabular and its rows split into cells, after checking its
+    structure: one tabular, booktabs rules, every row ends in \\\\ with one cell per column,
+    braces balanced, math mode closed, no character pdflatex cannot set as text."""
+    lines = text.strip().splitlines()
+    spec = re.fullmatch(r"\\begin\{tabular\}\{([lrc]+)\}", lines[0])
+    assert spec and lines[-1] == r"\end{tabular}", text[:300]
+    assert lines[1] == r"\toprule" and lines[3] == r"\midrule" and lines[-2] == r"\bottomrule"
+    columns = len(spec.group(1))
+    rows = []
+    for line in [lines[2], *lines[4:-2]]:
+        assert line.endswith(r"\\"), line
+        cells = re.split(r"(?<!\\)&", line.removesuffix(r"\\"))
+        assert len(cells) == columns, line
+        rows.append([c.strip() for c in cells])
+    unescaped = re.sub(r"\\[{}$&%#_]", "", text)
+    assert unescaped.count("{") == unescaped.count("}") and unescaped.count("$") % 2 == 0
+    assert not set("±θ≥≤×") & set(text)
+    return columns, rows
+
+
+def test_paper_tables_in_latex_hold_the_markdown_numbers(known, tmp_path):
+    store, _ = known
+    done = results.finished(results.load_runs(EXPERIMENT, store.uri))
+    summary = results.summarize(done)
+    claims = verdicts.claims_table(verdicts.evaluate_claims(done, results.feature_reuse_matrices(done, store.uri)).claims)
+    for name, fmt in (("tex", "latex"), ("md", "md"), ("csv", "csv")):
+        (tmp_path / name).mkdir()
+        tables.write_tables(summary, claims, tmp_path / name, fmt)
+    for table in ("configurations", "claims"):
+        columns, rows = latex_rows((tmp_path / "tex" / f"{table}.tex").read_text())
+        md = [re.split(r"(?<!\\)\|", line.strip()[1:-1])
+              for line in (tmp_path / "md" / f"{table}.md").read_text().splitlines()]
+        md = [[c.strip() for c in row] for i, row in enumerate(md) if i != 1]  # the |---| line
+        csv = pd.read_csv(tmp_path / "csv" / f"{table}.csv", dtype=str, keep_default_na=False)
+        assert len(rows) == len(md) == len(csv) + 1 and columns == len(md[0]) == len(csv.columns)
+        number = re.compile(r"\d+(?:\.\d+)?[kMG]?")
+        for tex_row, md_row in zip(rows, md):
+            assert number.findall(" ".join(tex_row)) == number.findall(" ".join(md_row))
+    resnet = pd.read_csv(tmp_path / "csv" / "configurations.csv", dtype=str).set_index("configuration")
+    assert resnet.loc["resnet20", "test accuracy (%)"].tolist() == ["85", "92.5 ± 0.5"]  # cifar10, fashion_mnist
+    assert resnet.loc["resnet20", "parameters"].tolist() == ["270k", "270k"]  # exact: no "± 0"
+
+
 def method_section(text: str) -> str:
     return text[text.index("## Method\n\n") + len("## Method\n\n"):].strip()
 
@@ -342,8 +417,9 @@ def test_report_cli_writes_the_folder_and_logs_a_report_run_it_then_ignores(know
     for attempt in range(2):  # the second report must not read the first one's run
         out = tmp_path / f"report{attempt}"
         assert report.main(["--experiment", EXPERIMENT, "--tracking-uri", store.uri, "--out", str(out),
-                            "--margin", "0.75"]) == 0
-        assert "13 finished runs, 3 left out" in capsys.readouterr().out
+                            "--margin", "0.75", *(["--format", "latex"] if attempt else [])]) == 0
+        assert "13 finished runs in 7 configurations, 3 left out" in capsys.readouterr().out
+    assert (out / "configurations.tex").is_file() and (out / "claims.tex").is_file()
     text = (out / "report.md").read_text()
     assert has_row(text, "FAILED") and "RuntimeError: boom" in text and has_row(text, "RUNNING")
     assert "single seed, so no std" in text and "1 (single seed: no std)" in text
@@ -451,7 +527,7 @@ def test_report_refuses_a_name_that_would_leave_reports_and_never_creates_a_stor
 
 def test_report_imports_neither_lightning_nor_torch():
     code = ("import sys, densenet_exp.report, densenet_exp.figures, densenet_exp.verdicts; "
-            "print(sorted(m for m in ('lightning', 'torch', 'hydra') if m in sys.modules))")
+            "print(sorted(m for m in ('lightning', 'torch', 'hydra', 'mlflow') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"

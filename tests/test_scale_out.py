@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -118,11 +119,60 @@ def test_optuna_search_runs_each_trial_as_a_child_run(store):
         assert 0.25 <= float(run.data.params["compression"]) <= 1.0
 
 
+@pytest.mark.slow  # four trials, a kill and a resume
+def test_an_optuna_search_killed_after_two_of_four_trials_resumes_and_finishes_four_in_one_study(store, tmp_path):
+    import sqlite3
+
+    import optuna
+
+    from densenet_exp.report import write_report
+
+    overrides = (*SMOKE, "hparams_search=optuna", "trainer.max_epochs=1", "hydra.sweeper.n_trials=4")
+    storage = store.path / "optuna.db"  # beside the run store
+
+    def completed() -> int:
+        try:
+            with sqlite3.connect(f"file:{storage}?mode=ro", uri=True, timeout=1) as db:
+                return db.execute("SELECT COUNT(*) FROM trials WHERE state = 'COMPLETE'").fetchone()[0]
+        except sqlite3.Error:
+            return 0
+
+    ensure_experiment(store.client(), "smoke")
+    proc = subprocess.Popen(store.command(*overrides, multirun=True), cwd=ROOT, env=store.env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_when(proc, lambda: completed() >= 2, timeout=1200)
+    assert completed() == 2
+    result = store.run(*overrides, multirun=True, out="again", timeout=1200)  # the same command, a new sweep folder
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 of 4 trials finished" in result.stdout
+    (name,) = optuna.get_all_study_names(f"sqlite:///{storage}")
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{storage}")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 4 and not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    trials = [r for r in store.runs("smoke") if r.data.tags.get("search_study") == name]
+    assert len(trials) == 4 and all(r.info.status == "FINISHED" for r in trials)
+    assert {t.user_attrs["mlflow_run_id"] for t in complete} == {r.info.run_id for r in trials}
+    for run in trials:  # launched rounded: the run's params are what Optuna's trial says, to 3 digits
+        assert len(run.data.params["compression"].removeprefix("0.")) <= 3
+    assert_clean(store)
+    found = write_report("smoke", store.uri, tmp_path / "report")
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert f"### Study `{name}`" in text and "4 finished trials" in text and found["summary"].empty
+    assert any(p.name.startswith("search_history_") for p in found["files"])
+    # The best trial again with confirmation seeds: its overrides, without the search, new seeds.
+    top = subprocess.run([sys.executable, "-m", "densenet_exp.search", "--experiment", "smoke", "--top", "1",
+                          "--dry-run"], cwd=ROOT, env=store.env(), capture_output=True, text=True, timeout=600)
+    assert top.returncode == 0, top.stderr[-2000:]
+    (line,) = top.stdout.splitlines()
+    assert "-m densenet_exp.run -m experiment=smoke probes=none trainer.max_epochs=1 growth_rate=" in line
+    assert line.endswith(" seed=1,2,3") and "hparams_search" not in line
+
+
 def _shard_worker(rank: int, world: int, root: str, init: str, out: str) -> None:
     """One DDP rank: the images its training loader yields in two epochs, gathered on rank 0."""
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     dm = ImageDataModule({"name": "imagefolder", "root": root, "image_size": 8, "batch_size": 4,
-                          "eval_batch_size": 4, "num_workers": 0}, seed=3)
+                          "eval_batch_size": 4, "num_workers": 0, "val_size": None, "split_seed": 0}, seed=3)
     dm.trainer = SimpleNamespace(global_rank=rank, world_size=world)  # what _loader reads of a Trainer
     dm.setup("fit")
     seen = {}
@@ -130,7 +180,7 @@ def _shard_worker(rank: int, world: int, root: str, init: str, out: str) -> None
         for split, loader in (("train", dm.train_dataloader()), ("val", dm.val_dataloader())):
             loader.sampler.set_epoch(epoch)  # what Lightning does at each epoch's start
             # Image i of class c is filled with red = i: read it back from the normalized pixels.
-            seen[split, epoch] = [(int(c), round(float(x[0, 0, 0] * 0.229 + 0.485) * 255))
+            seen[split, epoch] = [(int(c), round(float(x[0, 4, 4] * 0.229 + 0.485) * 255))
                                   for xs, cs in loader for x, c in zip(xs, cs)]
     gathered = [None] * world
     dist.all_gather_object(gathered, seen)

@@ -10,7 +10,8 @@ from densenet_exp.data import has_validation_split
 def test_which_data_configs_validate():
     assert has_validation_split({"name": "fashion_mnist", "val_size": 5000})
     assert not has_validation_split({"name": "cifar10", "val_size": 0})
-    assert has_validation_split({"name": "imagefolder", "val_size": 0})  # it has its own val/ folder
+    assert has_validation_split({"name": "imagefolder", "val_size": None})  # it has its own val/ folder
+    assert not has_validation_split({"name": "imagefolder", "val_size": 0})  # none held out of train/
 
 
 def test_paper_recipe_without_validation_split_trains_and_tests_on_the_last_epoch(store):

@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from ..checks import InvalidValue, require
+from ..options import DENSENET_KNOBS, is_densenet
 from .densenet import (
     KNOB_CHECKS,
     DenseBlock,
@@ -38,14 +39,6 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "resnet_cifar": resnet_cifar,
     "plain_cifar": plain_cifar,
 }
-
-# The knobs the ablation sweeps; only DenseNet architectures take them.
-DENSENET_KNOBS = ("growth_rate", "compression", "bottleneck")
-
-
-def is_densenet(arch: str) -> bool:
-    return arch.startswith("densenet")
-
 
 def build_model(cfg: Mapping[str, Any]) -> nn.Module:
     """Build the model a config describes: ``arch`` names the family or preset, every other key

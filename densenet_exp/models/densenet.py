@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import is_int, is_number, require, require_int
-
-STEMS = ("imagenet", "cifar")
+# The knob checks live with the light option lists, so the config checks run before torch loads.
+from ..options import KNOB_CHECKS, STEMS, check_bottleneck, check_compression, check_growth_rate  # noqa: F401
 
 
 def _concat(features: Sequence[Tensor]) -> Tensor:
@@ -253,23 +253,6 @@ class Transition(nn.Sequential):
         # ceil_mode keeps odd maps (7x7 from a 28x28 input) from shrinking to zero; for the even
         # sizes of a 224x224 input it is identical to torchvision's pooling.
         self.add_module("pool", nn.AvgPool2d(2, stride=2, ceil_mode=True))
-
-
-# The three knobs of the ablation. The config checks (validate.py) call these same functions,
-# so `growth_rate=0` reads the same from the command line and from `DenseNet(growth_rate=0)`.
-def check_growth_rate(growth_rate: object) -> None:
-    require_int("growth_rate", growth_rate, 1)
-
-
-def check_compression(compression: object) -> None:
-    require("compression", compression, is_number(compression) and 0 < compression <= 1, "a number in (0, 1]")
-
-
-def check_bottleneck(bottleneck: object) -> None:
-    require("bottleneck", bottleneck, isinstance(bottleneck, bool), "true or false")
-
-
-KNOB_CHECKS = {"growth_rate": check_growth_rate, "compression": check_compression, "bottleneck": check_bottleneck}
 
 
 def transition_width(in_features: int, compression: float) -> int:

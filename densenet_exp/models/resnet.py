@@ -16,7 +16,7 @@ import torchvision
 from torch import Tensor, nn
 
 from ..checks import is_int, require, require_int
-from .densenet import STEMS
+from ..options import STEMS
 
 TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50")
 
