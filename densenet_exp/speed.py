@@ -2,9 +2,10 @@
 each chosen by the capability of the machine the run lands on, never by the one it was tuned on.
 
 Every `auto` follows one rule, `choose_speed`, and the run records what was chosen and why
-(tags `cpu_capability`, `precision`, `precision_reason`, `speed.*`). None of the speed switches
-changes what is computed, only how fast and in how much memory; the precision does (bf16 keeps
-8 bits of mantissa), so the resolved precision is part of the run's config and config hash.
+(tags `cpu_capability`, `precision`, `precision_reason`, `speed.*`). channels_last and kept
+freed memory change only how fast and in how much memory; the precision changes what is computed
+(bf16 keeps 8 bits of mantissa) and compiled kernels round differently, so the resolved precision
+and `speed.compile` are part of the run's config and config hash.
 
 Measured (README, "Speed settings"): on a 2-core x86-64 CPU, DenseNet train steps on 28x28
 images, one thread, CPU time per step of batch 128 (Intel Xeon, Sapphire Rapids class, AVX512-BF16
@@ -212,9 +213,11 @@ def use_compile(setting: bool | str, cfg: dict[str, Any], accelerator: str) -> t
 
     The choice depends only on the config and the machine kind, never on the state of the kernel
     cache, so the same config and seed give the same metrics (compiled kernels round differently
-    from eager ones). Measured (docs/performance.md): a compile costs 30-60 s with a cold kernel
-    cache and a few seconds with a warm one, and makes a train step of the study's small nets
-    1.05-1.3x faster on one core; from 2000 steps on it pays even cold for the DenseNets.
+    from eager ones). Measured (docs/performance.md; Sapphire Rapids Xeon, one thread, bf16): a
+    compile costs 27-60 s with a cold kernel cache and about 3 s with a warm one, and makes a
+    train step of the study's small nets 1.05x (ResNet-20) to 1.26x (DenseNet-BC) faster. At
+    1000 steps it pays even cold for the DenseNets and ResNet-56, and for every arm once the
+    cache is warm, as it is for every run of a study after the first of each architecture.
     """
     if setting != "auto":
         return bool(setting), "set by speed.compile"
@@ -244,8 +247,9 @@ def choose_speed(cfg: dict[str, Any]) -> Speed:
     """Resolve every `auto` of a run config for this machine: `trainer.accelerator`,
     `trainer.precision`, `trainer.deterministic` (true on a CPU: same seed, same metrics; false
     on a GPU, where deterministic kernels cost speed), `trainer.benchmark` (cuDNN autotuning on a
-    GPU, when set to auto). The resolved trainer values are written back into `cfg` (they shape the result); the
-    `speed.*` switches only shape speed and are returned. Raises InvalidValue (ConfigError) on bad values."""
+    GPU, when set to auto), `speed.compile` (`use_compile`). The resolved trainer values and
+    `speed.compile` are written back into `cfg` (they shape the result); the other `speed.*`
+    switches only shape speed and are returned. Raises InvalidValue (ConfigError) on bad values."""
     trainer, speed = cfg["trainer"], cfg.get("speed", {})
     for key in ("channels_last", "keep_freed_memory", "compile"):
         value = speed.get(key, "auto")
