@@ -10,7 +10,7 @@ NBPORT ?= 8888
 EXPERIMENT ?=
 SWEEP ?=
 
-.PHONY: setup data run test test-slow test-all ui ui-screenshot notebook startup-time server bench study decisive-pilot decisive study-report study-notebooks study-screenshot clean
+.PHONY: setup data run test test-slow test-all ui ui-screenshot notebook startup-time server bench bench-study study decisive-pilot decisive study-report study-notebooks study-screenshot clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -68,14 +68,20 @@ server: setup
 bench: setup
 	$(PY) -m densenet_exp.bench $(BENCH_ARGS)
 
+# The study's arms at 28x28: each setting's train img/s and the defaults' ratio to the previous ones
+# (docs/performance.md); BENCH_ARGS e.g. "--clock cpu" on a shared machine, "--arms resnet20 --steps 3".
+bench-study: setup
+	$(PY) benchmarks/study_speed.py $(BENCH_ARGS)
+
 # The Fashion-MNIST study (conf/experiment/study_fmnist.yaml): the DenseNet knob grid, then the
 # baselines, 3 seeds each, into the default store; `study-report` rebuilds its committed report.
 STUDY := docs/results/study_fmnist
-# One seed at a time over every arm, so a study cut short still has every arm.
+# One seed at a time over every arm, so a study cut short still has every arm; one one-thread job
+# per core at a time (hydra/launcher=cpu_parallel: docs/performance.md).
 study: setup
 	for seed in 0 1 2; do \
-	  $(PY) -m densenet_exp.run -m experiment=study_fmnist model=resnet20,resnet56,plain20 seed=$$seed && \
-	  $(PY) -m densenet_exp.run -m experiment=study_fmnist growth_rate=12,24 compression=0.5,1.0 bottleneck=true,false seed=$$seed \
+	  $(PY) -m densenet_exp.run -m experiment=study_fmnist model=resnet20,resnet56,plain20 seed=$$seed hydra/launcher=cpu_parallel && \
+	  $(PY) -m densenet_exp.run -m experiment=study_fmnist growth_rate=12,24 compression=0.5,1.0 bottleneck=true,false seed=$$seed hydra/launcher=cpu_parallel \
 	  || exit 1; done
 	$(PY) -m densenet_exp.export save --experiment study_fmnist --out $(STUDY)/runs.jsonl.gz
 

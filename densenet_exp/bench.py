@@ -171,8 +171,13 @@ def run_entry(entry: str, argv: list[str]) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def label(row: dict[str, Any], several_thread_counts: bool) -> str:
+    """The row's name in the table: the entry, and its threads where a run measured several counts."""
+    return f"{row['entry']} @{row['threads']}t" if several_thread_counts else row["entry"]
+
+
 def format_table(rows: list[dict[str, Any]], reference: str) -> str:
-    ref = next((r for r in rows if r["entry"] == reference and "error" not in r), None)
+    several = len({r["threads"] for r in rows}) > 1
     header = (
         f"| model | params (M) | GMACs/img | precision | train img/s | infer img/s | peak train mem (MB) "
         f"| train x {reference} | infer x {reference} | mem x {reference} |"
@@ -180,14 +185,17 @@ def format_table(rows: list[dict[str, Any]], reference: str) -> str:
     lines = [header, "|" + "---|" * 10]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['entry']} | error: {r['error']} |" + " |" * 8)
+            lines.append(f"| {label(r, several)} | error: {r['error']} |" + " |" * 8)
             continue
+        # The reference measured with the same threads.
+        ref = next((x for x in rows if x["entry"] == reference and x["threads"] == r["threads"] and "error" not in x),
+                   None)
 
         def ratio(key: str) -> str:
             return f"{r[key] / ref[key]:.2f}" if ref and ref[key] else ""
 
         lines.append(
-            f"| {r['entry']} | {r['params'] / 1e6:.2f} | {r['macs'] / 1e9:.3f} | {r['precision']} "
+            f"| {label(r, several)} | {r['params'] / 1e6:.2f} | {r['macs'] / 1e9:.3f} | {r['precision']} "
             f"| {r['train_images_per_s']:.1f} | {r['infer_images_per_s']:.1f} | {r['peak_memory_mb']:.0f} "
             f"| {ratio('train_images_per_s')} | {ratio('infer_images_per_s')} | {ratio('peak_memory_mb')} |"
         )
@@ -210,15 +218,20 @@ GOALS = (
 
 
 def format_goals(rows: list[dict[str, Any]]) -> str:
-    """One line per goal whose two entries were measured in this run: the ratio, the goal, met or not."""
-    by_entry = {r["entry"]: r for r in rows if "error" not in r}
+    """One line per goal (and thread count) whose two entries were measured in this run: the
+    ratio, the goal, met or not."""
+    counts = sorted({r["threads"] for r in rows})
     lines = []
-    for text, num, den, key, goal in GOALS:
-        if num in by_entry and den in by_entry and by_entry[den][key]:
-            ratio = by_entry[num][key] / by_entry[den][key]
-            memory = key == "peak_memory_mb"
-            met = ratio <= goal if memory else ratio >= goal
-            lines.append(f"- {text}: {ratio:.2f} (goal {'<=' if memory else '>='} {goal}) {'met' if met else 'NOT met'}")
+    for threads in counts:
+        by_entry = {r["entry"]: r for r in rows if "error" not in r and r["threads"] == threads}
+        for text, num, den, key, goal in GOALS:
+            if num in by_entry and den in by_entry and by_entry[den][key]:
+                ratio = by_entry[num][key] / by_entry[den][key]
+                memory = key == "peak_memory_mb"
+                met = ratio <= goal if memory else ratio >= goal
+                where = f", {threads} threads" if len(counts) > 1 else ""
+                lines.append(f"- {text}{where}: {ratio:.2f} (goal {'<=' if memory else '>='} {goal}) "
+                             f"{'met' if met else 'NOT met'}")
     return "\n".join(lines)
 
 
@@ -232,12 +245,14 @@ def log_to_mlflow(rows: list[dict[str, Any]], table: str, args: argparse.Namespa
 
     client = mlflow.MlflowClient(tracking_uri(args.tracking_uri, Path.cwd()))
     run = client.create_run(ensure_experiment(client, "bench"), tags={"mlflow.runName": f"bench-{args.size}px"})
-    for key in ("size", "batch", "steps", "warmup", "threads", "device", "precision", "reference", "clock"):
+    for key in ("size", "batch", "steps", "warmup", "device", "precision", "reference", "clock"):
         client.log_param(run.info.run_id, key, getattr(args, key))
+    client.log_param(run.info.run_id, "threads", ",".join(map(str, args.thread_counts)))
     for r in rows:
+        name = r["entry"].replace(":", "_") + (f"_{r['threads']}t" if len(args.thread_counts) > 1 else "")
         for key in ("train_images_per_s", "infer_images_per_s", "peak_memory_mb", "macs", "flops", "params"):
             if key in r:
-                client.log_metric(run.info.run_id, f"{r['entry'].replace(':', '_')}.{key}", r[key])
+                client.log_metric(run.info.run_id, f"{name}.{key}", r[key])
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "bench.md").write_text(table + "\n")
         (Path(tmp) / "bench.json").write_text(json.dumps(rows, indent=1))
@@ -336,7 +351,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=5, help="timed steps per mode (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first: a CPU step speeds up over the first few")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--threads", default=str(torch.get_num_threads()),
+                   help="torch threads of each entry's process; a list (1,2) measures every entry at each")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="for every entry")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -358,7 +374,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             require("--models", entry, name in MODELS and option in OPTIONS,
                     f"NAME or NAME:OPTION, NAME one of {', '.join(MODELS)}, OPTION one of "
                     f"{', '.join(o for o in OPTIONS if o)}")
-        for key in ("size", "batch", "steps", "threads", "num_classes", "repeats", "train_size"):
+        counts = args.threads.split(",")
+        require("--threads", args.threads, all(c.isdigit() and int(c) >= 1 for c in counts),
+                "an integer >= 1 or a comma-separated list of them")
+        args.thread_counts, args.threads = [int(c) for c in counts], int(counts[0])
+        for key in ("size", "batch", "steps", "num_classes", "repeats", "train_size"):
             require_int(f"--{key.replace('_', '-')}", getattr(args, key), 1)
     except InvalidValue as err:
         p.error(str(err))
@@ -385,12 +405,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         return [result]
     passthrough = [a for a in argv if not a.startswith("--log-mlflow")]
     rows = []
-    for entry in args.models.split(","):
-        print(f"measuring {entry} ...", file=sys.stderr, flush=True)
-        rows.append(run_entry(entry, passthrough))
+    for threads in args.thread_counts:
+        for entry in args.models.split(","):
+            print(f"measuring {entry} on {threads} threads ...", file=sys.stderr, flush=True)
+            rows.append({**run_entry(entry, [*passthrough, "--threads", str(threads)]), "threads": threads})
     table = format_table(rows, args.reference)
     print(
-        f"{args.device}, {args.threads} threads, {args.size}x{args.size}, batch {args.batch}, "
+        f"{args.device}, {','.join(map(str, args.thread_counts))} threads, {args.size}x{args.size}, batch {args.batch}, "
         f"median of {args.steps} steps after {args.warmup} warm-up, {args.clock} clock, "
         f"cpu capability {torch.backends.cpu.get_cpu_capability()}"
     )

@@ -22,6 +22,8 @@ OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.o
 # non-finite losses on the device, and the count is read every this many steps and at the end
 # of each training epoch.
 NAN_CHECK_EVERY_N_STEPS = 100
+# Where checkpoints of earlier versions kept a second copy of the weights (the forward wrapper).
+OLD_WRAPPER_PREFIX = "forward_fn."
 
 
 class ImageClassifier(L.LightningModule):
@@ -45,10 +47,13 @@ class ImageClassifier(L.LightningModule):
         self.channels_last = channels_last
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        # torch.compile wraps the forward only; `self.model` stays the plain module for probes.
+        # torch.compile wraps the training forward only: evaluation would compile a second graph
+        # (and a third for a last, smaller batch) to save little. `self.model` stays the plain
+        # module for probes and checkpoints: the wrapper is kept out of the module tree, so the
+        # state dict holds each weight once and loads whether or not the writing run compiled.
         if compile:
             compile_cache_per_cpu_capability()
-        self.forward_fn = torch.compile(self.model) if compile else self.model
+        object.__setattr__(self, "train_forward", torch.compile(self.model) if compile else self.model)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -66,7 +71,13 @@ class ImageClassifier(L.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.forward_fn(x)
+        return (self.train_forward if self.training else self.model)(x)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Checkpoints written before the wrapper left the module tree hold each weight twice.
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith(OLD_WRAPPER_PREFIX)]:
+            del state[key]
 
     def _loss(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         x, y = batch

@@ -2,9 +2,10 @@
 each chosen by the capability of the machine the run lands on, never by the one it was tuned on.
 
 Every `auto` follows one rule, `choose_speed`, and the run records what was chosen and why
-(tags `cpu_capability`, `precision`, `precision_reason`, `speed.*`). None of the speed switches
-changes what is computed, only how fast and in how much memory; the precision does (bf16 keeps
-8 bits of mantissa), so the resolved precision is part of the run's config and config hash.
+(tags `cpu_capability`, `precision`, `precision_reason`, `speed.*`). channels_last and kept
+freed memory change only how fast and in how much memory; the precision changes what is computed
+(bf16 keeps 8 bits of mantissa) and compiled kernels round differently, so the resolved precision
+and `speed.compile` are part of the run's config and config hash.
 
 Measured (README, "Speed settings"): on a 2-core x86-64 CPU, DenseNet train steps on 28x28
 images, one thread, CPU time per step of batch 128 (Intel Xeon, Sapphire Rapids class, AVX512-BF16
@@ -105,6 +106,9 @@ class Speed:
     cpu_capability: str
     channels_last: bool
     keep_freed_memory: bool
+    compile: bool = False
+    compile_reason: str = "set by speed.compile"
+    planned_train_images: int | None = None  # epochs x training images per epoch, where known
 
     def tags(self) -> dict[str, str]:
         """The run's record of the choice."""
@@ -116,6 +120,8 @@ class Speed:
             record.ACCELERATOR: d["accelerator"],
             "speed.channels_last": str(d["channels_last"]).lower(),
             "speed.keep_freed_memory": str(d["keep_freed_memory"]).lower(),
+            "speed.compile": str(d["compile"]).lower(),
+            "speed.compile_reason": d["compile_reason"],
         }
 
 
@@ -166,14 +172,86 @@ def use_keep_freed_memory(setting: bool | str, accelerator: str) -> bool:
     return accelerator == "cpu" and sys.platform.startswith("linux")
 
 
+# Training images of the in-memory data sets before the validation split (synthetic: data.train_size).
+TRAIN_SET_IMAGES = {"fashion_mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000}
+# `speed.compile: auto` compiles runs of at least this many training steps (see use_compile).
+COMPILE_MIN_STEPS = 1000
+
+
+def planned_train_steps(cfg: dict[str, Any]) -> int | None:
+    """Optimizer steps the run's config plans (epochs x batches per epoch, per rank), or None
+    where the training set's size is not known from the config (ImageFolder) or the run has no
+    epoch limit."""
+    data, trainer = cfg.get("data") or {}, cfg["trainer"]
+    epochs = trainer.get("max_epochs")
+    if data.get("name") == "synthetic":
+        images = data.get("train_size")
+    elif data.get("name") in TRAIN_SET_IMAGES:
+        images = TRAIN_SET_IMAGES[data["name"]] - int(data.get("val_size") or 0)
+        images = min(images, data["train_size"]) if data.get("train_size") else images
+    else:
+        images = None
+    max_steps = trainer.get("max_steps")
+    max_steps = max_steps if isinstance(max_steps, int) and max_steps > 0 else None
+    if not images or not epochs or epochs < 0:
+        return max_steps
+    devices = trainer.get("devices")
+    ranks = devices if isinstance(devices, int) and devices > 0 and "ddp" in str(trainer.get("strategy", "")) else 1
+    batches = images // ranks // data["batch_size"]  # training batches are whole (drop_last)
+    limit = trainer.get("limit_train_batches")
+    if isinstance(limit, float) and limit <= 1.0:
+        batches = int(batches * limit)
+    elif isinstance(limit, int) and limit > 0:
+        batches = min(batches, limit)
+    steps = epochs * batches
+    return min(steps, max_steps) if max_steps else steps
+
+
+def use_compile(setting: bool | str, cfg: dict[str, Any], accelerator: str) -> tuple[bool, str]:
+    """`auto`: torch.compile the training forward of runs that train at least COMPILE_MIN_STEPS
+    steps, where a compiler for its kernels is at hand (a C++ compiler on a CPU, Triton on a GPU).
+
+    The choice depends only on the config and the machine kind, never on the state of the kernel
+    cache, so the same config and seed give the same metrics (compiled kernels round differently
+    from eager ones). Measured (docs/performance.md; Sapphire Rapids Xeon, one thread, bf16): a
+    compile costs 27-60 s with a cold kernel cache and about 3 s with a warm one, and makes a
+    train step of the study's small nets 1.05x (ResNet-20) to 1.26x (DenseNet-BC) faster. At
+    1000 steps it pays even cold for the DenseNets and ResNet-56, and for every arm once the
+    cache is warm, as it is for every run of a study after the first of each architecture.
+    """
+    if setting != "auto":
+        return bool(setting), "set by speed.compile"
+    if (cfg.get("model") or {}).get("memory_efficient"):
+        return False, "auto: memory-efficient mode (its custom backward is not compiled)"
+    steps = planned_train_steps(cfg)
+    if steps is None:
+        return False, "auto: run length not known from the config"
+    if steps < COMPILE_MIN_STEPS:
+        return False, f"auto: {steps} training steps, under {COMPILE_MIN_STEPS}"
+    if on_gpu(accelerator):
+        import importlib.util
+
+        if importlib.util.find_spec("triton") is None:
+            return False, "auto: no Triton for GPU kernels"
+    elif accelerator == "cpu":
+        import shutil
+
+        if not any(shutil.which(cxx) for cxx in (os.environ.get("CXX", "g++"), "g++", "clang++")):
+            return False, "auto: no C++ compiler for CPU kernels"
+    else:
+        return False, f"auto: accelerator {accelerator}"
+    return True, f"auto: {steps} training steps, at least {COMPILE_MIN_STEPS}"
+
+
 def choose_speed(cfg: dict[str, Any]) -> Speed:
     """Resolve every `auto` of a run config for this machine: `trainer.accelerator`,
     `trainer.precision`, `trainer.deterministic` (true on a CPU: same seed, same metrics; false
     on a GPU, where deterministic kernels cost speed), `trainer.benchmark` (cuDNN autotuning on a
-    GPU, when set to auto). The resolved trainer values are written back into `cfg` (they shape the result); the
-    `speed.*` switches only shape speed and are returned. Raises InvalidValue (ConfigError) on bad values."""
+    GPU, when set to auto), `speed.compile` (`use_compile`). The resolved trainer values and
+    `speed.compile` are written back into `cfg` (they shape the result); the other `speed.*`
+    switches only shape speed and are returned. Raises InvalidValue (ConfigError) on bad values."""
     trainer, speed = cfg["trainer"], cfg.get("speed", {})
-    for key in ("channels_last", "keep_freed_memory"):
+    for key in ("channels_last", "keep_freed_memory", "compile"):
         value = speed.get(key, "auto")
         require(f"speed.{key}", value, value == "auto" or isinstance(value, bool), "auto, true or false")
     accelerator = resolve_accelerator(str(trainer.get("accelerator", "auto")))
@@ -191,6 +269,10 @@ def choose_speed(cfg: dict[str, Any]) -> Speed:
             trainer["benchmark"] = True
         else:
             del trainer["benchmark"]
+    compiled, compile_reason = use_compile(speed.get("compile", "auto"), cfg, accelerator)
+    if "speed" in cfg:
+        cfg["speed"]["compile"] = compiled  # compiled kernels round differently: part of the recipe
+    steps = planned_train_steps(cfg)
     chosen = Speed(
         accelerator=accelerator,
         precision=precision,
@@ -198,8 +280,11 @@ def choose_speed(cfg: dict[str, Any]) -> Speed:
         cpu_capability=cpu_capability(),
         channels_last=use_channels_last(speed.get("channels_last", "auto"), accelerator),
         keep_freed_memory=use_keep_freed_memory(speed.get("keep_freed_memory", "auto"), accelerator),
+        compile=compiled,
+        compile_reason=compile_reason,
+        planned_train_images=None if steps is None else steps * cfg["data"]["batch_size"],
     )
-    log.info("%s, precision %s (%s)", accelerator, precision, reason)
+    log.info("%s, precision %s (%s), compile %s (%s)", accelerator, precision, reason, compiled, compile_reason)
     return chosen
 
 

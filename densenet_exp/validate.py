@@ -300,12 +300,9 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     validate_optim(cfg["optim"])
     require_int("trainer.max_epochs", cfg["trainer"].get("max_epochs"), 1)
     speed = cfg.get("speed", {})
-    cl = speed.get("channels_last", "auto")
-    require("speed.channels_last", cl, cl == "auto" or isinstance(cl, bool), "auto, true or false")
-    keep = speed.get("keep_freed_memory", "auto")
-    require("speed.keep_freed_memory", keep, keep == "auto" or isinstance(keep, bool), "auto, true or false")
-    compile_ = speed.get("compile", False)
-    require("speed.compile", compile_, isinstance(compile_, bool), "true or false")
+    for key in ("channels_last", "keep_freed_memory", "compile"):
+        value = speed.get(key, "auto")
+        require(f"speed.{key}", value, value == "auto" or isinstance(value, bool), "auto, true or false")
     if cfg.get("cpu_threads") is not None:
         require_int("cpu_threads", cfg["cpu_threads"], 1)
     if cfg.get("parallel_jobs") is not None:

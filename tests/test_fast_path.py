@@ -203,6 +203,60 @@ def test_bad_speed_values_name_key_value_and_allowed(monkeypatch):
         choose_speed(trainer_cfg(accelerator="gpu"))
 
 
+@pytest.mark.parametrize("overrides,compiled,reason", [
+    (("experiment=study_fmnist",), False, "auto: 138 training steps, under 1000"),  # 3 epochs of 6000 at batch 128
+    # 3 epochs of the 57000 images left beside 3000 for validation, at batch 128: 3 x 445 steps
+    (("experiment=study_fmnist", "data.train_size=null"), True, "auto: 1335 training steps, at least 1000"),
+    (("experiment=study_fmnist", "data.train_size=null", "model.memory_efficient=true"), False, "memory-efficient"),
+    (("experiment=study_fmnist", "speed.compile=true"), True, "set by speed.compile"),
+    (("experiment=quickstart",), False, "set by speed.compile"),  # one run on a fresh clone: a cold cache
+    (("data=imagefolder",), False, "auto: run length not known from the config"),
+], ids=["short", "long", "memory-efficient", "forced", "quickstart", "imagefolder"])
+def test_compile_auto_compiles_runs_long_enough_to_pay(monkeypatch, overrides, compiled, reason):
+    import shutil
+
+    fake_cpu(monkeypatch, "AVX2", False, False)
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    cfg = composed(*overrides)
+    speed = choose_speed(cfg)
+    assert speed.compile is compiled and reason in speed.compile_reason
+    # Written back: compiled kernels round differently, so the choice is part of the recipe.
+    assert cfg["speed"]["compile"] is compiled and speed.tags()["speed.compile"] == str(compiled).lower()
+
+
+def test_compile_auto_counts_the_steps_the_run_will_take(monkeypatch):
+    import shutil
+
+    from densenet_exp.speed import planned_train_steps
+
+    assert planned_train_steps(composed("experiment=quickstart")) == 2 * 644  # as the run prints it
+    assert planned_train_steps(composed("experiment=fmnist_decisive")) == 3 * 429
+    assert planned_train_steps(composed("experiment=smoke", "+trainer.max_steps=5")) == 5
+    ddp = composed("experiment=study_fmnist", "data.train_size=null", "trainer=ddp")
+    assert planned_train_steps(ddp) == 3 * (57000 // ddp["trainer"]["devices"] // 128)  # each rank its shard
+    fake_cpu(monkeypatch, "AVX2", False, False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    speed = choose_speed(composed("experiment=study_fmnist", "data.train_size=null"))
+    assert (speed.compile, speed.compile_reason) == (False, "auto: no C++ compiler for CPU kernels")
+    with pytest.raises(ConfigError, match=r"speed.compile='often' is invalid: expected auto, true or false"):
+        choose_speed(composed("speed.compile=often"))
+
+
+def test_a_compiled_classifier_keeps_each_weight_once_and_loads_older_checkpoints():
+    # The compiled wrapper is kept out of the module tree: a checkpoint loads whether or not the
+    # run that wrote it compiled, and evaluation runs the plain model (no second compiled graph).
+    eager = ImageClassifier(tiny_densenet(), 10, OPTIM)
+    compiled = ImageClassifier(copy.deepcopy(eager.model), 10, OPTIM, compile=True)
+    assert list(compiled.state_dict()) == list(eager.state_dict()) and all(
+        k.startswith("model.") for k in eager.state_dict())
+    compiled.eval()
+    x = make_batch()[0]
+    torch.testing.assert_close(compiled(x), eager.eval()(x))  # eager in eval mode: nothing compiled yet
+    older = {"state_dict": {**eager.state_dict(), **{f"forward_fn.{k[6:]}": v for k, v in eager.state_dict().items()}}}
+    compiled.on_load_checkpoint(older)
+    compiled.load_state_dict(older["state_dict"])  # strict: the second copy is gone
+
+
 def composed(*overrides: str) -> dict:
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         return OmegaConf.to_container(compose("config", overrides=list(overrides)), resolve=True)

@@ -3,7 +3,8 @@
 What it checks: a smoke sweep picks the GPU by default and lands in MLflow with the GPU's precision
 and peak memory; memory-efficient mode computes what the plain path computes on CUDA in fp32 and
 bf16; in-memory data sets live on the GPU and batches are cut there; the bench measures its
-ratios on the GPU. `benchmarks/gpu_check.sh` runs this suite and the GPU figures in one go.
+ratios on the GPU; step timing waits on the GPU once per epoch, not per step; two runs share one GPU
+through `hydra/launcher=gpu_shared`. `benchmarks/gpu_check.sh` runs this suite and the GPU figures in one go.
 """
 
 from __future__ import annotations
@@ -109,3 +110,31 @@ def test_bench_ratios_on_the_gpu():
         assert ratio > 0, goals[goal]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| densenet121")]
     assert len(rows) == 2 and all("error" not in r for r in rows)
+
+
+def test_step_timing_on_the_gpu_waits_once_not_every_step(monkeypatch):
+    # The size/cost probe times each training step with CUDA events read at the epoch's end: a
+    # synchronize per step would keep the host from queueing the next step's kernels.
+    from densenet_exp.probes.size_cost import StepTimer
+
+    calls = []
+    synchronize = torch.cuda.synchronize
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: (calls.append(a), synchronize(*a, **k))[1])
+    x = torch.randn(1024, 1024, device="cuda")
+    timer = StepTimer(x.device)
+    for _ in range(3):
+        timer.start()
+        x @ x
+        timer.stop()
+    assert calls == []
+    seconds = timer.seconds()
+    assert len(seconds) == 3 and all(s > 0 for s in seconds)
+
+
+def test_small_runs_share_one_gpu_through_the_gpu_shared_launcher(store):
+    # Two jobs at once on one device (hydra/launcher=gpu_shared, joblib processes), both on the GPU.
+    result = store.run(*SMOKE, "seed=0,1", "hydra/launcher=gpu_shared", "hydra.launcher.n_jobs=2", multirun=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = [r for r in store.runs("smoke") if r.data.tags.get("sweep") != "parent"]
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    assert all(r.data.tags["accelerator"] == "gpu" and r.data.tags["parallel_jobs"] == "2" for r in runs)

@@ -22,6 +22,44 @@ _MAXRSS_BYTES = 1 if sys.platform == "darwin" else 1024
 MIB = 2**20
 
 
+class StepTimer:
+    """Seconds of each training step, without making the host wait on the device: on a GPU each
+    step is bracketed by CUDA events and their times are read once, when asked (a synchronize
+    per step would keep the host from queueing the next step's kernels while the GPU works); on
+    a CPU the clock is read at once."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._start: Any = None
+        self._pending: list[tuple[Any, Any]] = []
+        self._seconds: list[float] = []
+
+    def _now(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def start(self) -> None:
+        self._start = self._now()
+
+    def stop(self) -> None:
+        end = self._now()
+        if self.cuda:
+            self._pending.append((self._start, end))
+        else:
+            self._seconds.append(end - self._start)
+
+    def seconds(self) -> list[float]:
+        """Every step's seconds so far (on a GPU: one wait for the last step's end event)."""
+        if self._pending:
+            self._pending[-1][1].synchronize()
+            self._seconds += [start.elapsed_time(end) / 1000 for start, end in self._pending]
+            self._pending = []
+        return self._seconds
+
+
 def count_parameters(model: nn.Module) -> int:
     """All parameters, trainable or not (the figure torchvision publishes)."""
     return sum(p.numel() for p in model.parameters())
@@ -186,7 +224,7 @@ class SizeCostProbe(pl.Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_start = time.perf_counter()
-        self._step_seconds: list[float] = []
+        self._step_timer = StepTimer(pl_module.device)
         self._step_images: list[int] = []
 
     def on_train_batch_start(
@@ -209,7 +247,7 @@ class SizeCostProbe(pl.Callback):
         self._step_batch_size = len(images)
         if self._saved is None and trainer.is_global_zero and not self._memory_logged:
             self._start_memory_count(pl_module)
-        self._step_start = time.perf_counter()
+        self._step_timer.start()
 
     def _start_memory_count(self, pl_module: pl.LightningModule) -> None:
         model = getattr(pl_module, "model", pl_module)
@@ -232,8 +270,7 @@ class SizeCostProbe(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._sync(pl_module)
-        self._step_seconds.append(time.perf_counter() - self._step_start)
+        self._step_timer.stop()
         self._step_images.append(self._step_batch_size)
         if self._saved is not None and not self._memory_logged:
             self._stop_memory_count()
@@ -251,10 +288,11 @@ class SizeCostProbe(pl.Callback):
         return metrics
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._step_seconds:
+        step_seconds = self._step_timer.seconds()
+        if not step_seconds:
             return
         # Keep at least one step when an epoch is shorter than the warm-up.
-        skip = min(self.warmup_steps, len(self._step_seconds) - 1)
+        skip = min(self.warmup_steps, len(step_seconds) - 1)
         if pl_module.device.type == "cuda":
             peak_mb = torch.cuda.max_memory_allocated(pl_module.device) / MIB
         elif self._peak_was_reset:
@@ -264,7 +302,7 @@ class SizeCostProbe(pl.Callback):
         self._log(
             trainer,
             {
-                record.TRAIN_IMAGES_PER_S: sum(self._step_images[skip:]) / sum(self._step_seconds[skip:]),
+                record.TRAIN_IMAGES_PER_S: sum(self._step_images[skip:]) / sum(step_seconds[skip:]),
                 record.EPOCH_TIME_S: time.perf_counter() - self._epoch_start,
                 record.PEAK_MEMORY_MB: peak_mb,
             },
