@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import lightning as L
@@ -19,6 +20,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from densenet_exp import record, results
 from densenet_exp.classifier import ImageClassifier
 from densenet_exp.models import CifarResNet, DenseNet, build_model, densenet121
 from densenet_exp.probes import (
@@ -188,11 +190,15 @@ def test_gradient_flow_records_every_layer_at_init_and_after_epoch_one(tmp_path)
     assert table.kind.iloc[-1] == "Linear" and table.layer.iloc[-1] == "classifier"
     assert (table.grad_norm > 0).all()
     np.testing.assert_allclose(table.relative_grad, table.grad_norm / table.weight_norm)
+    layer = ["bottleneck", "body"]  # DenseNet-B: a 1x1 then a 3x3 conv per dense layer
+    assert table[table.phase == "init"].role.tolist() == ["stem", *layer * 2, "transition", *layer * 3, "classifier"]
     summary = gradient_flow.summarize(table)
-    init = table[table.phase == "init"]
-    early = init[init.relative_depth <= 0.25].relative_grad.mean()
-    assert summary["grad/early_rel_init"] == pytest.approx(early)
-    assert summary["grad/early_over_late_init"] == pytest.approx(early / init[init.relative_depth >= 0.75].relative_grad.mean())
+    # Five body convs (the 3x3 of each dense layer) at positions 0, 1/4, 1/2, 3/4, 1: the first two are
+    # early, the last two late; stem, bottlenecks, transition and classifier take no part.
+    body = table[(table.phase == "init") & (table.layer.str.endswith("conv2"))].relative_grad.to_numpy()
+    assert len(body) == 5
+    assert summary["grad/early_rel_init"] == pytest.approx(body[:2].mean())
+    assert summary["grad/early_over_late_init"] == pytest.approx(body[:2].mean() / body[3:].mean())
 
 
 def test_gradient_flow_of_a_deep_plain_net_is_distorted_by_orders_of_magnitude_at_initialization():
@@ -211,6 +217,77 @@ def test_gradient_flow_of_a_deep_plain_net_is_distorted_by_orders_of_magnitude_a
         decades[name] = abs(math.log10(gradient_flow.summarize(table)["grad/early_over_late_init"]))
     assert decades["plain110"] > 3
     assert decades["densenet_small"] < 1 and decades["resnet110"] < 1
+
+
+# Each model family of densenet_exp.models: what its layers are (stem, body, bottleneck, transition,
+# shortcut, classifier), counted by hand from the architecture.
+ROLE_MODELS = {
+    "DenseNet-B (blocks 2, 3)": (lambda: tiny_densenet(True),
+                                 {"stem": 1, "bottleneck": 5, "body": 5, "transition": 1, "classifier": 1}),
+    "DenseNet (blocks 2, 3)": (lambda: tiny_densenet(False), {"stem": 1, "body": 5, "transition": 1, "classifier": 1}),
+    "densenet_cifar L=10": (lambda: build_model({"arch": "densenet_cifar", "depth": 10, "growth_rate": 2}),
+                            {"stem": 1, "bottleneck": 3, "body": 3, "transition": 2, "classifier": 1}),
+    "densenet121": (densenet121, {"stem": 1, "bottleneck": 58, "body": 58, "transition": 3, "classifier": 1}),
+    "resnet_cifar 8": (lambda: build_model({"arch": "resnet_cifar", "depth": 8}),
+                       {"stem": 1, "body": 6, "classifier": 1}),
+    "plain_cifar 8": (lambda: build_model({"arch": "plain_cifar", "depth": 8}), {"stem": 1, "body": 6, "classifier": 1}),
+    "resnet18 (cifar stem)": (lambda: build_model({"arch": "resnet18", "num_classes": 3, "stem": "cifar"}),
+                              {"stem": 1, "body": 16, "shortcut": 3, "classifier": 1}),
+    "resnet50": (lambda: build_model({"arch": "resnet50", "num_classes": 3}),
+                 {"stem": 1, "bottleneck": 32, "body": 16, "shortcut": 4, "classifier": 1}),
+}
+
+
+@pytest.fixture(scope="module", params=list(ROLE_MODELS))
+def model_with_roles(request):
+    build, counts = ROLE_MODELS[request.param]
+    model = build()
+    return model, gradient_flow.weighted_layers(model), counts
+
+
+def test_every_layer_of_each_model_family_has_exactly_one_role_and_the_body_is_its_3x3_convs(model_with_roles):
+    model, layers, counts = model_with_roles
+    weighted = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert [m for _, m, _ in layers] == weighted  # each layer once, in forward order
+    assert Counter(role for _, _, role in layers) == counts
+    assert {role for _, _, role in layers} <= set(record.LAYER_ROLES)
+    assert layers[0][2] == "stem" and layers[-1][2] == "classifier"
+    for name, module, role in layers:
+        if role == record.BODY_ROLE:
+            assert module.kernel_size == (3, 3), name
+        if role in ("bottleneck", "transition", "shortcut"):
+            assert module.kernel_size == (1, 1), name
+
+
+def test_roles_read_from_layer_names_agree_with_the_module_structure(model_with_roles):
+    """Files written before the probe recorded roles get theirs from the names (results.py, no torch)."""
+    _, layers, _ = model_with_roles
+    names, kinds = [n for n, _, _ in layers], [type(m).__name__ for _, m, _ in layers]
+    assert results.roles_from_layer_names(names, kinds) == [role for _, _, role in layers]
+
+
+def test_a_conv_no_rule_covers_is_named_rather_than_guessed():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.LazyLinear(3))
+    with pytest.raises(gradient_flow.UnknownLayerRole, match=r"^1: a conv outside every block"):
+        gradient_flow.layer_roles(model)
+
+
+def test_old_rows_get_roles_and_the_summary_compares_the_body_convs_only():
+    torch.manual_seed(0)
+    model = CifarResNet(8, num_classes=3, in_channels=1)
+    nn.functional.cross_entropy(model(torch.randn(4, 1, 8, 8)), torch.arange(4) % 3).backward()
+    table = gradient_flow.relative_gradients(gradient_flow.weighted_layers(model), "init", 0)
+    old = table.drop(columns="role")  # as relative_grads.csv was written before roles
+    pd.testing.assert_frame_equal(results.assign_roles(old)[list(record.RELATIVE_GRADS_COLUMNS)], table,
+                                  check_dtype=False)
+    body = results.body_layers(old)
+    assert body["layer"].tolist() == [n for n in table["layer"] if n.startswith("layer")]  # 6 convs of 3 blocks
+    assert body["body_depth"].tolist() == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1])
+    grads = body["relative_grad"].to_numpy()
+    summary = gradient_flow.summarize(table)  # the probe's scalars: positions <= 0.25 and >= 0.75
+    assert summary == results.body_gradient_summary(old)
+    assert summary["grad/early_rel_init"] == pytest.approx(grads[:2].mean())
+    assert summary["grad/early_over_late_init"] == pytest.approx(grads[:2].mean() / grads[-2:].mean())
 
 
 def test_flops_match_torchvision_published_macs():
@@ -279,8 +356,9 @@ def test_densenet_run_logs_every_probe(tracking, tmp_path):
     assert artifacts(client, run_id) == GRADIENT_ARTIFACTS | {"feature_reuse/heatmap.png", "feature_reuse/matrices.json"}
     local = Path(client.download_artifacts(run_id, "", str(tmp_path / "downloaded")))
     table = pd.read_csv(local / "gradient_flow" / "relative_grads.csv")
-    assert list(table.columns) == gradient_flow.COLUMNS
+    assert list(table.columns) == list(record.RELATIVE_GRADS_COLUMNS)
     assert table.phase.unique().tolist() == ["init", "epoch1"]
+    assert set(table.role) == {"stem", "bottleneck", "body", "transition", "classifier"}
     saved = json.loads((local / "feature_reuse" / "matrices.json").read_text())
     np.testing.assert_allclose(np.array(saved[1], dtype=float), feature_reuse(model)[1], equal_nan=True)
     assert saved[0][2][0] is None  # layer 1 cannot read layer 2
