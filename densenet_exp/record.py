@@ -128,4 +128,4 @@ REPORT_READS = {
 }
 # DenseNets only: feature reuse is measured on dense blocks (the Figure 5 verdicts are computed from
 # the matrices, not from the reuse/ metrics, which a block too short for an observation lacks).
-REPORT_READS_DENSENET = {"artifacts": (FEATURE_REUSE_MATRICES,)}
+REPORT_READS_DENSENET = {"artifacts": (FEATURE_REUSE_MATRICES, FEATURE_REUSE_MATRICES_INIT)}

@@ -36,6 +36,7 @@ from mlflow.tracking import MlflowClient
 from . import record
 from .checks import InvalidValue, require
 from .figures import (
+    REUSE_NORMALIZATIONS,
     level,
     plot_accuracy_vs_cost,
     plot_feature_reuse,
@@ -64,18 +65,26 @@ from .verdicts import DEFAULT_MARGIN_PP, NOISY_CV, Judgement, claims_table, conc
 
 
 def feature_reuse_figures(
-    runs: pd.DataFrame, matrices: dict[str, list], folder: Path
+    runs: pd.DataFrame, matrices: dict[str, list], folder: Path, init: dict[str, list] | None = None,
+    normalization: str = "column mean",
 ) -> list[tuple[Path, str]]:
-    """One heatmap per DenseNet configuration, the mean of its runs' feature-reuse matrices
-    (from results.feature_reuse_matrices) drawn like the paper's Figure 5, saved in `folder`:
-    [(png, caption)]."""
+    """One heatmap per DenseNet configuration, the mean of its runs' trained feature-reuse matrices
+    (from results.feature_reuse_matrices) drawn like the paper's Figure 5 above the mean of the same
+    runs' matrices at initialization (`init`, from results.feature_reuse_matrices with
+    record.FEATURE_REUSE_MATRICES_INIT; "no init matrix recorded" where none of them has one), in
+    `normalization` (figures.REUSE_NORMALIZATIONS), saved in `folder`: [(png, caption)]."""
+    init = init or {}
     figures = []
     for key, group in runs[runs["run_id"].isin(matrices)].groupby(CONFIG, dropna=False, sort=True):
         variant, data = str(group["variant"].iloc[0]), str(key[0])
         path = folder / _file_name(f"feature_reuse_{data}_{variant}")
-        title = f"{data}: feature reuse of {variant} (mean of {len(group)} runs)"
-        plot_feature_reuse(mean_matrices([matrices[i] for i in group["run_id"]]), title).savefig(path, dpi=100)
-        figures.append((path, f"{title}."))
+        with_init = [i for i in group["run_id"] if i in init]
+        title = (f"{data}: feature reuse of {variant} (mean of {len(group)} runs; at initialization: "
+                 + (f"mean of {len(with_init)} runs)" if with_init else "no init matrix recorded)"))
+        plot_feature_reuse(mean_matrices([matrices[i] for i in group["run_id"]]), title,
+                           init=mean_matrices([init[i] for i in with_init]) if with_init else None,
+                           normalization=normalization).savefig(path, dpi=100)
+        figures.append((path, f"{title}; colour: {REUSE_NORMALIZATIONS[normalization]}."))
     return figures
 
 
@@ -236,6 +245,7 @@ def write_report(experiment: str, uri: str, out: Path, sweep: str | None = None,
     left_out = runs[runs["status"] != "FINISHED"]
     summary = summarize(done)
     matrices = feature_reuse_matrices(done[done["family"] == "densenet"], uri)
+    init_matrices = feature_reuse_matrices(done[done["family"] == "densenet"], uri, record.FEATURE_REUSE_MATRICES_INIT)
     judged = evaluate_claims(done, matrices, margin_pp)
     published = published_beside_ours(done)
     curves = learning_curves(done, uri)
@@ -312,8 +322,9 @@ def write_report(experiment: str, uri: str, out: Path, sweep: str | None = None,
     doc.heading("Feature reuse")
     doc.text("Mean over seeds of each DenseNet configuration's `feature_reuse/matrices.json`, drawn like the "
              "paper's Figure 5: pixel (s, l) is the mean |weight| per input map with which layer l reads source "
-             "s; the last column is the transition (T) or classifier (C).")
-    for path, caption in feature_reuse_figures(done, matrices, out):
+             "s; the last column is the transition (T) or classifier (C). Below, the same runs' matrices at step 0, "
+             "before any update (`feature_reuse/matrices_init.json`): what training changed is the difference.")
+    for path, caption in feature_reuse_figures(done, matrices, out, init_matrices):
         doc.image(path, caption)
 
     doc.heading("Method")

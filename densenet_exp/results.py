@@ -397,16 +397,19 @@ def body_gradient_summary(table: pd.DataFrame) -> dict[str, float]:
     return metrics
 
 
-def feature_reuse_matrices(runs: pd.DataFrame, tracking_uri: str) -> dict[str, list[np.ndarray]]:
-    """{run_id: one matrix per dense block} from each run's `feature_reuse/matrices.json` (null
-    read back as NaN); runs without it (ResNets, probe off) are absent."""
+def feature_reuse_matrices(runs: pd.DataFrame, tracking_uri: str,
+                           path: str = record.FEATURE_REUSE_MATRICES) -> dict[str, list[np.ndarray]]:
+    """{run_id: one matrix per dense block} from each run's feature-reuse matrices file (null read
+    back as NaN): `path` record.FEATURE_REUSE_MATRICES (after training, the default) or
+    record.FEATURE_REUSE_MATRICES_INIT (at step 0, before any update). Runs without it (ResNets,
+    probe off, runs from before the probe recorded the init matrices) are absent."""
     client = MlflowClient(tracking_uri)
     matrices = {}
     with tempfile.TemporaryDirectory() as tmp:
         for run_id in runs["run_id"]:
-            path = _download(client, run_id, record.FEATURE_REUSE_MATRICES, Path(tmp, run_id))
-            if path is not None:
-                matrices[run_id] = [np.array(m, dtype=float) for m in json.loads(path.read_text())]
+            local = _download(client, run_id, path, Path(tmp, run_id))
+            if local is not None:
+                matrices[run_id] = [np.array(m, dtype=float) for m in json.loads(local.read_text())]
     return matrices
 
 

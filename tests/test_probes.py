@@ -3,10 +3,13 @@ published figures, and end-to-end runs logged to MLflow."""
 
 from __future__ import annotations
 
+import copy
+import io
 import json
 import math
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import mlflow
@@ -55,6 +58,7 @@ SIZE_COST_KEYS = {
 }
 GRADIENT_KEYS = {f"grad/{what}_{phase}" for what in ("early_rel", "early_over_late") for phase in ("init", "epoch1")}
 GRADIENT_ARTIFACTS = {"gradient_flow/relative_grads.csv", "gradient_flow/relative_grads.png"}
+REUSE_ARTIFACTS = {"feature_reuse/heatmap.png", "feature_reuse/matrices.json", "feature_reuse/matrices_init.json"}
 REUSE_KEYS = {
     "reuse_early_share",
     "reuse_transition_on_block_input",
@@ -80,9 +84,9 @@ def tiny_densenet(bottleneck: bool = True) -> DenseNet:
     )
 
 
-def TinyClassifier(model: nn.Module) -> ImageClassifier:
+def TinyClassifier(model: nn.Module, lr: float = 0.05) -> ImageClassifier:
     """The harness's own LightningModule around a tiny model."""
-    return ImageClassifier(model, num_classes=model_outputs(model), optim={"name": "sgd", "lr": 0.05, "momentum": 0.0,
+    return ImageClassifier(model, num_classes=model_outputs(model), optim={"name": "sgd", "lr": lr, "momentum": 0.0,
                                                                                  "nesterov": False, "weight_decay": 0.0,
                                                                                  "scheduler": "constant"})
 
@@ -97,7 +101,7 @@ def loader() -> DataLoader:
     return DataLoader(data, batch_size=4)
 
 
-def fit(model: nn.Module, callbacks: list, logger, root: Path) -> L.Trainer:
+def fit(model: nn.Module, callbacks: list, logger, root: Path, lr: float = 0.05) -> L.Trainer:
     trainer = L.Trainer(
         max_epochs=2,
         limit_train_batches=3,
@@ -111,7 +115,7 @@ def fit(model: nn.Module, callbacks: list, logger, root: Path) -> L.Trainer:
         accelerator="cpu",
         default_root_dir=root,
     )
-    trainer.fit(TinyClassifier(model), loader(), loader())
+    trainer.fit(TinyClassifier(model, lr), loader(), loader())
     return trainer
 
 
@@ -171,6 +175,43 @@ def test_feature_reuse_takes_abs_and_each_output_into_account():
         model.features.denseblock1.denselayer2.conv1.weight[0, 4:6] = 3.0  # was -5, -6 in output 0
     # Source 1 of layer 2: maps 4 and 5 have L1 norms 3 + 3 * 5 and 3 + 3 * 6 over 4 outputs.
     assert feature_reuse(model)[0][1, 1] == pytest.approx((18 + 21) / 2)
+
+
+def assert_same_matrices(got, expected) -> None:
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        np.testing.assert_array_equal(g, e)  # exactly, NaN where a source cannot feed a target
+
+
+def test_feature_reuse_probe_records_the_matrices_before_the_first_update(tmp_path):
+    model = tiny_densenet()
+    before = feature_reuse(copy.deepcopy(model))
+    probe = FeatureReuseProbe()
+    fit(model, [probe], logger=False, root=tmp_path)  # 6 SGD steps
+    assert_same_matrices(probe.init, before)
+    assert not np.allclose(feature_reuse(model)[0], before[0], equal_nan=True)  # training moved the weights
+
+
+def test_with_a_zero_learning_rate_the_trained_and_init_matrices_are_identical(tmp_path):
+    model = tiny_densenet()
+    probe = FeatureReuseProbe()
+    fit(model, [probe], logger=False, root=tmp_path, lr=0.0)  # steps run, no weight moves
+    assert_same_matrices(feature_reuse(model), probe.init)
+
+
+def test_init_matrices_survive_a_checkpoint_and_a_resumed_run_never_records_trained_weights_as_init():
+    model = tiny_densenet()
+    probe = FeatureReuseProbe()
+    probe.on_train_start(SimpleNamespace(global_step=0), SimpleNamespace(model=model))
+    buffer = io.BytesIO()
+    torch.save(probe.state_dict(), buffer)  # as Lightning keeps a callback's state in a checkpoint
+    restored = FeatureReuseProbe()
+    restored.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+    assert_same_matrices(restored.init, probe.init)
+    # Resumed after step 4 from a checkpoint without init matrices: none, rather than trained ones.
+    late = FeatureReuseProbe()
+    late.on_train_start(SimpleNamespace(global_step=4), SimpleNamespace(model=model))
+    assert late.init is None
 
 
 # ---------------------------------------------------------------- gradient flow, FLOPs, config
@@ -346,6 +387,7 @@ def artifacts(client: mlflow.MlflowClient, run_id: str) -> set[str]:
 
 def test_densenet_run_logs_every_probe(tracking, tmp_path):
     model = tiny_densenet()
+    before = feature_reuse(copy.deepcopy(model))
     client, run_id = run_logged(model, ALL_ON, tracking, tmp_path)
     metrics = client.get_run(run_id).data.metrics
     assert PROBE_KEYS <= metrics.keys()
@@ -353,7 +395,7 @@ def test_densenet_run_logs_every_probe(tracking, tmp_path):
     assert metrics["macs_per_image"] == count_flops(model, (1, 8, 8))["macs"] > 0
     assert metrics["epochs_to_99pct"] <= 2 and metrics["seconds_to_99pct"] > 0
     assert len(client.get_metric_history(run_id, "epoch_time_s")) == 2
-    assert artifacts(client, run_id) == GRADIENT_ARTIFACTS | {"feature_reuse/heatmap.png", "feature_reuse/matrices.json"}
+    assert artifacts(client, run_id) == GRADIENT_ARTIFACTS | REUSE_ARTIFACTS
     local = Path(client.download_artifacts(run_id, "", str(tmp_path / "downloaded")))
     table = pd.read_csv(local / "gradient_flow" / "relative_grads.csv")
     assert list(table.columns) == list(record.RELATIVE_GRADS_COLUMNS)
@@ -362,6 +404,9 @@ def test_densenet_run_logs_every_probe(tracking, tmp_path):
     saved = json.loads((local / "feature_reuse" / "matrices.json").read_text())
     np.testing.assert_allclose(np.array(saved[1], dtype=float), feature_reuse(model)[1], equal_nan=True)
     assert saved[0][2][0] is None  # layer 1 cannot read layer 2
+    at_init = json.loads((local / "feature_reuse" / "matrices_init.json").read_text())
+    for block, expected in zip(at_init, before):
+        np.testing.assert_array_equal(np.array(block, dtype=float), expected)
 
 
 def test_probes_off_log_none_of_their_keys(tracking, tmp_path):
@@ -377,6 +422,27 @@ def test_resnet_run_logs_size_cost_and_gradients_but_no_feature_reuse(tracking, 
     assert SIZE_COST_KEYS | GRADIENT_KEYS | CONVERGENCE_KEYS <= metrics.keys()
     assert not REUSE_KEYS & metrics.keys()
     assert artifacts(client, run_id) == GRADIENT_ARTIFACTS
+
+
+@pytest.mark.slow  # a process of the harness (start-up of torch, Lightning and MLflow): about 20 s
+def test_a_tiny_densenet_run_of_the_harness_logs_both_matrices_and_layer_roles(store, tmp_path):
+    result = store.run("experiment=smoke", "data=synthetic", "trainer.max_epochs=1", "data.train_size=64",
+                       "data.val_size=32", "data.test_size=32", "data.batch_size=16", "probes=none",
+                       "probes.gradient_flow=true", "probes.feature_reuse=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = store.runs("smoke")
+    client = store.client()
+    assert artifacts(client, run.info.run_id) >= {record.RELATIVE_GRADS, record.FEATURE_REUSE_MATRICES,
+                                                  record.FEATURE_REUSE_MATRICES_INIT}
+    uri_runs = pd.DataFrame({"run_id": [run.info.run_id]})
+    trained = results.feature_reuse_matrices(uri_runs, store.uri)[run.info.run_id]
+    init = results.feature_reuse_matrices(uri_runs, store.uri, record.FEATURE_REUSE_MATRICES_INIT)[run.info.run_id]
+    assert [m.shape for m in init] == [m.shape for m in trained] == [(3, 3)] * 3  # densenet_tiny: blocks of 2
+    assert not np.allclose(init[0], trained[0], equal_nan=True)
+    local = client.download_artifacts(run.info.run_id, record.RELATIVE_GRADS, str(tmp_path))
+    table = pd.read_csv(local)
+    assert list(table.columns) == list(record.RELATIVE_GRADS_COLUMNS) and table["role"].notna().all()
+    assert (table["role"] == record.BODY_ROLE).sum() == 6  # one 3x3 conv per dense layer, phase init only
 
 
 # ---------------------------------------------------------------- training-step memory
