@@ -313,7 +313,7 @@ def write_report(experiment: str, uri: str, out: Path, sweep: str | None = None,
         ("Learning curves", lambda d: plot_learning_curves(curves, d), "learning_curves",
          "validation accuracy per epoch."),
         ("Gradient flow by depth", lambda d: plot_relative_grads(grads, d), "gradient_flow",
-         "relative gradient by relative depth (from gradient_flow/relative_grads.csv)."),
+         "relative gradient of the body's 3x3 convs by their position (from gradient_flow/relative_grads.csv)."),
     ]
     for heading, plot, name, caption in per_data_set:
         doc.heading(heading)

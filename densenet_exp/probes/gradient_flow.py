@@ -124,8 +124,8 @@ def summarize(table: pd.DataFrame) -> dict[str, float]:
 
 class GradientFlowProbe(pl.Callback):
     """Records the relative gradient of every ``nn.Conv2d`` and ``nn.Linear`` weight, with the
-    layer's role (layer_roles), at the first optimizer step (phase ``init``) and at the first optimizer step of the second epoch (phase
-    ``epoch1``; absent in a one-epoch run). Taken in ``on_before_optimizer_step``: after gradient
+    layer's role (layer_roles), at the first optimizer step (phase ``init``) and at the first
+    optimizer step of the second epoch (phase ``epoch1``; absent in a one-epoch run). Taken in ``on_before_optimizer_step``: after gradient
     accumulation and AMP unscaling, before clipping and before the step changes the weights. Other
     steps cost one comparison.
 
