@@ -1,24 +1,31 @@
 """The figures of the report, the notebooks and the probes' per-run artifacts, as matplotlib
-Figures (no pyplot state). One colour per model family everywhere (FAMILY_STYLE); every point
-over seeds carries its interval (results.INTERVAL_RULE), a hollow marker where a single seed
-gives none; layouts are constrained so titles and labels stay on the canvas. Imports neither
-torch nor Lightning.
+Figures (no pyplot state). One colour and marker per model family (FAMILY_STYLE), except the
+learning curves, where each configuration has its own colour (the family keeps its marker); every
+point over seeds carries its interval (results.INTERVAL_RULE) where two or more seeds give one, a
+hollow marker or a bare line where they do not; labels never overlap (numbered points with a
+legend table); legends with many entries sit outside the axes; layouts are constrained so titles
+and labels stay on the canvas. Imports neither torch nor Lightning.
 """
 
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from itertools import cycle
 
 import numpy as np
 import pandas as pd
 from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+from matplotlib.transforms import Bbox
 
 from . import record
-from .results import FAMILY_NAMES, interval
+from .results import FAMILY_NAMES, GRADIENT_EARLY, GRADIENT_LATE, assign_roles, body_layers, interval
 
 # family -> (colour, marker); configurations within a family differ by line style and marker fill.
 FAMILY_STYLE = {
@@ -29,6 +36,15 @@ FAMILY_STYLE = {
 LINE_STYLES = ["-", "--", ":", "-."]
 KNOB_LABELS = {"growth_rate": "growth rate k", "compression": "compression θ", "bottleneck": "bottleneck B"}
 HEATMAP_CMAP = "viridis"  # perceptually uniform; the paper's jet invents edges
+RATIO_CMAP = "RdBu_r"  # diverging around 1 (uniform weighting): blue below, red above
+NO_LINK = "0.85"  # cells where the source cannot feed the target, on the ratio scale (white is 1 there)
+RATIO_MIN_SPAN = 0.05  # the ratio scale spans at least 1 +- this, so that noise is not drawn as contrast
+SET_SHADE = "#f6efd2"  # the early and late layer sets of the gradient figure (not grey: the plain nets' colour)
+# How a feature-reuse heatmap scales its cells -> what its colour bar says.
+REUSE_NORMALIZATIONS = {
+    "block max": "mean |w| per input map, each block divided by its own maximum (block max = 1)",
+    "column mean": "mean |w| per input map over its column's mean (1 = uniform weighting of the sources)",
+}
 
 
 def family_style(family: object) -> tuple[str, str]:
@@ -64,14 +80,26 @@ def _errorbar(ax, x, mean, low, high, colour: str, marker: str, linestyle: str, 
         ax.plot(x[~has], mean[~has], linestyle="none", marker=marker, color=colour, markerfacecolor="white")
 
 
-def _finish(fig: Figure, ax_list: Sequence, hollow_note: bool = True) -> None:
+def _finish(fig: Figure, ax_list: Sequence, hollow_note: bool = True, legend_outside: bool = False) -> None:
+    """Grids, legends (one per axes, or one for the figure right of the axes) and the note on
+    hollow markers."""
     for ax in ax_list:
         ax.grid(True, which="both", alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
+        if ax.get_legend_handles_labels()[0] and not legend_outside:
             ax.legend(fontsize=7)
+    if legend_outside:
+        entries = {label: handle for ax in ax_list for handle, label in zip(*ax.get_legend_handles_labels())}
+        if entries:
+            _legend_outside(fig, list(entries.values()), list(entries))
     if hollow_note:  # supxlabel: constrained layout makes room for it
         fig.supxlabel("bars: 95% interval over seeds; hollow marker: no interval (a single seed, or no spread)",
                       fontsize=7, color="0.35")
+
+
+def _legend_outside(fig: Figure, handles: list, labels: list[str], title: str | None = None) -> None:
+    """One legend for the figure, right of its axes (constrained layout makes room for it)."""
+    fig.legend(handles, labels, loc="outside right upper", fontsize=7, title=title, title_fontsize=7,
+               ncols=1 + len(labels) // 30)
 
 
 # --- accuracy and cost -----------------------------------------------------------------------
@@ -79,30 +107,120 @@ def _finish(fig: Figure, ax_list: Sequence, hollow_note: bool = True) -> None:
 
 def plot_accuracy_vs_cost(summary: pd.DataFrame, data: str) -> Figure | None:
     """Test accuracy (mean and 95% interval over seeds) against parameters and against FLOPs per
-    image, one colour and marker per family: the layout of the paper's Figure 3. None without rows."""
+    image, one colour and marker per family: the layout of the paper's Figure 3. Each configuration
+    is a number beside its point, placed where it overlaps no other number and no point (a thin
+    line leads to it when it had to move away), and the legend right of the axes lists the numbers
+    with the configurations' names. None without rows."""
     rows = summary[summary["data"] == data]
     if rows.empty:
         return None
-    fig = Figure(figsize=(12, 5), layout="constrained")
+    acc = record.TEST_ACC
+    rows = rows.assign(_family=rows["family"].astype(str)).sort_values(["_family", record.PARAMS + " mean", "variant"])
+    numbers = {variant: i for i, variant in enumerate(dict.fromkeys(rows["variant"]), 1)}
+    fig = Figure(figsize=(13, 5), layout="constrained")
+    FigureCanvasAgg(fig)  # a renderer, to measure the labels
     axes = fig.subplots(1, 2)
+    labels: list[list[tuple[float, float, str]]] = []
+    bars: list[list[tuple[float, float]]] = []
     for ax, cost, label in zip(axes, (record.PARAMS, record.FLOPS_PER_IMAGE), ("parameters", "FLOPs per image")):
-        for family, group in rows.groupby("family"):
+        labels.append([])
+        bars.append([])
+        for family, group in rows.groupby("family", sort=True):
             colour, marker = family_style(family)
-            acc = record.TEST_ACC
             group = group.dropna(subset=[f"{cost} mean", f"{acc} mean"])
             if group.empty:
                 continue
             _errorbar(ax, group[f"{cost} mean"], group[f"{acc} mean"], group[f"{acc} ci_low"], group[f"{acc} ci_high"],
-                      colour, marker, "none", family_label(family))
-            for _, row in group.iterrows():
-                ax.annotate(row["variant"], (row[f"{cost} mean"], row[f"{acc} mean"]), fontsize=7,
-                            xytext=(4, 4), textcoords="offset points")
+                      colour, marker, "none", None)
+            labels[-1] += [(row[f"{cost} mean"], row[f"{acc} mean"], str(numbers[row["variant"]]))
+                           for _, row in group.iterrows()]
+            bars[-1] += list(zip(group[f"{acc} ci_low"], group[f"{acc} ci_high"]))
         if ax.has_data():
-            ax.set_xscale("log")  # matplotlib labels minor ticks where the data span less than a decade
+            ax.set_xscale("log")
+            _log_labels(ax.xaxis)
         ax.set(xlabel=f"{label} (log scale)", ylabel="test accuracy")
+    configurations = rows.drop_duplicates("variant")[["variant", "family"]].to_numpy()
+    handles = [Line2D([], [], color=family_style(f)[0], marker=family_style(f)[1], linestyle="none")
+               for _, f in configurations]
+    names = [f"{numbers[v]}  {v} ({family_label(f)})" for v, f in configurations]
+    _legend_outside(fig, handles, names, title="number on the plot: configuration")
     _finish(fig, axes)
     fig.suptitle(f"{data}: test accuracy against parameters and FLOPs (cf. the paper's Fig. 3)")
+    fig.draw_without_rendering()  # the final layout, so the labels are placed where they will be drawn
+    for ax, points, intervals in zip(axes, labels, bars):
+        place_labels(ax, points, intervals)
     return fig
+
+
+def compact_number(x: float, _position: object = None) -> str:
+    """40k, 2.5M, 300: a tick label short enough that neighbouring ones never run into each other."""
+    for threshold, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= threshold:
+            return f"{x / threshold:g}{suffix}"
+    return f"{x:g}"
+
+
+def _log_labels(axis) -> None:
+    """A log axis labelled at 1, 2 and 5 times each power of ten, in compact numbers (matplotlib's own
+    minor labels crowd into each other over one or two decades)."""
+    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(compact_number))
+    axis.set_minor_locator(LogLocator(subs="auto"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+# Where a label may go, in points from its point: the eight directions at growing distances; from
+# LEADER_FROM points on, a thin line leads back to the point.
+_LABEL_OFFSETS = [(r * dx, r * dy) for r in (5, 9, 14, 20, 28, 38, 50, 65)
+                  for dx, dy in ((1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1))]
+LEADER_FROM = 12
+
+
+def place_labels(ax, points: Sequence[tuple[float, float, str]], bars: Sequence[tuple[float, float]] = (),
+                 fontsize: float = 7) -> list:
+    """Annotate each (x, y, text) of `points` on `ax` at the first offset (_LABEL_OFFSETS) where its
+    text box overlaps no label placed before it, no point's marker, no error bar (`bars`: the
+    (low, high) of each point's bar, NaN for none) and nothing outside the axes; a
+    thin line leads back to points whose label had to move LEADER_FROM points or more. The figure's
+    layout must be final (drawn once) before this is called: the labels take no part in it. Returns
+    the annotations (a label that fits nowhere goes to its last offset, its line still leading
+    back)."""
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    to_display = ax.transData.transform
+    frame = ax.get_window_extent(renderer)
+    radius = 4 * fig.dpi / 72  # a marker's half size, in pixels
+    taken = [Bbox.from_extents(px - radius, py - radius, px + radius, py + radius)
+             for px, py in (to_display((x, y)) for x, y, _ in points)]
+    for (x, _, _), (low, high) in zip(points, bars):
+        if np.isfinite(low) and np.isfinite(high):
+            (x0, y0), (x1, y1) = to_display((x, low)), to_display((x, high))
+            taken.append(Bbox.from_extents(x0 - radius, y0, x1 + radius, y1))  # the bar and its caps
+    scale = fig.dpi / 72  # pixels per point
+    placed = []
+    for x, y, text in points:
+        note = ax.annotate(text, (x, y), xytext=(0, 0), textcoords="offset points", fontsize=fontsize)
+        note.set_in_layout(False)
+        width, height = note.get_window_extent(renderer).size  # measured once; the offsets are arithmetic
+        px, py = to_display((x, y))
+        for dx, dy in _LABEL_OFFSETS:
+            # The box of the text aligned away from its point: left/right/centre, bottom/top/centre.
+            x0 = px + dx * scale - (0 if dx > 0 else width if dx < 0 else width / 2)
+            y0 = py + dy * scale - (0 if dy > 0 else height if dy < 0 else height / 2)
+            box = Bbox.from_bounds(x0, y0, width, height).expanded(1.15, 1.1)  # a little air between labels
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            if inside and not any(box.overlaps(other) for other in taken):
+                break
+        note.xyann = (dx, dy)
+        note.set_horizontalalignment("left" if dx > 0 else "right" if dx < 0 else "center")
+        note.set_verticalalignment("bottom" if dy > 0 else "top" if dy < 0 else "center")
+        if max(abs(dx), abs(dy)) >= LEADER_FROM:
+            ax.annotate("", (x, y), xytext=(dx, dy), textcoords="offset points",
+                        arrowprops={"arrowstyle": "-", "color": "0.55", "linewidth": 0.6,
+                                    "shrinkA": 0, "shrinkB": 3}).set_in_layout(False)
+        taken.append(box)
+        placed.append(note)
+    return placed
 
 
 def plot_knob_effects(runs: pd.DataFrame, data: str, metrics: Sequence[str] = (record.TEST_ACC, record.PARAMS)) -> Figure | None:
@@ -152,94 +270,183 @@ def _config_lines(rows: pd.DataFrame):
         yield family, variant, group, colour, style, marker
 
 
+def configuration_colours(count: int) -> list:
+    """`count` distinct colours for configurations: tab10's, then tab20's lighter shades (cycled
+    beyond twenty), so that neighbours in the legend never share a hue."""
+    tab20 = colormaps["tab20"]
+    order = [2 * i for i in range(10)] + [2 * i + 1 for i in range(10)]
+    return [tab20(order[i % 20]) for i in range(count)]
+
+
+DODGE_UP_TO = 12  # epochs: up to this many, intervals are bars set side by side; beyond, bands
+
+
 def plot_learning_curves(curves: pd.DataFrame, data: str, metric: str = record.VAL_ACC) -> Figure | None:
-    """`metric` per epoch (from results.learning_curves), mean over seeds with its 95% interval
-    as a band, one line per configuration coloured by family. None without curves on `data`."""
+    """`metric` per epoch (from results.learning_curves), the mean over seeds, one colour per
+    configuration (the family's marker and line style), the legend right of the axes. The 95%
+    interval over seeds is drawn at each epoch where two or more seeds have a value: as error bars
+    set slightly apart per configuration when there are at most DODGE_UP_TO epochs, else as a
+    band; a configuration of one seed is a bare line. None without curves on `data`."""
     rows = curves[curves["data"] == data]
     if rows.empty:
         return None
-    fig = Figure(figsize=(8, 5), layout="constrained")
+    fig = Figure(figsize=(10.5, 5.5), layout="constrained")
     ax = fig.subplots()
-    for family, variant, group, colour, style, marker in _config_lines(rows):
+    lines = list(_config_lines(rows))
+    family_styles = {f: LINE_STYLES[i % len(LINE_STYLES)] for i, f in enumerate(dict.fromkeys(f for f, *_ in lines))}
+    dodge = rows["epoch"].nunique() <= DODGE_UP_TO
+    width = 0.3 if dodge and len(lines) > 1 else 0.0  # the spread of a configuration's bars around its epoch
+    most_seeds = 0
+    for i, ((family, variant, group, _, _, marker), colour) in enumerate(zip(lines, configuration_colours(len(lines)))):
         points = [(e, *_stats(g["value"], metric)) for e, g in group.groupby("epoch")]
-        epoch, mean, low, high, _ = (np.array(v, dtype=float) for v in zip(*points))
-        ax.plot(epoch, mean, color=colour, linestyle=style, marker=marker, label=f"{variant} ({family_label(family)})")
-        ax.fill_between(epoch, low, high, color=colour, alpha=0.15)
-    ax.set(xlabel="epoch", ylabel=metric, title=f"{data}: {metric} per epoch (band: 95% interval over seeds)")
+        epoch, mean, low, high, n = (np.array(v, dtype=float) for v in zip(*points))
+        most_seeds = max(most_seeds, int(n.max()))
+        label = f"{variant} ({family_label(family)}, n={int(n.max())})"
+        x = epoch + (width * (i / (len(lines) - 1) - 0.5) if width else 0.0)
+        if dodge:
+            has = np.isfinite(low) & np.isfinite(high)  # interval() gives none below two seeds
+            yerr = np.vstack([np.where(has, mean - low, 0), np.where(has, high - mean, 0)])
+            ax.errorbar(x, mean, yerr=yerr, color=colour, linestyle=family_styles[family], marker=marker,
+                        markersize=4, capsize=2, elinewidth=0.9, label=label)
+        else:
+            ax.plot(x, mean, color=colour, linestyle=family_styles[family], marker=marker, markersize=3, label=label)
+            if np.isfinite(low).any():
+                ax.fill_between(x, low, high, color=colour, alpha=0.1, linewidth=0)
+    shape = "bars" if dodge else "bands"
+    note = f"{shape}: 95% interval over seeds (n >= 2)" if most_seeds >= 2 else "a single seed each: no interval"
+    ax.set(xlabel="epoch" + (" (configurations set slightly apart)" if width else ""), ylabel=metric,
+           title=f"{data}: {metric} per epoch, mean over seeds\n{note}")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    _finish(fig, [ax], hollow_note=False)
+    _finish(fig, [ax], hollow_note=False, legend_outside=True)
     return fig
 
 
 def plot_relative_grads(grads: pd.DataFrame, data: str) -> Figure | None:
-    """Relative gradient ||grad|| / ||weight|| against relative depth (0 = first conv, 1 =
-    classifier) at initialization and after epoch 1 (from results.relative_grads): one line per
-    configuration coloured by family (DenseNet, ResNet, plain net), the geometric mean over seeds
-    with its 95% interval as a band. None without records on `data`."""
-    rows = grads[grads["data"] == data]
+    """Relative gradient ||grad|| / ||weight|| of the body's 3x3 convolutions only (the like-for-like
+    layer set of results.GRADIENT_LAYER_RULE) against their position among the body layers (0 =
+    first, 1 = last), at initialization and after epoch 1 (from results.relative_grads): one line
+    per configuration coloured by family (DenseNet, ResNet, plain net), the geometric mean over
+    seeds with its 95% interval as a band where two or more seeds give one; the early and late
+    sets the ratios compare are shaded; legend right of the axes. None without body records on
+    `data`."""
+    rows = body_layers(grads[grads["data"] == data])
     if rows.empty:
         return None
-    phases = [p for p in ("init", "epoch1") if (rows["phase"] == p).any()]
-    fig = Figure(figsize=(6 * len(phases) + 1, 5), layout="constrained")
-    axes = fig.subplots(1, len(phases), squeeze=False)[0]
+    phases = [p for p in record.GRADIENT_PHASES if (rows["phase"] == p).any()]
+    fig = Figure(figsize=(5.5 * len(phases) + 3, 5), layout="constrained")
+    axes = fig.subplots(1, len(phases), squeeze=False, sharey=True)[0]
     for ax, phase in zip(axes, phases):
+        for span in ((-0.02, GRADIENT_EARLY), (GRADIENT_LATE, 1.02)):
+            ax.axvspan(*span, color=SET_SHADE, zorder=0)
         for family, variant, group, colour, style, marker in _config_lines(rows[rows["phase"] == phase]):
-            points = [(d, *_stats(g["relative_grad"], "relative_grad"))
-                      for d, g in group.groupby("relative_depth")]
-            depth, _, low, high, _ = (np.array(v, dtype=float) for v in zip(*points))
-            centre = group.groupby("relative_depth")["relative_grad"].apply(
+            by_depth = group.groupby("body_depth")["relative_grad"]
+            depth = np.array(list(by_depth.groups), dtype=float)
+            low, high = np.array([interval(g.to_numpy(float), "relative_grad") for _, g in by_depth], dtype=float).T
+            centre = by_depth.apply(
                 lambda s: float(np.exp(np.log(s[s > 0]).mean())) if (s > 0).any() else np.nan).to_numpy()
             ax.plot(depth, centre, color=colour, linestyle=style, marker=marker, markersize=3,
                     label=f"{variant} ({family_label(family)})")
-            ax.fill_between(depth, low, high, color=colour, alpha=0.15)
+            ax.fill_between(depth, low, high, color=colour, alpha=0.15, linewidth=0)
         ax.set_yscale("log")
-        ax.set(xlabel="relative depth (0 = first conv, 1 = classifier)", ylabel="||grad|| / ||weight||",
+        ax.set(xlabel="position among the body's 3x3 convs (0 = first, 1 = last)", ylabel="||grad|| / ||weight||",
                title="at initialization" if phase == "init" else "after epoch 1")
-    _finish(fig, axes, hollow_note=False)
-    fig.suptitle(f"{data}: relative gradient by depth (geometric mean over seeds, band: 95% interval)")
+    _finish(fig, axes, hollow_note=False, legend_outside=True)
+    fig.suptitle(f"{data}: relative gradient of the body's 3x3 convs (no stem, bottleneck, transition or "
+                 "classifier)\ngeometric mean over seeds, band: 95% interval; shaded: the early "
+                 f"(<= {GRADIENT_EARLY:g}) and late (>= {GRADIENT_LATE:g}) layers the ratio compares", fontsize=10)
     return fig
 
 
+# Markers of the layer roles in a single run's gradient plot.
+ROLE_MARKERS = {"stem": "s", "body": "o", "bottleneck": "v", "transition": "D", "shortcut": "x", "classifier": "*"}
+
+
 def plot_gradient_flow_run(table: pd.DataFrame, title: str) -> Figure:
-    """One run's `gradient_flow/relative_grads.csv`: relative gradient against relative depth,
-    one line per recorded phase (a legend, not a colour bar), titled with the run's name."""
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    """One run's `gradient_flow/relative_grads.csv`: relative gradient against relative depth (0 =
+    first conv, 1 = classifier), one colour per recorded phase; the body's 3x3 convs (the layers
+    the summaries compare) joined by a line, every other layer a marker of its role."""
+    table = assign_roles(table)
+    fig = Figure(figsize=(8.5, 4.5), layout="constrained")
     ax = fig.subplots()
+    handles, labels = [], []
     for (phase, rows), colour in zip(table.groupby("phase", sort=False), ("tab:green", "tab:red", "tab:brown")):
         rows = rows.sort_values("relative_depth")
-        ax.plot(rows["relative_depth"], rows["relative_grad"], marker=".", color=colour, label=str(phase))
+        body = rows[rows["role"] == record.BODY_ROLE]
+        handles += ax.plot(body["relative_depth"], body["relative_grad"], marker="o", markersize=3, color=colour)
+        labels.append(f"{phase}: body 3x3 convs")
+        for role, marker in ROLE_MARKERS.items():
+            if role != record.BODY_ROLE:
+                other = rows[rows["role"] == role]
+                ax.plot(other["relative_depth"], other["relative_grad"], linestyle="none", marker=marker, color=colour)
+    for role, marker in ROLE_MARKERS.items():
+        if role != record.BODY_ROLE and (table["role"] == role).any():
+            handles.append(Line2D([], [], color="0.3", marker=marker, linestyle="none"))
+            labels.append(role)
     ax.set_yscale("log")
     ax.set(xlabel="relative depth (0 = first conv, 1 = classifier)", ylabel="||grad|| / ||weight||", title=title)
-    _finish(fig, [ax], hollow_note=False)
+    ax.grid(True, which="both", alpha=0.3)
+    if handles:
+        _legend_outside(fig, handles, labels, title="phase (colour), role (marker)")
     return fig
 
 
 # --- feature reuse ---------------------------------------------------------------------------
 
 
-def plot_feature_reuse(matrices: Sequence[np.ndarray], title: str = "") -> Figure:
-    """Heatmaps side by side, one per dense block, in the layout of the paper's Figure 5: source
-    layer s down (0 = block input), target layer l across, the last column the transition (T) or
-    classifier (C). Each block is scaled to its own maximum (conv, transition and classifier
-    weights differ in scale between blocks); blank cells cannot connect; nothing is clipped."""
-    fig = Figure(figsize=(3.7 * len(matrices) + 1.2, 4.2), layout="constrained")
-    axes = fig.subplots(1, len(matrices), squeeze=False)[0]
-    cmap = colormaps[HEATMAP_CMAP].with_extremes(bad="white")
-    image = None
-    for b, (ax, matrix) in enumerate(zip(axes, matrices), 1):
-        n = matrix.shape[0]
+def normalize_reuse(matrix: np.ndarray, normalization: str) -> np.ndarray:
+    """One block's Figure 5 matrix scaled as REUSE_NORMALIZATIONS[normalization] says."""
+    if normalization == "block max":
         peak = np.nanmax(matrix) if np.isfinite(matrix).any() and np.nanmax(matrix) > 0 else 1.0
-        image = ax.imshow(matrix / peak, cmap=cmap, vmin=0, vmax=1, origin="upper")
-        every = max(1, math.ceil(n / 8))
-        ticks = sorted({*range(0, n - 1, every), n - 1})
-        head = "T" if b < len(matrices) else "C"
-        ax.set_xticks(ticks, [str(t + 1) if t < n - 1 else head for t in ticks])
-        ax.set_yticks(ticks, [str(t) for t in ticks])
-        ax.axvline(n - 1.5, color="black", linewidth=1)  # sets the transition/classifier column apart
-        ax.set_title(f"Dense block {b}")
-        ax.set_xlabel("target layer (l)")
-        ax.set_ylabel("source layer (s)")
-    fig.colorbar(image, ax=list(axes), label="mean |w| per input map (block max = 1)", shrink=0.85)
+        return matrix / peak
+    if normalization == "column mean":
+        means = np.nanmean(np.where(np.isfinite(matrix), matrix, np.nan), axis=0, keepdims=True)
+        return matrix / np.where(means > 0, means, np.nan)
+    raise ValueError(f"normalization={normalization!r}: expected one of {', '.join(REUSE_NORMALIZATIONS)}")
+
+
+def plot_feature_reuse(matrices: Sequence[np.ndarray], title: str = "", init: Sequence[np.ndarray] | None = None,
+                       normalization: str = "block max") -> Figure:
+    """Heatmaps, one per dense block, in the layout of the paper's Figure 5: source layer s down (0 =
+    block input), target layer l across, the last column the transition (T) or classifier (C).
+    The trained matrices (`matrices`) in the top row, the same net's at initialization (`init`,
+    step 0, before any update) in the row below, or a note that no init matrix was recorded.
+    `normalization` (REUSE_NORMALIZATIONS) is named on the colour bar: "block max" scales each
+    block to its own maximum (conv, transition and classifier weights differ in scale between
+    blocks); "column mean" divides each target's column by its mean over the sources it reads,
+    so 1 is uniform weighting (what He initialization gives in expectation), on a diverging scale
+    around 1 shared by every panel and as wide as the largest deviation. Blank cells (grey on the
+    ratio scale) cannot connect; nothing is clipped."""
+    if normalization not in REUSE_NORMALIZATIONS:
+        raise ValueError(f"normalization={normalization!r}: expected one of {', '.join(REUSE_NORMALIZATIONS)}")
+    states = [("trained", matrices)] + ([("at initialization (step 0)", init)] if init is not None else [])
+    scaled = [[normalize_reuse(np.asarray(m, dtype=float), normalization) for m in ms] for _, ms in states]
+    if normalization == "block max":
+        cmap, norm = colormaps[HEATMAP_CMAP].with_extremes(bad="white"), Normalize(0, 1)
+    else:  # symmetric around 1, as wide as the largest deviation (at least RATIO_MIN_SPAN)
+        values = np.concatenate([m[np.isfinite(m)] for ms in scaled for m in ms] + [np.ones(1)])
+        span = max(float(np.abs(values - 1).max()), RATIO_MIN_SPAN)
+        cmap, norm = colormaps[RATIO_CMAP].with_extremes(bad=NO_LINK), Normalize(1 - span, 1 + span)
+    fig = Figure(figsize=(3.7 * len(matrices) + 1.6, 0.6 + 3.9 * len(states)), layout="constrained")
+    axes = fig.subplots(len(states), len(matrices), squeeze=False)
+    image = None
+    for row, (state, _), blocks in zip(axes, states, scaled):
+        for b, (ax, matrix) in enumerate(zip(row, blocks), 1):
+            n = matrix.shape[0]
+            image = ax.imshow(matrix, cmap=cmap, norm=norm, origin="upper")
+            every = max(1, math.ceil(n / 8))
+            ticks = sorted({*range(0, n - 1, every), n - 1})
+            head = "T" if b < len(blocks) else "C"
+            ax.set_xticks(ticks, [str(t + 1) if t < n - 1 else head for t in ticks])
+            ax.set_yticks(ticks, [str(t) for t in ticks])
+            ax.axvline(n - 1.5, color="black", linewidth=1)  # sets the transition/classifier column apart
+            ax.set_title(f"Dense block {b}, {state}", fontsize=9)
+            ax.set_xlabel("target layer (l)")
+            ax.set_ylabel("source layer (s)")
+    fig.colorbar(image, ax=axes.ravel().tolist(), label=textwrap.fill(REUSE_NORMALIZATIONS[normalization], 40),
+                 shrink=0.85)
+    if init is None:
+        fig.supxlabel("no init matrix recorded (a run from before the probe recorded step 0): nothing to set the "
+                      "trained weights against", fontsize=8, color="0.35")
     if title:
         fig.suptitle(title)
     return fig

@@ -38,12 +38,12 @@ GRADIENT_PHASES = ("init", "epoch1")
 
 
 def early_relative_gradient(phase: str) -> str:
-    """Mean ||grad|| / ||weight|| of the early layers (relative depth <= 0.25)."""
+    """Mean ||grad|| / ||weight|| of the early body layers (BODY_ROLE; position <= 0.25 among them)."""
     return f"grad/early_rel_{phase}"
 
 
 def early_over_late_gradient(phase: str) -> str:
-    """That mean over the same mean of the late layers (relative depth >= 0.75)."""
+    """That mean over the same mean of the late body layers (position >= 0.75 among them)."""
     return f"grad/early_over_late_{phase}"
 
 
@@ -136,4 +136,4 @@ REPORT_READS = {
 }
 # DenseNets only: feature reuse is measured on dense blocks (the Figure 5 verdicts are computed from
 # the matrices, not from the reuse/ metrics, which a block too short for an observation lacks).
-REPORT_READS_DENSENET = {"artifacts": (FEATURE_REUSE_MATRICES,)}
+REPORT_READS_DENSENET = {"artifacts": (FEATURE_REUSE_MATRICES, FEATURE_REUSE_MATRICES_INIT)}

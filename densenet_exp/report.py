@@ -37,6 +37,7 @@ from matplotlib.figure import Figure
 from . import record
 from .checks import InvalidValue, require, require_name
 from .figures import (
+    REUSE_NORMALIZATIONS,
     level,
     plot_accuracy_vs_cost,
     plot_feature_reuse,
@@ -73,18 +74,26 @@ from .verdicts import DEFAULT_MARGIN_PP, NOISY_CV, Judgement, claims_table, conc
 
 
 def feature_reuse_figures(
-    runs: pd.DataFrame, matrices: dict[str, list], folder: Path
+    runs: pd.DataFrame, matrices: dict[str, list], folder: Path, init: dict[str, list] | None = None,
+    normalization: str = "column mean",
 ) -> list[tuple[Path, str]]:
-    """One heatmap per DenseNet configuration, the mean of its runs' feature-reuse matrices
-    (from results.feature_reuse_matrices) drawn like the paper's Figure 5, saved in `folder`:
-    [(png, caption)]."""
+    """One heatmap per DenseNet configuration, the mean of its runs' trained feature-reuse matrices
+    (from results.feature_reuse_matrices) drawn like the paper's Figure 5 above the mean of the same
+    runs' matrices at initialization (`init`, from results.feature_reuse_matrices with
+    record.FEATURE_REUSE_MATRICES_INIT; "no init matrix recorded" where none of them has one), in
+    `normalization` (figures.REUSE_NORMALIZATIONS), saved in `folder`: [(png, caption)]."""
+    init = init or {}
     figures = []
     for key, group in runs[runs["run_id"].isin(matrices)].groupby(CONFIG, dropna=False, sort=True):
         variant, data = str(group["variant"].iloc[0]), str(key[0])
         path = folder / _file_name(f"feature_reuse_{data}_{variant}")
-        title = f"{data}: feature reuse of {variant} (mean of {len(group)} runs)"
-        plot_feature_reuse(mean_matrices([matrices[i] for i in group["run_id"]]), title).savefig(path, dpi=100)
-        figures.append((path, f"{title}."))
+        with_init = [i for i in group["run_id"] if i in init]
+        title = (f"{data}: feature reuse of {variant} (mean of {len(group)} runs; at initialization: "
+                 + (f"mean of {len(with_init)} runs)" if with_init else "no init matrix recorded)"))
+        plot_feature_reuse(mean_matrices([matrices[i] for i in group["run_id"]]), title,
+                           init=mean_matrices([init[i] for i in with_init]) if with_init else None,
+                           normalization=normalization).savefig(path, dpi=100)
+        figures.append((path, f"{title}; colour: {REUSE_NORMALIZATIONS[normalization]}."))
     return figures
 
 
@@ -438,7 +447,7 @@ def render(found: Findings, out: Path, title: str, intro: str) -> list[Path]:
         ("Learning curves" + which, lambda d: plot_learning_curves(curves, d), "learning_curves",
          "validation accuracy per epoch."),
         ("Gradient flow by depth" + which, lambda d: plot_relative_grads(grads, d), "gradient_flow",
-         "relative gradient by relative depth (from gradient_flow/relative_grads.csv)."),
+         "relative gradient of the body's 3x3 convs by their position (from gradient_flow/relative_grads.csv)."),
     ]
     for heading, plot, name, caption in per_data_set:
         doc.heading(heading)
@@ -447,8 +456,9 @@ def render(found: Findings, out: Path, title: str, intro: str) -> list[Path]:
     doc.heading("Feature reuse" + which)
     doc.text("Mean over seeds of each DenseNet configuration's `feature_reuse/matrices.json`, drawn like the "
              "paper's Figure 5: pixel (s, l) is the mean |weight| per input map with which layer l reads source "
-             "s; the last column is the transition (T) or classifier (C).")
-    for path, caption in feature_reuse_figures(shown, ev.matrices, out):
+             "s; the last column is the transition (T) or classifier (C). Below, the same runs' matrices at step 0, "
+             "before any update (`feature_reuse/matrices_init.json`): what training changed is the difference.")
+    for path, caption in feature_reuse_figures(shown, ev.matrices, out, ev.init):
         doc.image(path, caption)
 
     doc.heading("Method")

@@ -3,9 +3,13 @@ published figures, and end-to-end runs logged to MLflow."""
 
 from __future__ import annotations
 
+import copy
+import io
 import json
 import math
+from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import mlflow
@@ -19,6 +23,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from densenet_exp import record, results
 from densenet_exp.classifier import ImageClassifier
 from densenet_exp.models import CifarResNet, DenseNet, build_model, densenet121
 from densenet_exp.probes import (
@@ -53,6 +58,7 @@ SIZE_COST_KEYS = {
 }
 GRADIENT_KEYS = {f"grad/{what}_{phase}" for what in ("early_rel", "early_over_late") for phase in ("init", "epoch1")}
 GRADIENT_ARTIFACTS = {"gradient_flow/relative_grads.csv", "gradient_flow/relative_grads.png"}
+REUSE_ARTIFACTS = {"feature_reuse/heatmap.png", "feature_reuse/matrices.json", "feature_reuse/matrices_init.json"}
 REUSE_KEYS = {
     "reuse_early_share",
     "reuse_transition_on_block_input",
@@ -78,9 +84,9 @@ def tiny_densenet(bottleneck: bool = True) -> DenseNet:
     )
 
 
-def TinyClassifier(model: nn.Module) -> ImageClassifier:
+def TinyClassifier(model: nn.Module, lr: float = 0.05) -> ImageClassifier:
     """The harness's own LightningModule around a tiny model."""
-    return ImageClassifier(model, num_classes=model_outputs(model), optim={"name": "sgd", "lr": 0.05, "momentum": 0.0,
+    return ImageClassifier(model, num_classes=model_outputs(model), optim={"name": "sgd", "lr": lr, "momentum": 0.0,
                                                                                  "nesterov": False, "weight_decay": 0.0,
                                                                                  "scheduler": "constant"})
 
@@ -95,7 +101,7 @@ def loader() -> DataLoader:
     return DataLoader(data, batch_size=4)
 
 
-def fit(model: nn.Module, callbacks: list, logger, root: Path) -> L.Trainer:
+def fit(model: nn.Module, callbacks: list, logger, root: Path, lr: float = 0.05) -> L.Trainer:
     trainer = L.Trainer(
         max_epochs=2,
         limit_train_batches=3,
@@ -109,7 +115,7 @@ def fit(model: nn.Module, callbacks: list, logger, root: Path) -> L.Trainer:
         accelerator="cpu",
         default_root_dir=root,
     )
-    trainer.fit(TinyClassifier(model), loader(), loader())
+    trainer.fit(TinyClassifier(model, lr), loader(), loader())
     return trainer
 
 
@@ -171,6 +177,43 @@ def test_feature_reuse_takes_abs_and_each_output_into_account():
     assert feature_reuse(model)[0][1, 1] == pytest.approx((18 + 21) / 2)
 
 
+def assert_same_matrices(got, expected) -> None:
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        np.testing.assert_array_equal(g, e)  # exactly, NaN where a source cannot feed a target
+
+
+def test_feature_reuse_probe_records_the_matrices_before_the_first_update(tmp_path):
+    model = tiny_densenet()
+    before = feature_reuse(copy.deepcopy(model))
+    probe = FeatureReuseProbe()
+    fit(model, [probe], logger=False, root=tmp_path)  # 6 SGD steps
+    assert_same_matrices(probe.init, before)
+    assert not np.allclose(feature_reuse(model)[0], before[0], equal_nan=True)  # training moved the weights
+
+
+def test_with_a_zero_learning_rate_the_trained_and_init_matrices_are_identical(tmp_path):
+    model = tiny_densenet()
+    probe = FeatureReuseProbe()
+    fit(model, [probe], logger=False, root=tmp_path, lr=0.0)  # steps run, no weight moves
+    assert_same_matrices(feature_reuse(model), probe.init)
+
+
+def test_init_matrices_survive_a_checkpoint_and_a_resumed_run_never_records_trained_weights_as_init():
+    model = tiny_densenet()
+    probe = FeatureReuseProbe()
+    probe.on_train_start(SimpleNamespace(global_step=0), SimpleNamespace(model=model))
+    buffer = io.BytesIO()
+    torch.save(probe.state_dict(), buffer)  # as Lightning keeps a callback's state in a checkpoint
+    restored = FeatureReuseProbe()
+    restored.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+    assert_same_matrices(restored.init, probe.init)
+    # Resumed after step 4 from a checkpoint without init matrices: none, rather than trained ones.
+    late = FeatureReuseProbe()
+    late.on_train_start(SimpleNamespace(global_step=4), SimpleNamespace(model=model))
+    assert late.init is None
+
+
 # ---------------------------------------------------------------- gradient flow, FLOPs, config
 
 
@@ -188,11 +231,15 @@ def test_gradient_flow_records_every_layer_at_init_and_after_epoch_one(tmp_path)
     assert table.kind.iloc[-1] == "Linear" and table.layer.iloc[-1] == "classifier"
     assert (table.grad_norm > 0).all()
     np.testing.assert_allclose(table.relative_grad, table.grad_norm / table.weight_norm)
+    layer = ["bottleneck", "body"]  # DenseNet-B: a 1x1 then a 3x3 conv per dense layer
+    assert table[table.phase == "init"].role.tolist() == ["stem", *layer * 2, "transition", *layer * 3, "classifier"]
     summary = gradient_flow.summarize(table)
-    init = table[table.phase == "init"]
-    early = init[init.relative_depth <= 0.25].relative_grad.mean()
-    assert summary["grad/early_rel_init"] == pytest.approx(early)
-    assert summary["grad/early_over_late_init"] == pytest.approx(early / init[init.relative_depth >= 0.75].relative_grad.mean())
+    # Five body convs (the 3x3 of each dense layer) at positions 0, 1/4, 1/2, 3/4, 1: the first two are
+    # early, the last two late; stem, bottlenecks, transition and classifier take no part.
+    body = table[(table.phase == "init") & (table.layer.str.endswith("conv2"))].relative_grad.to_numpy()
+    assert len(body) == 5
+    assert summary["grad/early_rel_init"] == pytest.approx(body[:2].mean())
+    assert summary["grad/early_over_late_init"] == pytest.approx(body[:2].mean() / body[3:].mean())
 
 
 def test_gradient_flow_of_a_deep_plain_net_is_distorted_by_orders_of_magnitude_at_initialization():
@@ -211,6 +258,78 @@ def test_gradient_flow_of_a_deep_plain_net_is_distorted_by_orders_of_magnitude_a
         decades[name] = abs(math.log10(gradient_flow.summarize(table)["grad/early_over_late_init"]))
     assert decades["plain110"] > 3
     assert decades["densenet_small"] < 1 and decades["resnet110"] < 1
+
+
+# Each model family of densenet_exp.models: what its layers are (stem, body, bottleneck, transition,
+# shortcut, classifier), counted by hand from the architecture.
+ROLE_MODELS = {
+    "DenseNet-B (blocks 2, 3)": (lambda: tiny_densenet(True),
+                                 {"stem": 1, "bottleneck": 5, "body": 5, "transition": 1, "classifier": 1}),
+    "DenseNet (blocks 2, 3)": (lambda: tiny_densenet(False), {"stem": 1, "body": 5, "transition": 1, "classifier": 1}),
+    "densenet_cifar L=10": (lambda: build_model({"arch": "densenet_cifar", "depth": 10, "growth_rate": 2}),
+                            {"stem": 1, "bottleneck": 3, "body": 3, "transition": 2, "classifier": 1}),
+    "densenet121": (densenet121, {"stem": 1, "bottleneck": 58, "body": 58, "transition": 3, "classifier": 1}),
+    "resnet_cifar 8": (lambda: build_model({"arch": "resnet_cifar", "depth": 8}),
+                       {"stem": 1, "body": 6, "classifier": 1}),
+    "plain_cifar 8": (lambda: build_model({"arch": "plain_cifar", "depth": 8}),
+                      {"stem": 1, "body": 6, "classifier": 1}),
+    "resnet18 (cifar stem)": (lambda: build_model({"arch": "resnet18", "num_classes": 3, "stem": "cifar"}),
+                              {"stem": 1, "body": 16, "shortcut": 3, "classifier": 1}),
+    "resnet50": (lambda: build_model({"arch": "resnet50", "num_classes": 3}),
+                 {"stem": 1, "bottleneck": 32, "body": 16, "shortcut": 4, "classifier": 1}),
+}
+
+
+@pytest.fixture(scope="module", params=list(ROLE_MODELS))
+def model_with_roles(request):
+    build, counts = ROLE_MODELS[request.param]
+    model = build()
+    return model, gradient_flow.weighted_layers(model), counts
+
+
+def test_every_layer_of_each_model_family_has_exactly_one_role_and_the_body_is_its_3x3_convs(model_with_roles):
+    model, layers, counts = model_with_roles
+    weighted = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert [m for _, m, _ in layers] == weighted  # each layer once, in forward order
+    assert Counter(role for _, _, role in layers) == counts
+    assert {role for _, _, role in layers} <= set(record.LAYER_ROLES)
+    assert layers[0][2] == "stem" and layers[-1][2] == "classifier"
+    for name, module, role in layers:
+        if role == record.BODY_ROLE:
+            assert module.kernel_size == (3, 3), name
+        if role in ("bottleneck", "transition", "shortcut"):
+            assert module.kernel_size == (1, 1), name
+
+
+def test_roles_read_from_layer_names_agree_with_the_module_structure(model_with_roles):
+    """Files written before the probe recorded roles get theirs from the names (results.py, no torch)."""
+    _, layers, _ = model_with_roles
+    names, kinds = [n for n, _, _ in layers], [type(m).__name__ for _, m, _ in layers]
+    assert results.roles_from_layer_names(names, kinds) == [role for _, _, role in layers]
+
+
+def test_a_conv_no_rule_covers_is_named_rather_than_guessed():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.LazyLinear(3))
+    with pytest.raises(gradient_flow.UnknownLayerRole, match=r"^1: a conv outside every block"):
+        gradient_flow.layer_roles(model)
+
+
+def test_old_rows_get_roles_and_the_summary_compares_the_body_convs_only():
+    torch.manual_seed(0)
+    model = CifarResNet(8, num_classes=3, in_channels=1)
+    nn.functional.cross_entropy(model(torch.randn(4, 1, 8, 8)), torch.arange(4) % 3).backward()
+    table = gradient_flow.relative_gradients(gradient_flow.weighted_layers(model), "init", 0)
+    old = table.drop(columns="role")  # as relative_grads.csv was written before roles
+    pd.testing.assert_frame_equal(results.assign_roles(old)[list(record.RELATIVE_GRADS_COLUMNS)], table,
+                                  check_dtype=False)
+    body = results.body_layers(old)
+    assert body["layer"].tolist() == [n for n in table["layer"] if n.startswith("layer")]  # 6 convs of 3 blocks
+    assert body["body_depth"].tolist() == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1])
+    grads = body["relative_grad"].to_numpy()
+    summary = gradient_flow.summarize(table)  # the probe's scalars: positions <= 0.25 and >= 0.75
+    assert summary == results.body_gradient_summary(old)
+    assert summary["grad/early_rel_init"] == pytest.approx(grads[:2].mean())
+    assert summary["grad/early_over_late_init"] == pytest.approx(grads[:2].mean() / grads[-2:].mean())
 
 
 def test_flops_match_torchvision_published_macs():
@@ -269,6 +388,7 @@ def artifacts(client: mlflow.MlflowClient, run_id: str) -> set[str]:
 
 def test_densenet_run_logs_every_probe(tracking, tmp_path):
     model = tiny_densenet()
+    before = feature_reuse(copy.deepcopy(model))
     client, run_id = run_logged(model, ALL_ON, tracking, tmp_path)
     metrics = client.get_run(run_id).data.metrics
     assert PROBE_KEYS <= metrics.keys()
@@ -276,14 +396,18 @@ def test_densenet_run_logs_every_probe(tracking, tmp_path):
     assert metrics["macs_per_image"] == count_flops(model, (1, 8, 8))["macs"] > 0
     assert metrics["epochs_to_99pct"] <= 2 and metrics["seconds_to_99pct"] > 0
     assert len(client.get_metric_history(run_id, "epoch_time_s")) == 2
-    assert artifacts(client, run_id) == GRADIENT_ARTIFACTS | {"feature_reuse/heatmap.png", "feature_reuse/matrices.json"}
+    assert artifacts(client, run_id) == GRADIENT_ARTIFACTS | REUSE_ARTIFACTS
     local = Path(client.download_artifacts(run_id, "", str(tmp_path / "downloaded")))
     table = pd.read_csv(local / "gradient_flow" / "relative_grads.csv")
-    assert list(table.columns) == gradient_flow.COLUMNS
+    assert list(table.columns) == list(record.RELATIVE_GRADS_COLUMNS)
     assert table.phase.unique().tolist() == ["init", "epoch1"]
+    assert set(table.role) == {"stem", "bottleneck", "body", "transition", "classifier"}
     saved = json.loads((local / "feature_reuse" / "matrices.json").read_text())
     np.testing.assert_allclose(np.array(saved[1], dtype=float), feature_reuse(model)[1], equal_nan=True)
     assert saved[0][2][0] is None  # layer 1 cannot read layer 2
+    at_init = json.loads((local / "feature_reuse" / "matrices_init.json").read_text())
+    for block, expected in zip(at_init, before):
+        np.testing.assert_array_equal(np.array(block, dtype=float), expected)
 
 
 def test_probes_off_log_none_of_their_keys(tracking, tmp_path):
@@ -299,6 +423,27 @@ def test_resnet_run_logs_size_cost_and_gradients_but_no_feature_reuse(tracking, 
     assert SIZE_COST_KEYS | GRADIENT_KEYS | CONVERGENCE_KEYS <= metrics.keys()
     assert not REUSE_KEYS & metrics.keys()
     assert artifacts(client, run_id) == GRADIENT_ARTIFACTS
+
+
+@pytest.mark.slow  # a process of the harness (start-up of torch, Lightning and MLflow): about 20 s
+def test_a_tiny_densenet_run_of_the_harness_logs_both_matrices_and_layer_roles(store, tmp_path):
+    result = store.run("experiment=smoke", "data=synthetic", "trainer.max_epochs=1", "data.train_size=64",
+                       "data.val_size=32", "data.test_size=32", "data.batch_size=16", "probes=none",
+                       "probes.gradient_flow=true", "probes.feature_reuse=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = store.runs("smoke")
+    client = store.client()
+    assert artifacts(client, run.info.run_id) >= {record.RELATIVE_GRADS, record.FEATURE_REUSE_MATRICES,
+                                                  record.FEATURE_REUSE_MATRICES_INIT}
+    uri_runs = pd.DataFrame({"run_id": [run.info.run_id]})
+    trained = results.feature_reuse_matrices(uri_runs, store.uri)[run.info.run_id]
+    init = results.feature_reuse_matrices(uri_runs, store.uri, record.FEATURE_REUSE_MATRICES_INIT)[run.info.run_id]
+    assert [m.shape for m in init] == [m.shape for m in trained] == [(3, 3)] * 3  # densenet_tiny: blocks of 2
+    assert not np.allclose(init[0], trained[0], equal_nan=True)
+    local = client.download_artifacts(run.info.run_id, record.RELATIVE_GRADS, str(tmp_path))
+    table = pd.read_csv(local)
+    assert list(table.columns) == list(record.RELATIVE_GRADS_COLUMNS) and table["role"].notna().all()
+    assert (table["role"] == record.BODY_ROLE).sum() == 6  # one 3x3 conv per dense layer, phase init only
 
 
 # ---------------------------------------------------------------- training-step memory

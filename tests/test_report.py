@@ -112,9 +112,15 @@ def add_run(client, experiment_id: str, variant: str, params: dict, metrics: dic
     return run_id
 
 
+# Layer names of a CIFAR ResNet, as a file written before the probe recorded roles (no role column):
+# the reader gives them stem, body x 3 and classifier.
+OLD_LAYERS = [("conv1", "Conv2d"), ("layer1.0.conv1", "Conv2d"), ("layer1.0.conv2", "Conv2d"),
+              ("layer2.0.conv1", "Conv2d"), ("fc", "Linear")]
+
+
 def relative_grads_csv(scale: float) -> str:
-    rows = [f"{phase},{d},{d / 4},layer{d},Conv2d,{scale * (d + 1)},1.0,{scale * (d + 1)}"
-            for phase in ("init", "epoch1") for d in range(5)]
+    rows = [f"{phase},{d},{d / 4},{name},{kind},{scale * (d + 1)},1.0,{scale * (d + 1)}"
+            for phase in ("init", "epoch1") for d, (name, kind) in enumerate(OLD_LAYERS)]
     return "phase,depth,relative_depth,layer,kind,grad_norm,weight_norm,relative_grad\n" + "\n".join(rows) + "\n"
 
 
@@ -202,6 +208,8 @@ def test_learning_curves_and_relative_grads_read_history_and_artifacts(known):
     grads = results.relative_grads(done, store.uri)
     assert len(grads) == 9 * 2 * 5 and set(grads["family"]) == {"densenet", "resnet"}
     assert list(grads.columns[:len(record.RELATIVE_GRADS_COLUMNS)]) == list(record.RELATIVE_GRADS_COLUMNS)
+    assert grads.groupby("run_id")["role"].apply(list).map(tuple).unique().tolist() == [
+        ("stem", "body", "body", "body", "classifier") * 2]  # read from the names: the files have no role
     assert set(grads["phase"]) == {"init", "epoch1"} and grads["relative_depth"].max() == 1
 
 

@@ -7,6 +7,10 @@ maps in the slice. Source s = 0 is the block input (its width is the block's inp
 are the outputs of layers 1..L (k maps each). Targets are layers 1..L and, as the last column, the
 transition conv after the block or, after the last block, the classifier (its input is the final
 BN-ReLU and global pooling of the block output, so its weight columns map 1:1 to the block's maps).
+
+The probe records the matrices twice: at step 0, before any update (with He initialization every
+source of a layer gets the same expected weight per map, so this is the control every reuse
+observation is judged against), and after training.
 """
 
 from __future__ import annotations
@@ -24,12 +28,12 @@ from torch import Tensor
 from .. import record
 from ..figures import plot_feature_reuse as feature_reuse_figure
 from ..models.densenet import DenseBlock, DenseNet
-from ..figure5 import figure5_ratios
+from ..verdicts import figure5_ratios
 
 from .output import log_results
 
 ARTIFACT_PATH, MATRICES_FILE = record.FEATURE_REUSE_MATRICES.split("/")
-INIT_FILE = record.FEATURE_REUSE_MATRICES_INIT.split("/")[1]
+INIT_MATRICES_FILE = record.FEATURE_REUSE_MATRICES_INIT.split("/")[1]
 
 
 def _l1_per_input_map(weight: Tensor) -> np.ndarray:
@@ -97,29 +101,35 @@ def feature_reuse_summary(matrices: Sequence[np.ndarray]) -> dict[str, float]:
     return {**summary, **figure5_ratios(matrices)}
 
 
-def plot_feature_reuse(matrices: Sequence[np.ndarray], path: str | Path, title: str = "") -> None:
-    """Save densenet_exp.figures.plot_feature_reuse (the paper's Figure 5 layout) to `path`."""
-    feature_reuse_figure(matrices, title).savefig(path, dpi=120)
+def plot_feature_reuse(matrices: Sequence[np.ndarray], path: str | Path, title: str = "",
+                       init: Sequence[np.ndarray] | None = None) -> None:
+    """Save densenet_exp.figures.plot_feature_reuse (the paper's Figure 5 layout, the init matrices
+    below the trained ones, each column over its mean: 1 = uniform weighting) to `path`."""
+    feature_reuse_figure(matrices, title, init=init, normalization="column mean").savefig(path, dpi=120)
 
 
-def as_json(matrices: Sequence[np.ndarray]) -> str:
-    """The matrices as JSON lists of rows, NaN as null (what results.feature_reuse_matrices reads)."""
+def matrices_to_json(matrices: Sequence[np.ndarray]) -> str:
+    """One matrix per block as lists of rows, NaN as null (what results.feature_reuse_matrices reads)."""
     return json.dumps([[[None if math.isnan(v) else v for v in row] for row in m.tolist()] for m in matrices])
 
 
 class FeatureReuseProbe(pl.Callback):
-    """If the module's ``.model`` is a DenseNet: at the start of training, before any update, the
-    matrices of the untrained net (the control every reuse claim is judged against); at the end,
-    logs ``feature_reuse/heatmap.png``, ``feature_reuse/matrices.json`` and
-    ``feature_reuse/matrices_init.json`` (one matrix per block, as lists of rows, NaN as null) and
-    the scalars of :func:`feature_reuse_summary`; else logs nothing."""
+    """If the module's ``.model`` is a DenseNet: records the matrices of :func:`feature_reuse` when
+    training starts at step 0, before the first optimizer step changes a weight (kept in the
+    callback's state, so a run resumed from a checkpoint still logs them), and at the end of
+    training logs ``feature_reuse/matrices.json`` (trained), ``feature_reuse/matrices_init.json``
+    (step 0; absent for a run resumed from a checkpoint that predates them), both as lists of rows
+    with NaN as null, ``feature_reuse/heatmap.png`` (init beside trained) and the scalars of
+    :func:`feature_reuse_summary` of the trained matrices. Logs nothing for other models."""
 
     def __init__(self) -> None:
-        self.init: list[np.ndarray] | None = None  # kept in checkpoints: a resumed run still has its step 0
+        self.init: list[np.ndarray] | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # on_train_start, not on_fit_start: on resume, Lightning restores the weights before
+        # on_fit_start but the step count after it, so only here does step 0 mean "no update yet".
         model = getattr(pl_module, "model", None)
-        if isinstance(model, DenseNet) and trainer.global_step == 0 and self.init is None:
+        if isinstance(model, DenseNet) and self.init is None and trainer.global_step == 0:
             self.init = feature_reuse(model)
 
     def state_dict(self) -> dict:
@@ -133,15 +143,15 @@ class FeatureReuseProbe(pl.Callback):
         model = getattr(pl_module, "model", None)
         if not isinstance(model, DenseNet) or not trainer.is_global_zero:
             return
-        matrices = feature_reuse(model)
+        matrices, init = feature_reuse(model), self.init
 
         def write(folder: Path, logger: MLFlowLogger) -> list[Path]:
             paths = [folder / "heatmap.png", folder / MATRICES_FILE]
-            plot_feature_reuse(matrices, paths[0], title=f"Feature reuse of run {logger.run_id}")
-            paths[1].write_text(as_json(matrices))
-            if self.init is not None:
-                paths.append(folder / INIT_FILE)
-                paths[-1].write_text(as_json(self.init))
+            plot_feature_reuse(matrices, paths[0], title=f"Feature reuse of run {logger.run_id}", init=init)
+            paths[1].write_text(matrices_to_json(matrices))
+            if init is not None:
+                paths.append(folder / INIT_MATRICES_FILE)
+                paths[2].write_text(matrices_to_json(init))
             return paths
 
         log_results(trainer, feature_reuse_summary(matrices), ARTIFACT_PATH, write)
