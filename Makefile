@@ -9,6 +9,7 @@ NBPORT ?= 8888
 # Optional: the MLflow experiment (and sweep) that `make ui` / `make notebook` open, e.g. EXPERIMENT=smoke.
 EXPERIMENT ?=
 SWEEP ?=
+PLAN ?=
 
 .PHONY: setup data run test test-slow test-all ui ui-screenshot notebook startup-time server bench bench-study study decisive-pilot decisive study-report study-notebooks study-screenshot clean
 
@@ -48,11 +49,12 @@ ui-screenshot: setup
 	$(PY) tools/ui-screenshot --out $(or $(OUT),ui-runs.png) $(if $(EXPERIMENT),--experiment $(EXPERIMENT))
 
 # Jupyter (installed into the venv on first use) on 127.0.0.1 over notebooks/, with the store set;
-# EXPERIMENT and SWEEP, if given, choose what the notebooks read.
+# EXPERIMENT, SWEEP and PLAN (a declared study plan), if given, choose what the notebooks read.
 notebook: setup
 	@$(VENV)/bin/jupyter-lab --version >/dev/null 2>&1 || $(PY) -m pip install -q 'jupyterlab>=4'
 	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
 	$(if $(EXPERIMENT),DENSENET_EXP_EXPERIMENT=$(EXPERIMENT)) $(if $(SWEEP),DENSENET_EXP_SWEEP=$(SWEEP)) \
+	$(if $(PLAN),DENSENET_EXP_PLAN=$(abspath $(PLAN))) \
 	$(VENV)/bin/jupyter-lab --ip 127.0.0.1 --port $(NBPORT) --no-browser --notebook-dir notebooks \
 		$(if $(filter 0,$(shell id -u)),--allow-root)
 
@@ -110,11 +112,15 @@ study-report: setup
 	    $$([ -f docs/results/$$s/plan.yaml ] && echo --plan docs/results/$$s/plan.yaml) || { rm -rf .study-store; exit 1; }; \
 	done; rm -rf .study-store
 
-# Executes both notebooks on the committed study and saves them with their outputs.
+# Executes both notebooks on a committed study (default: the decisive one, judged by its plan.yaml)
+# and saves them with their outputs; the experiment is the study folder's name, and a study with a
+# plan.yaml is judged by it. The first study: `make study-notebooks STUDY=docs/results/study_fmnist`.
+study-notebooks: STUDY = $(DECISIVE)
 study-notebooks: setup
 	@rm -rf .study-store && mkdir .study-store && \
 	$(PY) -m densenet_exp.export load $(STUDY)/runs.jsonl.gz --tracking-uri sqlite:///$(CURDIR)/.study-store/mlflow.db && \
-	$(PY) tools/run-notebooks --tracking-uri sqlite:///$(CURDIR)/.study-store/mlflow.db --experiment study_fmnist; \
+	$(PY) tools/run-notebooks --tracking-uri sqlite:///$(CURDIR)/.study-store/mlflow.db --experiment $(notdir $(STUDY)) \
+	  $(if $(wildcard $(STUDY)/plan.yaml),--plan $(STUDY)/plan.yaml); \
 	s=$$?; rm -rf .study-store; exit $$s
 
 # The MLflow UI's runs table over the committed study: sweeps with their nested runs.

@@ -70,7 +70,7 @@ from .confirmation import Confirmation, confirmation_runs, judge_plan
 from .confirmation import rules as plan_rules
 from .plan import Plan, load_plan
 from .tables import FORMATS, figure, headline_table, write_tables
-from .verdicts import DEFAULT_MARGIN_PP, NOISY_CV, Judgement, claims_table, conclusion, evaluate_claims, method
+from .verdicts import DEFAULT_MARGIN_PP, NOISY_CV, Claim, Judgement, claims_table, conclusion, evaluate_claims, method
 
 
 def feature_reuse_figures(
@@ -136,12 +136,17 @@ def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def format_claims(judged: Judgement, data: str) -> pd.DataFrame:
-    """One data set's claims as the report prints them: full text, p-values to 3 digits."""
-    table = claims_table([c for c in judged.claims if c.data == data]).drop(columns="data")
+def format_claim_list(claims: Sequence[Claim]) -> pd.DataFrame:
+    """Claims as the report prints them: full text, p-values to 3 digits, no data column."""
+    table = claims_table(claims).drop(columns="data")
     for column in ("p", "p (Holm)"):
         table[column] = table[column].map(lambda p: "" if p is None or pd.isna(p) else f"{p:.3g}")
     return table
+
+
+def format_claims(judged: Judgement, data: str) -> pd.DataFrame:
+    """One data set's claims as the report prints them: full text, p-values to 3 digits."""
+    return format_claim_list([c for c in judged.claims if c.data == data])
 
 
 # --- the document ----------------------------------------------------------------------------
@@ -350,6 +355,16 @@ def judge(evidence: Evidence, margin_pp: float, plan: Plan | None = None) -> Fin
                     published_beside_ours(done))
 
 
+def arms_table(found: Findings) -> pd.DataFrame:
+    """A declared plan's confirmation runs, one row per arm, as the report prints them (format_summary's
+    columns less the knobs, with `converged`: how many runs met the convergence rule)."""
+    conf = found.confirmation
+    table = format_summary(found.confirmed).rename(columns={"model": "arm"}).drop(columns=["data", "k", "θ", "B"])
+    table["converged"] = [f"{len(a.runs) - len(a.not_converged)} of {len(a.runs)}" for a in
+                          (conf.arms[name] for name in found.confirmed["model"])]
+    return table
+
+
 def _plan_section(doc: Document, found: Findings) -> None:
     conf = found.confirmation
     doc.heading(f"Declared plan: {esc(conf.plan.name)}")
@@ -360,17 +375,12 @@ def _plan_section(doc: Document, found: Findings) -> None:
     doc.heading("Confirmation runs per arm", 3)
     doc.text("Mean ± std [95% interval] over the arm's seeds; `converged` counts runs that met the convergence rule "
              "(Method).")
-    table = format_summary(found.confirmed).rename(columns={"model": "arm"}).drop(columns=["data", "k", "θ", "B"])
-    table["converged"] = [f"{len(a.runs) - len(a.not_converged)} of {len(a.runs)}" for a in
-                          (conf.arms[name] for name in found.confirmed["model"])]
-    doc.table(table)
+    doc.table(arms_table(found))
     late = [f"{esc(a.name)} {esc(s)}" for a in conf.arms.values() for s in a.not_converged]
     if late:
         doc.text("Not converged: " + "; ".join(late) + ".")
     doc.heading("Declared claims, judged on the confirmation runs", 3)
-    doc.table(claims_table(conf.claims).drop(columns="data").assign(
-        **{c: lambda t, c=c: t[c].map(lambda p: "" if p is None or pd.isna(p) else f"{p:.3g}") for c in ("p", "p (Holm)")}),
-        bold=["verdict"])
+    doc.table(format_claim_list(conf.claims), bold=["verdict"])
     doc.text(f"Holm family ({len(conf.family)} tests, alpha {conf.plan.alpha:g} one-sided): "
              + ("; ".join(esc(c) for c in conf.family) if conf.family else "none (no claim had a test)") + ".")
 

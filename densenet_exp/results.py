@@ -377,7 +377,7 @@ def compare_runs(runs: pd.DataFrame, run_ids: Sequence[str]) -> pd.DataFrame:
     names = [f"{v}-s{s} ({i[:8]})" for v, s, i in zip(chosen["variant"], chosen["seed"], chosen["run_id"])]
     rows = {"data": chosen["data"], "status": chosen["status"], "seed": chosen["seed"]}
     for metric, label in SUMMARY_METRICS.items():
-        rows[label] = chosen[metric] if metric in chosen else np.nan
+        rows[label] = chosen[metric] if metric in chosen else [np.nan] * len(chosen)  # a metric no run logged
     params = logged_params(chosen)
     for key in sorted({k for p in params for k in p}):
         values = [p.get(key) for p in params]

@@ -660,15 +660,11 @@ def kernel_python_prefix() -> str:
     return prefix.stdout.strip()
 
 
-@pytest.mark.parametrize("name", ["densenet_vs_resnet", "ablation"])
-@pytest.mark.parametrize("store_kind", ["tiny_sweep", "known"])
-def test_notebook_runs_top_to_bottom(name, store_kind, request, monkeypatch):
-    """Each notebook runs without an error on the real sweep and on the hand-made store (two data
-    sets, failed and running runs, single seeds, missing metrics)."""
+def execute_notebook(name: str, uri: str, experiment: str, monkeypatch, plan: Path | None = None):
+    """Run notebooks/<name>.ipynb top to bottom in memory on `experiment` of the store at `uri` (with
+    a declared `plan`, if given): (the executed notebook, its printed text, printed and shown text)."""
     from nbclient import NotebookClient
 
-    store, experiment = (request.getfixturevalue("tiny_sweep"), "smoke") if store_kind == "tiny_sweep" \
-        else (request.getfixturevalue("known")[0], EXPERIMENT)
     assert kernel_python_prefix() == sys.prefix  # the venv's kernel, not another Python's
     path = ROOT / "notebooks" / f"{name}.ipynb"
     committed = path.read_bytes()  # committed with the study's outputs: executed in memory, never rewritten
@@ -677,16 +673,33 @@ def test_notebook_runs_top_to_bottom(name, store_kind, request, monkeypatch):
         cell.outputs, cell.execution_count = [], None
     for key in [k for k in os.environ if k.startswith(("MLFLOW_", "DENSENET_EXP_"))]:
         monkeypatch.delenv(key)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("DENSENET_EXP_EXPERIMENT", experiment)
+    if plan is not None:
+        monkeypatch.setenv("DENSENET_EXP_PLAN", str(plan))
+    # The kernel imports this checkout's package, whichever checkout the venv was installed from.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     NotebookClient(nb, kernel_name="python3", timeout=600, resources={"metadata": {"path": str(ROOT / "notebooks")}}
                    ).execute()  # raises CellExecutionError on the first failing cell
     assert path.read_bytes() == committed
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    shown = outputs + "".join(o.get("data", {}).get(kind, "") for c in nb.cells if c.cell_type == "code"
+                              for o in c.outputs for kind in ("text/plain", "text/markdown"))
     assert f"training runs in {experiment!r}" in outputs
     assert "TqdmWarning" not in outputs and "IProgress" not in outputs
-    shown = outputs + "".join(o.get("data", {}).get("text/plain", "") for c in nb.cells if c.cell_type == "code"
-                              for o in c.outputs)
+    return nb, outputs, shown
+
+
+@pytest.mark.parametrize("name", ["densenet_vs_resnet", "ablation"])
+@pytest.mark.parametrize("store_kind", ["tiny_sweep", "known"])
+def test_notebook_runs_top_to_bottom(name, store_kind, request, monkeypatch):
+    """Each notebook runs without an error on the real sweep and on the hand-made store (two data
+    sets, failed and running runs, single seeds, missing metrics), without a plan: every claim
+    exploratory."""
+    store, experiment = (request.getfixturevalue("tiny_sweep"), "smoke") if store_kind == "tiny_sweep" \
+        else (request.getfixturevalue("known")[0], EXPERIMENT)
+    nb, outputs, shown = execute_notebook(name, store.uri, experiment, monkeypatch)
+    assert "no declared plan" in outputs
     assert "<NA>" not in shown.split("Group by")[0]  # nothing pooled under a missing knob
     if store_kind == "known" and name == "densenet_vs_resnet":
         # Full numbers: the claims table is not cut at 50 characters.
@@ -695,3 +708,38 @@ def test_notebook_runs_top_to_bottom(name, store_kind, request, monkeypatch):
         assert "ranked on val/acc: densenet_small-k24-c1 then resnet20" in outputs
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 2  # the ablation notebook skips knob plots when every knob has one level
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    """A store with a declared plan (test_confirmation's known plan: five confirmation seeds per arm,
+    DenseNet non-inferior to ResNet) and one pilot run of the exploration stage."""
+    from test_confirmation import build, write_plan
+
+    store = Store(tmp_path_factory.mktemp("planned"))
+    plan = write_plan(tmp_path_factory.mktemp("plan"), "planned")
+    build(store, plan, {"small": 0.921, "big": 0.920, "plain_a": 0.90, "plain_b": 0.85},
+          loss={"small": 0.2, "big": 0.2, "plain_a": 0.2, "plain_b": 0.4})
+    client = store.client()
+    pilot = add_run(client, client.get_experiment_by_name(plan.experiment).experiment_id, "small-lr",
+                    {"model.name": "densenet_bc28_k12", "model.arch": "densenet_cifar", "model.depth": 28},
+                    {record.TEST_ACC: 0.95, record.VAL_ACC: 0.95}, 0, "fashion_mnist",
+                    tags={record.STUDY_PLAN: plan.name, record.STUDY_STAGE: "exploration", record.STUDY_ARM: "small-lr"})
+    return store, plan, pilot
+
+
+@pytest.mark.parametrize("name", ["densenet_vs_resnet", "ablation"])
+def test_notebook_judges_a_declared_plan_on_its_confirmation_runs(name, planned, monkeypatch):
+    """With DENSENET_EXP_PLAN the notebooks show the plan's declared claims, judged by the report's
+    code on the confirmation runs (here decided), and the pilot run only as exploration."""
+    store, plan, pilot = planned
+    nb, outputs, shown = execute_notebook(name, store.uri, plan.experiment, monkeypatch, plan=plan.path)
+    assert f"declared plan {plan.name!r}" in outputs and "20 confirmation runs judged" in outputs
+    assert "the other 1 finished runs (the pilot) are exploration only" in outputs
+    found = report.judge(report.load_evidence(plan.experiment, store.uri), verdicts.DEFAULT_MARGIN_PP, plan)
+    for claim in found.confirmation.claims:  # the report's labels, word for word
+        assert claim.claim in shown and claim.label in shown
+    assert any(c.verdict == verdicts.SUPPORTED for c in found.confirmation.claims)
+    if name == "densenet_vs_resnet":
+        assert "no init matrix recorded" not in shown  # the control is drawn beside the trained matrices
+        assert "**stage and plan** (declared claims)" in shown
