@@ -99,7 +99,7 @@ decisive: setup
 	$(PY) -m densenet_exp.study run $(DECISIVE)/plan.yaml --stage confirmation
 	$(PY) -m densenet_exp.export save --experiment fmnist_decisive --out $(DECISIVE)/runs.jsonl.gz
 
-# Regenerates each committed study's report.md (and headline.md, README's "Results") from its committed
+# Regenerates each committed study's report.md (and headline.md, the READMEs' quoted headlines) from its committed
 # runs, without training: they are loaded into a throwaway store at a fixed path (the report names it);
 # a study with a plan.yaml is judged by its plan.
 STUDIES := study_fmnist fmnist_decisive
@@ -111,6 +111,7 @@ study-report: setup
 	  $(PY) -m densenet_exp.report --experiment $$s --tracking-uri sqlite:///.study-store/mlflow.db --out docs/results/$$s \
 	    $$([ -f docs/results/$$s/plan.yaml ] && echo --plan docs/results/$$s/plan.yaml) || { rm -rf .study-store; exit 1; }; \
 	done; rm -rf .study-store
+	$(PY) tools/readme-headlines
 
 # Executes both notebooks on a committed study (default: the decisive one, judged by its plan.yaml)
 # and saves them with their outputs; the experiment is the study folder's name, and a study with a

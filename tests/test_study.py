@@ -1,5 +1,7 @@
-"""The committed Fashion-MNIST study: README's "Results" and docs/results/study_fmnist/headline.md
-are what the report code computes from the committed runs (runs.jsonl.gz), not hand-copied."""
+"""The committed studies: each study's headline.md, and the README blocks that quote it, are what
+the report code computes from the committed runs (runs.jsonl.gz, judged by the study's plan.yaml
+where it has one), not hand-copied; and the decisive study's confirmation is the one its plan
+declared."""
 
 from __future__ import annotations
 
@@ -8,34 +10,63 @@ from pathlib import Path
 
 import pytest
 
-from densenet_exp import export, report
+from densenet_exp import export, record, report
+from densenet_exp.plan import load_plan
 
 ROOT = Path(__file__).resolve().parent.parent
-STUDY = ROOT / "docs" / "results" / "study_fmnist"
+RESULTS = ROOT / "docs" / "results"
+STUDIES = ("study_fmnist", "fmnist_decisive")
 
 
-@pytest.fixture(scope="module")
-def study_headline(tmp_path_factory) -> str:
-    uri = f"sqlite:///{tmp_path_factory.mktemp('study') / 'mlflow.db'}"
-    experiment = export.load(STUDY / "runs.jsonl.gz", uri)
-    return report.headline(report.judge(report.load_evidence(experiment, uri), report.DEFAULT_MARGIN_PP))
+@pytest.fixture(scope="module", params=STUDIES)
+def study(request, tmp_path_factory) -> tuple[str, str]:
+    """(study name, the headline its committed runs give)."""
+    folder = RESULTS / request.param
+    uri = f"sqlite:///{tmp_path_factory.mktemp(request.param) / 'mlflow.db'}"
+    experiment = export.load(folder / "runs.jsonl.gz", uri)
+    plan = load_plan(folder / "plan.yaml") if (folder / "plan.yaml").is_file() else None
+    found = report.judge(report.load_evidence(experiment, uri), report.DEFAULT_MARGIN_PP, plan)
+    return request.param, report.headline(found)
 
 
-def test_committed_headline_is_what_the_runs_give(study_headline):
-    assert (STUDY / "headline.md").read_text() == study_headline
+def test_committed_headline_is_what_the_runs_give(study):
+    name, headline = study
+    assert (RESULTS / name / "headline.md").read_text() == headline
 
 
-def test_readme_results_are_the_committed_headline(study_headline):
-    readme = (ROOT / "README.md").read_text()
-    block = re.search(r"<!-- study_fmnist headline -->\n(.*?)<!-- /study_fmnist headline -->", readme, re.S)
-    assert block, "README lacks the study's headline block"
-    assert block.group(1) == study_headline
+@pytest.mark.parametrize("readme", ["README.md", "docs/results/{name}/README.md"])
+def test_readme_blocks_are_the_committed_headline(study, readme):
+    """Each study's README quotes its headline; README.md quotes the decisive study's."""
+    name, headline = study
+    text = (ROOT / readme.format(name=name)).read_text()
+    block = re.search(rf"<!-- {name} headline -->\n(.*?)<!-- /{name} headline -->", text, re.S)
+    if readme == "README.md" and name != "fmnist_decisive":
+        assert block is None or block.group(1) == headline
+        return
+    assert block, f"{readme.format(name=name)} lacks the {name} headline block"
+    assert block.group(1) == headline
 
 
-def test_every_arm_has_three_finished_seeds():
-    records = export.read(STUDY / "runs.jsonl.gz")
+def test_first_study_has_three_finished_seeds_per_arm():
+    records = export.read(RESULTS / "study_fmnist" / "runs.jsonl.gz")
     arms: dict[str, set[str]] = {}
     for r in records:
         if r["status"] == "FINISHED" and r["tags"].get("sweep") != "parent":
             arms.setdefault(r["tags"]["variant"], set()).add(r["params"]["seed"])
     assert len(arms) == 11 and all(seeds == {"0", "1", "2"} for seeds in arms.values()), arms
+
+
+def test_decisive_confirmation_is_the_declared_one():
+    """Every declared arm has each declared seed finished once, under the plan file's hash, by one
+    commit, with the init feature-reuse matrices (the control) exported for the DenseNets."""
+    folder = RESULTS / "fmnist_decisive"
+    plan = load_plan(folder / "plan.yaml")
+    runs = [r for r in export.read(folder / "runs.jsonl.gz")
+            if r["tags"].get(record.STUDY_STAGE) == "confirmation" and r["status"] == "FINISHED"]
+    seen = sorted((r["tags"][record.STUDY_ARM], int(r["params"]["seed"])) for r in runs)
+    assert seen == sorted((arm, seed) for arm in plan.arms["confirmation"]
+                          for seed in plan.seeds_of("confirmation", arm))
+    assert {r["tags"][record.STUDY_PLAN_HASH] for r in runs} == {plan.hash}
+    assert len({r["tags"][record.GIT_COMMIT] for r in runs}) == 1
+    dense = [r for r in runs if r["tags"][record.STUDY_ARM].startswith("densenet")]
+    assert dense and all(record.FEATURE_REUSE_MATRICES_INIT in r["artifacts"] for r in dense)
