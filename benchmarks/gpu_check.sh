@@ -12,12 +12,14 @@
 # stops there with one line (exit 3). On a GPU it runs, logging each step under $OUT:
 #   1. the GPU suite (`pytest -m gpu`: GPU defaults, data on the device, no per-step host sync);
 #   2. DenseNet-BC (L=100, k=12), $EPOCHS epoch(s) on Fashion-MNIST with the GPU defaults
-#      (bf16-mixed, channels_last): epoch time, train img/s, accuracy;
+#      (bf16-mixed, channels_last): epoch time, train img/s, accuracy, and the expected time of a
+#      300-epoch run (a plan's pilot: `python -m densenet_exp.study estimate`, densenet_exp/estimate.py);
 #   3. the study's arms (benchmarks/study_speed.py ARMS), one epoch each on the full training set,
-#      $JOBS runs sharing the GPU (hydra/launcher=gpu_shared; under CUDA MPS when MPS=1 and
+#      $JOBS runs sharing the GPU (the exploration stage of a plan written under $WORK, run by
+#      `python -m densenet_exp.study run --jobs $JOBS`; under CUDA MPS when MPS=1 and
 #      nvidia-cuda-mps-control is there);
-#   4. per arm: train img/s, epoch s, fixed s per run, and the expected minutes of the study plan
-#      (PLAN_SEEDS x PLAN_EPOCHS, default 5 x 30) at $JOBS runs at once (benchmarks/study_time.py);
+#   4. per arm: train img/s and minutes per run, and the expected hours of the study plan's
+#      confirmation (PLAN_SEEDS x PLAN_EPOCHS, default 5 x 30) at $JOBS runs at once (`study estimate`);
 #   5. with BENCH=1 only: the bench's DenseNet-121 ratios against torchvision and timm at 224x224.
 # About 5-7 minutes on an H100-class GPU without step 5.
 set -euo pipefail
@@ -72,25 +74,39 @@ ARMS=$($PY -c 'import sys; sys.path.insert(0, "benchmarks"); import study_speed;
 echo "== 1/4 GPU suite"
 $PY -m pytest -m gpu tests/test_gpu.py -q -rs -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/pytest_gpu.log" || true
 
+# A plan (densenet_exp/plan.py) under $WORK: its exploration stage is the pilot these steps run,
+# its confirmation stage what `study estimate` times from the pilot's runs.
+plan() {  # NAME RECIPE EXPLORATION_OVERRIDE CONFIRMATION_SEEDS CONFIRMATION_OVERRIDE ARM...
+  local name=$1 recipe=$2 pilot=$3 seeds=$4 full=$5; shift 5
+  { echo "name: $name"; echo "experiment: $name"; echo "recipe: [$recipe]"
+    echo "exploration:"; echo "  seeds: [0]"; echo "  arms:"
+    for arm in "$@"; do echo "    $arm: [model=$arm, $pilot]"; done
+    echo "confirmation:"; echo "  seeds: [$seeds]"; echo "  arms:"
+    for arm in "$@"; do echo "    $arm: [model=$arm, $full]"; done
+  } > "$WORK/$name.yaml"
+}
+study() { (cd "$WORK" && $PY -m densenet_exp.study "$@" --tracking-uri "$URI"); }
+seeds() { seq -s ', ' 100 $((99 + $1)); }
+
 echo "== 2/4 DenseNet-BC (L=100, k=12) on Fashion-MNIST, GPU defaults, $EPOCHS epoch(s)"
-$PY -m densenet_exp.run model=densenet_bc100_k12 optim=onecycle trainer.max_epochs="$EPOCHS" \
-  trainer.enable_progress_bar=false tracking.uri="$URI" tracking.experiment=gpu_bc100 \
-  hydra.run.dir="$WORK/bc100" 2>&1 | tail -4 | tee "$OUT/bc100.log" || echo "the DenseNet-BC run failed"
-$PY benchmarks/study_time.py --tracking-uri "$URI" --experiment gpu_bc100 --seeds 1 --epochs 300 \
-  2>&1 | tee "$OUT/bc100.md" || echo "no DenseNet-BC figures"
+plan gpu_bc100 "optim=onecycle, trainer.enable_progress_bar=false" "trainer.max_epochs=$EPOCHS" "$(seeds 1)" \
+  "trainer.max_epochs=300" densenet_bc100_k12
+study run "$WORK/gpu_bc100.yaml" --stage exploration --jobs 1 | tail -2 || echo "the DenseNet-BC run failed"
+tail -4 "$WORK"/outputs/studies/gpu_bc100/exploration/*/stdout.log 2>/dev/null | tee "$OUT/bc100.log" || true
+study estimate "$WORK/gpu_bc100.yaml" --jobs 1 2>&1 | tee "$OUT/bc100.md" || echo "no DenseNet-BC figures"
 
 echo "== 3/4 the study's arms, 1 epoch each, $JOBS runs sharing the GPU${MPS:+ (MPS)}"
 if [ "${MPS:-0}" = 1 ] && command -v nvidia-cuda-mps-control >/dev/null; then
   export CUDA_MPS_PIPE_DIRECTORY=$WORK/mps CUDA_MPS_LOG_DIRECTORY=$WORK/mps
   mkdir -p "$WORK/mps" && nvidia-cuda-mps-control -d && trap 'echo quit | nvidia-cuda-mps-control' EXIT
 fi
-$PY -m densenet_exp.run -m experiment=study_fmnist "model=$ARMS" data.train_size=null data.val_size=5000 trainer.max_epochs=1 \
-  hydra/launcher=gpu_shared hydra.launcher.n_jobs="$JOBS" tracking.uri="$URI" tracking.experiment=gpu_arms \
-  hydra.sweep.dir="$WORK/arms" 2>&1 | tail -3 | tee "$OUT/arms.log" || echo "some arm failed"
+plan gpu_arms "experiment=study_fmnist, data.train_size=null, data.val_size=5000" "trainer.max_epochs=1" \
+  "$(seeds "$PLAN_SEEDS")" "trainer.max_epochs=$PLAN_EPOCHS" ${ARMS//,/ }
+study run "$WORK/gpu_arms.yaml" --stage exploration --jobs "$JOBS" 2>&1 | tail -3 | tee "$OUT/arms.log" \
+  || echo "some arm failed"
 
 echo "== 4/4 per arm, and the study plan: $PLAN_SEEDS seeds x $PLAN_EPOCHS epochs, $JOBS runs at once"
-$PY benchmarks/study_time.py --tracking-uri "$URI" --experiment gpu_arms --seeds "$PLAN_SEEDS" \
-  --epochs "$PLAN_EPOCHS" --jobs "$JOBS" 2>&1 | tee "$OUT/arms.md" || echo "no figures for the arms"
+study estimate "$WORK/gpu_arms.yaml" --jobs "$JOBS" 2>&1 | tee "$OUT/arms.md" || echo "no figures for the arms"
 
 figures="gpu.txt pytest_gpu.log bc100.md arms.md"
 if [ "${BENCH:-0}" = 1 ]; then

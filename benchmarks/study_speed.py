@@ -15,8 +15,11 @@ train step (forward, cross-entropy, backward, SGD step) is timed in each setting
   n_jobs = cores, `hydra/launcher=cpu_parallel`).
 
 Figures are images/s, the median of --steps after --warmup. With `--clock cpu` they are images
-per CPU second times the cores a setting occupies: the process's CPU time hardly moves when
-other work shares the cores, so same-run ratios stay honest under load; idle-machine wall-clock
+per CPU second times the cores a setting occupies: a one-thread process's CPU time hardly moves
+when other work shares the cores, so same-run ratios of one-thread settings stay honest under
+load; a process of several threads is another matter (a thread whose sibling was descheduled spins
+at the next barrier, on CPU time), so under a load above the cores the `1 x N threads` columns, and
+the defaults' ratio built on them, hold for that load only (the header line says so). Idle-machine
 figures need `--clock wall` (the default) on an idle machine.
 
 Then, per arm, the ratio of what the defaults now choose (precision and channels_last `auto`,
@@ -328,8 +331,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for arm in args.arms:
         print(f"measuring {arm} ...", file=sys.stderr, flush=True)
         rows.append(arm_figures(arm, args, argv, args.cores))
+    loaded = max(load[0], os.getloadavg()[0]) > args.cores and args.clock == "cpu" and args.cores > 1
     print(f"{machine_line(args)}; batch {rows[0]['batch']}, 28x28x1, median of {args.steps} steps after "
-          f"{args.warmup}, {args.clock} clock; load average {load[0]:.1f} before, {os.getloadavg()[0]:.1f} after")
+          f"{args.warmup}, {args.clock} clock; load average {load[0]:.1f} before, {os.getloadavg()[0]:.1f} after"
+          # A thread whose sibling is descheduled by other work spins at the next barrier, on CPU time.
+          + (f"; LOADED: the 1 x {args.cores} threads columns count the CPU time a thread spins waiting for its "
+             f"descheduled siblings, so they and the defaults' ratio hold for this load only" if loaded else ""))
     print(format_table(rows, args.cores))
     print("\ndefaults now (auto precision and layout, speed.compile auto, one job per core) / before (eager, "
           "one job on all cores), train images/s:")

@@ -90,7 +90,9 @@ def estimate(plan: Plan, uri: str, jobs: int) -> tuple[pd.DataFrame, float, floa
                      "runs": seeds, "arm minutes": round(minutes[0] * seeds, 1),
                      "arm minutes (fastest)": round(minutes[1] * seeds, 1)})
     table = pd.DataFrame(rows)
-    hours = [float(table[c].sum()) / 60 / jobs if len(table) else 0.0 for c in ("arm minutes", "arm minutes (fastest)")]
+    # An arm without a timed model leaves the stage unknown (NaN), not shorter.
+    hours = [float(table[c].sum(skipna=False)) / 60 / jobs if len(table) else 0.0
+             for c in ("arm minutes", "arm minutes (fastest)")]
     return table, hours[0], hours[1]
 
 

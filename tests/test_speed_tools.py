@@ -1,5 +1,5 @@
 """The speed tools under benchmarks/: the study bench (per-arm table and the defaults' ratio), the
-plan-time estimate from pilot runs, and the GPU check, which stops cleanly where no GPU is."""
+plan-time estimate from pilot runs (`python -m densenet_exp.study estimate`), and the GPU check, which stops cleanly where no GPU is."""
 
 from __future__ import annotations
 
@@ -11,10 +11,6 @@ import sys
 import pytest
 
 from conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import study_time  # noqa: E402
 
 
 def cells(line: str) -> list[str]:
@@ -63,21 +59,70 @@ def test_study_bench_rejects_an_arm_that_is_no_model_preset():
     assert result.returncode == 2 and "--arms='resnet21' is invalid: expected model presets of conf/model" in result.stderr
 
 
-def test_plan_time_adds_each_arms_fixed_cost_and_epochs_over_the_jobs_at_once(store):
+PILOT_PLAN = """name: pilot
+experiment: pilot
+recipe: [experiment=study_fmnist]
+exploration:
+  seeds: [0]
+  arms:
+    r: [model=resnet20]
+    d: [model=densenet_s9]
+confirmation:
+  seeds: [1, 2, 3]
+  arms:
+    resnet20: [model=resnet20, trainer.max_epochs=5]
+    densenet_s9: [model=densenet_s9, trainer.max_epochs=5]
+"""
+
+
+def pilot_run(client, experiment: str, model: str, ips: tuple[float, ...], epochs: tuple[float, ...], wall_s: float,
+              stage: str = "exploration") -> None:
+    run = client.create_run(experiment, start_time=1_000_000, tags={"study_stage": stage})
+    for key, value in (("model.name", model), ("data.name", "fashion_mnist"), ("data.val_size", "3000"),
+                       ("data.train_size", "6000")):
+        client.log_param(run.info.run_id, key, value)
+    for step, (speed, seconds) in enumerate(zip(ips, epochs)):
+        client.log_metric(run.info.run_id, "train_images_per_s", speed, step=step)
+        client.log_metric(run.info.run_id, "epoch_time_s", seconds, step=step)
+    client.set_terminated(run.info.run_id, end_time=1_000_000 + int(wall_s * 1000))
+
+
+def test_plan_estimate_times_each_confirmation_arm_from_its_models_pilot_runs(store, tmp_path, capsys):
+    from densenet_exp import study
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(PILOT_PLAN)
     client = store.client()
     experiment = client.create_experiment("pilot")
-    for variant, epoch_times, wall_s in (("resnet20", (10.0, 12.0), 30.0), ("densenet_s9", (20.0,), 26.0)):
-        run = client.create_run(experiment, start_time=1_000_000, tags={"variant": variant, "parallel_jobs": "2"})
-        for step, seconds in enumerate(epoch_times):
-            client.log_metric(run.info.run_id, "epoch_time_s", seconds, step=step)
-        client.log_metric(run.info.run_id, "train_images_per_s", 500.0)
-        client.set_terminated(run.info.run_id, end_time=1_000_000 + int(wall_s * 1000))
-    report = study_time.main(["--tracking-uri", store.uri, "--experiment", "pilot", "--seeds", "3", "--epochs", "5"])
-    rows = {cells(line)[0]: cells(line) for line in report.splitlines() if line.startswith("| ") and "arm" not in line}
-    assert rows["resnet20"][4:7] == ["500", "11.0", "8"] and rows["densenet_s9"][5:7] == ["20.0", "6"]
-    # (3 x (8 + 5 x 11) + 3 x (6 + 5 x 20)) s over 2 jobs at once.
-    expected = (3 * (8 + 55) + 3 * (6 + 100)) / 2 / 60
-    assert f"expected: {expected:.0f} min for the plan (2 arms x 3 seeds x 5 epochs, 2 jobs at once)" in report
+    # 6000 training images (study_fmnist): steps of 12 s at 500 img/s, epochs of 13.2 s (x 1.1).
+    pilot_run(client, experiment, "resnet20", (500.0, 500.0), (12.0, 13.2), wall_s=40.0)
+    pilot_run(client, experiment, "densenet_s9", (200.0, 250.0), (30.0, 33.0), wall_s=70.0)
+    pilot_run(client, experiment, "densenet_s9", (1.0, 1.0), (9.0, 9.0), wall_s=99.0, stage="confirmation")  # not a pilot
+    assert study.main(["estimate", str(plan), "--jobs", "2", "--tracking-uri", store.uri]) == 0
+    out = capsys.readouterr().out
+    rows = {cells(line)[0]: cells(line) for line in out.splitlines() if line.startswith("| ") and "arm" not in line}
+    # Epoch overhead and fixed seconds: medians over the pilot's runs; speed: the median of its model's epochs.
+    overhead = (13.2 / 12 + 33 / (6000 / 225)) / 2
+    fixed = ((40 - 25.2) + (70 - 63)) / 2
+    minutes = {"resnet20": (5 * 6000 / 500 * overhead + fixed) / 60, "densenet_s9": (5 * 6000 / 225 * overhead + fixed) / 60}
+    assert rows["resnet20"][2:4] == ["500", "500"] and rows["densenet_s9"][2:4] == ["225", "250"]
+    for arm, per_run in minutes.items():
+        assert float(rows[arm][5]) == pytest.approx(per_run, abs=0.05) and rows[arm][6] == "3"
+    hours = 3 * sum(minutes.values()) / 60 / 2
+    assert f"confirmation stage: about {hours:.2f} h of wall time with 2 jobs at a time" in out
+
+
+def test_plan_estimate_is_unknown_while_an_arms_model_has_no_pilot_run(store, tmp_path, capsys):
+    from densenet_exp import study
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(PILOT_PLAN)
+    client = store.client()
+    pilot_run(client, client.create_experiment("pilot"), "resnet20", (500.0, 500.0), (12.0, 13.2), wall_s=40.0)
+    assert study.main(["estimate", str(plan), "--tracking-uri", store.uri]) == 0
+    captured = capsys.readouterr()
+    assert "no exploration run times these arms' models: densenet_s9" in captured.err
+    assert "about nan h" in captured.out and "(unknown: see above)" in captured.out
 
 
 def test_gpu_check_stops_at_its_first_cuda_call_with_one_line_where_there_is_no_gpu(tmp_path):
