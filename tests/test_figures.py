@@ -152,7 +152,7 @@ def test_feature_reuse_heatmap_names_its_normalization_and_shows_init_below_trai
 def test_report_feature_reuse_figures_set_the_mean_init_matrix_below_the_trained_one(tmp_path):
     block = np.array([[1.0, 2.0], [np.nan, 3.0]])
     runs = pd.DataFrame({"run_id": ["a", "b", "c"], "variant": ["d", "d", "e"], "data": DATA, "model": ["d", "d", "e"],
-                         "growth_rate": 12, "compression": 0.5, "bottleneck": True})
+                         "growth_rate": 12, "compression": 0.5, "bottleneck": True, "config_key": ["k1", "k1", "k2"]})
     matrices = {"a": [block], "b": [block], "c": [block]}
     made = report.feature_reuse_figures(runs, matrices, tmp_path, init={"a": [block], "b": [block * 3]})
     captions = dict((path.name, caption) for path, caption in made)

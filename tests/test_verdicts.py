@@ -16,7 +16,7 @@ from torch import nn
 from conftest import Store
 from densenet_exp import figures, record, report, results, stats, verdicts
 from densenet_exp.figure5 import FIGURE5, figure5_ratios
-from densenet_exp.probes.gradient_flow import layer_roles, relative_gradients, weighted_layers
+from densenet_exp.probes.gradient_flow import relative_gradients, weighted_layers
 from densenet_exp.probes.gradient_flow import summarize as summarize_gradients
 from densenet_exp.verdicts import CONTRADICTED, EXPLORATORY, INCONCLUSIVE, NOT_COMPARABLE, SUPPORTED
 from test_report import add_run
@@ -324,7 +324,7 @@ def relative_grads_at_init(model: nn.Module, images: torch.Tensor, labels: torch
     """gradient_flow/relative_grads.csv's rows for one training-mode step at initialization, as the probe writes them."""
     model.train()
     nn.functional.cross_entropy(model(images), labels).backward()
-    return relative_gradients(weighted_layers(model), "init", 0, layer_roles(model))
+    return relative_gradients(weighted_layers(model), "init", 0)
 
 
 def early_and_ratio(table: pd.DataFrame) -> tuple[float, float]:
