@@ -31,11 +31,17 @@ setup: $(STAMP) data
 run: setup
 	$(PY) -m densenet_exp.run experiment=quickstart
 
+# The default suite on every core (pytest-xdist), one test file per worker at a time (--dist loadfile:
+# a file's module-scoped fixtures are made once); the workers share the tiny sweep and give torch
+# each its share of the cores (tests/conftest.py). TEST_WORKERS=0 runs it in this one process.
+TEST_WORKERS ?= auto
 test: setup
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile
 
+# One test at a time: these time waits, kill processes and restart servers, which a second worker
+# on the same cores would make flaky.
 test-slow: setup
-	$(PY) -m pytest -m slow
+	$(PY) -m pytest -m slow -p no:xdist
 
 test-all: setup
 	$(PY) -m pytest

@@ -17,6 +17,17 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, each worker (and each process it starts) gets its share of the cores for
+    torch's threads (unless OMP_NUM_THREADS is set): two workers of two spinning OpenMP threads
+    each on two cores stall each other."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+        if "torch" in sys.modules:  # read at torch's import: too late for this process
+            sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
 @dataclass
 class Store:
     """A SQLite MLflow store in a temporary folder and a way to run the CLI against it."""
@@ -86,14 +97,36 @@ class Store:
         return client.search_runs(ids) if ids else []
 
 
+def build_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """A folder made by `build` once per test session. Under pytest-xdist (make test) the workers
+    share it: the first to ask builds it while holding a lock, the others wait and read it."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    from filelock import FileLock  # a dependency of torch
+
+    shared = tmp_path_factory.getbasetemp().parent  # this session's, above each worker's own
+    folder, done = shared / name, shared / f"{name}.done"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a worker's failed attempt
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_sweep(tmp_path_factory) -> Store:
     """DenseNet and ResNet, two seeds each, on a slice of Fashion-MNIST (about two minutes), trained
-    once per test session for the report, notebook and run-record tests."""
-    store = Store(tmp_path_factory.mktemp("tiny_sweep"))
-    result = store.run("experiment=smoke", "model=densenet_tiny,resnet20", "seed=0,1", multirun=True, out="sweep")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return store
+    once per test session (shared by the xdist workers) for the report, notebook and run-record tests."""
+    def train(folder: Path) -> None:
+        result = Store(folder).run("experiment=smoke", "model=densenet_tiny,resnet20", "seed=0,1", multirun=True,
+                                   out="sweep")
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    return Store(build_once(tmp_path_factory, "tiny_sweep", train))
 
 
 @pytest.fixture(scope="session")

@@ -81,6 +81,7 @@ def test_bench_prints_both_memory_efficient_goals_from_one_run(bench_output):
     assert goal_verdict(line) == ("met" if goal_ratio(line) >= 0.9 else "NOT met")
 
 
+@pytest.mark.slow  # six more bench processes (3 entries x 2 thread counts): 3x the module's own bench run
 def test_bench_prints_the_memory_efficient_goals_for_each_thread_count_of_one_run():
     # `--threads 1,2`: every entry at each thread count, each in its own process; the goals per count.
     entries = ("densenet121:fp32fast", "densenet121_me:fp32fast", "tv_densenet121_me")

@@ -351,13 +351,18 @@ def test_failing_job_leaves_the_others_and_exits_nonzero(store):
 
 @pytest.fixture(scope="module")
 def seeded_runs(tmp_path_factory) -> tuple[Store, dict[str, object]]:
-    """Three smoke runs in one store, probes off, checkpoints logged: seed 3 twice, seed 4 once."""
+    """Three smoke runs in one store, probes off, checkpoints logged: seed 3 twice, seed 4 once. Seeds
+    3 (a) and 4 (c) are the two jobs of one sweep (one start-up of torch, Lightning and MLflow for
+    both); b is seed 3 again, a run of its own in a new process."""
     store = Store(tmp_path_factory.mktemp("seeded"))
-    for out, seed in (("a", 3), ("b", 3), ("c", 4)):
-        result = store.run(*SMOKE, f"seed={seed}", "tracking.log_checkpoint=true", out=out)
-        assert result.returncode == 0, result.stderr[-3000:]
-    runs = sorted(store.runs("smoke"), key=lambda r: r.info.start_time)
-    return store, dict(zip("abc", runs))
+    result = store.run(*SMOKE, "seed=3,4", "tracking.log_checkpoint=true", multirun=True, out="ac")
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = store.run(*SMOKE, "seed=3", "tracking.log_checkpoint=true", out="b")
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted((r for r in store.runs("smoke") if r.data.tags.get("sweep") != "parent"),
+                  key=lambda r: r.info.start_time)  # a, c (the sweep's jobs), then b
+    assert [r.data.params["seed"] for r in runs] == ["3", "4", "3"]
+    return store, dict(zip("acb", runs))
 
 
 def test_same_config_and_seed_give_identical_metrics(seeded_runs):
