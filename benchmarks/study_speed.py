@@ -78,7 +78,7 @@ def measure(arm: str, variants: list[str], args: argparse.Namespace) -> dict[str
     from torch import nn
 
     from densenet_exp.models import build_model
-    from densenet_exp.speed import compile_cache_per_cpu_capability
+    from densenet_exp.training.speed import compile_cache_per_cpu_capability
 
     cfg = compose([*args.overrides, f"model={arm}"])
     batch = args.batch or cfg["data"]["batch_size"]
@@ -147,7 +147,7 @@ def run_children(arm: str, variants: list[str], threads: int, processes: int, ar
 # -- what the defaults choose ---------------------------------------------------------------------
 
 def native_precisions() -> tuple[str, ...]:
-    from densenet_exp.speed import cpu_bf16
+    from densenet_exp.training.speed import cpu_bf16
 
     return ("fp32", "bf16") if cpu_bf16()[0] else ("fp32",)
 
@@ -155,7 +155,7 @@ def native_precisions() -> tuple[str, ...]:
 def defaults_for(arm: str, args: argparse.Namespace) -> dict[str, Any]:
     """What the harness resolves for this arm in the study preset: precision, channels_last,
     whether `speed.compile: auto` compiles (and why), on this machine."""
-    from densenet_exp.speed import choose_speed
+    from densenet_exp.training.speed import choose_speed
 
     cfg = compose([*args.overrides, f"model={arm}", "trainer=cpu"])
     speed = choose_speed(cfg)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .checks import InvalidValue, require, require_int
-from .speed import bf16_native, choose_speed, keep_freed_memory, use_channels_last, use_keep_freed_memory
+from .training.speed import bf16_native, choose_speed, keep_freed_memory, use_channels_last, use_keep_freed_memory
 
 DEFAULT_MODELS = (
     "densenet121",
@@ -241,7 +241,7 @@ def log_to_mlflow(rows: list[dict[str, Any]], table: str, args: argparse.Namespa
 
     import mlflow
 
-    from .tracking import ensure_experiment, tracking_uri
+    from .runs.tracking import ensure_experiment, tracking_uri
 
     client = mlflow.MlflowClient(tracking_uri(args.tracking_uri, Path.cwd()))
     run = client.create_run(ensure_experiment(client, "bench"), tags={"mlflow.runName": f"bench-{args.size}px"})
@@ -273,8 +273,8 @@ def bare_epoch(overrides: list[str]) -> float:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from .classifier import ImageClassifier
-    from .data import ImageDataModule
+    from .training.classifier import ImageClassifier
+    from .training.data import ImageDataModule
     from .models import build_model
     from .options import apply_knobs
     from .run import CONF_DIR

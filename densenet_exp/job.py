@@ -35,22 +35,23 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from omegaconf import DictConfig, OmegaConf
 
-from . import record, stopping
-from .checkpoints import LastCheckpoint, prune_best
-from .claim import CLAIM_ENV, RunClaim, choose_run
-from .classifier import ImageClassifier
-from .console import job_label, jobs_after, record_job, swept_labels
-from .data import ImageDataModule, has_validation_split
+from . import record
+from .runs import stopping
+from .runs.checkpoints import LastCheckpoint, prune_best
+from .runs.claim import CLAIM_ENV, RunClaim, choose_run
+from .training.classifier import ImageClassifier
+from .runs.console import job_label, jobs_after, record_job, swept_labels
+from .training.data import ImageDataModule, has_validation_split
 from .identity import config_key
 from .models import build_model
-from .ownership import Heartbeat, OwnerLock, close_orphans
+from .runs.ownership import Heartbeat, OwnerLock, close_orphans
 from .plan import load_plan
 from .probes import build_probes
-from .progress import job_callbacks
-from .run_logger import RunLogger
-from .speed import Speed, choose_speed, keep_freed_memory
-from .store import StoreUnreachable, bound_http_waits, prepare_store, unreachable
-from .tracking import (
+from .training.progress import job_callbacks
+from .runs.run_logger import RunLogger
+from .training.speed import Speed, choose_speed, keep_freed_memory
+from .runs.store import StoreUnreachable, bound_http_waits, prepare_store, unreachable
+from .runs.tracking import (
     UNSENT_FILE,
     adopt_into_sweep,
     close_run,

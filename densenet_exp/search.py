@@ -51,7 +51,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import record
 from .checks import require, require_int
-from .store import sqlite_path, tracking_uri
+from .runs.store import sqlite_path, tracking_uri
 
 # Hydra imports every sweeper plugin at start-up, `--help` included: Optuna only when it sweeps.
 if TYPE_CHECKING:
@@ -138,7 +138,7 @@ class TrialHeartbeat:
 def trial_gone(trial: Any, timeout_s: float) -> bool:
     """Whether the worker of a RUNNING trial is gone: on this machine, the lock its sweep held is
     free; elsewhere, its heartbeat is older than `timeout_s` (tracking.owner_timeout_s)."""
-    from .ownership import lock_is_held
+    from .runs.ownership import lock_is_held
 
     attrs = trial.user_attrs
     host = str(attrs.get("owner", "")).rpartition(":")[0]
@@ -248,8 +248,8 @@ class OptunaSweeper(Sweeper):
                    tracking: dict[str, Any]) -> None:
         import optuna
 
-        from .console import JOBS_DIR
-        from .ownership import LOCK_FILE, this_owner
+        from .runs.console import JOBS_DIR
+        from .runs.ownership import LOCK_FILE, this_owner
 
         trial = study.ask(searched)
         sweep_dir = Path(self.config.hydra.sweep.dir)
@@ -282,7 +282,7 @@ class OptunaSweeper(Sweeper):
         from mlflow.tracking import MlflowClient
         from optuna.distributions import distribution_to_json
 
-        from .store import retry_locked
+        from .runs.store import retry_locked
 
         space = {"direction": self.direction, "objective": OBJECTIVE,
                  "params": {k: distribution_to_json(d) for k, d in trial.distributions.items()}}
@@ -340,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import pandas as pd
 
-    from .results import ExperimentNotFound, load_runs
+    from .analysis.results import ExperimentNotFound, load_runs
 
     uri = tracking_uri(args.tracking_uri, Path.cwd())
     try:

@@ -21,8 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .checks import InvalidValue, is_int, is_number, require, require_int, require_name
 from .datafiles import FASHION_MNIST_HELP, LAYOUT, find_fashion_mnist, read_image_folder, stem_for
-from .options import (ARCHITECTURES, AUGMENTATIONS, DATA_SETS, KNOB_CHECKS, OPTIMIZERS, SCHEDULERS, STEMS,
-                      apply_knobs)
+from .options import ARCHITECTURES, AUGMENTATIONS, DATA_SETS, KNOB_CHECKS, OPTIMIZERS, SCHEDULERS, STEMS, apply_knobs
 
 TRAIN_IMAGES = {"fashion_mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000}  # before the validation split
 NATIVE_SIZE = {"fashion_mnist": 28, "cifar10": 32, "cifar100": 32}  # in-memory sets are not resized

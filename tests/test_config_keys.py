@@ -21,13 +21,13 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import ROOT
-from densenet_exp.classifier import ImageClassifier
-from densenet_exp.data import ImageDataModule, has_validation_split
+from densenet_exp.training.classifier import ImageClassifier
+from densenet_exp.training.data import ImageDataModule, has_validation_split
 from densenet_exp.models import build_model
 from densenet_exp.probes import build_probes
 from densenet_exp.options import apply_knobs
-from densenet_exp.speed import choose_speed
-from densenet_exp.store import bound_http_waits
+from densenet_exp.training.speed import choose_speed
+from densenet_exp.runs.store import bound_http_waits
 from densenet_exp.validate import fill_image_folder, validate_config
 
 CONF = ROOT / "conf"

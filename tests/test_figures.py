@@ -12,7 +12,8 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_hex
 
-from densenet_exp import figures, record, report
+from densenet_exp.analysis import figures
+from densenet_exp import record, report
 
 DATA = "fashion_mnist"
 ACC, PARAMS, FLOPS = record.TEST_ACC, record.PARAMS, record.FLOPS_PER_IMAGE

@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 
 from conftest import ROOT, Store
 from densenet_exp import datafiles
-from densenet_exp.data import ImageDataModule, has_validation_split, loader_workers
+from densenet_exp.training.data import ImageDataModule, has_validation_split, loader_workers
 from densenet_exp.validate import ConfigError, checked_config
 
 COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40)]

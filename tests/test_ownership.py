@@ -23,11 +23,11 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from conftest import ROOT, Store, assert_clean, kill_when, run_until
-from densenet_exp.checkpoints import OWNER_KEY, PAUSE_ENV, kept_best, owner, prune_best, resume_problem
-from densenet_exp.ownership import OwnerLock, earlier_live_rival, owner_gone
+from densenet_exp.runs.checkpoints import OWNER_KEY, PAUSE_ENV, kept_best, owner, prune_best, resume_problem
+from densenet_exp.runs.ownership import OwnerLock, earlier_live_rival, owner_gone
 from densenet_exp.replay import main as replay_main
-from densenet_exp.store import MLFLOW_TABLES, StoreConfigError, prepare_store
-from densenet_exp.tracking import PARENT_ID_FILE, SweepParentRun, ensure_experiment
+from densenet_exp.runs.store import MLFLOW_TABLES, StoreConfigError, prepare_store
+from densenet_exp.runs.tracking import PARENT_ID_FILE, SweepParentRun, ensure_experiment
 from densenet_exp.validate import ConfigError, check_added_keys
 
 SMOKE = ("experiment=smoke", "probes=none")

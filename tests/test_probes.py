@@ -23,8 +23,9 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from densenet_exp import record, results
-from densenet_exp.classifier import ImageClassifier
+from densenet_exp import record
+from densenet_exp.analysis import results
+from densenet_exp.training.classifier import ImageClassifier
 from densenet_exp.models import CifarResNet, DenseNet, build_model, densenet121
 from densenet_exp.probes import (
     PROBES,

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import Store
 from densenet_exp import record
-from densenet_exp.results import model_family
+from densenet_exp.analysis.results import model_family
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))

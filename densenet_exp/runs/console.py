@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from . import record
+from .. import record
 from .tracking import FAILURES_DIR
 
 if TYPE_CHECKING:

@@ -30,7 +30,7 @@ from pathlib import Path
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from . import record
+from .. import record
 from .store import retry_locked
 
 LOCK_FILE = "owner.lock"

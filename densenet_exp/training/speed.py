@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 
-from . import record
-from .checks import require
+from .. import record
+from ..checks import require
 
 log = logging.getLogger("densenet_exp")
 

@@ -21,8 +21,9 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from omegaconf import DictConfig, OmegaConf
 
-from . import record, stopping
-from .identity import flatten  # noqa: F401 (the params a run logs)
+from .. import record
+from . import stopping
+from ..identity import flatten  # noqa: F401 (the params a run logs)
 from .ownership import Heartbeat, OwnerLock, close_orphans
 from .store import (
     tracking_uri,
@@ -51,7 +52,7 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
         raise
     if exp is not None:
         if exp.lifecycle_stage != "active":
-            from .validate import ConfigError
+            from ..validate import ConfigError
 
             raise ConfigError(f"tracking.experiment={name!r} was deleted in {client.tracking_uri}: restore it "
                               f"(mlflow experiments restore --experiment-id {exp.experiment_id}) or pick another name")
@@ -231,7 +232,7 @@ class SweepParentRun(Callback):
         self.__init__()
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from .validate import ConfigError, check_output_folder, validate_tracking
+        from ..validate import ConfigError, check_output_folder, validate_tracking
 
         tracking = OmegaConf.to_container(config.tracking, resolve=True)
         uri = tracking_uri(tracking["uri"], Path(config.hydra.runtime.cwd))

@@ -1,6 +1,6 @@
 """A sweep's results read back from MLflow: runs as a pandas table, means and 95% intervals over
 seeds per configuration, the probes' artifacts, and the paper's published figures to set beside
-ours. The claims are judged in densenet_exp.verdicts.
+ours. The claims are judged in densenet_exp.analysis.verdicts.
 
     runs = load_runs("ablation", "sqlite:///mlflow.db")     # every training run, any status
     done = finished(runs)
@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from . import record
-from .identity import config_key, configuration
+from .. import record
+from ..identity import config_key, configuration
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient

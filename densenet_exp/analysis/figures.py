@@ -24,7 +24,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 from matplotlib.transforms import Bbox
 
-from . import record
+from .. import record
 from .results import FAMILY_NAMES, GRADIENT_EARLY, GRADIENT_LATE, assign_roles, body_layers, interval
 
 # family -> (colour, marker); configurations within a family differ by line style and marker fill.

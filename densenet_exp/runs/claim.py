@@ -24,8 +24,8 @@ from mlflow.entities import Run, RunTag
 from mlflow.tracking import MlflowClient
 
 from .checkpoints import LAST, PENDING, kept_best, owner, prune_best, resume_problem, set_aside
-from . import record
-from .checks import InvalidValue
+from .. import record
+from ..checks import InvalidValue
 from .ownership import Busy, OwnerLock, RunBusy, claim, earlier_live_rival, lock_path
 from .tracking import adopt_into_sweep, config_hash, retry_locked, runs_of_config
 from .store import unreachable

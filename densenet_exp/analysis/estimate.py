@@ -19,10 +19,10 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from . import record
-from .plan import Plan
+from .. import record
+from ..plan import Plan
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 TRAIN_IMAGES = {"fashion_mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000}
 
 

@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from . import record, stats
-from .figure5 import FIGURE5, RATIOS_RULE, figure5_ratios, share_change, short_blocks
-from .plan import CONVERGENCE_KEYS
+from .. import record
+from . import stats
+from ..measures.figure5 import FIGURE5, RATIOS_RULE, figure5_ratios, share_change, short_blocks
+from ..plan import CONVERGENCE_KEYS
 from .results import CONFIG, FAMILY_NAMES
 
 ALPHA = 0.05  # one-sided, family-wise over each data set's claims (Holm)

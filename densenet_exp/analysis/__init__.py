@@ -1,0 +1,1 @@
+"""analysis: see README.md, Layout."""

@@ -1,0 +1,1 @@
+"""measures: see README.md, Layout."""

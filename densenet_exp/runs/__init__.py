@@ -1,0 +1,1 @@
+"""runs: see README.md, Layout."""
