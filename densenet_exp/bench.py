@@ -241,7 +241,8 @@ def log_to_mlflow(rows: list[dict[str, Any]], table: str, args: argparse.Namespa
 
     import mlflow
 
-    from .runs.tracking import ensure_experiment, tracking_uri
+    from .runs.store import tracking_uri
+    from .runs.tracking import ensure_experiment
 
     client = mlflow.MlflowClient(tracking_uri(args.tracking_uri, Path.cwd()))
     run = client.create_run(ensure_experiment(client, "bench"), tags={"mlflow.runName": f"bench-{args.size}px"})

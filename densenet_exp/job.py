@@ -40,9 +40,9 @@ from .runs import stopping
 from .runs.checkpoints import LastCheckpoint, prune_best
 from .runs.claim import CLAIM_ENV, RunClaim, choose_run
 from .training.classifier import ImageClassifier
-from .runs.console import job_label, jobs_after, record_job, swept_labels
+from .runs.console import job_label, jobs_after, swept_labels
 from .training.data import ImageDataModule, has_validation_split
-from .identity import config_key
+from .identity import config_key, flatten
 from .models import build_model
 from .runs.ownership import Heartbeat, OwnerLock, close_orphans
 from .plan import load_plan
@@ -50,7 +50,8 @@ from .probes import build_probes
 from .training.progress import job_callbacks
 from .runs.run_logger import RunLogger
 from .training.speed import Speed, choose_speed, keep_freed_memory
-from .runs.store import StoreUnreachable, bound_http_waits, prepare_store, unreachable
+from .runs.store import StoreUnreachable, bound_http_waits, prepare_store, retry_locked, tracking_uri, unreachable
+from .runs.sweep_folder import parent_run_id, record_job
 from .runs.tracking import (
     UNSENT_FILE,
     adopt_into_sweep,
@@ -58,13 +59,9 @@ from .runs.tracking import (
     config_hash,
     ensure_experiment,
     find_finished_run,
-    flatten,
     git_state,
-    parent_run_id,
-    retry_locked,
     runs_of_config,
     system_facts,
-    tracking_uri,
 )
 from .validate import ConfigError, checked_config
 

@@ -122,7 +122,7 @@ def quiet_on_closed_pipe(argv: list[str]) -> None:
 
 
 def _record_failed_job(hc: Any, err: BaseException) -> None:
-    from .runs.tracking import record_failed_job
+    from .runs.sweep_folder import record_failed_job
 
     record_failed_job(Path(hc.sweep.dir), hc.job.num, list(hc.overrides.task), err)
 

@@ -248,7 +248,7 @@ class OptunaSweeper(Sweeper):
                    tracking: dict[str, Any]) -> None:
         import optuna
 
-        from .runs.console import JOBS_DIR
+        from .runs.sweep_folder import JOBS_DIR
         from .runs.ownership import LOCK_FILE, this_owner
 
         trial = study.ask(searched)

@@ -27,7 +27,9 @@ from densenet_exp.runs.checkpoints import OWNER_KEY, PAUSE_ENV, kept_best, owner
 from densenet_exp.runs.ownership import OwnerLock, earlier_live_rival, owner_gone
 from densenet_exp.replay import main as replay_main
 from densenet_exp.runs.store import MLFLOW_TABLES, StoreConfigError, prepare_store
-from densenet_exp.runs.tracking import PARENT_ID_FILE, SweepParentRun, ensure_experiment
+from densenet_exp.runs.sweep import SweepParentRun
+from densenet_exp.runs.sweep_folder import PARENT_ID_FILE
+from densenet_exp.runs.tracking import ensure_experiment
 from densenet_exp.validate import ConfigError, check_added_keys
 
 SMOKE = ("experiment=smoke", "probes=none")

@@ -27,8 +27,8 @@ from .checkpoints import LAST, PENDING, kept_best, owner, prune_best, resume_pro
 from .. import record
 from ..checks import InvalidValue
 from .ownership import Busy, OwnerLock, RunBusy, claim, earlier_live_rival, lock_path
-from .tracking import adopt_into_sweep, config_hash, retry_locked, runs_of_config
-from .store import unreachable
+from .tracking import adopt_into_sweep, config_hash, runs_of_config
+from .store import retry_locked, unreachable
 
 log = logging.getLogger("densenet_exp")
 CLAIM_ENV = "DENSENET_EXP_RUN_CLAIM"  # rank 0's choice of run, for the DDP ranks Lightning starts
