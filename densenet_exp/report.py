@@ -37,16 +37,15 @@ from matplotlib.figure import Figure
 from . import record
 from .checks import InvalidValue, require, require_name
 from .analysis.figures import (
-    REUSE_NORMALIZATIONS,
     level,
     plot_accuracy_vs_cost,
-    plot_feature_reuse,
     plot_knob_effects,
     plot_learning_curves,
     plot_param_importances,
     plot_relative_grads,
     plot_search_history,
 )
+from .measures.run_figures import REUSE_NORMALIZATIONS, plot_feature_reuse
 from .analysis.results import (
     CONFIG,
     SUMMARY_METRICS,

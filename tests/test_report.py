@@ -30,6 +30,7 @@ from conftest import ROOT, Store
 from densenet_exp.measures.figure5 import FIGURE5
 from densenet_exp.analysis import figures, results, tables, verdicts
 from densenet_exp import record, report
+from densenet_exp.measures import run_figures
 
 # --- a store with known values ---------------------------------------------------------------
 
@@ -573,8 +574,8 @@ def test_figures_keep_titles_and_labels_on_the_canvas(known):
         "knobs": figures.plot_knob_effects(done, "fashion_mnist"),
         "curves": figures.plot_learning_curves(results.learning_curves(done, store.uri), "fashion_mnist"),
         "grads": figures.plot_relative_grads(grads, "fashion_mnist"),
-        "heatmap": figures.plot_feature_reuse(next(iter(matrices.values())), "a long title for the heatmap"),
-        "run": figures.plot_gradient_flow_run(grads[grads["run_id"] == grads["run_id"].iloc[0]], "densenet-s0"),
+        "heatmap": run_figures.plot_feature_reuse(next(iter(matrices.values())), "a long title for the heatmap"),
+        "run": run_figures.plot_gradient_flow_run(grads[grads["run_id"] == grads["run_id"].iloc[0]], "densenet-s0"),
     }
     for name, fig in figs.items():
         assert fig is not None, name

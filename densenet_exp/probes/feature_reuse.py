@@ -26,9 +26,9 @@ from lightning.pytorch.loggers import MLFlowLogger
 from torch import Tensor
 
 from .. import record
-from ..analysis.figures import plot_feature_reuse as feature_reuse_figure
 from ..models.densenet import DenseBlock, DenseNet
-from ..analysis.verdicts import figure5_ratios
+from ..measures.figure5 import figure5_ratios
+from ..measures.run_figures import plot_feature_reuse as feature_reuse_figure
 
 from .output import log_results
 
@@ -103,7 +103,7 @@ def feature_reuse_summary(matrices: Sequence[np.ndarray]) -> dict[str, float]:
 
 def plot_feature_reuse(matrices: Sequence[np.ndarray], path: str | Path, title: str = "",
                        init: Sequence[np.ndarray] | None = None) -> None:
-    """Save densenet_exp.analysis.figures.plot_feature_reuse (the paper's Figure 5 layout, the init matrices
+    """Save densenet_exp.measures.run_figures.plot_feature_reuse (the paper's Figure 5 layout, the init matrices
     below the trained ones, each column over its mean: 1 = uniform weighting) to `path`."""
     feature_reuse_figure(matrices, title, init=init, normalization="column mean").savefig(path, dpi=120)
 

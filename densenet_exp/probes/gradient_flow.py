@@ -8,7 +8,7 @@ own weight's norm: the relative change one SGD step makes to that layer.
 
 Every layer carries its role in its architecture (record.LAYER_ROLES), read from the module
 structure: the summaries compare like with like, the body's 3x3 convolutions only
-(densenet_exp.analysis.results.GRADIENT_LAYER_RULE), so a stem, a 1x1 bottleneck or a classifier whose
+(densenet_exp.measures.gradients.GRADIENT_LAYER_RULE), so a stem, a 1x1 bottleneck or a classifier whose
 relative gradient differs by construction does not decide an early/late ratio.
 """
 
@@ -24,10 +24,10 @@ from torch import nn
 from torchvision.models import resnet as torchvision_resnet
 
 from .. import record
-from ..analysis.figures import plot_gradient_flow_run
 from ..models import DenseLayer, Transition
 from ..models.resnet import BasicBlock
-from ..analysis.results import assign_roles, body_gradient_summary
+from ..measures.gradients import assign_roles, body_gradient_summary
+from ..measures.run_figures import plot_gradient_flow_run
 from .output import log_results
 
 ARTIFACT_PATH, TABLE = record.RELATIVE_GRADS.split("/")
@@ -116,7 +116,7 @@ def relative_gradients(layers: list[tuple[str, nn.Module, str]], phase: str, ste
 
 
 def summarize(table: pd.DataFrame) -> dict[str, float]:
-    """Per phase, on the body layers only (densenet_exp.analysis.results.body_gradient_summary):
+    """Per phase, on the body layers only (densenet_exp.measures.gradients.body_gradient_summary):
     `grad/early_rel_<phase>`, the mean relative gradient of the body convs at position <= 0.25
     among them, and `grad/early_over_late_<phase>`, that mean over the mean at position >= 0.75."""
     return body_gradient_summary(table)
@@ -163,7 +163,7 @@ class GradientFlowProbe(pl.Callback):
 
     def table(self) -> pd.DataFrame:
         """Every phase recorded; rows restored from a checkpoint written before roles were recorded
-        get theirs from the layer names (densenet_exp.analysis.results.assign_roles)."""
+        get theirs from the layer names (densenet_exp.measures.gradients.assign_roles)."""
         columns = list(record.RELATIVE_GRADS_COLUMNS)
         table = pd.concat(self.records, ignore_index=True) if self.records else pd.DataFrame(columns=columns)
         return assign_roles(table)[columns]
