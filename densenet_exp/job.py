@@ -49,6 +49,7 @@ from .plan import load_plan
 from .probes import build_probes
 from .training.progress import job_callbacks
 from .runs.run_logger import RunLogger
+from .training.trainer_keys import trainer_arguments
 from .training.speed import Speed, choose_speed, keep_freed_memory
 from .runs.store import StoreUnreachable, bound_http_waits, prepare_store, retry_locked, tracking_uri, unreachable
 from .runs.sweep_folder import parent_run_id, record_job
@@ -124,7 +125,7 @@ def resume_command() -> str:
 def compose(cfg: DictConfig, hc: Any) -> tuple[dict[str, Any], Speed, str]:
     """The job's config as plain data, checked, with its `auto` speed settings resolved, and
     its variant name (which reads the sweep's plan: done once here)."""
-    plain = checked_config(cfg, hc.overrides.task)
+    plain = checked_config(cfg, hc.overrides.task, trainer_arguments)
     speed = choose_speed(plain)  # resolves trainer.accelerator/precision/deterministic `auto` in plain
     return plain, speed, variant_name(plain, swept_labels(hc))
 

@@ -69,13 +69,14 @@ def ddp_rank_argv(argv: list[str], env: dict[str, str]) -> list[str]:
 def main(cfg: DictConfig) -> float | None:
     """Returns the final validation accuracy: the objective of a hyperparameter search."""
     from .runs.store import StoreConfigError, StoreUnreachable, check_uri, tracking_uri
+    from .training.trainer_keys import trainer_arguments
     from .validate import ConfigError, checked_config, output_folder_was_new
 
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     try:
         # Bad input ends here, before torch, Lightning and MLflow load.
-        checked_config(cfg, hc.overrides.task)
+        checked_config(cfg, hc.overrides.task, trainer_arguments)
         check_uri(tracking_uri(cfg.tracking.uri, Path(hc.runtime.cwd)),
                   "tracking.uri" if cfg.tracking.uri else "MLFLOW_TRACKING_URI")
         from .runs import stopping
