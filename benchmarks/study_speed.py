@@ -50,14 +50,9 @@ PRECISIONS = ("fp32", "bf16")
 
 def compose(overrides: list[str]) -> dict[str, Any]:
     """The resolved run config of the harness for `overrides` (knobs folded into the model)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
+    from densenet_exp.config import composed
 
-    from densenet_exp.run import CONF_DIR
-
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return OmegaConf.to_container(hydra_compose("config", overrides=overrides), resolve=True)
+    return composed(overrides)
 
 
 def variant_name(precision: str, channels_last: bool, compiled: bool) -> str:

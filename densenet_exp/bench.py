@@ -271,17 +271,12 @@ OVERHEAD_OVERRIDES = (
 def bare_epoch(overrides: list[str]) -> float:
     """Seconds for one epoch (train, then validation) of a plain PyTorch loop over the same model,
     data, batches, optimizer and speed settings as the harness run with `overrides`."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
     from .training.classifier import ImageClassifier
     from .training.data import ImageDataModule
     from .models import build_model
-    from .options import apply_knobs
-    from .run import CONF_DIR
+    from .config import apply_knobs, composed
 
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
+    cfg = composed(overrides)
     apply_knobs(cfg)
     speed = choose_speed(cfg)
     torch.manual_seed(cfg["seed"])

@@ -42,7 +42,8 @@ from .runs.claim import CLAIM_ENV, RunClaim, choose_run
 from .training.classifier import ImageClassifier
 from .runs.console import job_label, jobs_after, swept_labels
 from .training.data import ImageDataModule, has_validation_split
-from .identity import config_key, flatten
+from .config import config_hash, flatten
+from .identity import config_key
 from .models import build_model
 from .runs.ownership import Heartbeat, OwnerLock, close_orphans
 from .plan import load_plan
@@ -57,7 +58,6 @@ from .runs.tracking import (
     UNSENT_FILE,
     adopt_into_sweep,
     close_run,
-    config_hash,
     ensure_experiment,
     find_finished_run,
     git_state,

@@ -8,7 +8,6 @@ or MLflow load, so bad input is rejected in about a second (tools/startup-time m
 
 from __future__ import annotations
 
-import inspect
 import os
 import sys
 import threading
@@ -19,9 +18,10 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from .config import resolved_config
 from .checks import InvalidValue, is_int, is_number, require, require_int, require_name
 from .datafiles import FASHION_MNIST_HELP, LAYOUT, find_fashion_mnist, read_image_folder, stem_for
-from .options import ARCHITECTURES, AUGMENTATIONS, DATA_SETS, KNOB_CHECKS, OPTIMIZERS, SCHEDULERS, STEMS, apply_knobs
+from .options import ARCHITECTURES, AUGMENTATIONS, DATA_SETS, KNOB_CHECKS, OPTIMIZERS, SCHEDULERS, STEMS
 
 TRAIN_IMAGES = {"fashion_mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000}  # before the validation split
 NATIVE_SIZE = {"fashion_mnist": 28, "cifar10": 32, "cifar100": 32}  # in-memory sets are not resized
@@ -267,15 +267,12 @@ def validate_study(cfg: Mapping[str, Any]) -> None:
 
 def checked_config(cfg: DictConfig, overrides: Iterable[str], trainer_arguments: Callable[[], Collection[str]]) -> dict[str, Any]:
     """The job's config as plain data, checked: an image folder's null settings read from its
-    files, the DenseNet knobs folded into the model (options.apply_knobs), every value checked.
+    files, the DenseNet knobs folded into the model (config.resolved_config), every value checked.
     Raises ConfigError on the first bad value or `+key` that nothing reads."""
     check_added_keys(overrides, trainer_arguments)
     if cfg.data.get("name") == "imagefolder":
         fill_image_folder(cfg.data)
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(plain, dict)
-    plain.pop("hydra", None)
-    apply_knobs(plain)
+    plain = resolved_config(cfg)
     validate_config(plain)
     return plain
 

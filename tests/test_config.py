@@ -12,10 +12,10 @@ from omegaconf import OmegaConf
 
 from conftest import ROOT
 from densenet_exp.job import variant_name
-from densenet_exp.options import apply_knobs
+from densenet_exp.config import apply_knobs
 from densenet_exp.models import DenseNet, build_model
 from densenet_exp.run import ddp_rank_argv
-from densenet_exp.runs.tracking import config_hash, flatten
+from densenet_exp.config import config_hash, flatten
 from densenet_exp.validate import ConfigError, validate_config
 
 MODELS = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))

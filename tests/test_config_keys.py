@@ -25,7 +25,7 @@ from densenet_exp.training.classifier import ImageClassifier
 from densenet_exp.training.data import ImageDataModule, has_validation_split
 from densenet_exp.models import build_model
 from densenet_exp.probes import build_probes
-from densenet_exp.options import apply_knobs
+from densenet_exp.config import apply_knobs
 from densenet_exp.training.speed import choose_speed
 from densenet_exp.runs.store import bound_http_waits
 from densenet_exp.training.trainer_keys import trainer_arguments

@@ -22,6 +22,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 from matplotlib.transforms import Bbox
 
 from .. import record
+from ..config import DENSENET_KNOBS
 from ..measures.gradients import GRADIENT_EARLY, GRADIENT_LATE, body_layers
 from ..measures.run_figures import figure_legend
 from .results import FAMILY_NAMES, interval
@@ -33,7 +34,7 @@ FAMILY_STYLE = {
     "plain": ("tab:gray", "^"),
 }
 LINE_STYLES = ["-", "--", ":", "-."]
-KNOB_LABELS = {"growth_rate": "growth rate k", "compression": "compression θ", "bottleneck": "bottleneck B"}
+KNOB_LABELS = dict(zip(DENSENET_KNOBS, ("growth rate k", "compression θ", "bottleneck B")))
 SET_SHADE = "#f6efd2"  # the early and late layer sets of the gradient figure (not grey: the plain nets' colour)
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from .. import record
+from ..config import DENSENET_KNOBS
 from ..measures.gradients import assign_roles
 from ..identity import config_key, configuration
 
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 
 # A configuration: what its rows are named by, then the key that tells apart any two that differ
 # in anything but the seed (a block_config, an image folder, a learning rate).
-CONFIG = ["data", "model", "growth_rate", "compression", "bottleneck", "config_key"]
+CONFIG = ["data", "model", *DENSENET_KNOBS, "config_key"]
 MLFLOW_RUN_NAME = "mlflow.runName"  # mlflow.utils.mlflow_tags.MLFLOW_RUN_NAME
 # The per-configuration table: metric -> what the report calls it.
 SUMMARY_METRICS = {
@@ -490,7 +491,7 @@ def _matches_published(runs: pd.DataFrame, pub: PublishedResult) -> pd.Series:
              & runs["num_classes"].eq(pub.num_classes))
     if pub.augment is not None:
         match &= runs["augment"].eq(pub.augment)
-    for knob in ("growth_rate", "compression", "bottleneck"):
+    for knob in DENSENET_KNOBS:
         value = getattr(pub, knob)
         match &= runs[knob].isna() if value is None else runs[knob].eq(value)
     return match.fillna(False).astype(bool)

@@ -27,7 +27,8 @@ from .checkpoints import LAST, PENDING, kept_best, owner, prune_best, resume_pro
 from .. import record
 from ..checks import InvalidValue
 from .ownership import Busy, OwnerLock, RunBusy, claim, earlier_live_rival, lock_path
-from .tracking import adopt_into_sweep, config_hash, runs_of_config
+from ..config import config_hash
+from .tracking import adopt_into_sweep, runs_of_config
 from .store import retry_locked, unreachable
 
 log = logging.getLogger("densenet_exp")

@@ -16,6 +16,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from .. import record
+from ..config import DENSENET_KNOBS
 from .sweep_folder import FAILURES_DIR, JOBS_DIR, SweepPlan
 
 if TYPE_CHECKING:
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 
 
 # Knobs a run name already carries (the variant names the model and k, theta, B; "-s" the seed).
-NAMED_ELSEWHERE = ("model", "growth_rate", "compression", "bottleneck", "seed")
+NAMED_ELSEWHERE = ("model", *DENSENET_KNOBS, "seed")
 # Short labels for knobs a sweep may also vary: `optim.lr=0.05` names a run `...-lr0.05`.
 # Other keys are labelled by their last part (`optim.nesterov=true` -> `nesterovtrue`) and
 # config groups by their choice (`optim=adam` -> `adam`).

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..checks import InvalidValue, require
+from ..config import CONFIG_FILE
 
 T = TypeVar("T")
 
@@ -39,7 +40,6 @@ HTTP_SETTINGS = {
     "timeout_s": "MLFLOW_HTTP_REQUEST_TIMEOUT",
 }
 CREATE_LOCK_WAIT_S = 300
-CONFIG_FILE = Path(__file__).resolve().parents[2] / "conf" / "config.yaml"  # the run config's defaults
 # Tables every MLflow store has (MLflow's own test of a complete store), and the prefix of the
 # copies its migrations make while they alter a table.
 MLFLOW_TABLES = ("alembic_version", "experiments", "runs", "tags", "params", "metrics")

@@ -5,11 +5,9 @@ sweep.py's."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import subprocess
-from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,6 @@ from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 
 from .. import record
 from . import stopping
-from ..identity import flatten  # noqa: F401 (the params a run logs)
 from .sweep_folder import parent_run_id
 from .store import (
     StoreUnreachable,
@@ -60,12 +57,6 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
         if exp is None:
             raise
         return exp.experiment_id
-
-
-def config_hash(cfg: Mapping[str, Any]) -> str:
-    """A short, stable hash of everything that shapes a run's result (tracking excluded)."""
-    relevant = {k: v for k, v in cfg.items() if k not in ("tracking",)}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def git_state(root: Path) -> dict[str, str]:
