@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import record
 from .checks import InvalidValue, require, require_int
 from .training.speed import bf16_native, choose_speed, keep_freed_memory, use_channels_last, use_keep_freed_memory
 
@@ -333,7 +334,7 @@ def harness_overhead(args: argparse.Namespace) -> dict[str, float]:
             bare.append(float(subprocess.run(bare_cmd, check=True, capture_output=True, text=True).stdout.split()[-1]))
         client = mlflow.MlflowClient(uri)
         runs = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
-        harness = [run.data.metrics["epoch_time_s"] for run in runs]
+        harness = [run.data.metrics[record.EPOCH_TIME_S] for run in runs]
     h, b = statistics.median(harness), statistics.median(bare)
     return {"harness_epoch_s": h, "bare_epoch_s": b, "overhead": h / b - 1}
 

@@ -18,6 +18,8 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("constant", "multistep", "cosine", "onecycle")
 DATA_SETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 AUGMENTATIONS = ("none", "flip", "crop", "crop_flip")
+# The training images of each built-in set with a fixed size, before the validation split.
+TRAIN_IMAGES = {"fashion_mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000}
 
 # The config checks and the DenseNet constructor call these same functions, so `growth_rate=0`
 # reads the same from the command line and from `DenseNet(growth_rate=0)`.

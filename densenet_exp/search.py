@@ -141,9 +141,9 @@ def trial_gone(trial: Any, timeout_s: float) -> bool:
     from .runs.ownership import lock_is_held
 
     attrs = trial.user_attrs
-    host = str(attrs.get("owner", "")).rpartition(":")[0]
-    if host == socket.gethostname() and attrs.get("owner_lock"):
-        return not lock_is_held(Path(attrs["owner_lock"]))
+    host = str(attrs.get(record.OWNER, "")).rpartition(":")[0]
+    if host == socket.gethostname() and attrs.get(record.OWNER_LOCK):
+        return not lock_is_held(Path(attrs[record.OWNER_LOCK]))
     return time.time() - float(attrs.get("heartbeat") or 0) > timeout_s
 
 
@@ -253,7 +253,7 @@ class OptunaSweeper(Sweeper):
 
         trial = study.ask(searched)
         sweep_dir = Path(self.config.hydra.sweep.dir)
-        for key, value in (("owner", this_owner()), ("owner_lock", str((sweep_dir / LOCK_FILE).resolve())),
+        for key, value in ((record.OWNER, this_owner()), (record.OWNER_LOCK, str((sweep_dir / LOCK_FILE).resolve())),
                            ("heartbeat", time.time())):
             trial.set_user_attr(key, value)
         values = {k: launched(v, trial.distributions[k]) for k, v in trial.params.items()}

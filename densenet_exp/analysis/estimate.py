@@ -20,9 +20,9 @@ from mlflow.tracking import MlflowClient
 
 from .. import record
 from ..config import composed
+from ..options import TRAIN_IMAGES
 from ..plan import Plan
 
-TRAIN_IMAGES = {"fashion_mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000}
 
 
 def train_images(cfg: dict) -> int:

@@ -106,9 +106,7 @@ def relative_gradients(layers: list[tuple[str, nn.Module, str]], phase: str, ste
     last = max(len(layers) - 1, 1)
     return pd.DataFrame(
         [
-            {"phase": phase, "step": step, "depth": depth, "relative_depth": depth / last, "layer": name,
-             "kind": type(module).__name__, "role": role, "grad_norm": g, "weight_norm": w,
-             "relative_grad": g / w if w else float("nan")}
+            (phase, step, depth, depth / last, name, type(module).__name__, role, g, w, g / w if w else float("nan"))
             for depth, ((name, module, role), (g, w)) in enumerate(zip(layers, norms))
         ],
         columns=list(record.RELATIVE_GRADS_COLUMNS),
@@ -142,8 +140,8 @@ class GradientFlowProbe(pl.Callback):
 
     def _phase(self, trainer: pl.Trainer) -> str | None:
         if trainer.global_step == 0:
-            return "init"
-        return "epoch1" if trainer.current_epoch == 1 else None  # recorded at its first step only
+            return PHASES[0]
+        return PHASES[1] if trainer.current_epoch == 1 else None  # recorded at its first step only
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
