@@ -8,8 +8,12 @@ An AST walk over the source, so a wrong import fails here before anything runs i
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
+
+import pytest
 
 from conftest import ROOT
 
@@ -169,3 +173,24 @@ def test_the_checks_catch_an_upward_import_and_a_loop():
     graph["densenet_exp.record"] = {"densenet_exp.analysis.results"}
     assert upward_imports(graph) == ["densenet_exp.record (base) imports densenet_exp.analysis.results (analysis)"]
     assert loops(graph) == [["densenet_exp.analysis.results", "densenet_exp.record"]]
+
+
+# `--help` of the two commands a researcher types most stays fast: neither loads torch or Lightning.
+HELP_PROBE = """
+import runpy, sys
+sys.argv = [{module!r}, "--help"]
+try:
+    runpy.run_module({module!r}, run_name="__main__", alter_sys=True)
+except SystemExit as end:
+    assert end.code in (0, None), end.code
+print("heavy:", sorted(m for m in {heavy!r} if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("module", ["densenet_exp.run", "densenet_exp.report"])
+def test_help_imports_neither_torch_nor_lightning(module):
+    code = HELP_PROBE.format(module=module, heavy=TORCH)
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "usage" in done.stdout.lower() or "powered by hydra" in done.stdout.lower(), done.stdout[:500]
+    assert done.stdout.splitlines()[-1] == "heavy: []", done.stdout[-500:]
