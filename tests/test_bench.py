@@ -3,6 +3,7 @@ with ratios to the reference measured in the same run."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -39,8 +40,11 @@ def goal_ratio(line: str) -> float:
 
 
 def goal_verdict(line: str) -> str:
-    """What follows the goal's bracket: "met" or "NOT met"."""
-    return line.rsplit(") ", 1)[1]
+    """What follows the goal's bracket, exactly "met" or "NOT met" (a test of `endswith("met")`
+    would take "NOT met" for met)."""
+    verdict = re.fullmatch(r".*\(goal [<>]= [0-9.]+\) (met|NOT met)", line)
+    assert verdict, line
+    return verdict.group(1)
 
 
 def test_bench_prints_a_table_with_ratios_to_the_reference(bench_output):
