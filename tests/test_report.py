@@ -681,6 +681,8 @@ def test_notebook_runs_top_to_bottom(name, store_kind, request, monkeypatch):
         monkeypatch.delenv(key)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
     monkeypatch.setenv("DENSENET_EXP_EXPERIMENT", experiment)
+    # the kernel imports this checkout's package, not whichever one the venv has installed
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     NotebookClient(nb, kernel_name="python3", timeout=600, resources={"metadata": {"path": str(ROOT / "notebooks")}}
                    ).execute()  # raises CellExecutionError on the first failing cell
     assert path.read_bytes() == committed
