@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
-from densenet_exp.classifier import ImageClassifier
+from densenet_exp.training.classifier import ImageClassifier
 from densenet_exp.models import densenet_cifar
 from densenet_exp.probes import PROBES, build_probes
 

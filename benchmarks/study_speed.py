@@ -53,14 +53,9 @@ PRECISIONS = ("fp32", "bf16")
 
 def compose(overrides: list[str]) -> dict[str, Any]:
     """The resolved run config of the harness for `overrides` (knobs folded into the model)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
+    from densenet_exp.config import composed
 
-    from densenet_exp.run import CONF_DIR
-
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return OmegaConf.to_container(hydra_compose("config", overrides=overrides), resolve=True)
+    return composed(overrides)
 
 
 def variant_name(precision: str, channels_last: bool, compiled: bool) -> str:
@@ -81,7 +76,7 @@ def measure(arm: str, variants: list[str], args: argparse.Namespace) -> dict[str
     from torch import nn
 
     from densenet_exp.models import build_model
-    from densenet_exp.speed import compile_cache_per_cpu_capability
+    from densenet_exp.training.speed import compile_cache_per_cpu_capability
 
     cfg = compose([*args.overrides, f"model={arm}"])
     batch = args.batch or cfg["data"]["batch_size"]
@@ -150,7 +145,7 @@ def run_children(arm: str, variants: list[str], threads: int, processes: int, ar
 # -- what the defaults choose ---------------------------------------------------------------------
 
 def native_precisions() -> tuple[str, ...]:
-    from densenet_exp.speed import cpu_bf16
+    from densenet_exp.training.speed import cpu_bf16
 
     return ("fp32", "bf16") if cpu_bf16()[0] else ("fp32",)
 
@@ -158,7 +153,7 @@ def native_precisions() -> tuple[str, ...]:
 def defaults_for(arm: str, args: argparse.Namespace) -> dict[str, Any]:
     """What the harness resolves for this arm in the study preset: precision, channels_last,
     whether `speed.compile: auto` compiles (and why), on this machine."""
-    from densenet_exp.speed import choose_speed
+    from densenet_exp.training.speed import choose_speed
 
     cfg = compose([*args.overrides, f"model={arm}", "trainer=cpu"])
     speed = choose_speed(cfg)

@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import record
 from .checks import InvalidValue, require, require_int
-from .speed import bf16_native, choose_speed, keep_freed_memory, use_channels_last, use_keep_freed_memory
+from .training.speed import bf16_native, choose_speed, keep_freed_memory, use_channels_last, use_keep_freed_memory
 
 DEFAULT_MODELS = (
     "densenet121",
@@ -241,7 +242,8 @@ def log_to_mlflow(rows: list[dict[str, Any]], table: str, args: argparse.Namespa
 
     import mlflow
 
-    from .tracking import ensure_experiment, tracking_uri
+    from .runs.store import tracking_uri
+    from .runs.tracking import ensure_experiment
 
     client = mlflow.MlflowClient(tracking_uri(args.tracking_uri, Path.cwd()))
     run = client.create_run(ensure_experiment(client, "bench"), tags={"mlflow.runName": f"bench-{args.size}px"})
@@ -270,17 +272,12 @@ OVERHEAD_OVERRIDES = (
 def bare_epoch(overrides: list[str]) -> float:
     """Seconds for one epoch (train, then validation) of a plain PyTorch loop over the same model,
     data, batches, optimizer and speed settings as the harness run with `overrides`."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from .classifier import ImageClassifier
-    from .data import ImageDataModule
+    from .training.classifier import ImageClassifier
+    from .training.data import ImageDataModule
     from .models import build_model
-    from .options import apply_knobs
-    from .run import CONF_DIR
+    from .config import apply_knobs, composed
 
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
+    cfg = composed(overrides)
     apply_knobs(cfg)
     speed = choose_speed(cfg)
     torch.manual_seed(cfg["seed"])
@@ -337,7 +334,7 @@ def harness_overhead(args: argparse.Namespace) -> dict[str, float]:
             bare.append(float(subprocess.run(bare_cmd, check=True, capture_output=True, text=True).stdout.split()[-1]))
         client = mlflow.MlflowClient(uri)
         runs = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
-        harness = [run.data.metrics["epoch_time_s"] for run in runs]
+        harness = [run.data.metrics[record.EPOCH_TIME_S] for run in runs]
     h, b = statistics.median(harness), statistics.median(bare)
     return {"harness_epoch_s": h, "bare_epoch_s": b, "overhead": h / b - 1}
 

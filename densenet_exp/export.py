@@ -33,7 +33,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from . import record
 from .checks import InvalidValue, require, require_name
-from .store import (
+from .runs.store import (
     StoreConfigError,
     StoreUnreachable,
     bound_tool_waits,
@@ -138,7 +138,7 @@ def load(path: Path, tracking_uri: str, experiment: str | None = None, again: bo
         experiment = require_name(f"the experiment named by the file name {path.name}", path.name.split(".")[0])
     check_records(records, path)
     client = MlflowClient(tracking_uri)
-    from .tracking import ensure_experiment  # creates the experiment with artifacts beside a SQLite file
+    from .runs.tracking import ensure_experiment  # creates the experiment with artifacts beside a SQLite file
 
     experiment_id = ensure_experiment(client, experiment)
     present = [] if again else already_loaded(client, experiment_id, records)

@@ -16,24 +16,14 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from .config import flatten
+
 # Flattened config keys (and key prefixes) that do not change the trained model or its recipe.
 BOOKKEEPING = ("seed", "cpu_threads", "data.num_workers", "data.eval_batch_size", "data.download",
                "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
                "trainer.num_sanity_val_steps", "data.split_seed", "parallel_jobs")
 BOOKKEEPING_PREFIXES = ("tracking.", "speed.", "probes.", "study.")  # study.*: the plan, stage and arm that label a run
 PARAM_LENGTH = 250  # Lightning's MLflow logger cuts param values to this many characters
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"model": {"growth_rate": 12}} -> {"model.growth_rate": 12}."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def shapes_result(key: str, data_name: str) -> bool:

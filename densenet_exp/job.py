@@ -35,35 +35,34 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from omegaconf import DictConfig, OmegaConf
 
-from . import record, stopping
-from .checkpoints import LastCheckpoint, prune_best
-from .claim import CLAIM_ENV, RunClaim, choose_run
-from .classifier import ImageClassifier
-from .console import job_label, jobs_after, record_job, swept_labels
-from .data import ImageDataModule, has_validation_split
+from . import record
+from .runs import stopping
+from .runs.checkpoints import LastCheckpoint, prune_best
+from .runs.claim import CLAIM_ENV, RunClaim, choose_run
+from .training.classifier import ImageClassifier
+from .runs.console import job_label, jobs_after, swept_labels
+from .training.data import ImageDataModule, has_validation_split
+from .config import config_hash, flatten
 from .identity import config_key
 from .models import build_model
-from .ownership import Heartbeat, OwnerLock, close_orphans
+from .runs.ownership import Heartbeat, OwnerLock, close_orphans
 from .plan import load_plan
 from .probes import build_probes
-from .progress import job_callbacks
-from .run_logger import RunLogger
-from .speed import Speed, choose_speed, keep_freed_memory
-from .store import StoreUnreachable, bound_http_waits, prepare_store, unreachable
-from .tracking import (
+from .training.progress import job_callbacks
+from .runs.run_logger import RunLogger
+from .training.trainer_keys import trainer_arguments
+from .training.speed import Speed, choose_speed, keep_freed_memory
+from .runs.store import StoreUnreachable, bound_http_waits, prepare_store, retry_locked, tracking_uri, unreachable
+from .runs.sweep_folder import parent_run_id, record_job
+from .runs.tracking import (
     UNSENT_FILE,
     adopt_into_sweep,
     close_run,
-    config_hash,
     ensure_experiment,
     find_finished_run,
-    flatten,
     git_state,
-    parent_run_id,
-    retry_locked,
     runs_of_config,
     system_facts,
-    tracking_uri,
 )
 from .validate import ConfigError, checked_config
 
@@ -123,12 +122,25 @@ def resume_command() -> str:
 
 # -- 1. compose ------------------------------------------------------------------------------
 
-def compose(cfg: DictConfig, hc: Any) -> tuple[dict[str, Any], Speed, str]:
-    """The job's config as plain data, checked, with its `auto` speed settings resolved, and
-    its variant name (which reads the sweep's plan: done once here)."""
-    plain = checked_config(cfg, hc.overrides.task)
+@dataclass(frozen=True)
+class Job:
+    """One job as compose works it out, once, and hands it down: the checked config as plain data,
+    its speed settings, variant name (read from the sweep's plan) and config hash, and Hydra's
+    runtime facts (`hc`: overrides, mode, output and sweep folders, job number)."""
+
+    plain: dict[str, Any]
+    speed: Speed
+    variant: str
+    config_hash: str
+    hc: Any
+
+
+def compose(cfg: DictConfig, hc: Any) -> Job:
+    """The job's config as plain data, checked, with its `auto` speed settings resolved, its
+    variant name and its config hash."""
+    plain = checked_config(cfg, hc.overrides.task, trainer_arguments)
     speed = choose_speed(plain)  # resolves trainer.accelerator/precision/deterministic `auto` in plain
-    return plain, speed, variant_name(plain, swept_labels(hc))
+    return Job(plain, speed, variant_name(plain, swept_labels(hc)), config_hash(plain), hc)
 
 
 # -- 2. build --------------------------------------------------------------------------------
@@ -143,8 +155,9 @@ class Built:
     kept_freed_memory: bool
 
 
-def build(plain: dict[str, Any], speed: Speed, hc: Any) -> Built:
+def build(job: Job) -> Built:
     """Seed, threads and allocator first (they shape everything after), then the parts."""
+    plain, speed, hc = job.plain, job.speed, job.hc
     L.seed_everything(plain["seed"], workers=True, verbose=False)
     threads = cpu_threads(plain.get("cpu_threads"), hc, plain.get("parallel_jobs"))
     if threads:
@@ -196,16 +209,17 @@ def open_store(plain: dict[str, Any], root: Path) -> tuple[MlflowClient, str, st
     return client, uri, experiment_id
 
 
-def finished_twin(client: MlflowClient, experiment_id: str, plain: dict[str, Any], hc: Any) -> Any:
+def finished_twin(client: MlflowClient, experiment_id: str, job: Job) -> Any:
     """In a sweep with tracking.skip_finished, a FINISHED run of the same config (else None)."""
-    if hc.mode != RunMode.MULTIRUN or not plain["tracking"]["skip_finished"]:
+    if job.hc.mode != RunMode.MULTIRUN or not job.plain["tracking"]["skip_finished"]:
         return None
-    return find_finished_run(runs_of_config(client, experiment_id, config_hash(plain)))
+    return find_finished_run(runs_of_config(client, experiment_id, job.config_hash))
 
 
-def skipped(client: MlflowClient, plain: dict[str, Any], finished: Any, hc: Any) -> dict[str, Any]:
+def skipped(client: MlflowClient, job: Job, finished: Any) -> dict[str, Any]:
     """Report a sweep job's FINISHED twin, train nothing, and count it as a job of this sweep if
     its own sweep never finished."""
+    plain, hc = job.plain, job.hc
     adopt_into_sweep(client, finished, Path(hc.sweep.dir), hc.job.num, finished=True)
     record_job(hc, finished.info.run_id, skipped=True)
     metrics = finished.data.metrics
@@ -216,14 +230,14 @@ def skipped(client: MlflowClient, plain: dict[str, Any], finished: Any, hc: Any)
             "run_id": finished.info.run_id}
 
 
-def create_run(client: MlflowClient, experiment_id: str, plain: dict[str, Any], variant: str, hc: Any, root: Path,
-               lock: OwnerLock) -> str:
+def create_run(client: MlflowClient, experiment_id: str, job: Job, root: Path, lock: OwnerLock) -> str:
     """A new MLflow run for this job, tagged with its variant, config hash and key, overrides,
     output folder, git state, owner and, in a sweep, its parent run."""
+    plain, variant, hc = job.plain, job.variant, job.hc
     tags = {
         MLFLOW_RUN_NAME: run_name(variant, plain),
         record.VARIANT: variant,
-        record.CONFIG_HASH: config_hash(plain),
+        record.CONFIG_HASH: job.config_hash,
         record.CONFIG_KEY: config_key(plain),  # what its repeats over seeds share
         # Jobs that shared the cores while timing must not be compared with jobs that had them alone.
         record.PARALLEL_JOBS: str(parallel_jobs(hc, plain.get("parallel_jobs"))),
@@ -243,14 +257,14 @@ def create_run(client: MlflowClient, experiment_id: str, plain: dict[str, Any], 
     return retry_locked(lambda: client.create_run(experiment_id, tags=tags)).info.run_id
 
 
-def open_run(client: MlflowClient, uri: str, experiment_id: str, plain: dict[str, Any], variant: str,
-             hc: Any) -> OpenRun:
+def open_run(client: MlflowClient, uri: str, experiment_id: str, job: Job) -> OpenRun:
     """Refuse, resume or create this job's run (the ownership rule), and its logger."""
-    tracking = plain["tracking"]
+    hc = job.hc
+    tracking = job.plain["tracking"]
     chief = rank_zero_only.rank == 0
     root = Path(hc.runtime.cwd)
-    claim = choose_run(client, experiment_id, runs_of_config(client, experiment_id, config_hash(plain)), plain, hc,
-                       chief, create=lambda lock: create_run(client, experiment_id, plain, variant, hc, root, lock))
+    claim = choose_run(client, experiment_id, runs_of_config(client, experiment_id, job.config_hash), job.plain,
+                       job.config_hash, hc, chief, create=lambda lock: create_run(client, experiment_id, job, root, lock))
     if chief:
         record_job(hc, claim.run_id)
     os.environ[CLAIM_ENV] = claim.to_env()  # DDP ranks that Lightning starts take rank 0's choice
@@ -274,11 +288,11 @@ def record_new_run(run: OpenRun, trainer: L.Trainer, plain: dict[str, Any], tags
 
 # -- 4. fit and test -------------------------------------------------------------------------
 
-def make_trainer(plain: dict[str, Any], variant: str, built: Built, speed: Speed, run: OpenRun,
-                 hc: Any) -> tuple[L.Trainer, ModelCheckpoint]:
+def make_trainer(job: Job, built: Built, run: OpenRun) -> tuple[L.Trainer, ModelCheckpoint]:
     """The Trainer and the checkpoint it keeps: the best on validation accuracy. Without a
     validation split (data.val_size=0, e.g. the paper's final runs on all 50k images) nothing
     validates and only the last epoch's checkpoint is kept (LastCheckpoint)."""
+    plain, variant, speed, hc = job.plain, job.variant, job.speed, job.hc
     validated = has_validation_split(plain["data"])
     checkpoint = ModelCheckpoint(dirpath=run.claim.ckpt_dir, filename="best-{epoch}",
                                  monitor=record.VAL_ACC if validated else None, mode="max",
@@ -288,7 +302,7 @@ def make_trainer(plain: dict[str, Any], variant: str, built: Built, speed: Speed
     trainer = L.Trainer(
         **plain["trainer"], **({} if validated else {"limit_val_batches": 0}), logger=run.logger,
         use_distributed_sampler=False,
-        callbacks=[checkpoint, LastCheckpoint(run.claim.ckpt_dir, run.claim.run_id, config_hash(plain)),
+        callbacks=[checkpoint, LastCheckpoint(run.claim.ckpt_dir, run.claim.run_id, job.config_hash),
                    stopping.StopAtNextStep(), *built.probes,
                    *job_callbacks(plain, job_label(hc), about, choices, jobs_after(hc) / parallel_jobs(hc))],
         default_root_dir=hc.runtime.output_dir,  # where Lightning's SLURM requeue writes its checkpoint
@@ -296,7 +310,7 @@ def make_trainer(plain: dict[str, Any], variant: str, built: Built, speed: Speed
     return trainer, checkpoint
 
 
-def fit_and_test(plain: dict[str, Any], built: Built, speed: Speed, run: OpenRun, trainer: L.Trainer,
+def fit_and_test(job: Job, built: Built, run: OpenRun, trainer: L.Trainer,
                  checkpoint: ModelCheckpoint) -> tuple[float | None, float | None]:
     """Train, then test the final weights once (the paper's protocol: a fixed schedule, no early
     stopping); `best-*.ckpt`, chosen on validation accuracy, is kept and logged for reloading.
@@ -305,11 +319,12 @@ def fit_and_test(plain: dict[str, Any], built: Built, speed: Speed, run: OpenRun
     Data without a held-out test set (an image folder without test/) is not tested: the
     validation images chose the model and never stand in for a test set.
     Returns (last validation accuracy or None, test accuracy or None)."""
+    plain = job.plain
     validated = has_validation_split(plain["data"])
     if run.chief and run.claim.resumed:
         run.logger.load_history(run.client)  # an epoch redone after a kill is not logged twice
     if run.chief and not run.claim.recorded:
-        record_new_run(run, trainer, plain, speed.tags())
+        record_new_run(run, trainer, plain, job.speed.tags())
     trainer.fit(built.module, datamodule=built.datamodule, ckpt_path=run.claim.ckpt_path, weights_only=True)
     val_acc = last_logged(run, trainer, record.VAL_ACC) if validated else None  # test() resets callback_metrics
     if run.chief and (checkpoint.best_model_path or not validated):  # one best checkpoint, or none without validation
@@ -359,18 +374,19 @@ def train(cfg: DictConfig, hc: Any) -> dict[str, Any]:
     logging.getLogger("lightning").handlers.clear()
     started = time.perf_counter()
     stopping.raise_if_stopped()  # Ctrl-C between two jobs of a sweep
-    plain, speed, variant = compose(cfg, hc)
-    built = build(plain, speed, hc)
+    job = compose(cfg, hc)
+    plain, variant = job.plain, job.variant
+    built = build(job)
     client, uri, experiment_id = open_store(plain, Path(hc.runtime.cwd))
-    twin = finished_twin(client, experiment_id, plain, hc)
+    twin = finished_twin(client, experiment_id, job)
     if twin is not None:
-        return skipped(client, plain, twin, hc)
-    run = open_run(client, uri, experiment_id, plain, variant, hc)
+        return skipped(client, job, twin)
+    run = open_run(client, uri, experiment_id, job)
     trainer: L.Trainer | None = None
     error: BaseException | None = None
     try:
-        trainer, checkpoint = make_trainer(plain, variant, built, speed, run, hc)
-        val_acc, test_acc = fit_and_test(plain, built, speed, run, trainer, checkpoint)
+        trainer, checkpoint = make_trainer(job, built, run)
+        val_acc, test_acc = fit_and_test(job, built, run, trainer, checkpoint)
     except BaseException as err:
         error = err
         if unreachable(err) and not isinstance(err, StoreUnreachable):

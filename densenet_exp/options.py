@@ -1,4 +1,4 @@
-"""The values a config key may take and the DenseNet knobs, named once and torch-free: the config
+"""The values a config key may take and the DenseNet knobs' checks, named once and torch-free: the config
 checks (validate.py) run before torch, Lightning or MLflow load, so bad input is rejected in
 about a second. models.ARCHITECTURES and classifier.OPTIMIZERS map the same names to what they
 build; tests/test_config.py checks that they match these lists.
@@ -6,9 +6,8 @@ build; tests/test_config.py checks that they match these lists.
 
 from __future__ import annotations
 
-from typing import Any
-
 from .checks import is_number, require, require_int
+from .config import DENSENET_KNOBS
 
 # models/__init__.py ARCHITECTURES: the constructor of each
 ARCHITECTURES = ("densenet", "densenet121", "densenet161", "densenet169", "densenet201", "densenet264",
@@ -19,10 +18,8 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("constant", "multistep", "cosine", "onecycle")
 DATA_SETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 AUGMENTATIONS = ("none", "flip", "crop", "crop_flip")
-
-# The three knobs of the ablation; only DenseNet architectures take them.
-DENSENET_KNOBS = ("growth_rate", "compression", "bottleneck")
-
+# The training images of each built-in set with a fixed size, before the validation split.
+TRAIN_IMAGES = {"fashion_mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000}
 
 # The config checks and the DenseNet constructor call these same functions, so `growth_rate=0`
 # reads the same from the command line and from `DenseNet(growth_rate=0)`.
@@ -38,23 +35,4 @@ def check_bottleneck(bottleneck: object) -> None:
     require("bottleneck", bottleneck, isinstance(bottleneck, bool), "true or false")
 
 
-KNOB_CHECKS = {"growth_rate": check_growth_rate, "compression": check_compression, "bottleneck": check_bottleneck}
-
-
-def is_densenet(arch: str) -> bool:
-    return arch.startswith("densenet")
-
-
-def apply_knobs(cfg: dict[str, Any]) -> None:
-    """Fold the top-level knobs into a DenseNet's model config (null keeps the preset's value)
-    and write the effective values back, so every run records the k, theta and B it trained.
-    Other architectures have no such knobs: theirs are recorded as null."""
-    model = cfg["model"]
-    densenet = is_densenet(str(model.get("arch", "")))
-    for knob in DENSENET_KNOBS:
-        if densenet:
-            if cfg.get(knob) is not None:
-                model[knob] = cfg[knob]
-            cfg[knob] = model.get(knob)
-        else:
-            cfg[knob] = None
+KNOB_CHECKS = dict(zip(DENSENET_KNOBS, (check_growth_rate, check_compression, check_bottleneck)))

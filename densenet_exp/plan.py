@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from . import record
 from .checks import InvalidValue, is_number, require
 
 STAGES = ("exploration", "confirmation")
@@ -44,7 +45,7 @@ CLAIM_KEYS: dict[str, dict[str, Any]] = {  # kind -> {key: default (None: requir
     "feature_reuse": {"arm": None, "min_layers": 6, "keep_fraction": 0.5},
     "gradient_flow": {"dense": None, "baseline": None, "phase": "init"},
 }
-CONVERGENCE_KEYS = {"metric": "val/acc", "last_fraction": 0.2, "max_gain_pp": 0.3, "near_chance_pp": 10.0}
+CONVERGENCE_KEYS = {"metric": record.VAL_ACC, "last_fraction": 0.2, "max_gain_pp": 0.3, "near_chance_pp": 10.0}
 
 
 @dataclass(frozen=True)

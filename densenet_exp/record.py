@@ -9,6 +9,8 @@ test instead of becoming a silent column of NaN.
 
 from __future__ import annotations
 
+from .config import DENSENET_KNOBS
+
 # -- metrics ---------------------------------------------------------------------------------
 # classifier.py, once per epoch (test once, at the end)
 TRAIN_LOSS = "train/loss"
@@ -122,7 +124,7 @@ SOURCE_RUN_ID = "source_run_id"  # on a run loaded from an export: its id in the
 # Params are the flattened config keys (conf/); results.load_runs reads these.
 RUN_PARAMS = (
     "data.name", "data.num_classes", "data.batch_size", "data.val_size", "data.augment", "model.name",
-    "model.arch", "growth_rate", "compression", "bottleneck", "seed", "trainer.max_epochs",
+    "model.arch", *DENSENET_KNOBS, "seed", "trainer.max_epochs",
 )
 # Read where a preset has them (the depth of a named or block-configured model).
 RUN_PARAMS_OPTIONAL = ("model.depth", "model.block_config", "trainer.precision")

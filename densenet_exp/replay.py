@@ -23,8 +23,8 @@ from pathlib import Path
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from .ownership import owner_gone
-from .store import StoreConfigError, bound_tool_waits, check_store, retry_locked, unreachable
+from .runs.ownership import owner_gone
+from .runs.store import StoreConfigError, bound_tool_waits, check_store, retry_locked, unreachable
 
 
 def replay(path: Path, uri: str | None = None, owner_timeout_s: float = 600) -> dict[str, int]:

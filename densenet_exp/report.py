@@ -36,18 +36,17 @@ from matplotlib.figure import Figure
 
 from . import record
 from .checks import InvalidValue, require, require_name
-from .figures import (
-    REUSE_NORMALIZATIONS,
+from .analysis.figures import (
     level,
     plot_accuracy_vs_cost,
-    plot_feature_reuse,
     plot_knob_effects,
     plot_learning_curves,
     plot_param_importances,
     plot_relative_grads,
     plot_search_history,
 )
-from .results import (
+from .measures.run_figures import REUSE_NORMALIZATIONS, plot_feature_reuse
+from .analysis.results import (
     CONFIG,
     SUMMARY_METRICS,
     ExperimentNotFound,
@@ -65,12 +64,12 @@ from .results import (
     search_trials,
     summarize,
 )
-from .store import StoreConfigError, StoreUnreachable, bound_tool_waits, check_store, retry_locked, tool_uri
-from .confirmation import Confirmation, confirmation_runs, judge_plan
-from .confirmation import rules as plan_rules
+from .runs.store import StoreConfigError, StoreUnreachable, bound_tool_waits, check_store, retry_locked, tool_uri
+from .analysis.confirmation import Confirmation, confirmation_runs, judge_plan
+from .analysis.confirmation import rules as plan_rules
 from .plan import Plan, load_plan
-from .tables import FORMATS, figure, headline_table, write_tables
-from .verdicts import DEFAULT_MARGIN_PP, NOISY_CV, Claim, Judgement, claims_table, conclusion, evaluate_claims, method
+from .analysis.tables import FORMATS, figure, headline_table, write_tables
+from .analysis.verdicts import DEFAULT_MARGIN_PP, NOISY_CV, Claim, Judgement, claims_table, conclusion, evaluate_claims, method
 
 
 def feature_reuse_figures(

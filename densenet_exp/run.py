@@ -31,7 +31,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from .logs import quiet_mlflow
+from .config import CONF_DIR
+from .runs.logs import quiet_mlflow
 
 log = logging.getLogger("densenet_exp")
 quiet_mlflow()  # before anything imports MLflow
@@ -43,7 +44,6 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*
 warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging interval")
 # The checkpoint folder holds the owner's lock file (ownership.py); stale checkpoints are set aside.
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 EXIT_BAD_INPUT, EXIT_BUSY, EXIT_STORE_DOWN = 2, 3, 75
 
 # Lightning starts DDP ranks > 0 by re-running this process's command line. Under `-m` that would
@@ -68,17 +68,18 @@ def ddp_rank_argv(argv: list[str], env: dict[str, str]) -> list[str]:
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     """Returns the final validation accuracy: the objective of a hyperparameter search."""
-    from .store import StoreConfigError, StoreUnreachable, check_uri, tracking_uri
+    from .runs.store import StoreConfigError, StoreUnreachable, check_uri, tracking_uri
+    from .training.trainer_keys import trainer_arguments
     from .validate import ConfigError, checked_config, output_folder_was_new
 
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     try:
         # Bad input ends here, before torch, Lightning and MLflow load.
-        checked_config(cfg, hc.overrides.task)
+        checked_config(cfg, hc.overrides.task, trainer_arguments)
         check_uri(tracking_uri(cfg.tracking.uri, Path(hc.runtime.cwd)),
                   "tracking.uri" if cfg.tracking.uri else "MLFLOW_TRACKING_URI")
-        from . import stopping
+        from .runs import stopping
         from .job import train
 
         stopping.install()
@@ -98,7 +99,7 @@ def main(cfg: DictConfig) -> float | None:
             return None
         bad_input = isinstance(err, ConfigError | StoreConfigError)
         if not bad_input:
-            from .ownership import Busy  # MLflow: loaded already once a job has started
+            from .runs.ownership import Busy  # MLflow: loaded already once a job has started
         if bad_input or isinstance(err, Busy):
             # Nothing was created but Hydra's output folder: remove it (if this launch made it).
             if output_folder_was_new(hc.runtime.output_dir):
@@ -122,7 +123,7 @@ def quiet_on_closed_pipe(argv: list[str]) -> None:
 
 
 def _record_failed_job(hc: Any, err: BaseException) -> None:
-    from .tracking import record_failed_job
+    from .runs.sweep_folder import record_failed_job
 
     record_failed_job(Path(hc.sweep.dir), hc.job.num, list(hc.overrides.task), err)
 

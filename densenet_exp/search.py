@@ -51,7 +51,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import record
 from .checks import require, require_int
-from .store import sqlite_path, tracking_uri
+from .runs.store import sqlite_path, tracking_uri
 
 # Hydra imports every sweeper plugin at start-up, `--help` included: Optuna only when it sweeps.
 if TYPE_CHECKING:
@@ -138,12 +138,12 @@ class TrialHeartbeat:
 def trial_gone(trial: Any, timeout_s: float) -> bool:
     """Whether the worker of a RUNNING trial is gone: on this machine, the lock its sweep held is
     free; elsewhere, its heartbeat is older than `timeout_s` (tracking.owner_timeout_s)."""
-    from .ownership import lock_is_held
+    from .runs.ownership import lock_is_held
 
     attrs = trial.user_attrs
-    host = str(attrs.get("owner", "")).rpartition(":")[0]
-    if host == socket.gethostname() and attrs.get("owner_lock"):
-        return not lock_is_held(Path(attrs["owner_lock"]))
+    host = str(attrs.get(record.OWNER, "")).rpartition(":")[0]
+    if host == socket.gethostname() and attrs.get(record.OWNER_LOCK):
+        return not lock_is_held(Path(attrs[record.OWNER_LOCK]))
     return time.time() - float(attrs.get("heartbeat") or 0) > timeout_s
 
 
@@ -248,12 +248,12 @@ class OptunaSweeper(Sweeper):
                    tracking: dict[str, Any]) -> None:
         import optuna
 
-        from .console import JOBS_DIR
-        from .ownership import LOCK_FILE, this_owner
+        from .runs.sweep_folder import JOBS_DIR
+        from .runs.ownership import LOCK_FILE, this_owner
 
         trial = study.ask(searched)
         sweep_dir = Path(self.config.hydra.sweep.dir)
-        for key, value in (("owner", this_owner()), ("owner_lock", str((sweep_dir / LOCK_FILE).resolve())),
+        for key, value in ((record.OWNER, this_owner()), (record.OWNER_LOCK, str((sweep_dir / LOCK_FILE).resolve())),
                            ("heartbeat", time.time())):
             trial.set_user_attr(key, value)
         values = {k: launched(v, trial.distributions[k]) for k, v in trial.params.items()}
@@ -282,7 +282,7 @@ class OptunaSweeper(Sweeper):
         from mlflow.tracking import MlflowClient
         from optuna.distributions import distribution_to_json
 
-        from .store import retry_locked
+        from .runs.store import retry_locked
 
         space = {"direction": self.direction, "objective": OBJECTIVE,
                  "params": {k: distribution_to_json(d) for k, d in trial.distributions.items()}}
@@ -340,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import pandas as pd
 
-    from .results import ExperimentNotFound, load_runs
+    from .analysis.results import ExperimentNotFound, load_runs
 
     uri = tracking_uri(args.tracking_uri, Path.cwd())
     try:

@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InvalidValue as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from .store import tracking_uri
+    from .runs.store import tracking_uri
 
     uri = tracking_uri(args.tracking_uri, Path.cwd())
     if args.command == "show":
@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {args.stage} {job.arm} seed {job.seed}: {' '.join(job.overrides)}")
         return 0
     if args.command == "estimate":
-        from .estimate import print_estimate
+        from .analysis.estimate import print_estimate
 
         return print_estimate(plan, uri, args.jobs)
     os.environ.setdefault("MLFLOW_TRACKING_URI", uri)

@@ -8,11 +8,10 @@ or MLflow load, so bad input is rejected in about a second (tools/startup-time m
 
 from __future__ import annotations
 
-import inspect
 import os
 import sys
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +20,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .checks import InvalidValue, is_int, is_number, require, require_int, require_name
 from .datafiles import FASHION_MNIST_HELP, LAYOUT, find_fashion_mnist, read_image_folder, stem_for
+from .config import resolved_config
 from .options import (ARCHITECTURES, AUGMENTATIONS, DATA_SETS, KNOB_CHECKS, OPTIMIZERS, SCHEDULERS, STEMS,
-                      apply_knobs)
+                      TRAIN_IMAGES)
 
-TRAIN_IMAGES = {"fashion_mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000}  # before the validation split
 NATIVE_SIZE = {"fashion_mnist": 28, "cifar10": 32, "cifar100": 32}  # in-memory sets are not resized
 # Keys the code reads that not every config file defines, so `+key=value` may add them. Model and
 # probe options are checked by their builders, trainer keys against lightning.Trainer.
@@ -171,15 +170,10 @@ def validate_tracking(tracking: Mapping[str, Any]) -> None:
         require(f"tracking.http.{key}", value, ok, "a number >= 0 (or null for MLflow's default)")
 
 
-def _trainer_arguments() -> set[str]:
-    import lightning as L  # only for a `+trainer.` override: seconds of import
-
-    return set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
-
-
-def check_added_keys(overrides: Iterable[str]) -> None:
+def check_added_keys(overrides: Iterable[str], trainer_arguments: Callable[[], Collection[str]]) -> None:
     """Reject `+key=value` overrides that add a key nothing reads (a typo would otherwise train the
-    default config under a new config hash)."""
+    default config under a new config hash). `trainer_arguments` (training/trainer_keys.py) names
+    the Trainer's arguments, asked only for a `+trainer.` override: this module imports no Lightning."""
     for override in overrides:
         if not override.startswith("+"):
             continue
@@ -187,7 +181,7 @@ def check_added_keys(overrides: Iterable[str]) -> None:
         section, _, rest = key.partition(".")
         if "/" in key or key.startswith(("hydra.", "model.", "probes.")) or key in (*ADDABLE_KEYS, *CONFIG_GROUPS):
             continue
-        if section == "trainer" and rest in _trainer_arguments():
+        if section == "trainer" and rest in trainer_arguments():
             continue
         raise ConfigError(f"{override}: nothing reads key {key!r}: remove it or fix its name (keys that + may add: "
                           f"{', '.join(ADDABLE_KEYS)}, trainer.<lightning.Trainer argument>, model.<model option>)")
@@ -271,17 +265,14 @@ def validate_study(cfg: Mapping[str, Any]) -> None:
     require("seed", cfg["seed"], cfg["seed"] in seeds, f"one of the plan's {stage} seeds of this arm {list(seeds)}")
 
 
-def checked_config(cfg: DictConfig, overrides: Iterable[str] = ()) -> dict[str, Any]:
+def checked_config(cfg: DictConfig, overrides: Iterable[str], trainer_arguments: Callable[[], Collection[str]]) -> dict[str, Any]:
     """The job's config as plain data, checked: an image folder's null settings read from its
-    files, the DenseNet knobs folded into the model (options.apply_knobs), every value checked.
+    files, the DenseNet knobs folded into the model (config.resolved_config), every value checked.
     Raises ConfigError on the first bad value or `+key` that nothing reads."""
-    check_added_keys(overrides)
+    check_added_keys(overrides, trainer_arguments)
     if cfg.data.get("name") == "imagefolder":
         fill_image_folder(cfg.data)
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(plain, dict)
-    plain.pop("hydra", None)
-    apply_knobs(plain)
+    plain = resolved_config(cfg)
     validate_config(plain)
     return plain
 

@@ -12,10 +12,10 @@ from omegaconf import OmegaConf
 
 from conftest import ROOT
 from densenet_exp.job import variant_name
-from densenet_exp.options import apply_knobs
+from densenet_exp.config import apply_knobs
 from densenet_exp.models import DenseNet, build_model
 from densenet_exp.run import ddp_rank_argv
-from densenet_exp.tracking import config_hash, flatten
+from densenet_exp.config import config_hash, flatten
 from densenet_exp.validate import ConfigError, validate_config
 
 MODELS = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
@@ -192,7 +192,8 @@ def test_slurm_launcher_defaults(monkeypatch):
 
 def test_the_light_option_lists_name_what_the_code_builds():
     """validate.py checks names against options.py (torch-free); the builders must agree with it."""
-    from densenet_exp import classifier, models, options
+    from densenet_exp.training import classifier
+    from densenet_exp import models, options
 
     assert options.ARCHITECTURES == tuple(models.ARCHITECTURES)
     assert options.OPTIMIZERS == tuple(classifier.OPTIMIZERS)

@@ -21,14 +21,15 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import ROOT
-from densenet_exp.classifier import ImageClassifier
-from densenet_exp.data import ImageDataModule, has_validation_split
+from densenet_exp.training.classifier import ImageClassifier
+from densenet_exp.training.data import ImageDataModule, has_validation_split
 from densenet_exp.models import build_model
 from densenet_exp.probes import build_probes
-from densenet_exp.options import apply_knobs
-from densenet_exp.speed import choose_speed
-from densenet_exp.store import bound_http_waits
-from densenet_exp.validate import fill_image_folder, validate_config
+from densenet_exp.config import apply_knobs
+from densenet_exp.training.speed import choose_speed
+from densenet_exp.runs.store import bound_http_waits
+from densenet_exp.training.trainer_keys import trainer_arguments
+from densenet_exp.validate import ConfigError, check_added_keys, fill_image_folder, validate_config
 
 CONF = ROOT / "conf"
 GROUPS = ("model", "data", "trainer", "optim", "probes", "experiment", "hparams_search")
@@ -160,3 +161,10 @@ def test_every_key_of_every_config_option_is_read(group, option, tmp_path):
 def test_the_check_finds_a_key_that_nothing_reads(tmp_path):
     plain, refs = compose_option("experiment", "smoke", tmp_path, "+data.colour=red", "+optim.beta=0.5")
     assert unread_keys(plain, refs) == {"data.colour", "optim.beta"}
+
+
+def test_only_keys_that_something_reads_may_be_added():
+    check_added_keys(["+trainer.gradient_clip_val=1.0", "+data.download=true", "+model.drop_rate=0.1", "seed=1"],
+                     trainer_arguments)
+    with pytest.raises(ConfigError, match=r"\+\+trainer.not_an_argument=1: nothing reads"):
+        check_added_keys(["++trainer.not_an_argument=1"], trainer_arguments)

@@ -11,10 +11,11 @@ import pytest
 from mlflow.entities import Metric
 
 from conftest import Store
-from densenet_exp import confirmation, record, report, results, stats, verdicts
-from densenet_exp.figure5 import FIGURE5
+from densenet_exp.analysis import confirmation, results, stats, verdicts
+from densenet_exp import record, report
+from densenet_exp.measures.figure5 import FIGURE5
 from densenet_exp.plan import load_plan
-from densenet_exp.verdicts import CONTRADICTED, EXPLORATORY, INCONCLUSIVE, NOT_COMPARABLE, SUPPORTED
+from densenet_exp.analysis.verdicts import CONTRADICTED, EXPLORATORY, INCONCLUSIVE, NOT_COMPARABLE, SUPPORTED
 from test_report import add_run
 from test_verdicts import figure5_like
 

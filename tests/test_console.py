@@ -9,7 +9,8 @@ from types import SimpleNamespace
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from densenet_exp.console import SweepPlan, job_label, swept_labels
+from densenet_exp.runs.console import job_label, swept_labels
+from densenet_exp.runs.sweep_folder import SweepPlan
 from densenet_exp.job import run_name, variant_name
 
 
@@ -103,8 +104,9 @@ def test_sweep_says_what_runs_and_ends_with_a_table_of_its_jobs(store):
 def test_closing_table_marks_skipped_and_failed_jobs(store, tmp_path):
     """A rerun sweep: job 1 trained, job 2 skipped (its config FINISHED in an earlier sweep), job 3
     failed before it had a run. The report command then covers the whole experiment."""
-    from densenet_exp.console import JOBS_DIR, record_job, sweep_summary
-    from densenet_exp.tracking import ensure_experiment, record_failed_job
+    from densenet_exp.runs.console import sweep_summary
+    from densenet_exp.runs.sweep_folder import JOBS_DIR, record_failed_job, record_job
+    from densenet_exp.runs.tracking import ensure_experiment
 
     client = store.client()
     experiment_id = ensure_experiment(client, "smoke")
@@ -138,7 +140,7 @@ def test_a_sweep_whose_jobs_logged_no_run_of_their_own_leaves_no_parent(store, t
     import signal
 
     from conftest import ROOT
-    from densenet_exp.tracking import SweepParentRun
+    from densenet_exp.runs.sweep import SweepParentRun
 
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # the sweep installs its own
     config = OmegaConf.load(ROOT / "conf" / "config.yaml")
@@ -167,7 +169,7 @@ def test_a_sweep_whose_jobs_logged_no_run_of_their_own_leaves_no_parent(store, t
 def test_without_a_progress_bar_a_long_epoch_logs_a_line_with_the_time_left(caplog):
     import logging
 
-    from densenet_exp.progress import JobReport
+    from densenet_exp.training.progress import JobReport
 
     job = JobReport({}, "job 2/4", "run", {}, later_jobs=2, lines_within_epoch=True, every_s=0)
     job.started = job.last_line = 0.0

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from densenet_exp.data import (
+from densenet_exp.training.data import (
     IndexBatches,
     ImageDataModule,
     TensorImages,

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from densenet_exp import export
-from densenet_exp.ownership import lock_path
+from densenet_exp.runs.ownership import lock_path
 
 
 def make_store(path, experiment="study") -> tuple[str, str, str]:

@@ -18,10 +18,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import ROOT
-from densenet_exp.classifier import ImageClassifier
+from densenet_exp.training.classifier import ImageClassifier
 from densenet_exp.models import DenseNet
-from densenet_exp.speed import choose_speed, use_channels_last, use_keep_freed_memory
-from densenet_exp.tracking import config_hash
+from densenet_exp.training.speed import choose_speed, use_channels_last, use_keep_freed_memory
+from densenet_exp.config import config_hash
 from densenet_exp.validate import ConfigError
 
 OPTIM = {"name": "sgd", "lr": 0.1, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0, "scheduler": "constant"}
@@ -227,7 +227,7 @@ def test_compile_auto_compiles_runs_long_enough_to_pay(monkeypatch, overrides, c
 def test_compile_auto_counts_the_steps_the_run_will_take(monkeypatch):
     import shutil
 
-    from densenet_exp.speed import planned_train_steps
+    from densenet_exp.training.speed import planned_train_steps
 
     assert planned_train_steps(composed("experiment=quickstart")) == 2 * 644  # as the run prints it
     assert planned_train_steps(composed("experiment=fmnist_decisive")) == 3 * 429
@@ -294,7 +294,7 @@ def test_a_run_records_its_speed_choice(store):
 
 STEP_FAULTS = """
 import resource, sys, torch
-from densenet_exp.speed import keep_freed_memory, use_keep_freed_memory
+from densenet_exp.training.speed import keep_freed_memory, use_keep_freed_memory
 
 def step() -> int:
     # Page faults of a stand-in training step: blocks of 40-160 MB alive together, then freed.

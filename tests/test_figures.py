@@ -12,7 +12,9 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_hex
 
-from densenet_exp import figures, record, report
+from densenet_exp.analysis import figures
+from densenet_exp import record, report
+from densenet_exp.measures import run_figures
 
 DATA = "fashion_mnist"
 ACC, PARAMS, FLOPS = record.TEST_ACC, record.PARAMS, record.FLOPS_PER_IMAGE
@@ -130,7 +132,7 @@ def test_gradient_figure_plots_the_body_convs_only_by_their_position_among_them(
 def test_feature_reuse_heatmap_names_its_normalization_and_shows_init_below_trained():
     uniform = np.array([[1.0, 1.0, 1.0], [np.nan, 1.0, 1.0], [np.nan, np.nan, 1.0]])
     trained = uniform * np.array([[2.0], [1.0], [1.0]])  # training doubled the weight on the block input
-    fig = figures.plot_feature_reuse([trained, trained], "t", init=[uniform, uniform], normalization="column mean")
+    fig = run_figures.plot_feature_reuse([trained, trained], "t", init=[uniform, uniform], normalization="column mean")
     heatmaps = [ax for ax in fig.axes if ax.images]
     assert [ax.get_title() for ax in heatmaps] == [
         "Dense block 1, trained", "Dense block 2, trained",
@@ -141,12 +143,12 @@ def test_feature_reuse_heatmap_names_its_normalization_and_shows_init_below_trai
     np.testing.assert_allclose(init_cells[~init_cells.mask], 1.0)  # uniform: 1 everywhere
     assert heatmaps[0].images[0].get_array()[0, 1] == pytest.approx(2 / 1.5)  # column (2, 1) over its mean
     # Old runs recorded no init matrix: one row, and the figure says so.
-    old = figures.plot_feature_reuse([trained], "old")
+    old = run_figures.plot_feature_reuse([trained], "old")
     assert sum(1 for ax in old.axes if ax.images) == 1
     assert any("no init matrix recorded" in t.get_text() for t in [*old.texts, old._supxlabel] if t is not None)
     assert "block max = 1" in next(ax for ax in old.axes if not ax.images).get_ylabel().replace("\n", " ")
     with pytest.raises(ValueError, match="normalization='row'"):
-        figures.plot_feature_reuse([trained], normalization="row")
+        run_figures.plot_feature_reuse([trained], normalization="row")
 
 
 def test_report_feature_reuse_figures_set_the_mean_init_matrix_below_the_trained_one(tmp_path):

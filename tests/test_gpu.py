@@ -80,7 +80,7 @@ def test_memory_efficient_mode_equals_the_plain_path_on_cuda(dtype):
 
 
 def test_in_memory_data_lives_on_the_gpu():
-    from densenet_exp.data import ImageDataModule
+    from densenet_exp.training.data import ImageDataModule
 
     cfg = {"name": "synthetic", "num_classes": 10, "channels": 1, "image_size": 28, "train_size": 256,
            "test_size": 128, "val_size": 64, "batch_size": 32, "eval_batch_size": 64, "seed": 0, "split_seed": 0,

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, Store, assert_clean, kill_when, run_until
-from densenet_exp.checkpoints import PAUSE_ENV
-from densenet_exp.tracking import ensure_experiment
+from densenet_exp.runs.checkpoints import PAUSE_ENV
+from densenet_exp.runs.tracking import ensure_experiment
 
 SMOKE = ("experiment=smoke", "probes=none")
 PROBE_METRICS = {
@@ -221,7 +221,7 @@ def test_the_training_step_never_waits_on_the_device(monkeypatch):
     import lightning as L
     import torch
 
-    from densenet_exp.classifier import ImageClassifier
+    from densenet_exp.training.classifier import ImageClassifier
 
     reads: list[str] = []
     inside = [False]

@@ -15,7 +15,8 @@ from hydra import compose, initialize_config_dir
 
 from conftest import ROOT, Store
 from densenet_exp import datafiles
-from densenet_exp.data import ImageDataModule, has_validation_split, loader_workers
+from densenet_exp.training.data import ImageDataModule, has_validation_split, loader_workers
+from densenet_exp.training.trainer_keys import trainer_arguments
 from densenet_exp.validate import ConfigError, checked_config
 
 COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40)]
@@ -41,7 +42,7 @@ def checked(*overrides: str) -> dict:
     """The config a job would train, checked as run.py checks it (no run, no torch)."""
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["data=imagefolder", "model=densenet_tiny", "data.batch_size=2", *overrides])
-    return checked_config(cfg, overrides)
+    return checked_config(cfg, overrides, trainer_arguments)
 
 
 def test_class_count_image_size_and_stem_come_from_the_folder(tmp_path):

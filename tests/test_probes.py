@@ -23,8 +23,10 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from densenet_exp import record, results
-from densenet_exp.classifier import ImageClassifier
+from densenet_exp import record
+from densenet_exp.analysis import results
+from densenet_exp.measures import gradients
+from densenet_exp.training.classifier import ImageClassifier
 from densenet_exp.models import CifarResNet, DenseNet, build_model, densenet121
 from densenet_exp.probes import (
     PROBES,
@@ -305,7 +307,7 @@ def test_roles_read_from_layer_names_agree_with_the_module_structure(model_with_
     """Files written before the probe recorded roles get theirs from the names (results.py, no torch)."""
     _, layers, _ = model_with_roles
     names, kinds = [n for n, _, _ in layers], [type(m).__name__ for _, m, _ in layers]
-    assert results.roles_from_layer_names(names, kinds) == [role for _, _, role in layers]
+    assert gradients.roles_from_layer_names(names, kinds) == [role for _, _, role in layers]
 
 
 def test_a_conv_no_rule_covers_is_named_rather_than_guessed():
@@ -320,14 +322,14 @@ def test_old_rows_get_roles_and_the_summary_compares_the_body_convs_only():
     nn.functional.cross_entropy(model(torch.randn(4, 1, 8, 8)), torch.arange(4) % 3).backward()
     table = gradient_flow.relative_gradients(gradient_flow.weighted_layers(model), "init", 0)
     old = table.drop(columns="role")  # as relative_grads.csv was written before roles
-    pd.testing.assert_frame_equal(results.assign_roles(old)[list(record.RELATIVE_GRADS_COLUMNS)], table,
+    pd.testing.assert_frame_equal(gradients.assign_roles(old)[list(record.RELATIVE_GRADS_COLUMNS)], table,
                                   check_dtype=False)
-    body = results.body_layers(old)
+    body = gradients.body_layers(old)
     assert body["layer"].tolist() == [n for n in table["layer"] if n.startswith("layer")]  # 6 convs of 3 blocks
     assert body["body_depth"].tolist() == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1])
     grads = body["relative_grad"].to_numpy()
     summary = gradient_flow.summarize(table)  # the probe's scalars: positions <= 0.25 and >= 0.75
-    assert summary == results.body_gradient_summary(old)
+    assert summary == gradients.body_gradient_summary(old)
     assert summary["grad/early_rel_init"] == pytest.approx(grads[:2].mean())
     assert summary["grad/early_over_late_init"] == pytest.approx(grads[:2].mean() / grads[-2:].mean())
 

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import Store
 from densenet_exp import record
-from densenet_exp.results import model_family
+from densenet_exp.analysis.results import model_family
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -78,3 +78,33 @@ def test_the_package_spells_out_each_metric_and_artifact_name_only_in_record_py(
              for n, line in enumerate(path.read_text().splitlines(), 1) if spelled.search(line)]
     # Docstrings and messages may quote a name in backticks; code may not spell it as a string.
     assert not found, "\n".join(found)
+
+
+def record_name_uses(source: str) -> list[str]:
+    """Lines of `source` that spell out a record name (any of record.py's string constants, not
+    only those with a "/") where code reads or writes a run's data: a tag, metric or Optuna
+    attribute looked up (`tags.get("variant")`, `metrics["epoch_time_s"]`), set or logged
+    (`set_tag(run_id, "owner", ...)`, `(("owner", ...), ...)` pairs), or a metric described."""
+    names = sorted({v for k, v in vars(record).items() if k.isupper() and isinstance(v, str)}, key=len, reverse=True)
+    name = "|".join(re.escape(n) for n in names)
+    uses = re.compile(
+        rf"""(?:tags|metrics|user_attrs|attrs)(?:\.get\(|\[)\s*["']({name})["']"""  # looked up
+        rf"""|\.(?:set_tag|log_metric|set_user_attr|describe|values)\([^)]*?["']({name})["']"""  # set, logged, described
+        rf"""|\(\s*["']({name})["']\s*,\s*this_owner\("""  # an owner's attributes
+    )
+    return [line.strip() for line in source.splitlines() if uses.search(line)]
+
+
+def test_the_package_spells_out_no_record_name_where_it_reads_or_writes_a_run():
+    """`tags.get("variant")` is `tags.get(record.VARIANT)` until record.py renames it; then it
+    silently reads nothing."""
+    found = [f"{path.relative_to(ROOT)}: {line}" for path in sorted((ROOT / "densenet_exp").rglob("*.py"))
+             if path.name != "record.py" for line in record_name_uses(path.read_text())]
+    assert not found, "\n".join(found)
+    # What it catches: the spellings this test was written against.
+    assert record_name_uses('tags.get("variant", "?")\nrun.data.metrics["epoch_time_s"]\n'
+                            'attrs.get("owner_lock")\nc.describe("train_images_per_s", ".4g")\n'
+                            'for k, v in (("owner", this_owner()),)\n'
+                            'tags.get(record.VARIANT)\nmetrics[record.EPOCH_TIME_S]') == [
+        'tags.get("variant", "?")', 'run.data.metrics["epoch_time_s"]', 'attrs.get("owner_lock")',
+        'c.describe("train_images_per_s", ".4g")', 'for k, v in (("owner", this_owner()),)']

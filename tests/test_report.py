@@ -27,8 +27,10 @@ from mlflow.entities import Metric, Param
 from scipy import stats
 
 from conftest import ROOT, Store
-from densenet_exp.figure5 import FIGURE5
-from densenet_exp import figures, record, report, results, tables, verdicts
+from densenet_exp.measures.figure5 import FIGURE5
+from densenet_exp.analysis import figures, results, tables, verdicts
+from densenet_exp import record, report
+from densenet_exp.measures import run_figures
 
 # --- a store with known values ---------------------------------------------------------------
 
@@ -536,7 +538,7 @@ def test_report_refuses_a_name_that_would_leave_reports_and_never_creates_a_stor
 
 
 def test_report_imports_neither_lightning_nor_torch():
-    code = ("import sys, densenet_exp.report, densenet_exp.figures, densenet_exp.verdicts; "
+    code = ("import sys, densenet_exp.report, densenet_exp.analysis.figures, densenet_exp.analysis.verdicts; "
             "print(sorted(m for m in ('lightning', 'torch', 'hydra', 'mlflow') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -572,8 +574,8 @@ def test_figures_keep_titles_and_labels_on_the_canvas(known):
         "knobs": figures.plot_knob_effects(done, "fashion_mnist"),
         "curves": figures.plot_learning_curves(results.learning_curves(done, store.uri), "fashion_mnist"),
         "grads": figures.plot_relative_grads(grads, "fashion_mnist"),
-        "heatmap": figures.plot_feature_reuse(next(iter(matrices.values())), "a long title for the heatmap"),
-        "run": figures.plot_gradient_flow_run(grads[grads["run_id"] == grads["run_id"].iloc[0]], "densenet-s0"),
+        "heatmap": run_figures.plot_feature_reuse(next(iter(matrices.values())), "a long title for the heatmap"),
+        "run": run_figures.plot_gradient_flow_run(grads[grads["run_id"] == grads["run_id"].iloc[0]], "densenet-s0"),
     }
     for name, fig in figs.items():
         assert fig is not None, name

@@ -14,9 +14,9 @@ import torch.multiprocessing as mp
 import yaml
 
 from conftest import ROOT, assert_clean, kill_when
-from densenet_exp.data import ImageDataModule
-from densenet_exp.results import load_runs
-from densenet_exp.tracking import ensure_experiment
+from densenet_exp.training.data import ImageDataModule
+from densenet_exp.analysis.results import load_runs
+from densenet_exp.runs.tracking import ensure_experiment
 
 SMOKE = ("experiment=smoke", "probes=none")
 
@@ -48,7 +48,7 @@ def test_submitit_local_launcher_finishes_both_jobs(store):
 
 
 def test_ddp_on_cpu_logs_one_run_with_accuracy_over_all_ranks(store):
-    from densenet_exp.data import ImageDataModule
+    from densenet_exp.training.data import ImageDataModule
     from densenet_exp.models import build_model
 
     result = store.run(*SMOKE, "trainer=ddp", "trainer.max_epochs=1")

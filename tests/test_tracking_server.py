@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, Store, assert_clean, run_until
-from densenet_exp.checkpoints import PAUSE_ENV
+from densenet_exp.runs.checkpoints import PAUSE_ENV
 
 
 def free_port() -> int:
@@ -155,8 +155,8 @@ def test_a_server_down_for_good_stops_the_run_within_a_minute_and_the_replay_del
 
 
 def test_metrics_are_kept_on_disk_when_the_store_is_gone_for_good(tmp_path, monkeypatch):
-    from densenet_exp.store import StoreUnreachable
-    from densenet_exp.run_logger import RunLogger
+    from densenet_exp.runs.store import StoreUnreachable
+    from densenet_exp.runs.run_logger import RunLogger
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # no server will ever answer: fail fast
     uri = f"http://127.0.0.1:{free_port()}"

@@ -4,7 +4,7 @@ last epoch's weights."""
 
 from __future__ import annotations
 
-from densenet_exp.data import has_validation_split
+from densenet_exp.training.data import has_validation_split
 
 
 def test_which_data_configs_validate():

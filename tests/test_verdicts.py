@@ -1,4 +1,4 @@
-"""The verdict rules of densenet_exp.verdicts on stores written by hand with known values (one
+"""The verdict rules of densenet_exp.analysis.verdicts on stores written by hand with known values (one
 experiment per scenario), plus real models at initialization for the gradient-flow claim."""
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from scipy import stats as scipy_stats
 from torch import nn
 
 from conftest import Store
-from densenet_exp import figures, record, report, results, stats, verdicts
-from densenet_exp.figure5 import FIGURE5, figure5_ratios
+from densenet_exp.analysis import figures, results, stats, verdicts
+from densenet_exp import record, report
+from densenet_exp.measures.figure5 import FIGURE5, figure5_ratios
 from densenet_exp.probes.gradient_flow import relative_gradients, weighted_layers
 from densenet_exp.probes.gradient_flow import summarize as summarize_gradients
-from densenet_exp.verdicts import CONTRADICTED, EXPLORATORY, INCONCLUSIVE, NOT_COMPARABLE, SUPPORTED
+from densenet_exp.analysis.verdicts import CONTRADICTED, EXPLORATORY, INCONCLUSIVE, NOT_COMPARABLE, SUPPORTED
 from test_report import add_run
 
 KNOBS_NONE = {"growth_rate": None, "compression": None, "bottleneck": None}

@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from ..checks import InvalidValue, require
-from ..options import DENSENET_KNOBS, is_densenet
+from ..config import DENSENET_KNOBS, is_densenet
 from .densenet import (
     KNOB_CHECKS,
     DenseBlock,

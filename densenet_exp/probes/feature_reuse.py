@@ -26,9 +26,9 @@ from lightning.pytorch.loggers import MLFlowLogger
 from torch import Tensor
 
 from .. import record
-from ..figures import plot_feature_reuse as feature_reuse_figure
 from ..models.densenet import DenseBlock, DenseNet
-from ..verdicts import figure5_ratios
+from ..measures.figure5 import figure5_ratios
+from ..measures.run_figures import plot_feature_reuse as feature_reuse_figure
 
 from .output import log_results
 
@@ -70,7 +70,7 @@ def feature_reuse(model: DenseNet) -> list[np.ndarray]:
 
 def feature_reuse_summary(matrices: Sequence[np.ndarray]) -> dict[str, float]:
     """Scalars of the paper's Figure 5 observations (a)-(d), each the ratio to what uniform
-    weighting gives (densenet_exp.verdicts.FIGURE5_RULE, which the report judges from the
+    weighting gives (densenet_exp.analysis.verdicts.FIGURE5_RULE, which the report judges from the
     matrices themselves): ``reuse/early_over_uniform``, ``reuse/transition_early_over_uniform``,
     ``reuse/transition_output_over_uniform``, ``reuse/classifier_late_over_uniform``.
 
@@ -103,7 +103,7 @@ def feature_reuse_summary(matrices: Sequence[np.ndarray]) -> dict[str, float]:
 
 def plot_feature_reuse(matrices: Sequence[np.ndarray], path: str | Path, title: str = "",
                        init: Sequence[np.ndarray] | None = None) -> None:
-    """Save densenet_exp.figures.plot_feature_reuse (the paper's Figure 5 layout, the init matrices
+    """Save densenet_exp.measures.run_figures.plot_feature_reuse (the paper's Figure 5 layout, the init matrices
     below the trained ones, each column over its mean: 1 = uniform weighting) to `path`."""
     feature_reuse_figure(matrices, title, init=init, normalization="column mean").savefig(path, dpi=120)
 

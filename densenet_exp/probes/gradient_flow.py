@@ -8,7 +8,7 @@ own weight's norm: the relative change one SGD step makes to that layer.
 
 Every layer carries its role in its architecture (record.LAYER_ROLES), read from the module
 structure: the summaries compare like with like, the body's 3x3 convolutions only
-(densenet_exp.results.GRADIENT_LAYER_RULE), so a stem, a 1x1 bottleneck or a classifier whose
+(densenet_exp.measures.gradients.GRADIENT_LAYER_RULE), so a stem, a 1x1 bottleneck or a classifier whose
 relative gradient differs by construction does not decide an early/late ratio.
 """
 
@@ -24,10 +24,10 @@ from torch import nn
 from torchvision.models import resnet as torchvision_resnet
 
 from .. import record
-from ..figures import plot_gradient_flow_run
 from ..models import DenseLayer, Transition
 from ..models.resnet import BasicBlock
-from ..results import assign_roles, body_gradient_summary
+from ..measures.gradients import assign_roles, body_gradient_summary
+from ..measures.run_figures import plot_gradient_flow_run
 from .output import log_results
 
 ARTIFACT_PATH, TABLE = record.RELATIVE_GRADS.split("/")
@@ -106,9 +106,7 @@ def relative_gradients(layers: list[tuple[str, nn.Module, str]], phase: str, ste
     last = max(len(layers) - 1, 1)
     return pd.DataFrame(
         [
-            {"phase": phase, "step": step, "depth": depth, "relative_depth": depth / last, "layer": name,
-             "kind": type(module).__name__, "role": role, "grad_norm": g, "weight_norm": w,
-             "relative_grad": g / w if w else float("nan")}
+            (phase, step, depth, depth / last, name, type(module).__name__, role, g, w, g / w if w else float("nan"))
             for depth, ((name, module, role), (g, w)) in enumerate(zip(layers, norms))
         ],
         columns=list(record.RELATIVE_GRADS_COLUMNS),
@@ -116,7 +114,7 @@ def relative_gradients(layers: list[tuple[str, nn.Module, str]], phase: str, ste
 
 
 def summarize(table: pd.DataFrame) -> dict[str, float]:
-    """Per phase, on the body layers only (densenet_exp.results.body_gradient_summary):
+    """Per phase, on the body layers only (densenet_exp.measures.gradients.body_gradient_summary):
     `grad/early_rel_<phase>`, the mean relative gradient of the body convs at position <= 0.25
     among them, and `grad/early_over_late_<phase>`, that mean over the mean at position >= 0.75."""
     return body_gradient_summary(table)
@@ -142,8 +140,8 @@ class GradientFlowProbe(pl.Callback):
 
     def _phase(self, trainer: pl.Trainer) -> str | None:
         if trainer.global_step == 0:
-            return "init"
-        return "epoch1" if trainer.current_epoch == 1 else None  # recorded at its first step only
+            return PHASES[0]
+        return PHASES[1] if trainer.current_epoch == 1 else None  # recorded at its first step only
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -163,7 +161,7 @@ class GradientFlowProbe(pl.Callback):
 
     def table(self) -> pd.DataFrame:
         """Every phase recorded; rows restored from a checkpoint written before roles were recorded
-        get theirs from the layer names (densenet_exp.results.assign_roles)."""
+        get theirs from the layer names (densenet_exp.measures.gradients.assign_roles)."""
         columns = list(record.RELATIVE_GRADS_COLUMNS)
         table = pd.concat(self.records, ignore_index=True) if self.records else pd.DataFrame(columns=columns)
         return assign_roles(table)[columns]

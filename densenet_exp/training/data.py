@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from .datafiles import FASHION_MNIST_FILES, FASHION_MNIST_HELP, SMALL_IMAGES, find_fashion_mnist, read_image_folder
-from .options import AUGMENTATIONS  # noqa: F401 (TensorImages' augmentations)
+from ..datafiles import FASHION_MNIST_FILES, FASHION_MNIST_HELP, SMALL_IMAGES, find_fashion_mnist, read_image_folder
+from ..options import AUGMENTATIONS  # noqa: F401 (TensorImages' augmentations)
 
 # Per-channel statistics of each training set, for normalization.
 STATS = {

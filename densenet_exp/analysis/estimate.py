@@ -13,27 +13,16 @@ from __future__ import annotations
 
 import math
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from . import record
-from .plan import Plan
+from .. import record
+from ..config import composed
+from ..options import TRAIN_IMAGES
+from ..plan import Plan
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-TRAIN_IMAGES = {"fashion_mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000}
-
-
-def composed(overrides: list[str]) -> dict:
-    """The config of one job, composed as `densenet_exp.run` would (Hydra, no torch)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[o for o in overrides if not o.startswith("hydra.")])
-    return OmegaConf.to_container(cfg, resolve=True)
 
 
 def train_images(cfg: dict) -> int:

@@ -19,9 +19,9 @@ from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, _update_n, convert_inf
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from . import record
-from .console import duration
-from .logs import is_terminal
+from .. import record
+from ..runs.console import duration
+from ..runs.logs import is_terminal
 
 log = logging.getLogger("densenet_exp")
 PROGRESS_EVERY_S = 300.0  # without a progress bar: a line at least this often within an epoch

@@ -10,7 +10,7 @@ run has written to, is set aside and made anew). Readers (the report, export, re
 create a store: `check_store` turns a missing or unusable one into one line.
 
 Kept free of Lightning and Hydra so that the report and the notebooks, which only read the
-store, start in seconds (`densenet_exp.tracking` builds on this for training runs).
+store, start in seconds (`densenet_exp.runs.tracking` builds on this for training runs).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .checks import InvalidValue, require
+from ..checks import InvalidValue, require
+from ..config import CONFIG_FILE
 
 T = TypeVar("T")
 
@@ -39,7 +40,6 @@ HTTP_SETTINGS = {
     "timeout_s": "MLFLOW_HTTP_REQUEST_TIMEOUT",
 }
 CREATE_LOCK_WAIT_S = 300
-CONFIG_FILE = Path(__file__).resolve().parent.parent / "conf" / "config.yaml"  # the run config's defaults
 # Tables every MLflow store has (MLflow's own test of a complete store), and the prefix of the
 # copies its migrations make while they alter a table.
 MLFLOW_TABLES = ("alembic_version", "experiments", "runs", "tags", "params", "metrics")

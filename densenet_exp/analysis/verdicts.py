@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from . import record, stats
-from .figure5 import FIGURE5, RATIOS_RULE, figure5_ratios, share_change, short_blocks
-from .plan import CONVERGENCE_KEYS
+from .. import record
+from . import stats
+from ..measures.figure5 import FIGURE5, RATIOS_RULE, figure5_ratios, share_change, short_blocks
+from ..plan import CONVERGENCE_KEYS
 from .results import CONFIG, FAMILY_NAMES
 
 ALPHA = 0.05  # one-sided, family-wise over each data set's claims (Holm)
@@ -420,7 +421,7 @@ def params_claim(data: str, sel: Selection, configs: list[Config], margin_pp: fl
 
 
 # --- claims: stronger gradient flow ----------------------------------------------------------
-GRADIENT_PHASES = dict(zip(record.GRADIENT_PHASES, ("init", "after epoch 1")))  # phase -> words
+PHASE_WORDS = dict(zip(record.GRADIENT_PHASES, ("init", "after epoch 1")))  # gradient phase -> words
 EARLY, LATE = 0.25, 0.75  # positions among a run's body convolutions
 GRADIENT_RULE = (
     "Layers: the body's 3x3 convolutions only (role `body` in `gradient_flow/relative_grads.csv`: no stem, "
@@ -496,7 +497,7 @@ def gradient_claims(data: str, sel: Selection, configs: list[Config], grads: pd.
     claims = []
     for family in ("plain", "resnet"):
         other, dense = gradient_pair(family, ranked, configs)
-        for phase, when in GRADIENT_PHASES.items():
+        for phase, when in PHASE_WORDS.items():
             name = f"stronger gradient flow than a {'plain net' if family == 'plain' else 'ResNet'} ({when})"
             if other is None or dense is None:
                 missing = FAMILY_NAMES[family] if other is None else "DenseNet of known depth"
@@ -660,8 +661,8 @@ def compute_claims(data: str, sel: Selection, pair: Pair | None) -> list[Claim]:
         claims.append(blocked)
     else:
         c, r = pair.dense, pair.resnet
-        evidence = (f"{c.describe('train_images_per_s', '.4g', 1, ' train images/s')} vs "
-                    f"{r.describe('train_images_per_s', '.4g', 1, ' train images/s')}")
+        evidence = (f"{c.describe(record.TRAIN_IMAGES_PER_S, '.4g', 1, ' train images/s')} vs "
+                    f"{r.describe(record.TRAIN_IMAGES_PER_S, '.4g', 1, ' train images/s')}")
         claims.append(_timing_blocked(data, COMPUTE, evidence, c, r) or directional(
             data, COMPUTE, -np.log(c.values(record.TRAIN_IMAGES_PER_S)), -np.log(r.values(record.TRAIN_IMAGES_PER_S)),
             True, evidence, scale="log"))
@@ -681,7 +682,7 @@ def compute_claims(data: str, sel: Selection, pair: Pair | None) -> list[Claim]:
 # --- all claims, and what they show ----------------------------------------------------------
 
 CLAIMS = [PARAMS, *(f"stronger gradient flow than a {f} ({w})" for f in ("plain net", "ResNet")
-                    for w in GRADIENT_PHASES.values()),
+                    for w in PHASE_WORDS.values()),
           *(v[0] for v in FIGURE5.values()), MEMORY, COMPUTE, COMPUTE_FLOP]
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import record
+from .. import record
 
 FORMATS = {"csv": "csv", "latex": "tex", "md": "md"}  # --format -> file extension
 # metric -> (column, scale): the configuration table's figures, as the paper prints them.

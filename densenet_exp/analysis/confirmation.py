@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from . import record, stats
-from .plan import DeclaredClaim, Plan
+from .. import record
+from . import stats
+from ..plan import DeclaredClaim, Plan
 from .verdicts import (
     CONTRADICTED,
     FIGURE5_RULE,

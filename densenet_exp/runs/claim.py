@@ -24,11 +24,11 @@ from mlflow.entities import Run, RunTag
 from mlflow.tracking import MlflowClient
 
 from .checkpoints import LAST, PENDING, kept_best, owner, prune_best, resume_problem, set_aside
-from . import record
-from .checks import InvalidValue
+from .. import record
+from ..checks import InvalidValue
 from .ownership import Busy, OwnerLock, RunBusy, claim, earlier_live_rival, lock_path
-from .tracking import adopt_into_sweep, config_hash, retry_locked, runs_of_config
-from .store import unreachable
+from .tracking import adopt_into_sweep, runs_of_config
+from .store import retry_locked, unreachable
 
 log = logging.getLogger("densenet_exp")
 CLAIM_ENV = "DENSENET_EXP_RUN_CLAIM"  # rank 0's choice of run, for the DDP ranks Lightning starts
@@ -56,12 +56,12 @@ class RunClaim:
         return cls(**{**fields, "ckpt_dir": Path(fields["ckpt_dir"])})
 
 
-def choose_run(client: MlflowClient, experiment_id: str, previous: list[Run], plain: dict[str, Any], hc: Any,
-               chief: bool, create: Callable[[OwnerLock], str]) -> RunClaim:
+def choose_run(client: MlflowClient, experiment_id: str, previous: list[Run], plain: dict[str, Any], chash: str,
+               hc: Any, chief: bool, create: Callable[[OwnerLock], str]) -> RunClaim:
     """The ownership rule, applied by rank 0 once the runs whose owner is gone were closed:
     refuse (RunBusy) while a run of this config (`previous`, newest first) has a live owner, else
     resume the newest KILLED one, else create one with `create(lock)`. Other DDP ranks take rank
-    0's choice."""
+    0's choice. `chash` is the config's hash, computed once per job."""
     if not chief:
         if CLAIM_ENV in os.environ:
             return RunClaim.from_env(os.environ[CLAIM_ENV])
@@ -80,11 +80,11 @@ def choose_run(client: MlflowClient, experiment_id: str, previous: list[Run], pl
         killed = next((r for r in previous if r.info.status == "KILLED" and lock_path(r) is not None), None)
         if killed is not None:
             return resume_run(client, killed, hc)
-    claimed = new_run(client, experiment_id, plain, hc, create)
+    claimed = new_run(client, experiment_id, chash, hc, create)
     if tracking["resume"]:
         # Two launches of one config at once each created a run: the first-created one goes on.
         rival = earlier_live_rival(
-            runs_of_config(client, experiment_id, config_hash(plain)), claimed.run_id, tracking["owner_timeout_s"])
+            runs_of_config(client, experiment_id, chash), claimed.run_id, tracking["owner_timeout_s"])
         if rival is not None:
             retry_locked(lambda: client.delete_run(claimed.run_id))
             claimed.lock.release()
@@ -92,7 +92,7 @@ def choose_run(client: MlflowClient, experiment_id: str, previous: list[Run], pl
     return claimed
 
 
-def new_run(client: MlflowClient, experiment_id: str, plain: dict[str, Any], hc: Any,
+def new_run(client: MlflowClient, experiment_id: str, chash: str, hc: Any,
             create: Callable[[OwnerLock], str]) -> RunClaim:
     """A new run owned by this process, checkpointing into the job's output folder: refused
     there while the folder holds another unfinished run's resume point, else started clean."""
@@ -112,7 +112,7 @@ def new_run(client: MlflowClient, experiment_id: str, plain: dict[str, Any], hc:
         raise InvalidValue(
             f"hydra.run.dir={str(hc.runtime.output_dir)!r} holds {folder / LAST}, the resume point of MLflow run "
             f"{waiting.info.run_id} ({tags.get(record.VARIANT, '?')}, config {tags.get(record.CONFIG_HASH, '?')}, "
-            f"{waiting.info.status}), which this configuration (config {config_hash(plain)}) may not reuse: pick "
+            f"{waiting.info.status}), which this configuration (config {chash}) may not reuse: pick "
             "another hydra.run.dir, or finish that run first (its own command resumes it)")
     moved = set_aside(folder, "stale")  # an earlier run's checkpoints in a reused folder
     if moved:

@@ -12,17 +12,17 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 if TYPE_CHECKING:
-    from .tracking import SweepParentRun
+    from .sweep import SweepParentRun
 
 
 class SweepParent(Callback):
-    """tracking.SweepParentRun (one MLflow parent run per sweep), created when a sweep starts."""
+    """sweep.SweepParentRun (one MLflow parent run per sweep), created when a sweep starts."""
 
     def __init__(self) -> None:
         self.sweep: SweepParentRun | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from .tracking import SweepParentRun
+        from .sweep import SweepParentRun
 
         self.sweep = SweepParentRun()
         self.sweep.on_multirun_start(config, **kwargs)

@@ -35,8 +35,9 @@ from typing import Any
 
 import torch
 
-from . import record
-from .checks import require
+from .. import record
+from ..checks import require
+from ..options import TRAIN_IMAGES
 
 log = logging.getLogger("densenet_exp")
 
@@ -173,7 +174,6 @@ def use_keep_freed_memory(setting: bool | str, accelerator: str) -> bool:
 
 
 # Training images of the in-memory data sets before the validation split (synthetic: data.train_size).
-TRAIN_SET_IMAGES = {"fashion_mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000}
 # `speed.compile: auto` compiles runs of at least this many training steps (see use_compile).
 COMPILE_MIN_STEPS = 1000
 
@@ -186,8 +186,8 @@ def planned_train_steps(cfg: dict[str, Any]) -> int | None:
     epochs = trainer.get("max_epochs")
     if data.get("name") == "synthetic":
         images = data.get("train_size")
-    elif data.get("name") in TRAIN_SET_IMAGES:
-        images = TRAIN_SET_IMAGES[data["name"]] - int(data.get("val_size") or 0)
+    elif data.get("name") in TRAIN_IMAGES:
+        images = TRAIN_IMAGES[data["name"]] - int(data.get("val_size") or 0)
         images = min(images, data["train_size"]) if data.get("train_size") else images
     else:
         images = None

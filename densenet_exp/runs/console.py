@@ -1,6 +1,6 @@
-"""A sweep as the researcher sees it in the terminal: how many jobs it launches and which knobs
-vary (so each job can say "job j/N" and name its run by the knobs that differ), one record per
-job, and the table that closes the sweep. Light to import: Hydra's sweep callback uses it.
+"""A sweep as the researcher sees it in the terminal: "job j/N", run names by the knobs the sweep
+varies (from its plan, sweep_folder.py), and the table that closes the sweep. Light to import:
+Hydra's sweep callback uses it.
 
 What a job shows while it trains (the block before training, the progress bar, a line per
 epoch) is in progress.py.
@@ -9,26 +9,22 @@ epoch) is in progress.py.
 from __future__ import annotations
 
 import json
-import math
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from . import record
-from .tracking import FAILURES_DIR
+from .. import record
+from ..config import DENSENET_KNOBS
+from .sweep_folder import FAILURES_DIR, JOBS_DIR, SweepPlan
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
-PLAN_FILE = "sweep_plan.json"
-JOBS_DIR = "jobs"  # one <job number>.json per job: the MLflow run it logged to
 
 # Knobs a run name already carries (the variant names the model and k, theta, B; "-s" the seed).
-NAMED_ELSEWHERE = ("model", "growth_rate", "compression", "bottleneck", "seed")
+NAMED_ELSEWHERE = ("model", *DENSENET_KNOBS, "seed")
 # Short labels for knobs a sweep may also vary: `optim.lr=0.05` names a run `...-lr0.05`.
 # Other keys are labelled by their last part (`optim.nesterov=true` -> `nesterovtrue`) and
 # config groups by their choice (`optim=adam` -> `adam`).
@@ -43,53 +39,6 @@ KNOB_LABELS = {
     "trainer.precision": "p",
     "loss.label_smoothing": "ls",
 }
-
-
-@dataclass(frozen=True)
-class SweepPlan:
-    """What a multirun launches, written to its folder before the first job starts."""
-
-    jobs: int | None  # how many jobs; None where the sweeper cannot say in advance
-    varying: tuple[str, ...]  # keys given more than one value, e.g. ("growth_rate", "seed")
-
-    @classmethod
-    def of(cls, config: DictConfig) -> SweepPlan:
-        """The plan of a multirun's config: the sweeper's `params`, then the command line (a later
-        value of a key replaces an earlier one, as in Hydra's BasicSweeper); a sweeper with
-        `n_trials` (Optuna) runs that many jobs."""
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-
-        sweeper = config.hydra.sweeper
-        arguments = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
-        arguments += list(config.hydra.overrides.task)
-        try:
-            overrides = OverridesParser.create().parse_overrides(arguments)
-        except Exception:  # e.g. glob(), which needs Hydra's config loader: say less, fail nothing
-            return cls(None, ())
-        sizes: dict[str, int | None] = {}
-        for override in overrides:
-            key = override.key_or_group
-            if override.is_sweep_override():
-                sizes[key] = len(list(override.sweep_string_iterator())) if override.is_discrete_sweep() else None
-            else:
-                sizes.pop(key, None)
-        if sweeper.get("n_trials") is not None:
-            jobs = int(sweeper.n_trials)
-        else:
-            counts = list(sizes.values())
-            jobs = math.prod(counts) if None not in counts else None
-        return cls(jobs, tuple(sizes))
-
-    def write(self, sweep_dir: Path) -> None:
-        (sweep_dir / PLAN_FILE).write_text(json.dumps({"jobs": self.jobs, "varying": list(self.varying)}))
-
-    @classmethod
-    def read(cls, sweep_dir: Path) -> SweepPlan | None:
-        path = sweep_dir / PLAN_FILE
-        if not path.is_file():
-            return None
-        data = json.loads(path.read_text())
-        return cls(data["jobs"], tuple(data["varying"]))
 
 
 def job_label(hc: Any) -> str:
@@ -136,17 +85,6 @@ def swept_labels(hc: Any) -> list[str]:
         value = _short(override.get_value_element_as_str())
         labels.append(value if key in hc.runtime.choices else KNOB_LABELS.get(key, key.rsplit(".", 1)[-1]) + value)
     return labels
-
-
-def record_job(hc: Any, run_id: str, skipped: bool = False) -> None:
-    """Note, for the closing table, which MLflow run this sweep job logs to (or, `skipped`, which
-    FINISHED run already holds its config)."""
-    if hc.mode != RunMode.MULTIRUN:
-        return
-    folder = Path(hc.sweep.dir) / JOBS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    entry = {"job": int(hc.job.num), "run_id": run_id, "skipped": skipped, "started": time.time()}
-    (folder / f"{hc.job.num}.json").write_text(json.dumps(entry))
 
 
 def duration(seconds: float) -> str:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from . import record
+from .. import record
 from .speed import compile_cache_per_cpu_capability
 
 # The names are listed torch-free in options.OPTIMIZERS and options.SCHEDULERS, for the config checks.

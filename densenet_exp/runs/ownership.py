@@ -30,7 +30,7 @@ from pathlib import Path
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from . import record
+from .. import record
 from .store import retry_locked
 
 LOCK_FILE = "owner.lock"
@@ -175,7 +175,7 @@ class RunBusy(Busy):
         self.run = run
         tags = run.data.tags
         super().__init__(
-            f"MLflow run {run.info.run_id} ({tags.get('variant', '?')}, config {tags.get('config_hash', '?')}) is "
+            f"MLflow run {run.info.run_id} ({tags.get(record.VARIANT, '?')}, config {tags.get(record.CONFIG_HASH, '?')}) is "
             f"being trained by {tags.get(record.OWNER, 'a live process')} (checkpoints in {tags.get(record.CHECKPOINT_DIR)}): "
             "wait for it to end or stop it, or add tracking.resume=false to train a separate run")
 

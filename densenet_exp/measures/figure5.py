@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from . import record
+from .. import record
 
 # Observation -> (claim name, metric name of its ratio).
 FIGURE5 = {

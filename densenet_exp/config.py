@@ -1,0 +1,80 @@
+"""The run config as plain data, torch-free and light (`--help` imports it): where the config
+files are (CONF_DIR), the ablation's three DenseNet knobs (named here, once), the resolved config
+of a composed one (knobs folded into the model), its flat params and its hash."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONFIG_FILE = CONF_DIR / "config.yaml"  # the run config's defaults
+
+# The three knobs of the ablation; only DenseNet architectures take them.
+DENSENET_KNOBS = ("growth_rate", "compression", "bottleneck")
+
+
+def is_densenet(arch: str) -> bool:
+    return arch.startswith("densenet")
+
+
+def apply_knobs(cfg: dict[str, Any]) -> None:
+    """Fold the top-level knobs into a DenseNet's model config (null keeps the preset's value)
+    and write the effective values back, so every run records the k, theta and B it trained.
+    Other architectures have no such knobs: theirs are recorded as null."""
+    model = cfg["model"]
+    densenet = is_densenet(str(model.get("arch", "")))
+    for knob in DENSENET_KNOBS:
+        if densenet:
+            if cfg.get(knob) is not None:
+                model[knob] = cfg[knob]
+            cfg[knob] = model.get(knob)
+        else:
+            cfg[knob] = None
+
+
+def resolved_config(cfg: DictConfig) -> dict[str, Any]:
+    """A composed config as plain data: interpolations resolved, Hydra's own section dropped and
+    the DenseNet knobs folded into the model (apply_knobs)."""
+    from omegaconf import OmegaConf
+
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(plain, dict)
+    plain.pop("hydra", None)
+    apply_knobs(plain)
+    return plain
+
+
+def composed(overrides: list[str]) -> dict[str, Any]:
+    """The config of one job, composed from CONF_DIR as `densenet_exp.run` would (Hydra, no torch),
+    resolved but as written (knobs not folded in)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[o for o in overrides if not o.startswith("hydra.")])
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"model": {"growth_rate": 12}} -> {"model.growth_rate": 12}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def config_hash(cfg: Mapping[str, Any]) -> str:
+    """A short, stable hash of everything that shapes a run's result (tracking excluded)."""
+    relevant = {k: v for k, v in cfg.items() if k not in ("tracking",)}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
