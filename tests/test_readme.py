@@ -15,6 +15,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
+from densenet_exp.training.trainer_keys import trainer_arguments
 from densenet_exp.validate import checked_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,7 +82,7 @@ def test_each_training_command_composes_and_passes_the_checks(command, monkeypat
         cfg = compose("config", overrides=job, return_hydra_config=True)  # hydra/* groups must exist too
     with open_dict(cfg):
         del cfg["hydra"]  # resolved by Hydra's runtime, which a composed config lacks
-    checked_config(cfg, [o for o in job if not o.startswith(("hydra", "hparams_search"))])
+    checked_config(cfg, [o for o in job if not o.startswith(("hydra", "hparams_search"))], trainer_arguments)
 
 
 @pytest.mark.parametrize("module", MODULES)
