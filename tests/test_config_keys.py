@@ -123,7 +123,7 @@ def unread_keys(plain: dict, refs: set[str]) -> set[str]:
     L.Trainer(**cfg["trainer"], logger=False, enable_checkpointing=False)
     tracking = cfg["tracking"]
     bound_http_waits(tracking["http"])
-    source = "\n".join(p.read_text() for p in (ROOT / "densenet_exp").glob("*.py"))
+    source = "\n".join(p.read_text() for p in (ROOT / "densenet_exp").rglob("*.py"))
     for key in STORE_PHASE:
         if re.search(rf"(tracking|\[\"tracking\"\])\[\"{key}\"\]", source):
             tracking[key]  # noqa: B018 (read by name where the store is open)
