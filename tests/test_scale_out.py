@@ -158,8 +158,8 @@ def test_an_optuna_search_killed_after_two_of_four_trials_resumes_and_finishes_f
     assert_clean(store)
     found = write_report("smoke", store.uri, tmp_path / "report")
     text = (tmp_path / "report" / "report.md").read_text()
-    assert f"### Study `{name}`" in text and "4 finished trials" in text and found["summary"].empty
-    assert any(p.name.startswith("search_history_") for p in found["files"])
+    assert f"### Study `{name}`" in text and "4 finished trials" in text and found.summary.empty
+    assert any(p.name.startswith("search_history_") for p in found.files)
     # The best trial again with confirmation seeds: its overrides, without the search, new seeds.
     top = subprocess.run([sys.executable, "-m", "densenet_exp.search", "--experiment", "smoke", "--top", "1",
                           "--dry-run"], cwd=ROOT, env=store.env(), capture_output=True, text=True, timeout=600)
