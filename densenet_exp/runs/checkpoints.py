@@ -72,6 +72,9 @@ class LastCheckpoint(Checkpoint):
                           dataloader_idx: int = 0) -> None:
         if self.pause_at == "test" and batch_idx == 0 and trainer.is_global_zero:
             self._pause("in the test, after its first batch")
+            # The pause stands for a test step still running: a stop that came during it takes
+            # effect now, as at any step's end (the test's last batch has no next step to stop at).
+            stopping.raise_if_stopped()
 
     def _promote(self, trainer: L.Trainer) -> None:
         if not trainer.is_global_zero or not self.pending.exists():
@@ -87,9 +90,6 @@ class LastCheckpoint(Checkpoint):
         deadline = time.monotonic() + self.pause_s
         while time.monotonic() < deadline and stopping.received() is None:  # a stop ends the pause
             time.sleep(0.05)
-        # The pause stands for a step still running: a stop that came during it takes effect at its
-        # end, whichever callback runs first at this hook (the last batch of a test has no next step).
-        stopping.raise_if_stopped()
 
 
 def _load(path: Path) -> Any:
