@@ -348,7 +348,8 @@ def judge(evidence: Evidence, margin_pp: float, plan: Plan | None = None) -> Fin
                                   evidence.grads)
         mine = confirmation_runs(plan, done)
         explored = done[~done["run_id"].isin(mine["run_id"])]
-        confirmed = summarize(mine.assign(model=mine[f"tags.{record.STUDY_ARM}"]), [*SUMMARY_METRICS, record.TRAIN_LOSS])
+        arm = mine[f"tags.{record.STUDY_ARM}"]  # a plan's rows are named by its arms
+        confirmed = summarize(mine.assign(model=arm, variant=arm), [*SUMMARY_METRICS, record.TRAIN_LOSS])
     judged = evaluate_claims(explored, evidence.matrices, margin_pp, evidence.init, evidence.grads, evidence.curves)
     return Findings(evidence, explored, summarize(explored), judged, margin_pp, confirmation, confirmed,
                     published_beside_ours(done))
@@ -520,8 +521,8 @@ def write_report(experiment: str, uri: str, out: Path, sweep: str | None = None,
     found.files = render(found, out, title, intro)
     if table_format:
         conf = found.confirmation  # a plan's tables are its arms and declared claims
-        summary = found.summary if conf is None else found.confirmed.assign(variant=found.confirmed["model"])
-        found.files += write_tables(summary, claims_table((conf or found.judgement).claims), out, table_format)
+        summary, claims = (found.summary, found.judgement.claims) if conf is None else (found.confirmed, conf.claims)
+        found.files += write_tables(summary, claims_table(claims), out, table_format)
     return found
 
 
@@ -541,9 +542,8 @@ def headline(found: Findings) -> str:
     test compares them)."""
     conf = found.confirmation
     if conf is not None:
-        arms = found.confirmed.assign(variant=found.confirmed["model"])
         lines = [f"**{esc(conf.plan.name)}**: declared plan, confirmation runs (mean ± std over seeds):", "",
-                 _headline_table(arms, [*HEADLINE_METRICS, record.TRAIN_LOSS]), ""]
+                 _headline_table(found.confirmed, [*HEADLINE_METRICS, record.TRAIN_LOSS]), ""]
         lines += [f"- {esc(c.claim)}: **{esc(c.label)}**. {esc(c.evidence)}" for c in conf.claims]
         lines += ["", "Warnings: " + " ".join(esc(n) for n in conf.notes), ""]
         return "\n".join(lines)
