@@ -11,7 +11,7 @@ EXPERIMENT ?=
 SWEEP ?=
 PLAN ?=
 
-.PHONY: setup data run test test-slow test-all ui ui-screenshot notebook startup-time server bench bench-study study decisive-pilot decisive study-report study-notebooks study-screenshot clean
+.PHONY: setup data run test test-slow test-all ui ui-screenshot notebook startup-time server bench bench-study study decisive-pilot decisive pair study-report study-notebooks study-screenshot clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -105,10 +105,18 @@ decisive: setup
 	$(PY) -m densenet_exp.study run $(DECISIVE)/plan.yaml --stage confirmation
 	$(PY) -m densenet_exp.export save --experiment fmnist_decisive --out $(DECISIVE)/runs.jsonl.gz
 
+# The decisive study's parameter pair again, on a new plan sized at Holm's level for its own family
+# (docs/results/fmnist_pair): the sizing (from the decisive study's seed SD), then 10 fresh seeds per side.
+PAIR := docs/results/fmnist_pair
+pair: setup
+	$(PY) -m densenet_exp.study estimate $(PAIR)/plan.yaml --sd 0.37
+	$(PY) -m densenet_exp.study run $(PAIR)/plan.yaml --stage confirmation
+	$(PY) -m densenet_exp.export save --experiment fmnist_pair --out $(PAIR)/runs.jsonl.gz
+
 # Regenerates each committed study's report.md (and headline.md, the READMEs' quoted headlines) from its committed
 # runs, without training: they are loaded into a throwaway store at a fixed path (the report names it);
 # a study with a plan.yaml is judged by its plan.
-STUDIES := study_fmnist fmnist_decisive
+STUDIES := study_fmnist fmnist_decisive fmnist_pair
 study-report: setup
 	@for s in $(STUDIES); do \
 	  [ -f docs/results/$$s/runs.jsonl.gz ] || continue; \

@@ -45,6 +45,9 @@ CLAIM_KEYS: dict[str, dict[str, Any]] = {  # kind -> {key: default (None: requir
     "feature_reuse": {"arm": None, "min_layers": 6, "keep_fraction": 0.5},
     "gradient_flow": {"dense": None, "baseline": None, "phase": "init"},
 }
+# The tests each claim kind puts in the plan's Holm family (feature_reuse: Figure 5's observations (a)-(d));
+# a plan sizes its seeds at alpha / Plan.tests, the level Holm's first step holds a test to.
+TESTS_PER_CLAIM = {"fewer_params": 1, "matched_cost": 1, "degradation": 1, "feature_reuse": 4, "gradient_flow": 1}
 CONVERGENCE_KEYS = {"metric": record.VAL_ACC, "last_fraction": 0.2, "max_gain_pp": 0.3, "near_chance_pp": 10.0}
 
 
@@ -100,6 +103,11 @@ class Plan:
     arms: Mapping[str, Mapping[str, tuple[str, ...]]]  # stage -> arm -> overrides
     arm_seeds: Mapping[str, Mapping[str, tuple[int, ...]]] = field(default_factory=dict)  # arms with their own seeds
     claims: tuple[DeclaredClaim, ...] = field(default=())
+
+    @property
+    def tests(self) -> int:
+        """The tests its declared claims put in the Holm family (TESTS_PER_CLAIM)."""
+        return sum(TESTS_PER_CLAIM[c.kind] for c in self.claims)
 
     def seeds_of(self, stage: str, arm: str) -> tuple[int, ...]:
         return self.arm_seeds.get(stage, {}).get(arm, self.seeds[stage])

@@ -2,7 +2,7 @@
 
     python -m densenet_exp.study show PLAN                       # the plan, its hash, its jobs
     python -m densenet_exp.study run PLAN --stage exploration    # the pilot
-    python -m densenet_exp.study estimate PLAN                   # confirmation time from the pilot's runs
+    python -m densenet_exp.study estimate PLAN [--sd PP]         # confirmation time and power, from the pilot
     python -m densenet_exp.study run PLAN --stage confirmation --jobs 2
 
 `run` trains every (seed, arm) job of the stage that has no FINISHED run yet, seeds outer, each
@@ -122,6 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("plan", help="the plan file (YAML)")
     parser.add_argument("--stage", choices=STAGES, default="confirmation")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="jobs at a time (default: one per core)")
+    parser.add_argument("--sd", type=float, help="estimate: the seed SD of test accuracy in points (default: the "
+                                                  "pilot's, over arms with two seeds or more)")
     parser.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db")
     args = parser.parse_args(argv)
     try:
@@ -140,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "estimate":
         from .analysis.estimate import print_estimate
 
-        return print_estimate(plan, uri, args.jobs)
+        return print_estimate(plan, uri, args.jobs, args.sd)
     os.environ.setdefault("MLFLOW_TRACKING_URI", uri)
     todo = [j for j in plan.jobs(args.stage) if (j.arm, j.seed) not in finished_jobs(plan, args.stage, uri)]
     print(f"plan {plan.name} (sha256 {plan.hash[:12]}), {args.stage}: {len(todo)} of "

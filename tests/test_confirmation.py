@@ -220,13 +220,34 @@ def test_the_reports_p_values_and_power_agree_with_an_independent_computation(st
         running = max(running, min(1.0, (len(tested) - rank) * tested[i].p_value))
         by_hand[i] = running
     assert [c.p_holm for c in tested] == pytest.approx([by_hand[i] for i in range(len(tested))], rel=1e-9)
-    # Power of the one-sided non-inferiority test: the noncentral t distribution.
+    # Power of the one-sided non-inferiority test, the noncentral t distribution, at the level Holm's
+    # first step holds each of the family's tests to (alpha / k), not at alpha.
     sd = stats.pooled_sd(a, b)
     n1, n2, df = len(a), len(b), len(a) + len(b) - 2
     noncentrality = (m / sd) * np.sqrt(n1 * n2 / (n1 + n2))
-    expected = 1 - sp.nct.cdf(sp.t.ppf(1 - non_inferior.alpha, df), df, noncentrality)
-    assert stats.power(sd, m, n1, n2, non_inferior.alpha) == pytest.approx(expected, rel=1e-9)
-    assert f"power {expected:.2f}" in params.evidence
+    k = len(tested)
+    assert k >= 2
+    power = lambda alpha: 1 - sp.nct.cdf(sp.t.ppf(1 - alpha, df), df, noncentrality)  # noqa: E731
+    assert stats.power(sd, m, n1, n2, non_inferior.alpha / k) == pytest.approx(power(non_inferior.alpha / k), rel=1e-9)
+    assert f"power {power(non_inferior.alpha / k):.2f} " in params.evidence
+    assert f"alpha {non_inferior.alpha / k:.3g} (Holm's first step over {k} tests)" in params.evidence
+    assert power(non_inferior.alpha / k) < power(non_inferior.alpha)
+    # The seeds 80% power needs at that level: the fewest with power >= 0.8 (equal sides).
+    needed = next(n for n in range(2, 200) if 1 - sp.nct.cdf(sp.t.ppf(1 - non_inferior.alpha / k, 2 * n - 2),
+                                                              2 * n - 2, (m / sd) * np.sqrt(n / 2)) >= 0.8)
+    assert f"80% power needs {needed} seeds per side" in params.evidence
+
+
+def test_the_family_a_plan_sizes_for_bounds_the_family_it_is_judged_by(store, non_inferior):
+    """Plan.tests (what `study estimate` sizes at alpha / k) counts every test its claims can put in
+    the Holm family, so the family judged is never larger: sizing at alpha / Plan.tests is safe."""
+    from densenet_exp.plan import TESTS_PER_CLAIM
+
+    found = report.judge(report.load_evidence(non_inferior.experiment, store.uri), 0.5, non_inferior)
+    family = found.confirmation.family
+    assert non_inferior.tests == 8 and TESTS_PER_CLAIM["feature_reuse"] == len(verdicts.REUSE_DIRECTIONS)
+    assert 2 <= len(family) <= non_inferior.tests, family
+    assert any("fewer parameters" in c for c in family) and any("same test accuracy" in c for c in family)
 
 
 def test_keys_the_plan_sets_per_arm_may_differ_and_others_may_not(tmp_path):

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import ROOT
@@ -152,3 +153,72 @@ def test_step_timer_reads_the_cpu_clock_per_step():
         timer.stop()
     first, second = timer.seconds()
     assert first >= 0.02 and second >= 0.04  # each step's own time (a busy machine only adds to it)
+
+
+SIZED_PLAN = """name: sized
+experiment: sized
+recipe: [experiment=fmnist_decisive]
+exploration:
+  seeds: [0, 1, 2]
+  arms:
+    small-pilot: [model=densenet_bc28_k12, optim.lr=0.2]
+    big-pilot: [model=resnet20, optim.lr=0.1]
+confirmation:
+  seeds: [100, 101, 102, 103, 104, 105]
+  arms:
+    small: [model=densenet_bc28_k12, optim.lr=0.2]
+    big: [model=resnet20, optim.lr=0.1]
+claims:
+  - {kind: fewer_params, smaller: small, larger: big, margin_pp: 0.5}
+  - {kind: matched_cost, smaller: small, larger: big, margin_pp: 0.5}
+"""
+
+
+def sized_pilot_run(client, experiment: str, overrides: list[str], test_acc: float) -> None:
+    """A finished exploration run with the params `densenet_exp.run` logs for its recipe."""
+    from densenet_exp.config import composed
+
+    cfg = composed(["experiment=fmnist_decisive", *overrides])
+    run = client.create_run(experiment, tags={"study_stage": "exploration"})
+    params = {"model.name": cfg["model"]["name"], "trainer.max_epochs": cfg["trainer"]["max_epochs"],
+              **{f"optim.{k}": v for k, v in cfg["optim"].items()}}
+    for key, value in params.items():
+        client.log_param(run.info.run_id, key, str(value))
+    client.log_metric(run.info.run_id, "test/acc", test_acc)
+    client.set_terminated(run.info.run_id)
+
+
+def test_plan_estimate_sizes_the_seeds_at_holms_level_from_the_pilots_seed_sd(store, tmp_path, capsys):
+    """Power of the declared seeds at alpha / k (k = 2 tests: non-inferiority and TOST), from the pooled
+    SD of the pilot runs on each arm's recipe; runs on another recipe (another weight decay) do not count."""
+    from scipy import stats as sp
+
+    from densenet_exp import study
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(SIZED_PLAN)
+    client = store.client()
+    experiment = client.create_experiment("sized")
+    small, big = [0.910, 0.914, 0.906], [0.912, 0.910]
+    for acc in small:
+        sized_pilot_run(client, experiment, ["model=densenet_bc28_k12", "optim.lr=0.2"], acc)
+    for acc in big:
+        sized_pilot_run(client, experiment, ["model=resnet20", "optim.lr=0.1"], acc)
+    sized_pilot_run(client, experiment, ["model=resnet20", "optim.lr=0.1", "optim.weight_decay=0.0005"], 0.95)
+    assert study.main(["estimate", str(plan), "--tracking-uri", store.uri]) == 0
+    out = capsys.readouterr().out
+    (row,) = [cells(line) for line in out.splitlines() if line.startswith("| small as")]
+    sd = np.sqrt((np.var(small, ddof=1) * 2 + np.var(big, ddof=1) * 1) / 3)
+    assert float(row[1]) == pytest.approx(100 * sd, abs=6e-4)
+    assert row[2] == "0.025 (k = 2)" and row[3] == "6, 6"
+
+    def power(n: int, sd: float) -> float:
+        df = 2 * n - 2
+        return 1 - sp.nct.cdf(sp.t.ppf(1 - 0.025, df), df, (0.005 / sd) * np.sqrt(n / 2))
+
+    assert float(row[4]) == pytest.approx(power(6, sd), abs=6e-4)
+    assert int(row[5]) == next(n for n in range(2, 500) if power(n, sd) >= 0.8)
+    # A given SD replaces the pilot's.
+    assert study.main(["estimate", str(plan), "--sd", "0.37", "--tracking-uri", store.uri]) == 0
+    (row,) = [cells(line) for line in capsys.readouterr().out.splitlines() if line.startswith("| small as")]
+    assert row[1] == "0.37" and float(row[4]) == pytest.approx(power(6, 0.0037), abs=6e-4)

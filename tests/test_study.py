@@ -1,6 +1,6 @@
 """The committed studies: each study's headline.md, and the README blocks that quote it, are what
 the report code computes from the committed runs (runs.jsonl.gz, judged by the study's plan.yaml
-where it has one), not hand-copied; and the decisive study's confirmation is the one its plan
+where it has one), not hand-copied; and each planned study's confirmation is the one its plan
 declared."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from densenet_exp.plan import load_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
-STUDIES = ("study_fmnist", "fmnist_decisive")
+STUDIES = ("study_fmnist", "fmnist_decisive", "fmnist_pair")
+PLANNED = ("fmnist_decisive", "fmnist_pair")  # README.md quotes their headlines
 
 
 @pytest.fixture(scope="module", params=STUDIES)
@@ -36,11 +37,11 @@ def test_committed_headline_is_what_the_runs_give(study):
 
 @pytest.mark.parametrize("readme", ["README.md", "docs/results/{name}/README.md"])
 def test_readme_blocks_are_the_committed_headline(study, readme):
-    """Each study's README quotes its headline; README.md quotes the decisive study's."""
+    """Each study's README quotes its headline; README.md quotes the planned studies'."""
     name, headline = study
     text = (ROOT / readme.format(name=name)).read_text()
     block = re.search(rf"<!-- {name} headline -->\n(.*?)<!-- /{name} headline -->", text, re.S)
-    if readme == "README.md" and name != "fmnist_decisive":
+    if readme == "README.md" and name not in PLANNED:
         assert block is None or block.group(1) == headline
         return
     assert block, f"{readme.format(name=name)} lacks the {name} headline block"
@@ -56,10 +57,11 @@ def test_first_study_has_three_finished_seeds_per_arm():
     assert len(arms) == 11 and all(seeds == {"0", "1", "2"} for seeds in arms.values()), arms
 
 
-def test_decisive_confirmation_is_the_declared_one():
+@pytest.mark.parametrize("name", PLANNED)
+def test_planned_confirmation_is_the_declared_one(name):
     """Every declared arm has each declared seed finished once, under the plan file's hash, by one
     commit, with the init feature-reuse matrices (the control) exported for the DenseNets."""
-    folder = RESULTS / "fmnist_decisive"
+    folder = RESULTS / name
     plan = load_plan(folder / "plan.yaml")
     runs = [r for r in export.read(folder / "runs.jsonl.gz")
             if r["tags"].get(record.STUDY_STAGE) == "confirmation" and r["status"] == "FINISHED"]
@@ -70,3 +72,25 @@ def test_decisive_confirmation_is_the_declared_one():
     assert len({r["tags"][record.GIT_COMMIT] for r in runs}) == 1
     dense = [r for r in runs if r["tags"][record.STUDY_ARM].startswith("densenet")]
     assert dense and all(record.FEATURE_REUSE_MATRICES_INIT in r["artifacts"] for r in dense)
+
+
+@pytest.mark.parametrize("name", PLANNED)
+def test_plan_was_committed_before_its_first_confirmation_run(name):
+    """The git history holds the plan file, byte for byte as its runs' hash tags say, in a commit made
+    before the first confirmation run started: the claims were declared before the runs that judge them."""
+    import hashlib
+    import subprocess
+
+    folder = RESULTS / name
+    git = lambda *args: subprocess.run(["git", *args], cwd=ROOT, capture_output=True, check=False)  # noqa: E731
+    if git("rev-parse", "--git-dir").returncode != 0:
+        pytest.skip("not a git checkout")
+    plan = load_plan(folder / "plan.yaml")
+    path = (folder / "plan.yaml").relative_to(ROOT).as_posix()
+    commits = git("log", "--format=%H %ct", "--", path).stdout.decode().split("\n")
+    times = [int(t) for c, t in (line.split() for line in commits if line)
+             if hashlib.sha256(git("show", f"{c}:{path}").stdout).hexdigest() == plan.hash]
+    assert times, f"no commit holds {path} as it is now (sha256 {plan.hash[:12]})"
+    runs = [r for r in export.read(folder / "runs.jsonl.gz") if r["tags"].get(record.STUDY_STAGE) == "confirmation"]
+    first_start = min(r["start_time"] for r in runs) / 1000
+    assert min(times) < first_start, (min(times), first_start)

@@ -154,10 +154,6 @@ def fewer_params_claim(plan: Plan, c: DeclaredClaim, arms: Mapping[str, Arm]) ->
     claim = Claim(plan.name, c.name, INCONCLUSIVE, evidence, "no test")
     if len(a) and len(b):
         claim.evidence += f"; difference {100 * (a.mean() - b.mean()):+.2f} pp (margin {c['margin_pp']:g})"
-        sd = stats.pooled_sd(a, b)
-        power, need = stats.power(sd, margin, len(a), len(b), plan.alpha), stats.seeds_for_power(sd, margin, plan.alpha)
-        claim.evidence += (f"; power {power:.2f} at the seed SD seen ({100 * sd:.2f} pp, n = {len(a)}, {len(b)}), 80% "
-                           f"power needs {need} seeds per side" if np.isfinite(power) else "")
     if _gate(claim, (small, large), converged=False):
         return claim
     if not factor >= c["min_param_factor"]:
@@ -173,6 +169,20 @@ def fewer_params_claim(plan: Plan, c: DeclaredClaim, arms: Mapping[str, Arm]) ->
     return one_sided(claim, stats.welch_one_sided(a, b, "larger", -margin),
                    stats.welch_one_sided(a, b, "smaller", -margin),
                    f"one-sided Welch non-inferiority within {c['margin_pp']:g} pp (n = {len(a)}, {len(b)})")
+
+
+def power_evidence(plan: Plan, c: DeclaredClaim, arms: Mapping[str, Arm], tests: int) -> str:
+    """stats.POWER_RULE's line for a fewer_params claim: the power its seeds had, at the alpha Holm's
+    first step leaves each of the family's `tests` tests, and the seeds 80% power needed there."""
+    small, large = arms[c["smaller"]], arms[c["larger"]]
+    a, b = small.values(record.TEST_ACC, small.trained), large.values(record.TEST_ACC, large.trained)
+    sd, margin, alpha = stats.pooled_sd(a, b), c["margin_pp"] / 100, stats.holm_first_alpha(plan.alpha, tests)
+    power = stats.power(sd, margin, len(a), len(b), alpha)
+    if not np.isfinite(power):
+        return ""
+    return (f"; power {power:.2f} at the seed SD seen ({100 * sd:.2f} pp, n = {len(a)}, {len(b)}) and alpha "
+            f"{alpha:.3g} (Holm's first step over {tests} test{'s' if tests != 1 else ''}), 80% power needs "
+            f"{stats.seeds_for_power(sd, margin, alpha)} seeds per side")
 
 
 def matched_cost_claims(plan: Plan, c: DeclaredClaim, arms: Mapping[str, Arm]) -> list[Claim]:
@@ -294,9 +304,11 @@ def judge_plan(plan: Plan, runs: pd.DataFrame, curves: pd.DataFrame, matrices: M
     claims: list[Claim] = []
     gated: list[tuple[Claim, list[Claim]]] = []  # a claim, and the claims that need it supported
     controls: list[Claim] = []
+    declared_of: list[tuple[DeclaredClaim, Claim]] = []  # fewer_params claims: their power follows the family
     for c in plan.claims:
         if c.kind == "fewer_params":
             claims.append(fewer_params_claim(plan, c, arms))
+            declared_of.append((c, claims[-1]))
         elif c.kind == "matched_cost":
             same, *costs = matched_cost_claims(plan, c, arms)
             claims += [same, *costs]
@@ -313,6 +325,8 @@ def judge_plan(plan: Plan, runs: pd.DataFrame, curves: pd.DataFrame, matrices: M
         for c in costs:
             c.verdict = INCONCLUSIVE
     family = decide(claims, plan.alpha)
+    for c, claim in declared_of:
+        claim.evidence += power_evidence(plan, c, arms, max(1, len(family)))
     for same, costs in gated:
         for c in costs:
             if same.verdict == SUPPORTED and provisional[id(c)] != INCONCLUSIVE:

@@ -1,12 +1,19 @@
-"""How long a plan's confirmation stage will take, from its exploration runs' own timings.
+"""How long a plan's confirmation stage will take, from its exploration runs' own timings, and
+whether its seeds give its accuracy claims the power they need.
 
-    python -m densenet_exp.study estimate PLAN [--jobs 2]
+    python -m densenet_exp.study estimate PLAN [--jobs 2] [--sd PP]
 
 Each confirmation arm is timed by the exploration runs of the same model on this store: training
 images per second (steps only, as the size-cost probe logs them while the pilot's jobs shared the
 cores, so the figure already includes that sharing), the share of each epoch spent outside the
 steps (validation, logging) and the per-run fixed cost (start-up, compile, test, probes). The
-arm's epochs and training images come from its composed config. Torch-free.
+arm's epochs and training images come from its composed config.
+
+Sizing: for each `fewer_params` claim, the power its declared seeds give a non-inferiority test at
+alpha / k, the level Holm's first step holds each of the plan's k declared tests to
+(stats.POWER_RULE), and the seeds 80% power needs there; the seed SD is `--sd`, else the pooled SD
+of test accuracy over exploration runs of the pair's models and learning rates (two seeds or more).
+Torch-free.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from .. import record
 from ..config import composed
 from ..options import TRAIN_IMAGES
 from ..plan import Plan
+from . import stats
 
 
 
@@ -85,7 +93,53 @@ def estimate(plan: Plan, uri: str, jobs: int) -> tuple[pd.DataFrame, float, floa
     return table, hours[0], hours[1]
 
 
-def print_estimate(plan: Plan, uri: str, jobs: int) -> int:
+def exploration_sd(plan: Plan, uri: str, arms: list[str]) -> float:
+    """Pooled SD of test accuracy (fraction) over the exploration runs that share an arm's model,
+    optimizer, schedule and epochs, in groups of two seeds or more; NaN without any."""
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(plan.experiment)
+    if experiment is None:
+        return float("nan")
+    runs = client.search_runs([experiment.experiment_id], filter_string=(
+        f"tags.{record.STUDY_STAGE} = 'exploration' and attributes.status = 'FINISHED'"), max_results=10_000)
+    squares, dof = 0.0, 0
+    for arm in arms:
+        cfg = composed([*plan.recipe, *plan.arms["confirmation"][arm]])
+        # The arm's recipe as far as accuracy goes: model, optimizer and schedule, epochs.
+        wanted = {"model.name": cfg["model"]["name"], "trainer.max_epochs": cfg["trainer"]["max_epochs"],
+                  **{f"optim.{k}": v for k, v in cfg["optim"].items()}}
+        same = [r.data.metrics[record.TEST_ACC] for r in runs if record.TEST_ACC in r.data.metrics
+                and all(r.data.params.get(k) == str(v) for k, v in wanted.items())]
+        if len(same) >= 2:
+            squares += float(np.var(same, ddof=1)) * (len(same) - 1)
+            dof += len(same) - 1
+    return math.sqrt(squares / dof) if dof else float("nan")
+
+
+def sizing(plan: Plan, uri: str, sd_pp: float | None) -> pd.DataFrame:
+    """Per fewer_params claim: the seed SD used, alpha / k, the declared seeds per side, their power
+    and the seeds 80% power needs (module docstring)."""
+    alpha = stats.holm_first_alpha(plan.alpha, plan.tests)
+    rows = []
+    for c in plan.claims:
+        if c.kind != "fewer_params":
+            continue
+        pair = [c["smaller"], c["larger"]]
+        sd = sd_pp / 100 if sd_pp is not None else exploration_sd(plan, uri, pair)
+        n1, n2 = (len(plan.seeds_of("confirmation", arm)) for arm in pair)
+        margin = c["margin_pp"] / 100
+        rows.append({"claim": c.name, "seed SD (pp)": round(100 * sd, 3), "alpha / k": f"{alpha:.3g} (k = {plan.tests})",
+                     "seeds per side": f"{n1}, {n2}", "power": round(stats.power(sd, margin, n1, n2, alpha), 3),
+                     "seeds for 80% power": stats.seeds_for_power(sd, margin, alpha)})
+    return pd.DataFrame(rows)
+
+
+def print_estimate(plan: Plan, uri: str, jobs: int, sd_pp: float | None = None) -> int:
+    sized = sizing(plan, uri, sd_pp)
+    if len(sized):
+        print(sized.to_markdown(index=False))
+        if sized["seed SD (pp)"].isna().any():
+            print("no seed SD for some claims: give --sd PP, or explore their arms on two seeds or more", file=sys.stderr)
     table, hours, fastest = estimate(plan, uri, jobs)
     if table.empty:
         print(f"plan {plan.name}: no confirmation arms declared yet", file=sys.stderr)

@@ -37,8 +37,11 @@ NON_INFERIORITY_RULE = (
 )
 POWER_RULE = (
     "Power of a non-inferiority test with n seeds per side, for a true difference of zero, is statsmodels "
-    "`TTestIndPower().power(effect_size=m / sd, nobs1=n, alpha=alpha, alternative=\"larger\")` with sd the pooled "
-    "seed SD seen; the seeds that 80% power would have needed come from `solve_power`."
+    "`TTestIndPower().power(effect_size=m / sd, nobs1=n, alpha=alpha / k, alternative=\"larger\")` with sd the "
+    "pooled seed SD seen and k the number of tests in the Holm family: alpha / k is the level Holm's first step "
+    "holds a test to, so a plan sized at alpha alone is underpowered for its own family. The seeds that 80% power "
+    "would have needed at that level come from `solve_power`; `python -m densenet_exp.study estimate` sizes a plan "
+    "the same way before its confirmation runs."
 )
 
 
@@ -85,6 +88,11 @@ def pooled_sd(a: np.ndarray, b: np.ndarray) -> float:
     if dof < 1:
         return float("nan")
     return float(math.sqrt(((len(a) - 1) * np.var(a, ddof=1) + (len(b) - 1) * np.var(b, ddof=1)) / dof))
+
+
+def holm_first_alpha(alpha: float, tests: int) -> float:
+    """The level Holm's first step holds each test of a family of `tests` to (POWER_RULE)."""
+    return alpha / max(1, tests)
 
 
 def power(sd: float, margin: float, n1: int, n2: int, alpha: float) -> float:
