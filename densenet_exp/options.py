@@ -6,6 +6,9 @@ build; tests/test_config.py checks that they match these lists.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from .checks import is_number, require, require_int
 from .config import DENSENET_KNOBS
 
@@ -20,6 +23,15 @@ DATA_SETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 AUGMENTATIONS = ("none", "flip", "crop", "crop_flip")
 # The training images of each built-in set with a fixed size, before the validation split.
 TRAIN_IMAGES = {"fashion_mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000}
+
+
+def train_images(data: Mapping[str, Any]) -> int | None:
+    """The images a run of a TRAIN_IMAGES set trains on: the set less `data.val_size`, at most
+    `data.train_size`; None for other data (synthetic, image folders), whose size the set does not fix."""
+    if data.get("name") not in TRAIN_IMAGES:
+        return None
+    total = TRAIN_IMAGES[data["name"]] - int(data.get("val_size") or 0)
+    return min(total, int(data["train_size"])) if data.get("train_size") else total
 
 # The config checks and the DenseNet constructor call these same functions, so `growth_rate=0`
 # reads the same from the command line and from `DenseNet(growth_rate=0)`.

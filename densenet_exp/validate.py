@@ -22,7 +22,7 @@ from .checks import InvalidValue, is_int, is_number, require, require_int, requi
 from .datafiles import FASHION_MNIST_HELP, LAYOUT, find_fashion_mnist, read_image_folder, stem_for
 from .config import resolved_config
 from .options import (ARCHITECTURES, AUGMENTATIONS, DATA_SETS, KNOB_CHECKS, OPTIMIZERS, SCHEDULERS, STEMS,
-                      TRAIN_IMAGES)
+                      TRAIN_IMAGES, train_images)
 
 NATIVE_SIZE = {"fashion_mnist": 28, "cifar10": 32, "cifar100": 32}  # in-memory sets are not resized
 # Keys the code reads that not every config file defines, so `+key=value` may add them. Model and
@@ -140,9 +140,7 @@ def validate_batch_fits(cfg: Mapping[str, Any]) -> None:
         total = read_image_folder(data["root"]).images["train"] - val
         more = "add images to train/" + (" or lower data.val_size" if val else "")
     elif name in TRAIN_IMAGES:
-        total = TRAIN_IMAGES[name] - val
-        if data.get("train_size"):
-            total = min(total, int(data["train_size"]))
+        total = train_images(data)
     else:
         total = int(data.get("train_size") or 0) - val
     require("data.val_size", val, total > 0, f"fewer than the {total + val} training images, leaving some to train on")

@@ -175,15 +175,14 @@ claims:
 
 
 def sized_pilot_run(client, experiment: str, overrides: list[str], test_acc: float) -> None:
-    """A finished exploration run with the params `densenet_exp.run` logs for its recipe."""
-    from densenet_exp.config import composed
+    """A finished exploration run with the params `densenet_exp.run` logs for its recipe (the flattened config)."""
+    from mlflow.entities import Param
 
-    cfg = composed(["experiment=fmnist_decisive", *overrides])
+    from densenet_exp.config import composed, flatten
+
     run = client.create_run(experiment, tags={"study_stage": "exploration"})
-    params = {"model.name": cfg["model"]["name"], "trainer.max_epochs": cfg["trainer"]["max_epochs"],
-              **{f"optim.{k}": v for k, v in cfg["optim"].items()}}
-    for key, value in params.items():
-        client.log_param(run.info.run_id, key, str(value))
+    params = flatten(composed(["experiment=fmnist_decisive", *overrides]))
+    client.log_batch(run.info.run_id, params=[Param(key, str(value)) for key, value in params.items()])
     client.log_metric(run.info.run_id, "test/acc", test_acc)
     client.set_terminated(run.info.run_id)
 

@@ -26,37 +26,35 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from .. import record
-from ..config import composed
-from ..options import TRAIN_IMAGES
+from ..config import composed, flatten
+from ..options import train_images
 from ..plan import Plan
 from . import stats
 
 
-
-def train_images(cfg: dict) -> int:
-    data = cfg["data"]
-    total = TRAIN_IMAGES.get(data["name"], 0) - int(data["val_size"] or 0)
-    return min(total, int(data["train_size"])) if data.get("train_size") else total
+def exploration_runs(plan: Plan, client: MlflowClient) -> list:
+    """The plan experiment's finished exploration runs (the pilot), as MLflow Run objects."""
+    experiment = client.get_experiment_by_name(plan.experiment)
+    if experiment is None:
+        return []
+    return client.search_runs([experiment.experiment_id], filter_string=(
+        f"tags.{record.STUDY_STAGE} = 'exploration' and attributes.status = 'FINISHED'"), max_results=10_000)
 
 
 def timings(plan: Plan, uri: str) -> pd.DataFrame:
     """Per finished exploration run: model, train images/s (median over epochs), epoch overhead
     (epoch time over step time) and fixed seconds (run wall time minus its epochs)."""
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(plan.experiment)
-    if experiment is None:
-        return pd.DataFrame(columns=["model", "images_per_s", "best_images_per_s", "epoch_overhead", "fixed_s"])
     rows = []
-    for run in client.search_runs([experiment.experiment_id], filter_string=(
-            f"tags.{record.STUDY_STAGE} = 'exploration' and attributes.status = 'FINISHED'"), max_results=10_000):
+    for run in exploration_runs(plan, client):
         ips = [m.value for m in client.get_metric_history(run.info.run_id, record.TRAIN_IMAGES_PER_S)]
         epochs = [m.value for m in client.get_metric_history(run.info.run_id, record.EPOCH_TIME_S)]
         params = run.data.params
         if not ips or not epochs:
             continue
-        images = train_images({"data": {"name": params.get("data.name"), "val_size": params.get("data.val_size"),
-                                        "train_size": None if params.get("data.train_size") in (None, "None")
-                                        else params.get("data.train_size")}})
+        images = train_images({"name": params.get("data.name"), "val_size": params.get("data.val_size"),
+                               "train_size": None if params.get("data.train_size") in (None, "None")
+                               else params.get("data.train_size")}) or 0
         steps_s = images / float(np.median(ips))
         wall = (run.info.end_time - run.info.start_time) / 1000
         rows.append({"model": params.get("model.name"), "images_per_s": float(np.median(ips)), "best_images_per_s": max(ips),
@@ -79,7 +77,7 @@ def estimate(plan: Plan, uri: str, jobs: int) -> tuple[pd.DataFrame, float, floa
         mine = measured[measured["model"] == cfg["model"]["name"]]
         ips = float(mine["images_per_s"].median()) if len(mine) else float("nan")
         best = float(mine["best_images_per_s"].max()) if len(mine) else float("nan")
-        epochs, images = int(cfg["trainer"]["max_epochs"]), train_images(cfg)
+        epochs, images = int(cfg["trainer"]["max_epochs"]), train_images(cfg["data"]) or 0
         minutes = [(epochs * images / speed * overhead + fixed) / 60 for speed in (ips, best)]
         seeds = len(plan.seeds_of("confirmation", arm))
         rows.append({"arm": arm, "model": cfg["model"]["name"], "train images/s": round(ips, 1),
@@ -96,18 +94,13 @@ def estimate(plan: Plan, uri: str, jobs: int) -> tuple[pd.DataFrame, float, floa
 def exploration_sd(plan: Plan, uri: str, arms: list[str]) -> float:
     """Pooled SD of test accuracy (fraction) over the exploration runs that share an arm's model,
     optimizer, schedule and epochs, in groups of two seeds or more; NaN without any."""
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(plan.experiment)
-    if experiment is None:
-        return float("nan")
-    runs = client.search_runs([experiment.experiment_id], filter_string=(
-        f"tags.{record.STUDY_STAGE} = 'exploration' and attributes.status = 'FINISHED'"), max_results=10_000)
+    runs = exploration_runs(plan, MlflowClient(uri))
     squares, dof = 0.0, 0
     for arm in arms:
-        cfg = composed([*plan.recipe, *plan.arms["confirmation"][arm]])
-        # The arm's recipe as far as accuracy goes: model, optimizer and schedule, epochs.
-        wanted = {"model.name": cfg["model"]["name"], "trainer.max_epochs": cfg["trainer"]["max_epochs"],
-                  **{f"optim.{k}": v for k, v in cfg["optim"].items()}}
+        # The arm's recipe as far as accuracy goes, as runs log it (flattened params): model,
+        # optimizer and schedule, epochs.
+        wanted = {k: v for k, v in flatten(composed([*plan.recipe, *plan.arms["confirmation"][arm]])).items()
+                  if k in ("model.name", "trainer.max_epochs") or k.startswith("optim.")}
         same = [r.data.metrics[record.TEST_ACC] for r in runs if record.TEST_ACC in r.data.metrics
                 and all(r.data.params.get(k) == str(v) for k, v in wanted.items())]
         if len(same) >= 2:

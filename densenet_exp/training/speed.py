@@ -37,7 +37,7 @@ import torch
 
 from .. import record
 from ..checks import require
-from ..options import TRAIN_IMAGES
+from ..options import train_images
 
 log = logging.getLogger("densenet_exp")
 
@@ -173,7 +173,6 @@ def use_keep_freed_memory(setting: bool | str, accelerator: str) -> bool:
     return accelerator == "cpu" and sys.platform.startswith("linux")
 
 
-# Training images of the in-memory data sets before the validation split (synthetic: data.train_size).
 # `speed.compile: auto` compiles runs of at least this many training steps (see use_compile).
 COMPILE_MIN_STEPS = 1000
 
@@ -184,13 +183,7 @@ def planned_train_steps(cfg: dict[str, Any]) -> int | None:
     epoch limit."""
     data, trainer = cfg.get("data") or {}, cfg["trainer"]
     epochs = trainer.get("max_epochs")
-    if data.get("name") == "synthetic":
-        images = data.get("train_size")
-    elif data.get("name") in TRAIN_IMAGES:
-        images = TRAIN_IMAGES[data["name"]] - int(data.get("val_size") or 0)
-        images = min(images, data["train_size"]) if data.get("train_size") else images
-    else:
-        images = None
+    images = data.get("train_size") if data.get("name") == "synthetic" else train_images(data)
     max_steps = trainer.get("max_steps")
     max_steps = max_steps if isinstance(max_steps, int) and max_steps > 0 else None
     if not images or not epochs or epochs < 0:
