@@ -2,7 +2,7 @@
 model or the recipe. `config_key` hashes it, leaving out the seed (repeats of a configuration
 differ only in it) and the bookkeeping that changes neither (where the run is tracked, threads,
 loader processes, speed settings that keep the numbers, the probes that measure it, how often
-it prints). It keeps the model's structure (`block_config` included), the data's identity (an
+it prints): KEY_CLASSES below. It keeps the model's structure (`block_config` included), the data's identity (an
 image folder's resolved root and content fingerprint; a built-in set is its name), image size,
 class count and the whole recipe. Each run carries it as tag `config_key`; results.load_runs
 derives it from the logged params of runs that predate the tag, and the report never pools runs
@@ -18,18 +18,43 @@ from typing import Any
 
 from .config import flatten
 
-# Flattened config keys (and key prefixes) that do not change the trained model or its recipe.
-BOOKKEEPING = ("seed", "cpu_threads", "data.num_workers", "data.eval_batch_size", "data.download",
-               "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
-               "trainer.num_sanity_val_steps", "data.split_seed", "parallel_jobs")
-BOOKKEEPING_PREFIXES = ("tracking.", "speed.", "probes.", "study.")  # study.*: the plan, stage and arm that label a run
+# Every flattened config key is of one class, by its own entry or its longest prefix entry (ending
+# in "."): the one table `config_key`, the run hash and the report's comparability all read. A
+# configuration is its architecture, recipe and data; the seed and the bookkeeping are not.
+# Compiled kernels and the precision round differently, so `speed.compile` and `trainer.precision`
+# are recipe; channels-last and kept freed memory only change speed. tests/test_config_keys.py
+# fails when a key of any config group has no class here.
+ARCHITECTURE, RECIPE, DATA, SEED, BOOKKEEPING_CLASS = "architecture", "recipe", "data", "seed", "bookkeeping"
+KEY_CLASSES = {
+    "model.": ARCHITECTURE, "growth_rate": ARCHITECTURE, "compression": ARCHITECTURE, "bottleneck": ARCHITECTURE,
+    "optim.": RECIPE, "loss.": RECIPE, "trainer.": RECIPE, "speed.compile": RECIPE,
+    "data.": DATA,
+    "seed": SEED, "data.split_seed": SEED,
+    "cpu_threads": BOOKKEEPING_CLASS, "parallel_jobs": BOOKKEEPING_CLASS, "data.num_workers": BOOKKEEPING_CLASS,
+    "data.eval_batch_size": BOOKKEEPING_CLASS, "data.download": BOOKKEEPING_CLASS,
+    "trainer.enable_progress_bar": BOOKKEEPING_CLASS, "trainer.enable_model_summary": BOOKKEEPING_CLASS,
+    "trainer.log_every_n_steps": BOOKKEEPING_CLASS, "trainer.num_sanity_val_steps": BOOKKEEPING_CLASS,
+    "speed.": BOOKKEEPING_CLASS, "tracking.": BOOKKEEPING_CLASS, "probes.": BOOKKEEPING_CLASS,
+    "study.": BOOKKEEPING_CLASS,  # the plan, stage and arm that label a run
+}
+
+
+def key_class(key: str) -> str | None:
+    """KEY_CLASSES' class of flattened config key `key`; None when it has none."""
+    if key in KEY_CLASSES:
+        return KEY_CLASSES[key]
+    prefixes = [p for p in KEY_CLASSES if p.endswith(".") and key.startswith(p)]
+    return KEY_CLASSES[max(prefixes, key=len)] if prefixes else None
+
+
 PARAM_LENGTH = 250  # Lightning's MLflow logger cuts param values to this many characters
 
 
 def shapes_result(key: str, data_name: str) -> bool:
-    """Whether flattened config key `key` is part of a configuration (see the module's docstring).
+    """Whether flattened config key `key` is part of a configuration (see the module's docstring):
+    architecture, recipe or data, or a key of no class (kept: an unknown key may shape the result).
     A built-in data set is named, wherever its files are; an image folder is its root."""
-    if key in BOOKKEEPING or key.startswith(BOOKKEEPING_PREFIXES):
+    if key_class(key) in (SEED, BOOKKEEPING_CLASS):
         return False
     return not (key == "data.root" and data_name != "imagefolder")
 

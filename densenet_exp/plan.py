@@ -12,14 +12,12 @@ judges the declared claims on those runs alone. Every run of a stage starts from
 `recipe` overrides, then its arm's, then its seed (which also draws the train/validation split
 so seeds vary data sampling as well as initialization and order: Bouthillier et al., MLSys 2021).
 
-Claim kinds (each with its own keys; see CLAIM_KEYS): `fewer_params` (the smaller net is
-non-inferior in test accuracy within `margin_pp`, with at least `min_param_factor` x fewer
-parameters), `matched_cost` (memory and FLOPs of that pair, where their accuracy is equivalent),
-`degradation` (the deeper arm of a family trains to a final training loss no worse than the
-shallower one; `control: true` marks the family that must degrade for the others to be judged),
-`feature_reuse` (Figure 5's observations (a)-(d) on one DenseNet arm, as changes from its
-initialization) and `gradient_flow` (a DenseNet's early relative gradient against a baseline's,
-on the body's 3x3 convolutions only).
+Claims are read here as their kind and keys only: each claim kind is one module of the claim
+engine (densenet_exp/claims/), which owns its keys, their defaults and checks, its tests and its
+judge; `densenet_exp.claims.load_plan` is this loader plus those checks. `paired: true` declares
+that the arms share each seed's split and batch order (every arm of a seed runs with the same
+`seed` and `data.split_seed`), so the engine may compare them within seed; `procedure` names how
+the plan's fixed family of tests is corrected (`holm`, or `fixed_sequence` in the declared order).
 
 Nothing here imports torch, Lightning or MLflow.
 """
@@ -38,16 +36,10 @@ from . import record
 from .checks import InvalidValue, is_number, require
 
 STAGES = ("exploration", "confirmation")
-CLAIM_KEYS: dict[str, dict[str, Any]] = {  # kind -> {key: default (None: required)}
-    "fewer_params": {"smaller": None, "larger": None, "margin_pp": None, "min_param_factor": 2.0},
-    "matched_cost": {"smaller": None, "larger": None, "margin_pp": None},
-    "degradation": {"family": None, "shallow": None, "deep": None, "margin": 0.1, "control": False},
-    "feature_reuse": {"arm": None, "min_layers": 6, "keep_fraction": 0.5},
-    "gradient_flow": {"dense": None, "baseline": None, "phase": "init"},
-}
-# The tests each claim kind puts in the plan's Holm family (feature_reuse: Figure 5's observations (a)-(d));
-# a plan sizes its seeds at alpha / Plan.tests, the level Holm's first step holds a test to.
-TESTS_PER_CLAIM = {"fewer_params": 1, "matched_cost": 1, "degradation": 1, "feature_reuse": 4, "gradient_flow": 1}
+PROCEDURES = ("holm", "fixed_sequence")
+# What a paired plan's arms must share per seed: the seed (initialization draws and batch order,
+# training/data.py seeds its sampler from it) and the train/validation split.
+PAIRED_SOURCES = ("seed", "data.split_seed", "data.train_size", "data.val_size")
 CONVERGENCE_KEYS = {"metric": record.VAL_ACC, "last_fraction": 0.2, "max_gain_pp": 0.3, "near_chance_pp": 10.0}
 
 
@@ -62,31 +54,13 @@ class Job:
 
 @dataclass(frozen=True)
 class DeclaredClaim:
-    """One claim of the plan: its kind, the keys of that kind (defaults filled in), and its name."""
+    """One claim of the plan: its kind and its keys (the engine's load_plan fills the kind's defaults)."""
 
     kind: str
     keys: Mapping[str, Any]
 
     def __getitem__(self, key: str) -> Any:
         return self.keys[key]
-
-    @property
-    def arms(self) -> list[str]:
-        return [v for k, v in self.keys.items() if k in ("smaller", "larger", "shallow", "deep", "arm", "dense",
-                                                       "baseline")]
-
-    @property
-    def name(self) -> str:
-        k = self.keys
-        return {
-            "fewer_params": lambda: f"{k['smaller']} as accurate as {k['larger']} with >= {k['min_param_factor']:g}x "
-                                    f"fewer parameters (margin {k['margin_pp']:g} pp)",
-            "matched_cost": lambda: f"cost of {k['smaller']} against {k['larger']} at matched accuracy",
-            "degradation": lambda: (f"{k['family']}: {k['deep']} " + ("trains worse than " if k["control"] else
-                                    "trains as well as ") + f"{k['shallow']} (final training loss)"),
-            "feature_reuse": lambda: f"feature reuse of {k['arm']} (Figure 5, change from initialization)",
-            "gradient_flow": lambda: f"{k['dense']} has stronger early gradients than {k['baseline']} ({k['phase']})",
-        }[self.kind]()
 
 
 @dataclass(frozen=True)
@@ -103,11 +77,8 @@ class Plan:
     arms: Mapping[str, Mapping[str, tuple[str, ...]]]  # stage -> arm -> overrides
     arm_seeds: Mapping[str, Mapping[str, tuple[int, ...]]] = field(default_factory=dict)  # arms with their own seeds
     claims: tuple[DeclaredClaim, ...] = field(default=())
-
-    @property
-    def tests(self) -> int:
-        """The tests its declared claims put in the Holm family (TESTS_PER_CLAIM)."""
-        return sum(TESTS_PER_CLAIM[c.kind] for c in self.claims)
+    paired: bool = False
+    procedure: str = "holm"
 
     def seeds_of(self, stage: str, arm: str) -> tuple[int, ...]:
         return self.arm_seeds.get(stage, {}).get(arm, self.seeds[stage])
@@ -133,8 +104,9 @@ class Plan:
         lines.append(f"convergence: {c['metric']} gained less than {c['max_gain_pp']:g} pp over the last "
                      f"{c['last_fraction']:.0%} of its validation checks, and ended more than {c['near_chance_pp']:g} "
                      "pp above chance")
-        lines.append(f"alpha: {self.alpha:g} one-sided, family-wise over the claims (Holm)")
-        lines += [f"claim {i}: {c.name}" for i, c in enumerate(self.claims, 1)]
+        lines.append(f"alpha: {self.alpha:g} one-sided, family-wise over the plan's declared tests ("
+                     + ("Holm" if self.procedure == "holm" else "a fixed sequence, in the declared order") + ")"
+                     + ("; paired: arms share each seed's split and batch order" if self.paired else ""))
         return lines
 
 
@@ -155,23 +127,11 @@ def _seeds(key: str, value: Any) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _claim(i: int, raw: Any, arms: Mapping[str, Any]) -> DeclaredClaim:
-    where = f"claims[{i}]"
-    require(where, raw, isinstance(raw, dict) and raw.get("kind") in CLAIM_KEYS,
-            f"a mapping whose kind is one of {', '.join(CLAIM_KEYS)}")
-    spec = CLAIM_KEYS[raw["kind"]]
-    for key in raw:
-        require(f"{where}.{key}", raw[key], key == "kind" or key in spec, f"one of the keys {', '.join(spec)}")
-    keys = {k: raw.get(k, default) for k, default in spec.items()}
-    for key, value in keys.items():
-        require(f"{where}.{key}", value, value is not None, "a value (required)")
-    claim = DeclaredClaim(raw["kind"], keys)
-    for arm in claim.arms:
-        require(f"{where}", arm, arm in arms, f"an arm of the confirmation stage ({', '.join(arms)})")
-    for key in ("margin_pp", "min_param_factor", "margin", "keep_fraction"):
-        if key in keys:
-            require(f"{where}.{key}", keys[key], is_number(keys[key]) and keys[key] > 0, "a number > 0")
-    return claim
+def _claim(i: int, raw: Any) -> DeclaredClaim:
+    """A claim as declared: a mapping with a `kind`; the engine checks the kind and its keys."""
+    require(f"claims[{i}]", raw, isinstance(raw, dict) and isinstance(raw.get("kind"), str),
+            "a mapping with a kind and that kind's keys")
+    return DeclaredClaim(raw["kind"], {k: v for k, v in raw.items() if k != "kind"})
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -183,7 +143,8 @@ def load_plan(path: str | Path) -> Plan:
     except yaml.YAMLError as err:
         raise InvalidValue(f"study.plan={path} is not valid YAML: {str(err).splitlines()[0]}") from None
     require("study.plan", str(path), isinstance(raw, dict), "a YAML mapping with name, recipe, stages and claims")
-    allowed = ("name", "experiment", "description", "recipe", "alpha", "convergence", *STAGES, "claims")
+    allowed = ("name", "experiment", "description", "recipe", "alpha", "convergence", "paired", "procedure",
+               *STAGES, "claims")
     for key in raw:
         require(f"plan key {key}", raw[key], key in allowed, f"one of {', '.join(allowed)}")
     name = raw.get("name")
@@ -213,8 +174,16 @@ def load_plan(path: str | Path) -> Plan:
     explored = set(seeds["exploration"]).union(*arm_seeds["exploration"].values())
     overlap = explored & set(seeds["confirmation"]).union(*arm_seeds["confirmation"].values())
     require("confirmation.seeds", sorted(overlap), not overlap, "seeds the exploration stage did not use")
-    claims = tuple(_claim(i, c, arms["confirmation"]) for i, c in enumerate(raw.get("claims") or []))
+    claims = tuple(_claim(i, c) for i, c in enumerate(raw.get("claims") or []))
+    paired, procedure = raw.get("paired", False), raw.get("procedure", "holm")
+    require("paired", paired, isinstance(paired, bool), "true or false")
+    require("procedure", procedure, procedure in PROCEDURES, " or ".join(PROCEDURES))
+    if paired:  # the arms of a seed must see the same split and batch order: no arm may set its own
+        for arm, overrides in arms["confirmation"].items():
+            own = [o for o in overrides if o.split("=", 1)[0].lstrip("+") in PAIRED_SOURCES]
+            require(f"confirmation.arms.{arm}", " ".join(own), not own,
+                    f"no override of {', '.join(PAIRED_SOURCES)} in a paired plan (the arms share each seed's)")
     return Plan(path=path, hash=file_hash(path), name=name, experiment=str(raw.get("experiment", name)),
                 description=" ".join(str(raw.get("description", "")).split()),
                 recipe=_overrides("recipe", raw.get("recipe", [])), alpha=float(alpha), convergence=convergence,
-                seeds=seeds, arms=arms, arm_seeds=arm_seeds, claims=claims)
+                seeds=seeds, arms=arms, arm_seeds=arm_seeds, claims=claims, paired=paired, procedure=procedure)

@@ -65,9 +65,10 @@ from .analysis.results import (
     summarize,
 )
 from .runs.store import StoreConfigError, StoreUnreachable, bound_tool_waits, check_store, retry_locked, tool_uri
-from .analysis.confirmation import Confirmation, confirmation_runs, judge_plan
-from .analysis.confirmation import rules as plan_rules
-from .plan import Plan, load_plan
+from .claims import Confirmation, describe, judge_plan, load_plan
+from .claims import rules as plan_rules
+from .claims.evidence import confirmation_runs
+from .plan import Plan
 from .analysis.tables import FORMATS, figure, headline_table, write_tables
 from .analysis.verdicts import DEFAULT_MARGIN_PP, NOISY_CV, Claim, Judgement, claims_table, conclusion, evaluate_claims, method
 
@@ -370,7 +371,7 @@ def _plan_section(doc: Document, found: Findings) -> None:
     doc.heading(f"Declared plan: {esc(conf.plan.name)}")
     doc.text("The claims below were declared in the plan file before its confirmation runs started, and are judged "
              "on those runs alone (fresh seeds no selection looked at). The plan as read now:")
-    doc.bullets([esc(line) for line in conf.plan.describe()])
+    doc.bullets([esc(line) for line in describe(conf.plan)])
     doc.bullets([esc(line) for line in conf.notes])
     doc.heading("Confirmation runs per arm", 3)
     doc.text("Mean ± std [95% interval] over the arm's seeds; `converged` counts runs that met the convergence rule "
@@ -381,8 +382,8 @@ def _plan_section(doc: Document, found: Findings) -> None:
         doc.text("Not converged: " + "; ".join(late) + ".")
     doc.heading("Declared claims, judged on the confirmation runs", 3)
     doc.table(format_claim_list(conf.claims), bold=["verdict"])
-    doc.text(f"Holm family ({len(conf.family)} tests, alpha {conf.plan.alpha:g} one-sided): "
-             + ("; ".join(esc(c) for c in conf.family) if conf.family else "none (no claim had a test)") + ".")
+    doc.text(esc(conf.procedure) + (" The family: " + "; ".join(esc(c) for c in conf.family) + "." if conf.family
+                                     else ""))
 
 
 def render(found: Findings, out: Path, title: str, intro: str) -> list[Path]:

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .checks import InvalidValue
-from .plan import STAGES, Job, Plan, load_plan
+from .plan import STAGES, Job, Plan
 
 OUTPUT_ROOT = Path("outputs/studies")
 
@@ -126,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                   "pilot's, over arms with two seeds or more)")
     parser.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db")
     args = parser.parse_args(argv)
+    from .claims import describe, load_plan
+
     try:
         plan = load_plan(args.plan)
     except InvalidValue as err:
@@ -135,12 +137,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     uri = tracking_uri(args.tracking_uri, Path.cwd())
     if args.command == "show":
-        print("\n".join(plan.describe()))
+        print("\n".join(describe(plan)))
         for job in plan.jobs(args.stage):
             print(f"  {args.stage} {job.arm} seed {job.seed}: {' '.join(job.overrides)}")
         return 0
     if args.command == "estimate":
-        from .analysis.estimate import print_estimate
+        from .claims.sizing import print_estimate
 
         return print_estimate(plan, uri, args.jobs, args.sd)
     os.environ.setdefault("MLFLOW_TRACKING_URI", uri)

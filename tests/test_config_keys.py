@@ -168,3 +168,32 @@ def test_only_keys_that_something_reads_may_be_added():
                      trainer_arguments)
     with pytest.raises(ConfigError, match=r"\+\+trainer.not_an_argument=1: nothing reads"):
         check_added_keys(["++trainer.not_an_argument=1"], trainer_arguments)
+
+
+def flat_keys(plain: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for key, value in plain.items():
+        out |= flat_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}"}
+    return out
+
+
+@pytest.mark.parametrize("group, option", [(None, None), *OPTIONS], ids=["entry", *(f"{g}={o}" for g, o in OPTIONS)])
+def test_every_config_key_has_one_identity_class(group, option, tmp_path):
+    """identity.KEY_CLASSES classifies every key of every config option (architecture, recipe, data,
+    seed or bookkeeping): a new key without a class fails here, before it is silently hashed."""
+    from densenet_exp.identity import key_class
+
+    plain, _ = compose_option(group, option, tmp_path)
+    assert {k for k in flat_keys(plain) if key_class(k) is None} == set()
+
+
+def test_runs_that_differ_only_in_compile_or_precision_are_two_configurations():
+    from densenet_exp.identity import config_key
+
+    base = {"model.name": "resnet20", "optim.lr": "0.1", "trainer.precision": "bf16-mixed", "speed.compile": "True",
+            "seed": "1", "speed.channels_last": "True", "tracking.experiment": "x"}
+    assert config_key({**base, "speed.compile": "False"}) != config_key(base)
+    assert config_key({**base, "trainer.precision": "32-true"}) != config_key(base)
+    # ...while the seed, the store and a speed switch that keeps the numbers are not the configuration.
+    assert config_key({**base, "seed": "2", "tracking.experiment": "y", "speed.channels_last": "False"}) == \
+        config_key(base)

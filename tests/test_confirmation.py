@@ -1,4 +1,4 @@
-"""Known answers for the verdicts of a declared plan (densenet_exp/confirmation.py) and for the
+"""Known answers for the verdicts of a declared plan (the claim engine, densenet_exp/claims/) and for the
 exploratory ones without a plan: stores written by hand, one scenario per experiment."""
 
 from __future__ import annotations
@@ -11,12 +11,14 @@ import pytest
 from mlflow.entities import Metric
 
 from conftest import Store
-from densenet_exp.analysis import confirmation, results, stats, verdicts
+from densenet_exp import claims as confirmation
+from densenet_exp.analysis import results, stats, verdicts
+from densenet_exp.claims import evidence
 from densenet_exp import record, report
 from densenet_exp.measures.figure5 import FIGURE5
-from densenet_exp.plan import load_plan
+from densenet_exp.claims import load_plan
 from densenet_exp.analysis.verdicts import CONTRADICTED, EXPLORATORY, INCONCLUSIVE, NOT_COMPARABLE, SUPPORTED
-from test_report import add_run
+from builders import add_run
 from test_verdicts import figure5_like
 
 SEEDS = [100, 101, 102, 103, 104]
@@ -213,20 +215,23 @@ def test_the_reports_p_values_and_power_agree_with_an_independent_computation(st
     lower = sp.ttest_ind(a + m, b, equal_var=False, alternative="greater").pvalue
     upper = sp.ttest_ind(a - m, b, equal_var=False, alternative="less").pvalue
     assert same.p_value == pytest.approx(max(lower, upper), rel=1e-9)
-    tested = [c for c in conf.claims if c.p_value is not None]
-    order = np.argsort([c.p_value for c in tested], kind="stable")
+    # Holm over the whole declared family: a test a gate stopped counts with p = 1.
+    family = [c for c in conf.claims if c.in_family]
+    raw = [c.p_value if c.p_value is not None else 1.0 for c in family]
+    order = np.argsort(raw, kind="stable")
     running, by_hand = 0.0, {}
     for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(tested) - rank) * tested[i].p_value))
+        running = max(running, min(1.0, (len(family) - rank) * raw[i]))
         by_hand[i] = running
-    assert [c.p_holm for c in tested] == pytest.approx([by_hand[i] for i in range(len(tested))], rel=1e-9)
+    tested = [i for i, c in enumerate(family) if c.p_value is not None]
+    assert [family[i].p_holm for i in tested] == pytest.approx([by_hand[i] for i in tested], rel=1e-9)
     # Power of the one-sided non-inferiority test, the noncentral t distribution, at the level Holm's
     # first step holds each of the family's tests to (alpha / k), not at alpha.
     sd = stats.pooled_sd(a, b)
     n1, n2, df = len(a), len(b), len(a) + len(b) - 2
     noncentrality = (m / sd) * np.sqrt(n1 * n2 / (n1 + n2))
-    k = len(tested)
-    assert k >= 2
+    k = len(family)
+    assert k == 8
     power = lambda alpha: 1 - sp.nct.cdf(sp.t.ppf(1 - alpha, df), df, noncentrality)  # noqa: E731
     assert stats.power(sd, m, n1, n2, non_inferior.alpha / k) == pytest.approx(power(non_inferior.alpha / k), rel=1e-9)
     assert f"power {power(non_inferior.alpha / k):.2f} " in params.evidence
@@ -238,16 +243,15 @@ def test_the_reports_p_values_and_power_agree_with_an_independent_computation(st
     assert f"80% power needs {needed} seeds per side" in params.evidence
 
 
-def test_the_family_a_plan_sizes_for_bounds_the_family_it_is_judged_by(store, non_inferior):
-    """Plan.tests (what `study estimate` sizes at alpha / k) counts every test its claims can put in
-    the Holm family, so the family judged is never larger: sizing at alpha / Plan.tests is safe."""
-    from densenet_exp.plan import TESTS_PER_CLAIM
-
+def test_the_family_is_every_declared_test_whatever_the_gates_stop(store, non_inferior):
+    """stats.FAMILY_RULE: the family judged is the one the plan declares (what `study estimate` sizes
+    at alpha / k), gated claims included with p = 1, so a failing gate never lowers the bar."""
     found = report.judge(report.load_evidence(non_inferior.experiment, store.uri), 0.5, non_inferior)
     family = found.confirmation.family
-    assert non_inferior.tests == 8 and TESTS_PER_CLAIM["feature_reuse"] == len(verdicts.REUSE_DIRECTIONS)
-    assert 2 <= len(family) <= non_inferior.tests, family
+    assert confirmation.tests(non_inferior) == 8 == len(family)
+    assert confirmation.KINDS["feature_reuse"].tests({}) == len(verdicts.REUSE_DIRECTIONS)
     assert any("fewer parameters" in c for c in family) and any("same test accuracy" in c for c in family)
+    assert "8 declared tests" in found.confirmation.procedure
 
 
 def test_keys_the_plan_sets_per_arm_may_differ_and_others_may_not(tmp_path):
@@ -258,10 +262,10 @@ def test_keys_the_plan_sets_per_arm_may_differ_and_others_may_not(tmp_path):
                                                         "small: [model=densenet_bc28_k12, optim.lr=0.2]"))
     plan = load_plan(path)
 
-    def arm(name: str, lr: str, batch: str) -> confirmation.Arm:
-        return confirmation.Arm(name, pd.DataFrame({"run_id": ["r"], "family": ["x"], "params.optim.lr": [lr],
+    def arm(name: str, lr: str, batch: str) -> evidence.Arm:
+        return evidence.Arm(name, pd.DataFrame({"run_id": ["r"], "family": ["x"], "params.optim.lr": [lr],
                                                     "params.data.batch_size": [batch]}))
 
-    assert confirmation.undeclared_differences(plan, arm("small", "0.2", "128"), arm("big", "0.1", "128")) == []
-    assert confirmation.undeclared_differences(plan, arm("small", "0.2", "128"), arm("big", "0.1", "64")) == [
+    assert evidence.undeclared_differences(plan, arm("small", "0.2", "128"), arm("big", "0.1", "128")) == []
+    assert evidence.undeclared_differences(plan, arm("small", "0.2", "128"), arm("big", "0.1", "64")) == [
         "data.batch_size: 128, 64"]

@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT, Store
 from densenet_exp import record
 from densenet_exp.checks import InvalidValue
-from densenet_exp.plan import load_plan
+from densenet_exp.claims import load_plan, name
 from densenet_exp.validate import validate_study
 
 PLAN = """
@@ -45,7 +45,7 @@ def test_a_plan_expands_into_jobs_seeds_outer_with_the_split_drawn_by_the_seed(t
     assert jobs[2].overrides[-6:] == ("growth_rate=8", "seed=1", "data.split_seed=1", f"study.plan={plan.path}",
                                       "study.stage=exploration", "study.arm=b")
     assert [(j.arm, j.seed) for j in plan.jobs("confirmation")] == [("a", 10), ("a", 11)]
-    assert len(plan.hash) == 64 and plan.claims[0].name.startswith("feature reuse of a")
+    assert len(plan.hash) == 64 and name(plan.claims[0]).startswith("feature reuse of a")
     assert any("confirmation: seeds 10, 11" in line for line in plan.describe())
 
 
@@ -53,7 +53,7 @@ def test_a_plan_expands_into_jobs_seeds_outer_with_the_split_drawn_by_the_seed(t
     (lambda t: t + "colour: blue\n", "plan key colour='blue' is invalid"),
     (lambda t: t.replace("seeds: [10, 11]", "seeds: [0, 11]"), "confirmation.seeds=[0] is invalid: expected seeds "
                                                              "the exploration stage did not use"),
-    (lambda t: t.replace("arm: a,", "arm: zz,"), "claims[0]='zz' is invalid: expected an arm of the confirmation"),
+    (lambda t: t.replace("arm: a,", "arm: zz,"), "claims[0].arm='zz' is invalid: expected an arm of the confirmation"),
     (lambda t: t.replace("{kind: feature_reuse, arm: a, min_layers: 2}", "{kind: fewer_params, smaller: a}"),
      "claims[0].larger=None is invalid: expected a value (required)"),
     (lambda t: t.replace("a: [model=densenet_tiny]\nclaims", "a: model=densenet_tiny\nclaims"),

@@ -188,7 +188,7 @@ def sized_pilot_run(client, experiment: str, overrides: list[str], test_acc: flo
 
 
 def test_plan_estimate_sizes_the_seeds_at_holms_level_from_the_pilots_seed_sd(store, tmp_path, capsys):
-    """Power of the declared seeds at alpha / k (k = 2 tests: non-inferiority and TOST), from the pooled
+    """Power of every declared test at alpha / k (k = 2 tests: non-inferiority and TOST), from the pooled
     SD of the pilot runs on each arm's recipe; runs on another recipe (another weight decay) do not count."""
     from scipy import stats as sp
 
@@ -208,16 +208,19 @@ def test_plan_estimate_sizes_the_seeds_at_holms_level_from_the_pilots_seed_sd(st
     out = capsys.readouterr().out
     (row,) = [cells(line) for line in out.splitlines() if line.startswith("| small as")]
     sd = np.sqrt((np.var(small, ddof=1) * 2 + np.var(big, ddof=1) * 1) / 3)
-    assert float(row[1]) == pytest.approx(100 * sd, abs=6e-4)
-    assert row[2] == "0.025 (k = 2)" and row[3] == "6, 6"
+    assert row[1] == "non-inferiority" and float(row[2]) == pytest.approx(100 * sd, abs=6e-4)
+    assert row[3] == "0.025 (Holm, k = 2)" and row[4] == "6, 6"
 
     def power(n: int, sd: float) -> float:
         df = 2 * n - 2
         return 1 - sp.nct.cdf(sp.t.ppf(1 - 0.025, df), df, (0.005 / sd) * np.sqrt(n / 2))
 
-    assert float(row[4]) == pytest.approx(power(6, sd), abs=6e-4)
-    assert int(row[5]) == next(n for n in range(2, 500) if power(n, sd) >= 0.8)
+    assert float(row[5]) == pytest.approx(power(6, sd), abs=6e-4)
+    assert int(row[6]) == next(n for n in range(2, 500) if power(n, sd) >= 0.8)
+    # The family's second test, TOST, is sized too (its power: stats.tost_power, checked in test_claims).
+    (tost,) = [cells(line) for line in out.splitlines() if line.startswith("| cost of small")]
+    assert tost[1] == "equivalence (TOST)" and tost[3] == "0.025 (Holm, k = 2)" and 0 <= float(tost[5]) <= 1
     # A given SD replaces the pilot's.
     assert study.main(["estimate", str(plan), "--sd", "0.37", "--tracking-uri", store.uri]) == 0
     (row,) = [cells(line) for line in capsys.readouterr().out.splitlines() if line.startswith("| small as")]
-    assert row[1] == "0.37" and float(row[4]) == pytest.approx(power(6, 0.0037), abs=6e-4)
+    assert row[2] == "0.37" and float(row[5]) == pytest.approx(power(6, 0.0037), abs=6e-4)

@@ -20,7 +20,7 @@ from densenet_exp.measures.figure5 import FIGURE5, figure5_ratios
 from densenet_exp.probes.gradient_flow import relative_gradients, weighted_layers
 from densenet_exp.probes.gradient_flow import summarize as summarize_gradients
 from densenet_exp.analysis.verdicts import CONTRADICTED, EXPLORATORY, INCONCLUSIVE, NOT_COMPARABLE, SUPPORTED
-from test_report import add_run
+from builders import add_run
 
 KNOBS_NONE = {"growth_rate": None, "compression": None, "bottleneck": None}
 SMALL = {"model.name": "densenet_small", "model.arch": "densenet", "model.block_config": "[2, 6, 12]",

@@ -9,10 +9,8 @@ cores, so the figure already includes that sharing), the share of each epoch spe
 steps (validation, logging) and the per-run fixed cost (start-up, compile, test, probes). The
 arm's epochs and training images come from its composed config.
 
-Sizing: for each `fewer_params` claim, the power its declared seeds give a non-inferiority test at
-alpha / k, the level Holm's first step holds each of the plan's k declared tests to
-(stats.POWER_RULE), and the seeds 80% power needs there; the seed SD is `--sd`, else the pooled SD
-of test accuracy over exploration runs of the pair's models and learning rates (two seeds or more).
+The seeds' power is sized by the claim engine (densenet_exp/claims/sizing.py) from
+`exploration_sd` here.
 Torch-free.
 """
 
@@ -29,7 +27,6 @@ from .. import record
 from ..config import composed, flatten
 from ..options import train_images
 from ..plan import Plan
-from . import stats
 
 
 def exploration_runs(plan: Plan, client: MlflowClient) -> list:
@@ -109,30 +106,8 @@ def exploration_sd(plan: Plan, uri: str, arms: list[str]) -> float:
     return math.sqrt(squares / dof) if dof else float("nan")
 
 
-def sizing(plan: Plan, uri: str, sd_pp: float | None) -> pd.DataFrame:
-    """Per fewer_params claim: the seed SD used, alpha / k, the declared seeds per side, their power
-    and the seeds 80% power needs (module docstring)."""
-    alpha = stats.holm_first_alpha(plan.alpha, plan.tests)
-    rows = []
-    for c in plan.claims:
-        if c.kind != "fewer_params":
-            continue
-        pair = [c["smaller"], c["larger"]]
-        sd = sd_pp / 100 if sd_pp is not None else exploration_sd(plan, uri, pair)
-        n1, n2 = (len(plan.seeds_of("confirmation", arm)) for arm in pair)
-        margin = c["margin_pp"] / 100
-        rows.append({"claim": c.name, "seed SD (pp)": round(100 * sd, 3), "alpha / k": f"{alpha:.3g} (k = {plan.tests})",
-                     "seeds per side": f"{n1}, {n2}", "power": round(stats.power(sd, margin, n1, n2, alpha), 3),
-                     "seeds for 80% power": stats.seeds_for_power(sd, margin, alpha)})
-    return pd.DataFrame(rows)
-
-
-def print_estimate(plan: Plan, uri: str, jobs: int, sd_pp: float | None = None) -> int:
-    sized = sizing(plan, uri, sd_pp)
-    if len(sized):
-        print(sized.to_markdown(index=False))
-        if sized["seed SD (pp)"].isna().any():
-            print("no seed SD for some claims: give --sd PP, or explore their arms on two seeds or more", file=sys.stderr)
+def print_estimate(plan: Plan, uri: str, jobs: int) -> int:
+    """The confirmation stage's time (the sizing of its tests is the claim engine's: claims.sizing)."""
     table, hours, fastest = estimate(plan, uri, jobs)
     if table.empty:
         print(f"plan {plan.name}: no confirmation arms declared yet", file=sys.stderr)

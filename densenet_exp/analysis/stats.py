@@ -110,3 +110,80 @@ def seeds_for_power(sd: float, margin: float, alpha: float, target: float = 0.8)
     n = TTestIndPower().solve_power(effect_size=margin / sd, nobs1=None, alpha=alpha, power=target,
                                     alternative="larger")
     return max(2, math.ceil(float(np.asarray(n).item())))
+
+
+# --- paired designs, TOST power, the fixed family ------------------------------------------------
+
+PAIRED_RULE = (
+    "A paired plan's arms share each seed's split and batch order, so an arm difference is read within seed: the "
+    "per-seed differences are tested by a one-sample t-test against the margin (statsmodels `DescrStatsW.ttest_mean`; "
+    "TOST `DescrStatsW.ttost_mean` for equivalence), on the seeds both arms finished. Its power is statsmodels "
+    "`TTestPower` at the SD of those differences."
+)
+TOST_POWER_RULE = (
+    "The Welch TOST has no closed-form power, so its power within ±m at a true difference d is simulated: 20,000 "
+    "draws (a fixed seed, so a plan always sizes the same) of its sufficient statistics for n1 and n2 seeds at the "
+    "seed SD (the difference of means, normal; each side's variance, a scaled chi-square), each put through the two "
+    "one-sided Welch tests at the test's alpha; the tests check it against a simulation on raw samples."
+)
+FAMILY_RULE = (
+    "The family is fixed by the plan before the runs: every test its claims declare is in it, whether or not a gate "
+    "(too few seeds, not converged, not comparable) stops the test, and a stopped test enters with p = 1, so a "
+    "failing gate never lowers the bar for the others. `procedure: holm` (default) corrects the family by Holm; "
+    "`procedure: fixed_sequence` tests the claims in their declared order, each at alpha, and stops at the first "
+    "that does not reject (its adjusted p is the running maximum of the raw p-values): valid without correction "
+    "because no later test is reached unless all earlier ones rejected."
+)
+
+
+def fixed_sequence(p_values: Sequence[float]) -> list[float]:
+    """FAMILY_RULE's adjusted p-values of a fixed sequence: the running maximum, in the order given."""
+    return np.maximum.accumulate(np.asarray(p_values, dtype=float)).tolist() if len(p_values) else []
+
+
+def paired_one_sided(diff: np.ndarray, alternative: str, value: float = 0.0) -> float | None:
+    """p of H1: mean(diff) `alternative` than `value` (per-seed differences); None without spread."""
+    return one_sample_one_sided(diff, value, alternative)
+
+
+def paired_tost(diff: np.ndarray, margin: float) -> float | None:
+    """TOST p of |mean(diff)| < margin over per-seed differences; None without spread."""
+    if not _spread(diff):
+        return None
+    return float(DescrStatsW(diff).ttost_mean(-margin, margin)[0])
+
+
+def paired_power(sd_diff: float, margin: float, n: int, alpha: float) -> float:
+    """PAIRED_RULE's power of a paired non-inferiority test (true difference zero)."""
+    from statsmodels.stats.power import TTestPower
+
+    if not (sd_diff > 0 and n >= 2):
+        return float("nan")
+    return float(TTestPower().power(effect_size=margin / sd_diff, nobs=n, alpha=alpha, alternative="larger"))
+
+
+def tost_power(sd: float, margin: float, n1: int, n2: int, alpha: float, difference: float = 0.0,
+               draws: int = 20_000) -> float:
+    """TOST_POWER_RULE's power with n1 and n2 seeds at seed SD `sd`, true difference `difference`."""
+    from scipy.stats import t
+
+    if not (sd > 0 and n1 >= 2 and n2 >= 2):
+        return float("nan")
+    rng = np.random.default_rng(0)  # fixed: the same plan sizes the same every time
+    d = rng.normal(difference, sd * math.sqrt(1 / n1 + 1 / n2), draws)
+    v1 = sd ** 2 * rng.chisquare(n1 - 1, draws) / (n1 - 1) / n1  # each side's squared standard error
+    v2 = sd ** 2 * rng.chisquare(n2 - 1, draws) / (n2 - 1) / n2
+    se, dof = np.sqrt(v1 + v2), (v1 + v2) ** 2 / (v1 ** 2 / (n1 - 1) + v2 ** 2 / (n2 - 1))  # Welch
+    p = np.maximum(t.sf((d + margin) / se, dof), t.cdf((d - margin) / se, dof))
+    return float(np.mean(p < alpha))
+
+
+def seeds_for(power_of, target: float = 0.8, most: int = 200) -> int | None:
+    """The fewest seeds per side (2..most) whose `power_of(n)` reaches `target`; None if none does."""
+    for n in range(2, most + 1):
+        p = power_of(n)
+        if not np.isfinite(p):
+            return None
+        if p >= target:
+            return n
+    return None

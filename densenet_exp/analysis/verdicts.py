@@ -8,7 +8,7 @@ Runs chosen on the same runs that judge them keep the winner's curse (D and R ar
 their families on validation, and validation and test errors correlate over seeds), so nothing
 here is ever "supported" or "contradicted": a claim that would be decided reads "exploratory
 (chosen on these runs; leans ...)". Decided verdicts come only from a declared plan judged on
-fresh seeds (densenet_exp/confirmation.py), which shares the measurement rules below: the
+fresh seeds (the claim engine, densenet_exp/claims/), which shares the measurement rules below: the
 convergence gate, feature reuse against the net's own initialization, gradients on the body's
 3x3 convolutions. Every rule is stated once, as text next to the code that applies it; `method`
 returns those texts in order and the report prints them verbatim.
@@ -50,7 +50,10 @@ class Claim:
     verdict: supported, contradicted, inconclusive or not comparable; `reason` says why it is
     not one of the first two. A claim with a test has its raw `p_value`, the Holm-adjusted
     `p_holm` over its data set's family, and `direction` (+1: the estimate lies on the claimed
-    side, -1: the other side)."""
+    side, -1: the other side). A declared plan's claim is one test of the plan's fixed family
+    (`in_family`), or an exact comparison outside it; `gates` are checks run after the family is
+    decided, each returning why the claim cannot stand (e.g. costs at matched accuracy need the
+    equivalence supported) or None."""
 
     data: str
     claim: str
@@ -61,6 +64,8 @@ class Claim:
     p_value: float | None = None
     p_holm: float | None = None
     direction: int = 0
+    in_family: bool = True
+    gates: list = field(default_factory=list, repr=False, compare=False)
 
     @property
     def label(self) -> str:
@@ -180,7 +185,7 @@ def select(data: str, runs: pd.DataFrame) -> Selection:
 # --- comparability ---------------------------------------------------------------------------
 
 # label -> how to read it from a run (a params.* or tags.* column, or a function of the run).
-RECIPE_PARAMS = ["data.name", "data.num_classes", "data.train_size", "data.val_size", "data.test_size",
+RECIPE_PARAMS = ["data.name", "data.num_classes", "data.train_size", "data.val_size", "data.test_size", "speed.compile",
                  "data.image_size", "data.augment", "data.batch_size", "trainer.max_epochs",
                  "trainer.accumulate_grad_batches", "trainer.gradient_clip_val", "loss.label_smoothing"]
 RECIPE_PREFIXES = ["optim."]
@@ -510,18 +515,22 @@ def gradient_claims(data: str, sel: Selection, configs: list[Config], grads: pd.
 # --- claims: feature reuse (the paper's Figure 5) --------------------------------------------
 
 # Observation -> (claim name, metric the probe logs, reference ratio, claimed higher).
-FIGURE5_RULE = (
-    "From each run's `feature_reuse/matrices.json` and `feature_reuse/matrices_init.json` (the same matrices at "
-    "step 0, before any update: the control). " + RATIOS_RULE + " With He initialization every source gets about "
-    "the same weight per map, so every ratio starts near 1: an observation is about what training changed. Per run, "
-    "the change log(trained / init) of each ratio is judged against the paper's direction: (a) early sources and (b) "
-    f"the block's early layers in a transition keep at least {KEEP_FRACTION:g} of their weight at init; (c) training "
-    "lowers the weight on transition outputs; (d) training moves the classifier's weight to late features. Only "
-    f"blocks with at least {MIN_REUSE_LAYERS} layers count (others are named as skipped), trained runs must have "
-    "converged, and an untrained net (no change) is inconclusive. (a) and (b) say the weight stays spread, which an "
-    "untrained net shows too: they are judged only where training moved the matrices, the mean |log(trained / init)| "
-    f"of every cell's share at least {MOVED:g} in every run."
-)
+def figure5_rule(min_layers: int = MIN_REUSE_LAYERS, keep: float = KEEP_FRACTION) -> str:
+    return (
+        "From each run's `feature_reuse/matrices.json` and `feature_reuse/matrices_init.json` (the same matrices at "
+        "step 0, before any update: the control). " + RATIOS_RULE + " With He initialization every source gets about "
+        "the same weight per map, so every ratio starts near 1: an observation is about what training changed. Per "
+        "run, the change log(trained / init) of each ratio is judged against the paper's direction: (a) early sources "
+        f"and (b) the block's early layers in a transition keep at least {keep:g} of their weight at init; (c) "
+        "training lowers the weight on transition outputs; (d) training moves the classifier's weight to late "
+        f"features. Only blocks with at least {min_layers} layers count (others are named as skipped), trained runs "
+        "must have converged, and an untrained net (no change) is inconclusive. (a) and (b) say the weight stays "
+        "spread, which an untrained net shows too: they are judged only where training moved the matrices, the mean "
+        f"|log(trained / init)| of every cell's share at least {MOVED:g} in every run."
+    )
+
+
+FIGURE5_RULE = figure5_rule()
 REUSE_DIRECTIONS = {  # observation -> (claimed change of log(trained / init), its words)
     "a": ("keep", "early sources keep at least {keep:g} of their weight at init"),
     "b": ("keep", "transitions keep at least {keep:g} of their weight on the block's early layers"),

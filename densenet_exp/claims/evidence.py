@@ -1,0 +1,211 @@
+"""What the claim kinds judge: a plan's confirmation runs, grouped by arm, with the gates every
+kind shares (enough seeds, converged, comparable recipes) and the accuracy comparison of two arms,
+within seed where the plan is paired. Torch-free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from .. import record
+from ..analysis import stats
+from ..analysis.verdicts import INCONCLUSIVE, Claim, Config, convergence_gain, recipe_differences
+from ..plan import Plan
+
+STAGE_RULE = (
+    "Claims are judged only on runs tagged with the plan's name and stage `confirmation`, on the plan's declared "
+    "seeds; exploration runs (the pilot, on other seeds) never enter a verdict. Each run carries the SHA-256 of the "
+    "plan file as it was when the run started (tag `study_plan_hash`): a hash other than the plan's now means the "
+    "plan changed after that run started, and the report says so."
+)
+
+
+@dataclass
+class Arm:
+    """The confirmation runs of one arm: those kept, and why the others are out."""
+
+    name: str
+    runs: pd.DataFrame
+    missing_seeds: list[int] = field(default_factory=list)
+    near_chance: list[str] = field(default_factory=list)
+    not_converged: list[str] = field(default_factory=list)
+    gains: dict[str, float] = field(default_factory=dict)  # run_id -> gain over the last window (pp)
+
+    def values(self, metric: str, runs: pd.DataFrame | None = None) -> np.ndarray:
+        runs = self.runs if runs is None else runs
+        if metric not in runs:
+            return np.array([])
+        v = pd.to_numeric(runs[metric], errors="coerce").to_numpy(float)
+        return v[np.isfinite(v)]
+
+    def by_seed(self, metric: str) -> pd.Series:
+        """`metric` of the trained runs, indexed by seed (for within-seed comparisons)."""
+        runs = self.trained
+        return pd.Series(pd.to_numeric(runs[metric], errors="coerce").to_numpy(float),
+                         index=runs["seed"].astype(int).to_numpy()).dropna() if metric in runs else pd.Series(dtype=float)
+
+    @property
+    def trained(self) -> pd.DataFrame:
+        """Runs that did not end near chance (the claims on trained nets use these)."""
+        near = {s.split(":")[0] for s in self.near_chance}
+        return self.runs[~self.runs["seed"].astype(str).map(lambda s: f"seed {s}" in near)]
+
+    def cost(self, metric: str) -> float:
+        """An exact per-net figure (parameters, FLOPs): the same for every seed; NaN if missing."""
+        v = self.values(metric)
+        return float(v[0]) if len(v) else float("nan")
+
+    def describe(self, metric: str, scale: float = 1.0, fmt: str = ".2f", unit: str = "") -> str:
+        v = self.values(metric) * scale
+        if not len(v):
+            return f"{self.name}: no {metric}"
+        sd = f" ± {v.std(ddof=1):{fmt}}" if len(v) > 1 else ""
+        return f"{self.name}: {v.mean():{fmt}}{sd}{unit} (n={len(v)})"
+
+    def config(self) -> Config:
+        return Config(self.name, str(self.runs["family"].iloc[0]) if len(self.runs) else "", self.runs)
+
+
+def confirmation_runs(plan: Plan, runs: pd.DataFrame) -> pd.DataFrame:
+    """STAGE_RULE: the plan's confirmation runs that finished, on its declared seeds."""
+    tag = lambda name: runs.get(f"tags.{name}", pd.Series(pd.NA, runs.index))  # noqa: E731
+    keep = (tag(record.STUDY_PLAN).eq(plan.name) & tag(record.STUDY_STAGE).eq("confirmation")
+            & runs["status"].eq("FINISHED"))
+    return runs[keep.fillna(False).astype(bool)]
+
+
+def arms_of(plan: Plan, runs: pd.DataFrame, curves: pd.DataFrame) -> dict[str, Arm]:
+    """Each confirmation arm's runs, with convergence (from `curves`, results.learning_curves of the
+    plan's metric) and near-chance runs named."""
+    conv = plan.convergence
+    arms = {}
+    arm_tag = runs.get(f"tags.{record.STUDY_ARM}", pd.Series(pd.NA, runs.index))
+    for name in plan.arms["confirmation"]:
+        declared = plan.seeds_of("confirmation", name)
+        mine = runs[arm_tag.eq(name).fillna(False).astype(bool) & runs["seed"].isin(declared)]
+        arm = Arm(name, mine, missing_seeds=sorted(set(declared) - set(mine["seed"].dropna().astype(int))))
+        for _, run in mine.iterrows():
+            values = curves.loc[curves["run_id"] == run["run_id"], "value"].to_list()
+            gain, window = convergence_gain(values, conv["last_fraction"])
+            arm.gains[run["run_id"]] = gain
+            if not np.isfinite(gain) or gain >= conv["max_gain_pp"]:
+                what = "too few validation checks" if not np.isfinite(gain) else (
+                    f"gained {gain:.2f} pp over its last {window} of {len(values)} validation checks")
+                arm.not_converged.append(f"seed {run['seed']}: {what}")
+            chance = 1 / float(run["num_classes"]) if pd.notna(run.get("num_classes")) else np.nan
+            acc = pd.to_numeric(pd.Series([run.get(record.TEST_ACC)]), errors="coerce").iloc[0]
+            if np.isfinite(chance) and pd.notna(acc) and acc <= chance + conv["near_chance_pp"] / 100:
+                arm.near_chance.append(f"seed {run['seed']}: test accuracy {acc:.3f}, chance {chance:.3f}")
+        arms[name] = arm
+    return arms
+
+
+def gate(claim: Claim, arms: list[Arm], converged: bool = True) -> Claim | None:
+    """The claim marked inconclusive (with its reason) when an arm lacks seeds or did not converge."""
+    for arm in arms:
+        if len(arm.trained) < stats.MIN_SEEDS:
+            claim.reason = (f"{arm.name} has {len(arm.trained)} usable runs: {stats.seeds_short(np.zeros(0))}"
+                            + (f" (seeds {', '.join(map(str, arm.missing_seeds))} not finished)" if arm.missing_seeds
+                               else ""))
+            return claim
+    if converged:
+        late = [f"{a.name} {s}" for a in arms for s in a.not_converged]
+        if late:
+            claim.reason = "not converged: " + "; ".join(late)
+            return claim
+    return None
+
+
+def undeclared_differences(plan: Plan, *arms: Arm) -> list[str]:
+    """The recipe keys on which the arms' runs disagree (verdicts.COMPARABILITY_RULE), less those the
+    plan sets per arm (e.g. the learning rate chosen per family in the pilot): those are declared."""
+    declared = {o.split("=", 1)[0].lstrip("+") for a in arms for o in plan.arms["confirmation"][a.name]}
+    return [d for d in recipe_differences(*(a.config() for a in arms)) if d.split(":", 1)[0] not in declared]
+
+
+@dataclass
+class Accuracy:
+    """Test accuracy of arm a against arm b: independent sides, or per-seed differences (paired)."""
+
+    a: np.ndarray
+    b: np.ndarray
+    diff: np.ndarray | None  # per-seed a - b on the seeds both finished (paired plans), else None
+
+    @property
+    def n(self) -> str:
+        return f"{len(self.diff)} seed pairs" if self.diff is not None else f"n = {len(self.a)}, {len(self.b)}"
+
+    def one_sided(self, alternative: str, value: float = 0.0) -> float | None:
+        if self.diff is not None:
+            return stats.paired_one_sided(self.diff, alternative, value)
+        return stats.welch_one_sided(self.a, self.b, alternative, value)
+
+    def tost(self, margin: float) -> float | None:
+        return stats.paired_tost(self.diff, margin) if self.diff is not None else stats.tost(self.a, self.b, margin)
+
+    @property
+    def words(self) -> str:
+        return "paired t-test on per-seed differences" if self.diff is not None else "Welch"
+
+
+def accuracy(plan: Plan, a: Arm, b: Arm) -> Accuracy:
+    """stats.PAIRED_RULE where the plan is paired, else two independent sides."""
+    x, y = a.by_seed(record.TEST_ACC), b.by_seed(record.TEST_ACC)
+    diff = None
+    if plan.paired:
+        both = x.index.intersection(y.index)
+        diff = (x[both] - y[both]).to_numpy(float)
+    return Accuracy(x.to_numpy(float), y.to_numpy(float), diff)
+
+
+def paired_problems(plan: Plan, runs: pd.DataFrame) -> list[str]:
+    """For a paired plan: the seeds whose arms did not share their split (data.split_seed and sizes)."""
+    if not plan.paired or not len(runs):
+        return []
+    keys = [f"params.{k}" for k in ("data.split_seed", "data.train_size", "data.val_size") if f"params.{k}" in runs]
+    problems = []
+    for seed, group in runs.groupby("seed"):
+        differ = [k.removeprefix("params.") for k in keys if group[k].astype(str).nunique(dropna=False) > 1]
+        if differ:
+            problems.append(f"seed {seed}: the arms ran on different splits ({', '.join(differ)} differ)")
+    return problems
+
+
+def notes(plan: Plan, mine: pd.DataFrame, arms: Mapping[str, Arm]) -> list[str]:
+    """What a reader must know before the verdicts: plan changes, missing seeds, runs left out,
+    which sources of variation the seeds varied."""
+    lines = []
+    hashes = mine.get(f"tags.{record.STUDY_PLAN_HASH}", pd.Series(dtype=str))
+    other = mine[hashes.ne(plan.hash).fillna(True).astype(bool)]
+    if len(mine):
+        first = pd.to_datetime(mine["start_time"]).min()
+        lines.append(f"{len(mine)} confirmation runs; the first started {first:%Y-%m-%d %H:%M} UTC.")
+    if len(other):
+        lines.append(f"The plan file changed after confirmation runs started: {len(other)} of {len(mine)} ran under "
+                     f"another version (sha256 {', '.join(sorted({str(h)[:12] for h in hashes[other.index]}))}; now "
+                     f"{plan.hash[:12]}).")
+    elif len(mine):
+        lines.append(f"Every confirmation run started under this plan file (sha256 {plan.hash[:12]}).")
+    for arm in arms.values():
+        if arm.missing_seeds:
+            lines.append(f"{arm.name}: seeds {', '.join(map(str, arm.missing_seeds))} have no finished run.")
+        for what in arm.near_chance:
+            lines.append(f"{arm.name} {what}: left out of the claims on trained nets (near chance).")
+    unpaired = paired_problems(plan, mine)
+    lines += unpaired
+    varied = ["weight initialization and batch order (`seed`)"]
+    if "params.data.split_seed" in mine and mine["params.data.split_seed"].nunique() > 1:
+        varied.append("the train/validation split (`data.split_seed` follows the seed)")
+    lines.append("The seeds varied " + " and ".join(varied) + "; the test set is fixed."
+                 + (" Paired: the arms of a seed shared its split and batch order." if plan.paired and not unpaired
+                    else ""))
+    return lines
+
+
+def inconclusive(plan: Plan, name: str, evidence: str = "") -> Claim:
+    """A claim of the plan before its test: inconclusive, no test yet."""
+    return Claim(plan.name, name, INCONCLUSIVE, evidence, "no test")

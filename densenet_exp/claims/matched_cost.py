@@ -1,0 +1,102 @@
+"""`matched_cost`: the pair's test accuracy is equivalent within `margin_pp` (TOST, one test of the
+family), and, only where it is, FLOPs and train-step memory per image as exact figures (outside
+the family: they do not vary over seeds), each against the declared `tolerance` (a ratio within
+1 ± tolerance is no difference). One pair, chosen by parameters, can support "fewer FLOPs" or
+fail to: it cannot contradict the paper's claim, which is about the frontier (some DenseNet at
+each accuracy), so a ratio on the wrong side reads "not supported for this pair". The memory
+claim names the implementation its runs measured (`model.memory_efficient`)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import record
+from ..analysis import stats
+from ..analysis.verdicts import INCONCLUSIVE, NOT_COMPARABLE, SUPPORTED, Claim
+from .family import first_alpha
+from .evidence import accuracy, gate, inconclusive, undeclared_differences
+
+KIND = "matched_cost"
+KEYS = {"smaller": None, "larger": None, "margin_pp": None, "tolerance": 0.05}
+ARM_KEYS = ("smaller", "larger")
+POSITIVE = ("margin_pp", "tolerance")
+COSTS = ((record.FLOPS_PER_IMAGE, "fewer FLOPs per image", True),
+         (record.TRAIN_STEP_MB, "more train-step memory per image", False))
+
+
+def tests(k) -> int:
+    return 1
+
+
+def name(k) -> str:
+    return f"cost of {k['smaller']} against {k['larger']} at matched accuracy"
+
+
+def rule(k) -> tuple[str, str]:
+    return ("cost at matched accuracy", "Only when TOST shows the pair's test accuracies equivalent within the margin "
+            "(after the family's correction): FLOPs per image and train-step memory per image (`memory/train_step_mb` "
+            f"over `data.batch_size`) compared as exact figures, a ratio within 1 ± {k['tolerance']:g} counting as no "
+            "difference. A single pair chosen by parameters can support a cost claim or leave it \"not supported for "
+            "this pair\", never contradict the paper's frontier claim. The memory claim names the implementation its "
+            "runs measured (plain concatenation or `model.memory_efficient=true`). Throughput is measured by the bench "
+            "on an idle machine as same-run ratios, not here.")
+
+
+def judge(ctx, k) -> list[Claim]:
+    small, large = ctx.arms[k["smaller"]], ctx.arms[k["larger"]]
+    acc = accuracy(ctx.plan, small, large)
+    same = inconclusive(ctx.plan, f"{small.name} and {large.name} reach the same test accuracy "
+                                  f"(within ±{k['margin_pp']:g} pp)",
+                        f"{small.describe(record.TEST_ACC, 100, unit=' %')}; "
+                        f"{large.describe(record.TEST_ACC, 100, unit=' %')}")
+    differ = undeclared_differences(ctx.plan, small, large)
+    if differ:
+        same.verdict, same.reason = NOT_COMPARABLE, "; ".join(differ)
+    elif not gate(same, [small, large]):
+        p = acc.tost(k["margin_pp"] / 100)
+        if p is None:
+            same.reason = "no spread over seeds"
+        else:
+            same.p_value, same.direction = p, 1
+            same.test = f"TOST, two one-sided tests ({acc.words}, {acc.n}): p = {p:.3g}"
+    return [same, *(cost_claim(ctx, small, large, same, k["tolerance"], *cost) for cost in COSTS)]
+
+
+def implementation(*arms) -> str:
+    """The DenseNet implementation the arms' memory was measured on, from `model.memory_efficient`."""
+    values = {str(v) for a in arms for v in a.runs.get("params.model.memory_efficient", []) if str(v) != "nan"}
+    if values == {"True"}:
+        return "memory-efficient (model.memory_efficient=true)"
+    return "plain concatenation (model.memory_efficient=false)" if "True" not in values else "mixed implementations"
+
+
+def cost_claim(ctx, small, large, same: Claim, tolerance: float, metric: str, words: str, fewer: bool) -> Claim:
+    per_image = [s.values(metric) / (s.values("batch_size") if metric == record.TRAIN_STEP_MB else 1)
+                 for s in (small, large)]
+    x, y = per_image
+    where = f" [{implementation(small, large)}]" if metric == record.TRAIN_STEP_MB else ""
+    claim = inconclusive(ctx.plan, f"{small.name} needs {words} than {large.name} at matched accuracy{where}",
+                         "; ".join(f"{s.name}: {v.mean():.4g}" + (" MiB" if metric == record.TRAIN_STEP_MB else "")
+                                   for s, v in zip((small, large), per_image) if len(v)))
+    claim.in_family = False
+    claim.gates = [lambda: None if same.verdict == SUPPORTED else f"accuracy not matched ({same.reason or same.verdict})"]
+    if len(x) and len(y) and np.ptp(x) == 0 and np.ptp(y) == 0:
+        ratio = x[0] / y[0]
+        claim.evidence += f"; ratio {ratio:.3g} (tolerance ±{tolerance:g})"
+        claim.test = "exact figures (the same for every seed), compared directly once the accuracy matches"
+        if ratio < 1 - tolerance if fewer else ratio > 1 + tolerance:
+            claim.verdict = SUPPORTED
+        else:
+            claim.verdict, claim.reason = INCONCLUSIVE, f"not supported for this pair (ratio {ratio:.3g})"
+    return claim
+
+
+def size(plan, k, sd: float, tests: int) -> dict:
+    """Before the runs: TOST's power with the declared seeds at seed SD `sd` (pp), true difference 0
+    (stats.TOST_POWER_RULE)."""
+    from ..analysis import stats
+    alpha, m = first_alpha(plan, tests), k["margin_pp"]
+    n1, n2 = (len(plan.seeds_of("confirmation", arm)) for arm in (k["smaller"], k["larger"]))
+    return {"test": "equivalence (TOST)", "alpha": alpha, "seeds": f"{n1}, {n2}",
+            "power": stats.tost_power(sd, m, n1, n2, alpha),
+            "seeds for 80% power": stats.seeds_for(lambda n: stats.tost_power(sd, m, n, n, alpha))}

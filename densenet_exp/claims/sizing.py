@@ -1,0 +1,53 @@
+"""`study estimate`'s sizing: before the runs, the power of every test in the plan's fixed family
+with its declared seeds, at the level the family's procedure holds a single test to (alpha / k
+under Holm, alpha in a fixed sequence), and the seeds 80% power needs there. The seed SD is
+`--sd`, else the pooled SD of test accuracy over the pilot's runs on the claim's arms' recipes
+(analysis.estimate.exploration_sd). Kinds without a power model (degradation, feature reuse,
+gradient flow) are listed as such. Torch-free.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pandas as pd
+
+from ..analysis.estimate import exploration_sd, print_estimate as print_time
+from ..plan import Plan
+from . import KINDS, name, tests
+
+
+def arms_of(c) -> list[str]:
+    kind = KINDS[c.kind]
+    out = []
+    for key in kind.ARM_KEYS:
+        out += c[key] if isinstance(c[key], list) else [c[key]]
+    return out
+
+
+def sizing(plan: Plan, uri: str, sd_pp: float | None) -> pd.DataFrame:
+    k = tests(plan)
+    rows = []
+    for c in plan.claims:
+        kind = KINDS[c.kind]
+        row = {"claim": name(c)}
+        if not hasattr(kind, "size"):
+            rows.append({**row, "test": f"{kind.tests(c.keys)} test(s), no power model"})
+            continue
+        sd = sd_pp if sd_pp is not None else 100 * exploration_sd(plan, uri, arms_of(c))
+        sized = kind.size(plan, c.keys, sd, k)
+        rows.append({**row, "test": sized["test"], "seed SD (pp)": round(sd, 3),
+                     "alpha": f"{sized['alpha']:.3g} ({'Holm, k = ' + str(k) if plan.procedure == 'holm' else 'fixed sequence'})",
+                     "seeds": sized["seeds"], "power": round(sized["power"], 3),
+                     "seeds for 80% power": sized["seeds for 80% power"]})
+    return pd.DataFrame(rows)
+
+
+def print_estimate(plan: Plan, uri: str, jobs: int, sd_pp: float | None = None) -> int:
+    sized = sizing(plan, uri, sd_pp)
+    if len(sized):
+        print(f"family: {tests(plan)} declared tests ({plan.procedure})")
+        print(sized.to_markdown(index=False))
+        if "seed SD (pp)" in sized and sized["seed SD (pp)"].isna().any():
+            print("no seed SD for some claims: give --sd PP, or explore their arms on two seeds or more", file=sys.stderr)
+    return print_time(plan, uri, jobs)
