@@ -71,6 +71,9 @@ def test_accuracy_vs_cost_numbers_overlap_no_other_number_no_point_and_stay_in_t
     assert all(not box.overlaps(ax.get_window_extent(renderer)) for ax in axes)
 
 
+KEYS = {"dense-a": "a0a0a0a0", "dense-b": "b1b1b1b1", "res-a": "c2c2c2c2"}  # each configuration's config_key
+
+
 def curves_table(checks_per_epoch: int = 1) -> pd.DataFrame:
     """Three epochs of val/acc, as results.learning_curves gives them: two configurations of three
     seeds, one of a single seed. With two checks per epoch the mid-epoch check is 0.2 below the
@@ -80,7 +83,7 @@ def curves_table(checks_per_epoch: int = 1) -> pd.DataFrame:
         for seed in range(seeds):
             for check in range(1, 3 * checks_per_epoch + 1):
                 end = check % checks_per_epoch == 0
-                rows.append({"data": DATA, "family": family, "variant": variant, "seed": seed,
+                rows.append({"data": DATA, "family": family, "variant": variant, "config_key": KEYS[variant], "seed": seed,
                              "run_id": f"{variant}-{seed}", "check": check, "epoch": check / checks_per_epoch,
                              "value": 0.5 + 0.1 * check / checks_per_epoch + 0.01 * seed - (0 if end else 0.2),
                              "lr_drops": (1, 2)})
@@ -117,6 +120,10 @@ def test_learning_curve_points_hold_one_value_per_run_at_each_check():
     assert sorted(points["epoch"].unique()) == [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]
     with pytest.raises(ValueError, match="one value per run per point"):
         figures.curve_points(pd.concat([curves, curves.iloc[[0]]]))
+    # Two configurations under one name stay apart, each named by its key.
+    one_name = figures.curve_points(curves.assign(variant=curves["variant"].replace({"dense-a": "dense", "dense-b": "dense"})))
+    assert set(one_name["variant"]) == {"dense [a0a0a0]", "dense [b1b1b1]", "res-a"}
+    assert one_name.loc[one_name["variant"] != "res-a", "runs"].eq(3).all()
 
 
 def test_learning_curves_name_points_with_fewer_runs_than_planned_and_mark_the_lr_drops():

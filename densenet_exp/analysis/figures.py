@@ -267,15 +267,18 @@ DODGE_UP_TO = 12  # checks: up to this many, intervals are bars set side by side
 
 
 def curve_points(curves: pd.DataFrame, metric: str = record.VAL_ACC) -> pd.DataFrame:
-    """The learning-curve figure's data: one row per configuration and validation check (the
-    `check` of results.learning_curves), with its position `epoch` (the median over its runs),
-    the mean over runs, the 95% interval over runs (seeds) and `runs`, how many runs have that
-    check. Each run gives each point one value: ValueError where a run has two rows at one check."""
+    """The learning-curve figure's data: one row per configuration (config_key; its variant name,
+    with the key's first characters where one name covers several configurations) and validation
+    check (the `check` of results.learning_curves), with its position `epoch` (the median over its
+    runs), the mean over runs, the 95% interval over runs (seeds) and `runs`, how many runs have
+    that check. Each run gives each point one value: ValueError where a run has two rows at one check."""
     twice = curves.duplicated(["run_id", "check"])
     if twice.any():
         raise ValueError(f"{int(twice.sum())} run(s) with two values at one check: one value per run per point")
+    shared = curves.groupby("variant")["config_key"].transform("nunique") > 1
+    names = curves["variant"].where(~shared, curves["variant"] + " [" + curves["config_key"].str[:6] + "]")
     rows = []
-    for (family, variant, check), group in curves.groupby(["family", "variant", "check"], sort=True):
+    for (family, variant, _, check), group in curves.groupby(["family", names, "config_key", "check"], sort=True):
         mean, low, high, n = _stats(group["value"], metric)
         rows.append({"family": family, "variant": variant, "check": check, "epoch": group["epoch"].median(),
                      "mean": mean, "ci_low": low, "ci_high": high, "runs": n})
@@ -316,7 +319,7 @@ def plot_learning_curves(curves: pd.DataFrame, data: str, metric: str = record.V
     width = 0.3 * spacing if dodge and len(lines) > 1 else 0.0  # the spread of a check's bars around its position
     short = []
     for i, ((family, variant, group, _, _, marker), colour) in enumerate(zip(lines, configuration_colours(len(lines)))):
-        n = rows.loc[rows["variant"] == variant, "run_id"].nunique()
+        n = int(group["runs"].max())  # the configuration's runs: those with its most-covered check
         expected = (planned or {}).get(variant, n)
         label = f"{variant} ({family_label(family)}, n={n})"
         x = group["epoch"].to_numpy(float) + (width * (i / (len(lines) - 1) - 0.5) if width else 0.0)
@@ -337,7 +340,7 @@ def plot_learning_curves(curves: pd.DataFrame, data: str, metric: str = record.V
     note = (f"{shape}: 95% interval over runs (seeds), n >= 2" if points["runs"].max() >= 2
             else "a single run each: no interval")
     if short:
-        note += "; a point labelled n=k has fewer runs than planned"
+        note += "; n=k: fewer runs than planned at that point"
     _mark_lr_drops(ax, rows)
     ax.set(xlabel="epoch (one point per validation check)" + ("; configurations set slightly apart" if width else ""),
            ylabel=metric, title=f"{data}: {metric} at each validation check, mean over runs\n{note}")
