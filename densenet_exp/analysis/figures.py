@@ -278,7 +278,8 @@ def curve_points(curves: pd.DataFrame, metric: str = record.VAL_ACC) -> pd.DataF
     shared = curves.groupby("variant")["config_key"].transform("nunique") > 1
     names = curves["variant"].where(~shared, curves["variant"] + " [" + curves["config_key"].str[:6] + "]")
     rows = []
-    for (family, variant, _, check), group in curves.groupby(["family", names, "config_key", "check"], sort=True):
+    by_point = curves.groupby(["family", names, "config_key", "check"], sort=True, dropna=False)
+    for (family, variant, _, check), group in by_point:
         mean, low, high, n = _stats(group["value"], metric)
         rows.append({"family": family, "variant": variant, "check": check, "epoch": group["epoch"].median(),
                      "mean": mean, "ci_low": low, "ci_high": high, "runs": n})
