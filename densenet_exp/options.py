@@ -6,7 +6,7 @@ build; tests/test_config.py checks that they match these lists.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .checks import is_number, require, require_int
@@ -32,6 +32,30 @@ def train_images(data: Mapping[str, Any]) -> int | None:
         return None
     total = TRAIN_IMAGES[data["name"]] - int(data.get("val_size") or 0)
     return min(total, int(data["train_size"])) if data.get("train_size") else total
+
+
+def train_batches(cfg: Mapping[str, Any]) -> int | None:
+    """Training batches (optimizer steps) per epoch and rank that a resolved config plans, or None
+    where the config does not fix the training set's size (an image folder) or lacks the batch size."""
+    data, trainer = cfg.get("data") or {}, cfg.get("trainer") or {}
+    images = data.get("train_size") if data.get("name") == "synthetic" else train_images(data)
+    if not images or not data.get("batch_size"):
+        return None
+    devices = trainer.get("devices")
+    ranks = devices if isinstance(devices, int) and devices > 0 and "ddp" in str(trainer.get("strategy", "")) else 1
+    batches = images // ranks // data["batch_size"]  # training batches are whole (drop_last)
+    limit = trainer.get("limit_train_batches")
+    if isinstance(limit, float) and limit <= 1.0:
+        return int(batches * limit)
+    if isinstance(limit, int) and limit > 0:
+        return min(batches, limit)
+    return batches
+
+
+def milestone_epochs(fractions: Sequence[float], epochs: int) -> list[int]:
+    """The epochs after which a multistep schedule drops the learning rate: `optim.milestones` are
+    fractions of the run (the paper: 50% and 75% of the epochs), each at least the first epoch."""
+    return [max(1, round(f * epochs)) for f in fractions]
 
 # The config checks and the DenseNet constructor call these same functions, so `growth_rate=0`
 # reads the same from the command line and from `DenseNet(growth_rate=0)`.

@@ -67,7 +67,7 @@ from .analysis.results import (
 from .runs.store import StoreConfigError, StoreUnreachable, bound_tool_waits, check_store, retry_locked, tool_uri
 from .claims import Confirmation, describe, judge_plan, load_plan
 from .claims import rules as plan_rules
-from .claims.evidence import confirmation_runs
+from .claims.evidence import confirmation_runs, planned_seeds
 from .plan import Plan
 from .analysis.tables import FORMATS, figure, headline_table, write_tables
 from .analysis.verdicts import DEFAULT_MARGIN_PP, NOISY_CV, Claim, Judgement, claims_table, conclusion, evaluate_claims, method
@@ -446,6 +446,7 @@ def render(found: Findings, out: Path, title: str, intro: str) -> list[Path]:
     shown = ev.done if found.confirmation is None else confirmation_runs(found.confirmation.plan, ev.done)
     shown_summary = summary if found.confirmation is None else summarize(shown)
     curves = ev.curves[ev.curves["run_id"].isin(shown["run_id"])]
+    planned = None if found.confirmation is None else planned_seeds(found.confirmation.plan, shown)
     grads = ev.grads[ev.grads["run_id"].isin(shown["run_id"])]
     datasets = sorted(shown["data"].dropna().unique())
     which = "" if found.confirmation is None else " (confirmation runs)"
@@ -455,8 +456,9 @@ def render(found: Findings, out: Path, title: str, intro: str) -> list[Path]:
          "accuracy_vs_cost", "DenseNet variants and baselines, test accuracy against parameters and FLOPs per image."),
         ("Effects of the DenseNet knobs" + which, lambda d: plot_knob_effects(shown, d), "knob_effects",
          "each knob with two or more levels, one line per setting of the others."),
-        ("Learning curves" + which, lambda d: plot_learning_curves(curves, d), "learning_curves",
-         "validation accuracy per epoch."),
+        ("Learning curves" + which, lambda d: plot_learning_curves(curves, d, planned=planned), "learning_curves",
+         "validation accuracy at each validation check (one value per run per point), placed in epochs; "
+         "n is the runs (seeds) of each configuration, and the dotted lines are the recipe's learning-rate drops."),
         ("Gradient flow by depth" + which, lambda d: plot_relative_grads(grads, d), "gradient_flow",
          "relative gradient of the body's 3x3 convs by their position (from gradient_flow/relative_grads.csv)."),
     ]

@@ -71,14 +71,22 @@ def test_accuracy_vs_cost_numbers_overlap_no_other_number_no_point_and_stay_in_t
     assert all(not box.overlaps(ax.get_window_extent(renderer)) for ax in axes)
 
 
-def curves_table() -> pd.DataFrame:
-    """Three epochs of val/acc: two configurations of three seeds, one of a single seed."""
+KEYS = {"dense-a": "a0a0a0a0", "dense-b": "b1b1b1b1", "res-a": "c2c2c2c2"}  # each configuration's config_key
+
+
+def curves_table(checks_per_epoch: int = 1) -> pd.DataFrame:
+    """Three epochs of val/acc, as results.learning_curves gives them: two configurations of three
+    seeds, one of a single seed. With two checks per epoch the mid-epoch check is 0.2 below the
+    end-of-epoch one, so a point that averaged the two checks of a run would hold a value no run had."""
     rows = []
     for variant, family, seeds in (("dense-a", "densenet", 3), ("dense-b", "densenet", 3), ("res-a", "resnet", 1)):
         for seed in range(seeds):
-            for epoch in (1, 2, 3):
-                rows.append({"data": DATA, "family": family, "variant": variant, "seed": seed, "epoch": epoch,
-                             "value": 0.5 + 0.1 * epoch + 0.01 * seed})
+            for check in range(1, 3 * checks_per_epoch + 1):
+                end = check % checks_per_epoch == 0
+                rows.append({"data": DATA, "family": family, "variant": variant, "config_key": KEYS[variant], "seed": seed,
+                             "run_id": f"{variant}-{seed}", "check": check, "epoch": check / checks_per_epoch,
+                             "value": 0.5 + 0.1 * check / checks_per_epoch + 0.01 * seed - (0 if end else 0.2),
+                             "lr_drops": (1, 2)})
     return pd.DataFrame(rows)
 
 
@@ -99,6 +107,35 @@ def test_learning_curves_one_colour_per_configuration_legend_outside_and_no_inte
     single = next(k for k in heights if k.startswith("res-a"))
     assert heights[single] == [0, 0, 0] and "n=1" in single
     assert all(h > 0 for k, v in heights.items() if k != single for h in v)
+
+
+def test_learning_curve_points_hold_one_value_per_run_at_each_check():
+    curves = curves_table(checks_per_epoch=2)
+    points = figures.curve_points(curves)
+    for (variant, check), point in points.set_index(["variant", "check"]).iterrows():
+        at_check = curves[(curves["variant"] == variant) & (curves["check"] == check)]
+        assert point["runs"] == at_check["run_id"].nunique() == len(at_check)
+        assert point["mean"] == pytest.approx(at_check["value"].mean())  # not pooled with the epoch's other check
+        assert point["epoch"] == at_check["epoch"].iloc[0]
+    assert sorted(points["epoch"].unique()) == [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]
+    with pytest.raises(ValueError, match="one value per run per point"):
+        figures.curve_points(pd.concat([curves, curves.iloc[[0]]]))
+    # Two configurations under one name stay apart, each named by its key.
+    one_name = figures.curve_points(curves.replace({"variant": {"dense-a": "dense", "dense-b": "dense"}}))
+    assert set(one_name["variant"]) == {"dense [a0a0a0]", "dense [b1b1b1]", "res-a"}
+    assert one_name.loc[one_name["variant"] != "res-a", "runs"].eq(3).all()
+
+
+def test_learning_curves_name_points_with_fewer_runs_than_planned_and_mark_the_lr_drops():
+    curves = curves_table(checks_per_epoch=2)
+    curves = curves[~((curves["run_id"] == "dense-a-2") & (curves["check"] == 6))]  # a run without its last check
+    fig = figures.plot_learning_curves(curves, DATA, planned={"dense-b": 4})
+    drawn(fig)
+    (ax,) = fig.axes
+    notes = [t.get_text() for t in ax.texts if t.get_text().startswith("n=")]
+    assert sorted(notes) == ["n=2"] + ["n=3"] * 6  # dense-a's last check; dense-b: 3 of 4 planned at every check
+    drops = [line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == ":"]
+    assert drops == [1, 2] and "fewer runs than planned" in ax.get_title()
 
 
 def grads_rows(variant: str, family: str, seed: int, layers: list[tuple[str, str, str]], recorded: bool) -> list[dict]:

@@ -198,6 +198,39 @@ def test_learning_curves_and_relative_grads_read_history_and_artifacts(known):
     assert set(grads["phase"]) == {"init", "epoch1"} and grads["relative_depth"].max() == 1
 
 
+# The fmnist_pair recipe: 55,000 training images in batches of 128 (429 steps per epoch), a
+# validation check every half epoch, the learning rate / 10 after epochs 1 and 2 of 3.
+HALF_EPOCH_RECIPE = {"data.val_size": 5000, "data.batch_size": 128, "data.train_size": None, "trainer.max_epochs": 3,
+                     "trainer.val_check_interval": 0.5, "optim.scheduler": "multistep", "optim.milestones": [0.34, 0.67]}
+HALF_EPOCH_CHECKS = [213, 427, 642, 856, 1071, 1285]  # the steps Lightning logs them at
+
+
+def test_learning_curves_give_one_point_per_check_over_runs_not_per_epoch_metric(tmp_path):
+    """Two checks per epoch and 3 seeds: each point has the 3 runs' values at one check (the `epoch`
+    metric, equal for both checks of an epoch, groups nothing), at its position in epochs."""
+    store = Store(tmp_path)
+    client = store.client()
+    experiment_id = client.create_experiment("half_epochs", artifact_location=(tmp_path / "artifacts").as_uri())
+    params = {**FASHION["resnet20"][0], **HALF_EPOCH_RECIPE}
+    for seed in range(3):
+        run_id = add_run(client, experiment_id, "resnet20", params, {"test/acc": 0.9}, seed, "fashion_mnist")
+        for check, step in enumerate(HALF_EPOCH_CHECKS):
+            client.log_batch(run_id, metrics=[Metric("val/acc", 0.6 + 0.05 * check + 0.01 * seed, 0, step),
+                                              Metric("epoch", check // 2, 0, step)])
+    done = results.finished(results.load_runs("half_epochs", store.uri))
+    curves = results.learning_curves(done, store.uri)
+    points = figures.curve_points(curves)
+    assert points["runs"].tolist() == [3] * 6 and points["check"].tolist() == list(range(1, 7))
+    assert points["epoch"].tolist() == [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]
+    assert points["mean"].tolist() == pytest.approx([0.61 + 0.05 * check for check in range(6)])
+    assert set(curves["lr_drops"]) == {(1, 2)}
+    fig = figures.plot_learning_curves(curves, "fashion_mnist")
+    (ax,) = fig.axes
+    (container,) = ax.containers
+    assert len(container.lines[0].get_xdata()) == 6 and "n=3" in container.get_label()
+    assert [t.get_text() for t in fig.legends[0].get_texts()][-1] == container.get_label()
+
+
 def test_runs_that_differ_in_more_than_the_seed_are_never_pooled(known):
     store, _ = known
     done = results.finished(results.load_runs(EXPERIMENT, store.uri))

@@ -9,7 +9,7 @@ and labels stay on the canvas. Imports neither torch nor Lightning.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from itertools import cycle
 
 import numpy as np
@@ -263,33 +263,70 @@ def configuration_colours(count: int) -> list:
     return [tab20(order[i % 20]) for i in range(count)]
 
 
-DODGE_UP_TO = 12  # epochs: up to this many, intervals are bars set side by side; beyond, bands
+DODGE_UP_TO = 12  # checks: up to this many, intervals are bars set side by side; beyond, bands
 
 
-def plot_learning_curves(curves: pd.DataFrame, data: str, metric: str = record.VAL_ACC) -> Figure | None:
-    """`metric` per epoch (from results.learning_curves), the mean over seeds, one colour per
-    configuration (the family's marker and line style), the legend right of the axes. The 95%
-    interval over seeds is drawn at each epoch where two or more seeds have a value: as error bars
-    set slightly apart per configuration when there are at most DODGE_UP_TO epochs, else as a
-    band; a configuration of one seed is a bare line. None without curves on `data`."""
+def curve_points(curves: pd.DataFrame, metric: str = record.VAL_ACC) -> pd.DataFrame:
+    """The learning-curve figure's data: one row per configuration (config_key; its variant name,
+    with the key's first characters where one name covers several configurations) and validation
+    check (the `check` of results.learning_curves), with its position `epoch` (the median over its
+    runs), the mean over runs, the 95% interval over runs (seeds) and `runs`, how many runs have
+    that check. Each run gives each point one value: ValueError where a run has two rows at one check."""
+    twice = curves.duplicated(["run_id", "check"])
+    if twice.any():
+        raise ValueError(f"{int(twice.sum())} run(s) with two values at one check: one value per run per point")
+    shared = curves.groupby("variant")["config_key"].transform("nunique") > 1
+    names = curves["variant"].where(~shared, curves["variant"] + " [" + curves["config_key"].str[:6] + "]")
+    rows = []
+    by_point = curves.groupby(["family", names, "config_key", "check"], sort=True, dropna=False)
+    for (family, variant, _, check), group in by_point:
+        mean, low, high, n = _stats(group["value"], metric)
+        rows.append({"family": family, "variant": variant, "check": check, "epoch": group["epoch"].median(),
+                     "mean": mean, "ci_low": low, "ci_high": high, "runs": n})
+    return pd.DataFrame(rows, columns=["family", "variant", "check", "epoch", "mean", "ci_low", "ci_high", "runs"])
+
+
+def _mark_lr_drops(ax, curves: pd.DataFrame) -> None:
+    """A dotted line at each epoch after which a plotted run's recipe drops the learning rate."""
+    drops = sorted({e for run in curves["lr_drops"] for e in run}) if "lr_drops" in curves else []
+    for i, epoch in enumerate(drops):
+        ax.axvline(epoch, color="0.4", linestyle=":", linewidth=1, zorder=0,
+                   label="learning-rate drop (recipe's milestones)" if i == 0 else None)
+        ax.text(epoch, 0.01, " lr drop", transform=ax.get_xaxis_transform(), rotation=90, fontsize=7,
+                color="0.4", ha="right", va="bottom")
+
+
+def plot_learning_curves(curves: pd.DataFrame, data: str, metric: str = record.VAL_ACC,
+                         planned: Mapping[str, int] | None = None) -> Figure | None:
+    """`metric` at each validation check (curve_points of results.learning_curves), placed at its
+    position in epochs, the mean over runs, one colour per configuration (the family's marker and
+    line style), the legend right of the axes with each configuration's runs (n). The 95% interval
+    over runs (seeds) is drawn at each check where two or more runs have a value: as error bars set
+    slightly apart per configuration when there are at most DODGE_UP_TO checks, else as a band; a
+    configuration of one run is a bare line. A point with fewer runs than `planned` (variant -> the
+    plan's seeds; else the configuration's runs) is labelled with its n. The learning-rate drops of
+    the runs' recipe are dotted lines, named on the x axis. None without curves on `data`."""
     rows = curves[curves["data"] == data]
     if rows.empty:
         return None
+    points = curve_points(rows, metric)
     fig = Figure(figsize=(10.5, 5.5), layout="constrained")
+    FigureCanvasAgg(fig)  # a renderer, to place the n labels
     ax = fig.subplots()
-    lines = list(_config_lines(rows))
+    lines = list(_config_lines(points))
     family_styles = {f: LINE_STYLES[i % len(LINE_STYLES)] for i, f in enumerate(dict.fromkeys(f for f, *_ in lines))}
-    dodge = rows["epoch"].nunique() <= DODGE_UP_TO
-    width = 0.3 if dodge and len(lines) > 1 else 0.0  # the spread of a configuration's bars around its epoch
-    most_seeds = 0
+    dodge = points["check"].nunique() <= DODGE_UP_TO
+    spacing = np.diff(np.unique(points["epoch"])).min() if points["epoch"].nunique() > 1 else 1.0
+    width = 0.3 * spacing if dodge and len(lines) > 1 else 0.0  # the spread of a check's bars around its position
+    short = []
     for i, ((family, variant, group, _, _, marker), colour) in enumerate(zip(lines, configuration_colours(len(lines)))):
-        points = [(e, *_stats(g["value"], metric)) for e, g in group.groupby("epoch")]
-        epoch, mean, low, high, n = (np.array(v, dtype=float) for v in zip(*points))
-        most_seeds = max(most_seeds, int(n.max()))
-        label = f"{variant} ({family_label(family)}, n={int(n.max())})"
-        x = epoch + (width * (i / (len(lines) - 1) - 0.5) if width else 0.0)
+        n = int(group["runs"].max())  # the configuration's runs: those with its most-covered check
+        expected = (planned or {}).get(variant, n)
+        label = f"{variant} ({family_label(family)}, n={n})"
+        x = group["epoch"].to_numpy(float) + (width * (i / (len(lines) - 1) - 0.5) if width else 0.0)
+        mean, low, high = (group[c].to_numpy(float) for c in ("mean", "ci_low", "ci_high"))
         if dodge:
-            has = np.isfinite(low) & np.isfinite(high)  # interval() gives none below two seeds
+            has = np.isfinite(low) & np.isfinite(high)  # interval() gives none below two runs
             yerr = np.vstack([np.where(has, mean - low, 0), np.where(has, high - mean, 0)])
             ax.errorbar(x, mean, yerr=yerr, color=colour, linestyle=family_styles[family], marker=marker,
                         markersize=4, capsize=2, elinewidth=0.9, label=label)
@@ -297,12 +334,21 @@ def plot_learning_curves(curves: pd.DataFrame, data: str, metric: str = record.V
             ax.plot(x, mean, color=colour, linestyle=family_styles[family], marker=marker, markersize=3, label=label)
             if np.isfinite(low).any():
                 ax.fill_between(x, low, high, color=colour, alpha=0.1, linewidth=0)
+        for xi, yi, runs in zip(x, mean, group["runs"]):
+            if runs < expected:
+                short.append((xi, yi, f"n={runs}"))
     shape = "bars" if dodge else "bands"
-    note = f"{shape}: 95% interval over seeds (n >= 2)" if most_seeds >= 2 else "a single seed each: no interval"
-    ax.set(xlabel="epoch" + (" (configurations set slightly apart)" if width else ""), ylabel=metric,
-           title=f"{data}: {metric} per epoch, mean over seeds\n{note}")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    note = (f"{shape}: 95% interval over runs (seeds), n >= 2" if points["runs"].max() >= 2
+            else "a single run each: no interval")
+    if short:
+        note += "; n=k: fewer runs than planned at that point"
+    _mark_lr_drops(ax, rows)
+    ax.set(xlabel="epoch (one point per validation check)" + ("; configurations set slightly apart" if width else ""),
+           ylabel=metric, title=f"{data}: {metric} at each validation check, mean over runs\n{note}")
     _finish(fig, [ax], hollow_note=False, legend_outside=True)
+    if short:
+        fig.draw_without_rendering()  # the final layout, so the labels are placed where they will be drawn
+        place_labels(ax, short)
     return fig
 
 
@@ -383,8 +429,7 @@ def plot_run_curves(curves: dict[str, pd.DataFrame], title: str = "") -> Figure 
             colour, marker = family_style(first["family"])
             ax.plot(group["epoch"], group["value"], marker=marker,
                     label=f"{first['variant']}-s{first['seed']} ({run_id[:8]})")
-        ax.set(xlabel="epoch", ylabel=metric, title=metric)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set(xlabel="epoch (at each logged step)", ylabel=metric, title=metric)
         ax.legend(loc="best", fontsize="small")
     if title:
         fig.suptitle(title)

@@ -18,17 +18,18 @@ import ast
 import json
 import re
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from .. import record
 from ..config import DENSENET_KNOBS
+from ..options import milestone_epochs, train_batches
 from ..measures.gradients import assign_roles
 from ..identity import config_key, configuration
 
@@ -349,22 +350,66 @@ def _download(client: MlflowClient, run_id: str, path: str, dst: Path) -> Path |
     return Path(client.download_artifacts(run_id, path, str(dst)))
 
 
+def run_config(params: Mapping[str, str]) -> dict[str, Any]:
+    """A run's resolved config again from its logged params (config.flatten of it, as strings):
+    nested, each value read back as the Python literal it was ("128" -> 128, "None" -> None,
+    "[0.34, 0.67]" -> a list); a value that is no literal ("cpu") stays a string."""
+    cfg: dict[str, Any] = {}
+    for key, text in params.items():
+        *parents, leaf = key.split(".")
+        node = cfg
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        try:
+            node[leaf] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            node[leaf] = text
+    return cfg
+
+
+def check_epochs(steps: Sequence[int], cfg: Mapping[str, Any]) -> list[float]:
+    """Each validation check's position in epochs, to the hundredth: (step + 1) / batches per
+    epoch (options.train_batches; Lightning logs a check at the 0-based step of the batch before
+    it). Where the config does not fix the batches per epoch, the run's last check is taken to
+    end its last epoch; without max_epochs either, a check's position is its number."""
+    batches = train_batches(cfg)
+    epochs = (cfg.get("trainer") or {}).get("max_epochs")
+    if batches is None and isinstance(epochs, int) and epochs > 0 and len(steps):
+        batches = (max(steps) + 1) / epochs
+    if not batches:
+        return [float(i) for i in range(1, len(steps) + 1)]
+    return [round((step + 1) / batches, 2) for step in steps]
+
+
+def lr_drops(cfg: Mapping[str, Any]) -> tuple[int, ...]:
+    """The epochs after which the run's recipe drops the learning rate (a multistep schedule's
+    milestones, options.milestone_epochs); none for the other schedules."""
+    optim, epochs = cfg.get("optim") or {}, (cfg.get("trainer") or {}).get("max_epochs")
+    if optim.get("scheduler") != "multistep" or not isinstance(epochs, int):
+        return ()
+    return tuple(milestone_epochs(optim.get("milestones") or [], epochs))
+
+
 def learning_curves(runs: pd.DataFrame, tracking_uri: str, metric: str = record.VAL_ACC) -> pd.DataFrame:
-    """The per-epoch history of `metric` of each run: columns run_id, epoch (counted from 1),
-    value, plus the run's CONFIG, family, variant and seed."""
+    """The history of `metric` of each run, one row per logged step (a validation check for the
+    validation metrics): columns run_id, check (its number in the run, from 1), step, epoch (its
+    position in epochs, check_epochs: 0.5, 1.0, ... with two checks per epoch), value, lr_drops
+    (the run's lr_drops), plus the run's CONFIG, family, variant and seed. Runs are aligned by
+    check, never by Lightning's `epoch` metric, which gives every check of an epoch the same number."""
     client = _client(tracking_uri)
-    rows = []
-    for run_id in runs["run_id"]:
-        # Lightning logs the 0-based epoch at each step it logs; a resumed run may log a step twice.
-        epochs: dict[int, int] = {}
-        for m in client.get_metric_history(run_id, "epoch"):
-            epochs[m.step] = max(epochs.get(m.step, 0), int(m.value) + 1)
+    frames = []
+    for run_id, params in zip(runs["run_id"], logged_params(runs)):
+        # A resumed run may log a step twice: the later value stands.
         by_step = {m.step: m.value for m in sorted(client.get_metric_history(run_id, metric),
                                                    key=lambda m: (m.step, m.timestamp))}
-        for i, (step, value) in enumerate(sorted(by_step.items()), 1):
-            rows.append({"run_id": run_id, "epoch": epochs.get(step, i), "value": value})
-    curves = pd.DataFrame(rows, columns=["run_id", "epoch", "value"])
-    return curves.merge(runs[["run_id", *CONFIG, "family", "variant", "seed"]], on="run_id")
+        steps = sorted(by_step)
+        cfg = run_config(params)
+        frames.append(pd.DataFrame({"run_id": run_id, "check": range(1, len(steps) + 1), "step": steps,
+                                    "epoch": check_epochs(steps, cfg), "value": [by_step[s] for s in steps],
+                                    "lr_drops": [lr_drops(cfg)] * len(steps)}))
+    columns = ["run_id", "check", "step", "epoch", "value", "lr_drops"]
+    curves = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+    return curves[columns].merge(runs[["run_id", *CONFIG, "family", "variant", "seed"]], on="run_id")
 
 
 def compare_runs(runs: pd.DataFrame, run_ids: Sequence[str]) -> pd.DataFrame:

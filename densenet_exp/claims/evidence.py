@@ -78,6 +78,13 @@ def confirmation_runs(plan: Plan, runs: pd.DataFrame) -> pd.DataFrame:
     return runs[keep.fillna(False).astype(bool)]
 
 
+def planned_seeds(plan: Plan, runs: pd.DataFrame) -> dict[str, int]:
+    """variant -> how many seeds the plan declares for the confirmation arm its runs belong to."""
+    arms = runs.get(f"tags.{record.STUDY_ARM}", pd.Series(pd.NA, runs.index))
+    return {variant: len(plan.seeds_of("confirmation", arm)) for variant, arm in zip(runs["variant"], arms)
+            if arm in plan.arms["confirmation"]}
+
+
 def arms_of(plan: Plan, runs: pd.DataFrame, curves: pd.DataFrame) -> dict[str, Arm]:
     """Each confirmation arm's runs, with convergence (from `curves`, results.learning_curves of the
     plan's metric) and near-chance runs named."""

@@ -14,6 +14,7 @@ from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from .. import record
+from ..options import milestone_epochs
 from .speed import compile_cache_per_cpu_capability
 
 # The names are listed torch-free in options.OPTIMIZERS and options.SCHEDULERS, for the config checks.
@@ -148,8 +149,7 @@ class ImageClassifier(L.LightningModule):
         scheduler = cfg["scheduler"]
         epochs = self.trainer.max_epochs
         if scheduler == "multistep":
-            # Milestones are fractions of the run (the paper: 50% and 75% of the epochs).
-            milestones = [max(1, round(f * epochs)) for f in cfg["milestones"]]
+            milestones = milestone_epochs(cfg["milestones"], epochs)
             sched = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=cfg["gamma"])
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
         if scheduler == "cosine":

@@ -37,7 +37,7 @@ import torch
 
 from .. import record
 from ..checks import require
-from ..options import train_images
+from ..options import train_batches
 
 log = logging.getLogger("densenet_exp")
 
@@ -181,21 +181,13 @@ def planned_train_steps(cfg: dict[str, Any]) -> int | None:
     """Optimizer steps the run's config plans (epochs x batches per epoch, per rank), or None
     where the training set's size is not known from the config (ImageFolder) or the run has no
     epoch limit."""
-    data, trainer = cfg.get("data") or {}, cfg["trainer"]
+    trainer = cfg["trainer"]
     epochs = trainer.get("max_epochs")
-    images = data.get("train_size") if data.get("name") == "synthetic" else train_images(data)
     max_steps = trainer.get("max_steps")
     max_steps = max_steps if isinstance(max_steps, int) and max_steps > 0 else None
-    if not images or not epochs or epochs < 0:
+    batches = train_batches(cfg)
+    if batches is None or not epochs or epochs < 0:
         return max_steps
-    devices = trainer.get("devices")
-    ranks = devices if isinstance(devices, int) and devices > 0 and "ddp" in str(trainer.get("strategy", "")) else 1
-    batches = images // ranks // data["batch_size"]  # training batches are whole (drop_last)
-    limit = trainer.get("limit_train_batches")
-    if isinstance(limit, float) and limit <= 1.0:
-        batches = int(batches * limit)
-    elif isinstance(limit, int) and limit > 0:
-        batches = min(batches, limit)
     steps = epochs * batches
     return min(steps, max_steps) if max_steps else steps
 
