@@ -41,6 +41,8 @@ PROCEDURES = ("holm", "fixed_sequence")
 # training/data.py seeds its sampler from it) and the train/validation split.
 PAIRED_SOURCES = ("seed", "data.split_seed", "data.train_size", "data.val_size")
 CONVERGENCE_KEYS = {"metric": record.VAL_ACC, "last_fraction": 0.2, "max_gain_pp": 0.3, "near_chance_pp": 10.0}
+# The settled rule (claims/evidence.py, SETTLED_RULE): declared in place of the convergence rule's window.
+SETTLED_KEYS = {"min_checks": 3, "tolerance_pp": None}
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ class Plan:
     claims: tuple[DeclaredClaim, ...] = field(default=())
     paired: bool = False
     procedure: str = "holm"
+    settled: Mapping[str, Any] | None = None  # SETTLED_KEYS where the plan declares the settled rule
 
     def seeds_of(self, stage: str, arm: str) -> tuple[int, ...]:
         return self.arm_seeds.get(stage, {}).get(arm, self.seeds[stage])
@@ -101,7 +104,10 @@ class Plan:
                              for a, o in self.arms[stage].items())
             lines.append(f"{stage}: seeds {', '.join(map(str, self.seeds[stage])) or 'per arm'}; arms {arms or 'none'}")
         c = self.convergence
-        lines.append(f"convergence: {c['metric']} gained less than {c['max_gain_pp']:g} pp over the last "
+        lines.append(f"settled: {c['metric']} rose less than {self.settled['tolerance_pp']:g} pp over the final "
+                     f"learning-rate phase, read on at least {self.settled['min_checks']:g} validation checks"
+                     if self.settled else
+                     f"convergence: {c['metric']} gained less than {c['max_gain_pp']:g} pp over the last "
                      f"{c['last_fraction']:.0%} of its validation checks, and ended more than {c['near_chance_pp']:g} "
                      "pp above chance")
         lines.append(f"alpha: {self.alpha:g} one-sided, family-wise over the plan's declared tests ("
@@ -143,7 +149,7 @@ def load_plan(path: str | Path) -> Plan:
     except yaml.YAMLError as err:
         raise InvalidValue(f"study.plan={path} is not valid YAML: {str(err).splitlines()[0]}") from None
     require("study.plan", str(path), isinstance(raw, dict), "a YAML mapping with name, recipe, stages and claims")
-    allowed = ("name", "experiment", "description", "recipe", "alpha", "convergence", "paired", "procedure",
+    allowed = ("name", "experiment", "description", "recipe", "alpha", "convergence", "settled", "paired", "procedure",
                *STAGES, "claims")
     for key in raw:
         require(f"plan key {key}", raw[key], key in allowed, f"one of {', '.join(allowed)}")
@@ -155,6 +161,13 @@ def load_plan(path: str | Path) -> Plan:
     convergence = {**CONVERGENCE_KEYS, **(raw.get("convergence") or {})}
     for key in convergence:
         require(f"convergence.{key}", convergence[key], key in CONVERGENCE_KEYS, f"one of {', '.join(CONVERGENCE_KEYS)}")
+    settled = None
+    if raw.get("settled") is not None:
+        require("settled", raw["settled"], isinstance(raw["settled"], dict), "a mapping of " + ", ".join(SETTLED_KEYS))
+        settled = {**SETTLED_KEYS, **raw["settled"]}
+        for key, value in settled.items():
+            require(f"settled.{key}", value, key in SETTLED_KEYS, f"one of {', '.join(SETTLED_KEYS)}")
+            require(f"settled.{key}", value, is_number(value) and value > 0, "a number > 0 (tolerance_pp is required)")
     seeds, arms, arm_seeds = {}, {}, {}
     for stage in STAGES:
         section = raw.get(stage) or {}
@@ -186,4 +199,5 @@ def load_plan(path: str | Path) -> Plan:
     return Plan(path=path, hash=file_hash(path), name=name, experiment=str(raw.get("experiment", name)),
                 description=" ".join(str(raw.get("description", "")).split()),
                 recipe=_overrides("recipe", raw.get("recipe", [])), alpha=float(alpha), convergence=convergence,
-                seeds=seeds, arms=arms, arm_seeds=arm_seeds, claims=claims, paired=paired, procedure=procedure)
+                seeds=seeds, arms=arms, arm_seeds=arm_seeds, claims=claims, paired=paired, procedure=procedure,
+                settled=settled)

@@ -266,3 +266,59 @@ def test_the_plan_reference_documents_every_claim_kind_and_its_keys():
         row = next((line for line in section.splitlines() if line.startswith(f"| `{kind}`")), "")
         assert row, f"docs/usage.md's plan reference lacks the claim kind {kind}"
         assert all(f"`{key}`" in row for key in module.KEYS), (kind, row)
+
+
+# --- the settled rule ------------------------------------------------------------------------------
+
+SETTLED = """
+name: settled
+experiment: {experiment}
+settled: {{min_checks: 3, tolerance_pp: 0.2}}
+confirmation:
+  seeds: [400, 401, 402]
+  arms:
+    a: [model=resnet20]
+    b: [model=plain20]
+claims:
+  - {{kind: fewer_params, smaller: a, larger: b, margin_pp: 0.5, min_param_factor: 1}}
+"""
+STEP_RECIPE = {**RECIPE, "data.name": "fashion_mnist", "data.train_size": "None", "optim.scheduler": "multistep",
+               "optim.milestones": "[0.34, 0.67]"}
+
+
+def settled_store(tmp_path, experiment: str, final_rise_pp: float, noise_pp: float):
+    """Two arms x 3 seeds, 12 checks a run (every quarter epoch of 3, drops after epochs 1 and 2); the
+    final phase (4 checks after the drop at 2) rises by `final_rise_pp` with noise of SD `noise_pp`."""
+    plan = write(tmp_path, SETTLED.format(experiment=experiment), f"{experiment}.yaml")
+    store = Store(tmp_path / experiment)
+    client = store.client()
+    eid = client.create_experiment(experiment, artifact_location=(store.path / "a").as_uri())
+    rng = np.random.default_rng(5)
+    batches = 55_000 // 128 + 1  # full Fashion-MNIST less 5000 for validation, batch 128
+    for arm, seed in itertools.product(("a", "b"), (400, 401, 402)):
+        final = 0.91 + rng.normal(0, 0.002)
+        run_id = add_run(client, eid, arm, {**STEP_RECIPE, "model.arch": "resnet_cifar", "model.name": arm,
+                                            "data.split_seed": seed},
+                         {record.TEST_ACC: final, record.PARAMS: 1000}, seed, "fashion_mnist",
+                         tags={record.STUDY_PLAN: plan.name, record.STUDY_PLAN_HASH: plan.hash,
+                               record.STUDY_STAGE: "confirmation", record.STUDY_ARM: arm})
+        checks = []
+        for q in range(1, 13):
+            epoch = q / 4
+            pp = 85 + 2 * min(epoch, 2) if epoch <= 2 else 89 + final_rise_pp * (epoch - 2.25) / 0.75
+            checks.append(Metric(record.VAL_ACC, (pp + rng.normal(0, noise_pp)) / 100, 0, round(epoch * batches) - 1))
+        client.log_batch(run_id, metrics=checks)
+    return store, plan
+
+
+def test_arms_still_rising_over_their_last_phase_are_not_settled(tmp_path):
+    store, plan = settled_store(tmp_path, "rising", final_rise_pp=0.5, noise_pp=0.02)
+    (claim,) = verdicts_of(store, plan)
+    assert claim.verdict == INCONCLUSIVE and "not converged" in claim.reason and "final phase (4 checks)" in \
+        claim.reason, claim
+
+
+def test_a_flat_final_phase_with_noise_under_the_tolerance_is_settled(tmp_path):
+    store, plan = settled_store(tmp_path, "flat", final_rise_pp=0.0, noise_pp=0.03)
+    (claim,) = verdicts_of(store, plan)
+    assert "not converged" not in claim.reason and claim.p_value is not None, claim

@@ -29,7 +29,7 @@ from ..checks import is_number, require
 from ..plan import DeclaredClaim, Plan
 from ..plan import load_plan as load_declared
 from . import degradation, family, feature_reuse, fewer_params, frontier, gradient_flow, knob_effect, matched_cost
-from .evidence import STAGE_RULE, Arm, arms_of, confirmation_runs, notes, paired_problems
+from .evidence import SETTLED_RULE, STAGE_RULE, Arm, arms_of, confirmation_runs, notes, paired_problems
 
 KINDS = {kind.KIND: kind for kind in (fewer_params, matched_cost, degradation, feature_reuse, gradient_flow,
                                       knob_effect, frontier)}
@@ -122,7 +122,8 @@ def rules(plan: Plan) -> list[tuple[str, str]]:
     the shared ones, then each declared kind's (once, from its first claim's keys)."""
     shared = [
         ("stage and plan", STAGE_RULE),
-        ("convergence", convergence_rule(plan.convergence) + " A run whose test accuracy ends within "
+        ("convergence", (SETTLED_RULE if plan.settled else convergence_rule(plan.convergence)) + " A run whose test "
+                        "accuracy ends within "
                         f"{plan.convergence['near_chance_pp']:g} points of chance (1 / classes) is left out of the "
                         "claims on trained nets and named."),
         ("one-sided tests", stats.ONE_SIDED_RULE + f" Here alpha = {plan.alpha:g}."),

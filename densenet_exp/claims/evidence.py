@@ -24,6 +24,29 @@ STAGE_RULE = (
 )
 
 
+SETTLED_RULE = (
+    "Settled (a plan that declares `settled`): a run's final learning-rate phase is its validation checks after "
+    "the recipe's last learning-rate drop (the last third of its checks where the schedule has no drops); it needs "
+    "at least `min_checks` of them, and its rise over the phase, the least-squares slope of the metric on the "
+    "checks' positions in epochs times the phase's length, must be under `tolerance_pp` (declared from the pilot's "
+    "seed SD, e.g. half of it). A claim about trained nets needs every run of its arms settled, else it is "
+    "\"inconclusive (not converged: ...)\" naming the runs, their checks and their rise."
+)
+
+
+def phase_rise(curve: pd.DataFrame) -> tuple[float, int]:
+    """SETTLED_RULE's (rise in percentage points over the final phase, checks in it) of one run's
+    curve (results.learning_curves rows: epoch positions, values, lr_drops)."""
+    curve = curve.sort_values("epoch")
+    drops = curve["lr_drops"].iloc[0] if "lr_drops" in curve and len(curve) else ()
+    phase = curve[curve["epoch"] > max(drops)] if drops else curve.iloc[-max(1, len(curve) // 3):]
+    if len(phase) < 2:
+        return float("nan"), len(phase)
+    x, y = phase["epoch"].to_numpy(float), 100 * phase["value"].to_numpy(float)
+    slope = np.polyfit(x, y, 1)[0]
+    return round(float(slope * (x[-1] - x[0])), 4), len(phase)
+
+
 @dataclass
 class Arm:
     """The confirmation runs of one arm: those kept, and why the others are out."""
@@ -33,7 +56,6 @@ class Arm:
     missing_seeds: list[int] = field(default_factory=list)
     near_chance: list[str] = field(default_factory=list)
     not_converged: list[str] = field(default_factory=list)
-    gains: dict[str, float] = field(default_factory=dict)  # run_id -> gain over the last window (pp)
 
     def values(self, metric: str, runs: pd.DataFrame | None = None) -> np.ndarray:
         runs = self.runs if runs is None else runs
@@ -96,12 +118,9 @@ def arms_of(plan: Plan, runs: pd.DataFrame, curves: pd.DataFrame) -> dict[str, A
         mine = runs[arm_tag.eq(name).fillna(False).astype(bool) & runs["seed"].isin(declared)]
         arm = Arm(name, mine, missing_seeds=sorted(set(declared) - set(mine["seed"].dropna().astype(int))))
         for _, run in mine.iterrows():
-            values = curves.loc[curves["run_id"] == run["run_id"], "value"].to_list()
-            gain, window = convergence_gain(values, conv["last_fraction"])
-            arm.gains[run["run_id"]] = gain
-            if not np.isfinite(gain) or gain >= conv["max_gain_pp"]:
-                what = "too few validation checks" if not np.isfinite(gain) else (
-                    f"gained {gain:.2f} pp over its last {window} of {len(values)} validation checks")
+            curve = curves[curves["run_id"] == run["run_id"]]
+            what = settled_or_reason(plan, curve) if plan.settled else converged_or_reason(conv, curve)
+            if what:
                 arm.not_converged.append(f"seed {run['seed']}: {what}")
             chance = 1 / float(run["num_classes"]) if pd.notna(run.get("num_classes")) else np.nan
             acc = pd.to_numeric(pd.Series([run.get(record.TEST_ACC)]), errors="coerce").iloc[0]
@@ -109,6 +128,26 @@ def arms_of(plan: Plan, runs: pd.DataFrame, curves: pd.DataFrame) -> dict[str, A
                 arm.near_chance.append(f"seed {run['seed']}: test accuracy {acc:.3f}, chance {chance:.3f}")
         arms[name] = arm
     return arms
+
+
+def converged_or_reason(conv, curve: pd.DataFrame) -> str:
+    """verdicts.convergence_rule (a plan without `settled`): '' or why the run has not converged."""
+    values = curve["value"].to_list()
+    gain, window = convergence_gain(values, conv["last_fraction"])
+    if np.isfinite(gain) and gain < conv["max_gain_pp"]:
+        return ""
+    return "too few validation checks" if not np.isfinite(gain) else (
+        f"gained {gain:.2f} pp over its last {window} of {len(values)} validation checks")
+
+
+def settled_or_reason(plan: Plan, curve: pd.DataFrame) -> str:
+    """SETTLED_RULE: '' or why the run has not settled."""
+    rise, checks = phase_rise(curve)
+    if checks < plan.settled["min_checks"]:
+        return f"{checks} validation checks in its final phase, fewer than {plan.settled['min_checks']:g}"
+    if not rise < plan.settled["tolerance_pp"]:
+        return f"rose {rise:.2f} pp over its final phase ({checks} checks), tolerance {plan.settled['tolerance_pp']:g}"
+    return ""
 
 
 def gate(claim: Claim, arms: list[Arm], converged: bool = True) -> Claim | None:

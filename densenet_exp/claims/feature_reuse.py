@@ -32,10 +32,15 @@ def judge(ctx, k) -> list[Claim]:
         for claim in claims:
             gate(claim, [arm])
         return claims
-    claims = reuse_change_claims(ctx.plan.name, arm.name, arm.trained, ctx.matrices, ctx.init, ctx.curves,
+    # A settled plan's arms are gated by the settled rule (the arm's own record); else by the
+    # convergence rule, which reuse_change_claims applies on the curves itself.
+    curves = None if ctx.plan.settled else ctx.curves
+    claims = reuse_change_claims(ctx.plan.name, arm.name, arm.trained, ctx.matrices, ctx.init, curves,
                                  k["min_layers"], k["keep_fraction"], ctx.plan.convergence)
     for claim in claims:
         claim.claim = f"{claim.claim} [{arm.name}]"
+        if ctx.plan.settled and claim.p_value is not None and gate(claim, [arm]):
+            claim.p_value, claim.direction = None, 0  # not settled: the test stays in the family with p = 1
     return claims
 
 
