@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from densenet_exp import export, record, report
-from densenet_exp.plan import load_plan
+from densenet_exp.claims import load_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
