@@ -44,7 +44,8 @@ from .runs.store import (
 )
 
 # Artifacts the report and notebooks read; figures are drawn again from these.
-TEXT_ARTIFACTS = (record.CONFIG_YAML, record.FEATURE_REUSE_MATRICES, record.FEATURE_REUSE_MATRICES_INIT, record.RELATIVE_GRADS)
+TEXT_ARTIFACTS = (record.CONFIG_YAML, record.FEATURE_REUSE_MATRICES, record.FEATURE_REUSE_MATRICES_INIT, record.RELATIVE_GRADS,
+                  record.TEST_PREDICTIONS)
 # Tags that hold a run id of the same experiment.
 RUN_ID_TAGS = (MLFLOW_PARENT_RUN_ID, record.SWEEP_ID)
 # Tags that name processes and files of the machine that trained a run: not loaded.

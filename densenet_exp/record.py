@@ -63,6 +63,10 @@ FEATURE_REUSE_DIR = "feature_reuse"
 FEATURE_REUSE_MATRICES = f"{FEATURE_REUSE_DIR}/matrices.json"
 GRADIENT_FLOW_DIR = "gradient_flow"
 RELATIVE_GRADS = f"{GRADIENT_FLOW_DIR}/relative_grads.csv"
+# Each test image's label and the run's predicted class, in the test set's fixed order (one CSV row
+# per image): the paired comparison of two arms over the same images, and the test set's own
+# sampling variance (claims/evidence.py).
+TEST_PREDICTIONS = "predictions/test.csv"
 # The same Figure 5 matrices at step 0 (before any update): the control every reuse claim is judged against.
 FEATURE_REUSE_MATRICES_INIT = f"{FEATURE_REUSE_DIR}/matrices_init.json"
 # relative_grads.csv: one row per conv or linear layer and phase.

@@ -59,6 +59,7 @@ from .analysis.results import (
     mean_matrices,
     param_importances,
     pooling_problems,
+    test_predictions,
     published_beside_ours,
     relative_grads,
     search_trials,
@@ -271,6 +272,7 @@ class Evidence:
     matrices: dict[str, list]
     init: dict[str, list]
     studies: dict[str, pd.DataFrame] = field(default_factory=dict)  # Optuna study name -> its trials
+    predictions: dict[str, pd.DataFrame] = field(default_factory=dict)  # run_id -> its test predictions
 
 
 def load_evidence(experiment: str, uri: str, sweep: str | None = None) -> Evidence:
@@ -283,7 +285,7 @@ def load_evidence(experiment: str, uri: str, sweep: str | None = None) -> Eviden
     dense = done[done["family"] == "densenet"]
     return Evidence(runs, done, learning_curves(done, uri), relative_grads(done, uri),
                     feature_reuse_matrices(dense, uri), feature_reuse_matrices(dense, uri, record.FEATURE_REUSE_MATRICES_INIT),
-                    studies)
+                    studies, test_predictions(done, uri))
 
 
 def _search_section(doc: Document, studies: dict[str, pd.DataFrame], experiment: str) -> None:
@@ -346,7 +348,7 @@ def judge(evidence: Evidence, margin_pp: float, plan: Plan | None = None) -> Fin
     confirmation, confirmed, explored = None, None, done
     if plan is not None:
         confirmation = judge_plan(plan, evidence.runs, evidence.curves, evidence.matrices, evidence.init,
-                                  evidence.grads)
+                                  evidence.grads, evidence.predictions)
         mine = confirmation_runs(plan, done)
         explored = done[~done["run_id"].isin(mine["run_id"])]
         arm = mine[f"tags.{record.STUDY_ARM}"]  # a plan's rows are named by its arms

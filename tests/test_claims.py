@@ -322,3 +322,38 @@ def test_a_flat_final_phase_with_noise_under_the_tolerance_is_settled(tmp_path):
     store, plan = settled_store(tmp_path, "flat", final_rise_pp=0.0, noise_pp=0.03)
     (claim,) = verdicts_of(store, plan)
     assert "not converged" not in claim.reason and claim.p_value is not None, claim
+
+
+# --- the variance split over seeds and test images ---------------------------------------------------
+
+def test_a_planned_pair_with_predictions_splits_its_variance_over_seeds_and_test_images(tmp_path):
+    """VARIANCE_RULE on predictions built here: the test-set SE is the SE of the per-image
+    difference of correctness, recomputed by hand."""
+    import pandas as pd
+
+    from densenet_exp.claims import evidence
+
+    rng = np.random.default_rng(2)
+    target = rng.integers(0, 10, 2000)
+
+    def predictions(acc: float) -> pd.DataFrame:
+        right = rng.random(len(target)) < acc
+        return pd.DataFrame({"target": target, "predicted": np.where(right, target, (target + 1) % 10)})
+
+    runs = {f"{arm}{s}": predictions(acc) for arm, acc in (("a", 0.92), ("b", 0.90)) for s in range(4)}
+
+    def arm(name: str) -> evidence.Arm:
+        ids = [f"{name}{s}" for s in range(4)]
+        acc = [(runs[i]["target"] == runs[i]["predicted"]).mean() for i in ids]
+        return evidence.Arm(name, pd.DataFrame({"run_id": ids, "seed": range(4), record.TEST_ACC: acc}))
+
+    a, b = arm("a"), arm("b")
+    ctx = type("Ctx", (), {"predictions": runs})()
+    line = evidence.variance_split(ctx, a, b)
+    correct = [np.mean([runs[f"{n}{s}"]["target"] == runs[f"{n}{s}"]["predicted"] for s in range(4)], axis=0)
+               for n in "ab"]
+    test_se = np.std(correct[0] - correct[1], ddof=1) / np.sqrt(len(target))
+    assert f"test-set SE {100 * test_se:.2f} pp" in line and "over seeds and 2,000 test images" in line
+    # A run without predictions: no split is claimed.
+    del runs["b3"]
+    assert evidence.variance_split(ctx, a, b) == ""

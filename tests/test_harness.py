@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from conftest import ROOT, Store, assert_clean, kill_when, run_until
@@ -78,6 +79,11 @@ def test_sweep_nests_finished_children_under_one_parent(store):
         assert "growth_rate=12,32" not in tags["overrides"] and "experiment=smoke" in tags["overrides"]
         assert [a.path for a in client.list_artifacts(run.info.run_id) if a.path == "config.yaml"]
         assert PROBE_METRICS | REUSE_METRICS <= set(run.data.metrics)  # the default probes are on
+        # Each test image's label and prediction, in order: the accuracy the run logged, again.
+        local = client.download_artifacts(run.info.run_id, "predictions/test.csv", str(store.path / run.info.run_id))
+        predictions = pd.read_csv(local)
+        assert list(predictions.columns) == ["target", "predicted"] and len(predictions) == 256
+        assert (predictions["target"] == predictions["predicted"]).mean() == pytest.approx(run.data.metrics["test/acc"])
     # The summary line of each run names variant, accuracy, parameters, time and run id.
     assert result.stdout.count("test accuracy") == 2
 

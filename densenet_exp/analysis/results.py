@@ -455,6 +455,19 @@ def relative_grads(runs: pd.DataFrame, tracking_uri: str) -> pd.DataFrame:
     return assign_roles(grads).merge(runs[["run_id", *CONFIG, "family", "variant", "seed"]], on="run_id")
 
 
+def test_predictions(runs: pd.DataFrame, tracking_uri: str) -> dict[str, pd.DataFrame]:
+    """Each run's record.TEST_PREDICTIONS (columns target, predicted; one row per test image in the
+    test set's order), for the runs that logged one."""
+    client = _client(tracking_uri)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for run_id in runs["run_id"]:
+            path = _download(client, run_id, record.TEST_PREDICTIONS, Path(tmp, run_id))
+            if path is not None:
+                out[run_id] = pd.read_csv(path)
+    return out
+
+
 def feature_reuse_matrices(runs: pd.DataFrame, tracking_uri: str,
                            path: str = record.FEATURE_REUSE_MATRICES) -> dict[str, list[np.ndarray]]:
     """{run_id: one matrix per dense block} from each run's feature-reuse matrices file (null read

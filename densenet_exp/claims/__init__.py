@@ -29,7 +29,7 @@ from ..checks import is_number, require
 from ..plan import DeclaredClaim, Plan
 from ..plan import load_plan as load_declared
 from . import degradation, family, feature_reuse, fewer_params, frontier, gradient_flow, knob_effect, matched_cost
-from .evidence import SETTLED_RULE, STAGE_RULE, Arm, arms_of, confirmation_runs, notes, paired_problems
+from .evidence import SETTLED_RULE, STAGE_RULE, VARIANCE_RULE, Arm, arms_of, confirmation_runs, notes, paired_problems
 
 KINDS = {kind.KIND: kind for kind in (fewer_params, matched_cost, degradation, feature_reuse, gradient_flow,
                                       knob_effect, frontier)}
@@ -87,6 +87,7 @@ class Context:
     init: Mapping[str, list[np.ndarray]]
     grads: pd.DataFrame
     tests: int
+    predictions: Mapping[str, pd.DataFrame] = field(default_factory=dict)  # run_id -> its test predictions
     controls: list[Claim] = field(default_factory=list)  # degradation's control claims
 
 
@@ -101,13 +102,15 @@ class Confirmation:
 
 
 def judge_plan(plan: Plan, runs: pd.DataFrame, curves: pd.DataFrame, matrices: Mapping[str, list[np.ndarray]],
-               init: Mapping[str, list[np.ndarray]], grads: pd.DataFrame) -> Confirmation:
+               init: Mapping[str, list[np.ndarray]], grads: pd.DataFrame,
+               predictions: Mapping[str, pd.DataFrame] | None = None) -> Confirmation:
     """Every declared claim of `plan` on its confirmation runs among `runs` (results.load_runs of
     the plan's experiment); curves of the convergence metric, matrices trained and at init, and
-    relative gradients with layer roles from results."""
+    relative gradients with layer roles, and test predictions (run_id -> results.test_predictions) from
+    results."""
     mine = confirmation_runs(plan, runs)
     curves = curves[curves["run_id"].isin(mine["run_id"])]
-    ctx = Context(plan, arms_of(plan, mine, curves), curves, matrices, init, grads, tests(plan))
+    ctx = Context(plan, arms_of(plan, mine, curves), curves, matrices, init, grads, tests(plan), predictions or {})
     claims = [claim for c in plan.claims for claim in KINDS[c.kind].judge(ctx, c.keys)]
     unpaired = paired_problems(plan, mine)
     for claim in claims if unpaired else []:  # a within-seed test on seeds that did not share their split
@@ -131,6 +134,7 @@ def rules(plan: Plan) -> list[tuple[str, str]]:
         ("the family", stats.FAMILY_RULE),
         ("multiple comparisons", stats.HOLM_RULE),
         ("power", stats.POWER_RULE + " " + stats.TOST_POWER_RULE),
+        ("variance over seeds and test images", VARIANCE_RULE),
         *([("paired design", stats.PAIRED_RULE)] if plan.paired else []),
     ]
     first = {}

@@ -208,6 +208,38 @@ def accuracy(plan: Plan, a: Arm, b: Arm) -> Accuracy:
     return Accuracy(x.to_numpy(float), y.to_numpy(float), diff)
 
 
+VARIANCE_RULE = (
+    "Where every run of a pair logged its test predictions (`predictions/test.csv`), the arm difference's "
+    "uncertainty is split as Bouthillier et al. (MLSys 2021) advise: the seed part, the standard error over seeds "
+    "(initialization, batch order and split), and the test-set part, the standard error of the mean per-image "
+    "difference of correctness (each image's correctness averaged over an arm's seeds, paired over the same test "
+    "images); the interval printed, difference ± 1.96 x the root of their summed squares, holds both. It is "
+    "descriptive: the declared tests stay the ones over seeds."
+)
+
+
+def variance_split(ctx, a: Arm, b: Arm) -> str:
+    """VARIANCE_RULE's evidence for a - b, or '' where a run lacks its predictions."""
+    if not ctx.predictions or any(arm.runs.empty for arm in (a, b)):
+        return ""
+    ids = [list(arm.trained["run_id"]) for arm in (a, b)]
+    if not all(ids) or not all(i in ctx.predictions for side in ids for i in side):
+        return ""
+    frames = [[ctx.predictions[i] for i in side] for side in ids]
+    target = frames[0][0]["target"].to_numpy()
+    if any(len(f) != len(target) or not (f["target"].to_numpy() == target).all() for side in frames for f in side):
+        return "; test predictions not over one test set (no variance split)"
+    correct = [np.mean([(f["predicted"].to_numpy() == target) for f in side], axis=0) for side in frames]
+    per_image = correct[0] - correct[1]
+    test_se = per_image.std(ddof=1) / np.sqrt(len(per_image))
+    x, y = a.values(record.TEST_ACC, a.trained), b.values(record.TEST_ACC, b.trained)
+    seed_se = float(np.sqrt(x.var(ddof=1) / len(x) + y.var(ddof=1) / len(y))) if min(len(x), len(y)) > 1 else np.nan
+    diff, total = float(x.mean() - y.mean()), float(np.hypot(seed_se, test_se))
+    return (f"; over seeds and {len(per_image):,} test images: difference {100 * diff:+.2f} pp, 95% interval "
+            f"[{100 * (diff - 1.96 * total):+.2f}, {100 * (diff + 1.96 * total):+.2f}] (seed SE {100 * seed_se:.2f}, "
+            f"test-set SE {100 * test_se:.2f} pp)")
+
+
 def paired_problems(plan: Plan, runs: pd.DataFrame) -> list[str]:
     """For a paired plan: the seeds whose arms did not share their split (data.split_seed and sizes)."""
     if not plan.paired or not len(runs):

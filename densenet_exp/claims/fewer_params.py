@@ -7,7 +7,7 @@ from .. import record
 from ..analysis import stats
 from ..analysis.verdicts import NOT_COMPARABLE, Claim, one_sided
 from .family import first_alpha
-from .evidence import accuracy, gate, inconclusive, undeclared_differences
+from .evidence import accuracy, gate, inconclusive, undeclared_differences, variance_split
 
 KIND = "fewer_params"
 KEYS = {"smaller": None, "larger": None, "margin_pp": None, "min_param_factor": 2.0}
@@ -42,7 +42,7 @@ def judge(ctx, k) -> list[Claim]:
         f"{factor:.2f}x fewer"))
     if len(acc.a) and len(acc.b):
         claim.evidence += f"; difference {100 * (acc.a.mean() - acc.b.mean()):+.2f} pp (margin {k['margin_pp']:g})"
-    claim.evidence += power_line(ctx, k)
+    claim.evidence += power_line(ctx, k) + variance_split(ctx, small, large)
     if gate(claim, [small, large], converged=False):
         return [claim]
     if not factor >= k["min_param_factor"]:

@@ -125,8 +125,12 @@ class ImageClassifier(L.LightningModule):
         self.log(record.VAL_LOSS, loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
         self.log(record.VAL_ACC, self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
 
+    def on_test_epoch_start(self) -> None:
+        self.test_predictions: list[Tensor] = []
+
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         loss, logits, y = self._loss(batch)
+        self.test_predictions.append(torch.stack((y, logits.argmax(dim=1))).cpu())
         self.test_acc.update(logits, y)
         self.log(record.TEST_LOSS, loss, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
         self.log(record.TEST_ACC, self.test_acc, on_step=False, on_epoch=True)
@@ -135,6 +139,16 @@ class ImageClassifier(L.LightningModule):
         if self.test_top5 is not None:
             self.test_top5.update(logits, y)
             self.log(record.TEST_ACC_TOP5, self.test_top5, on_step=False, on_epoch=True)
+
+    def on_test_epoch_end(self) -> None:
+        """record.TEST_PREDICTIONS to every MLflow logger (one process: a DDP rank sees only its share)."""
+        if self.trainer.world_size > 1 or not self.test_predictions:
+            return
+        rows = torch.cat(self.test_predictions, dim=1).T.tolist()
+        text = "target,predicted\n" + "".join(f"{t},{p}\n" for t, p in rows)
+        for logger in self.trainer.loggers:
+            if hasattr(logger, "run_id") and hasattr(logger.experiment, "log_text"):  # MLFlowLogger
+                logger.experiment.log_text(logger.run_id, text, record.TEST_PREDICTIONS)
 
     @staticmethod
     def build_optimizer(params: Any, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
