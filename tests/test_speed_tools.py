@@ -58,6 +58,9 @@ def test_study_bench_rejects_an_arm_that_is_no_model_preset():
     result = subprocess.run([sys.executable, "benchmarks/study_speed.py", "--arms", "resnet21"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "--arms='resnet21' is invalid: expected model presets of conf/model" in result.stderr
+    result = subprocess.run([sys.executable, "benchmarks/study_speed.py", "--arms", "densenet_bc28_k12:fused"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "each optionally :plain|:shared_stats" in result.stderr
 
 
 PILOT_PLAN = """name: pilot

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import is_int, is_number, require, require_int
-from .stats import BatchStats, SharedStatsNormRelu, batch_stats, update_running_stats
 # The knob checks live with the light option lists, so the config checks run before torch loads.
 from ..options import IMPLS, KNOB_CHECKS, STEMS, check_bottleneck, check_compression, check_growth_rate  # noqa: F401
+from .stats import BatchStats, SharedStatsNormRelu, batch_stats, update_running_stats
 
 
 def _concat(features: Sequence[Tensor]) -> Tensor:
