@@ -14,7 +14,9 @@
 #   2. DenseNet-BC (L=100, k=12), $EPOCHS epoch(s) on Fashion-MNIST with the GPU defaults
 #      (bf16-mixed, channels_last): epoch time, train img/s, accuracy, and the expected time of a
 #      300-epoch run (a plan's pilot: `python -m densenet_exp.study estimate`, densenet_exp/estimate.py);
-#   3. the study's arms (benchmarks/study_speed.py ARMS), one epoch each on the full training set,
+#   3. the study's arms (benchmarks/study_speed.py ARMS) and DenseNet-BC L=28 with
+#      model.impl=shared_stats (its old and new training step in the same run: arm
+#      densenet_bc28_k12_shared_stats), one epoch each on the full training set,
 #      $JOBS runs sharing the GPU (the exploration stage of a plan written under $WORK, run by
 #      `python -m densenet_exp.study run --jobs $JOBS`; under CUDA MPS when MPS=1 and
 #      nvidia-cuda-mps-control is there);
@@ -66,6 +68,7 @@ mkdir -p "$OUT" "$WORK"
 EPOCHS=${EPOCHS:-1}; JOBS=${JOBS:-4}; PLAN_SEEDS=${PLAN_SEEDS:-5}; PLAN_EPOCHS=${PLAN_EPOCHS:-30}
 URI=sqlite:///$WORK/mlflow.db
 ARMS=$($PY -c 'import sys; sys.path.insert(0, "benchmarks"); import study_speed; print(",".join(study_speed.ARMS))')
+ARMS=$ARMS,densenet_bc28_k12:shared_stats  # the new DenseNet step beside the old, in the same runs
 { echo "gpu: $gpu"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
   $PY -c 'import torch, lightning; print("torch", torch.__version__, "lightning", lightning.__version__)'
@@ -80,10 +83,14 @@ plan() {  # NAME RECIPE EXPLORATION_OVERRIDE CONFIRMATION_SEEDS CONFIRMATION_OVE
   local name=$1 recipe=$2 pilot=$3 seeds=$4 full=$5; shift 5
   { echo "name: $name"; echo "experiment: $name"; echo "recipe: [$recipe]"
     echo "exploration:"; echo "  seeds: [0]"; echo "  arms:"
-    for arm in "$@"; do echo "    $arm: [model=$arm, $pilot]"; done
+    for arm in "$@"; do echo "    ${arm/:/_}: [$(arm_overrides "$arm"), $pilot]"; done
     echo "confirmation:"; echo "  seeds: [$seeds]"; echo "  arms:"
-    for arm in "$@"; do echo "    $arm: [model=$arm, $full]"; done
+    for arm in "$@"; do echo "    ${arm/:/_}: [$(arm_overrides "$arm"), $full]"; done
   } > "$WORK/$name.yaml"
+}
+arm_overrides() {  # PRESET or PRESET:IMPL (model.impl), as benchmarks/study_speed.py reads an arm;
+  local preset=${1%%:*}  # the model's name is the arm's, as `study estimate` times an arm by its model's name
+  echo "model=$preset$([ "$preset" = "$1" ] || echo ", +model.impl=${1#*:}, model.name=${1/:/_}")"
 }
 study() { (cd "$WORK" && $PY -m densenet_exp.study "$@" --tracking-uri "$URI"); }
 seeds() { seq -s ', ' 100 $((99 + $1)); }

@@ -3,6 +3,10 @@
     python benchmarks/study_speed.py                          # every arm, every setting (10-20 min)
     python benchmarks/study_speed.py --clock cpu              # on a machine shared with other work
     python benchmarks/study_speed.py --arms resnet20,densenet_s9 --steps 5 --no-compile
+    python benchmarks/study_speed.py --arms resnet20,densenet_bc28_k12,densenet_bc28_k12:shared_stats
+
+An arm is a model preset, optionally `PRESET:IMPL` for a DenseNet training step other than the
+preset's (`model.impl`, models/densenet.py IMPLS): old and new measured in the same run.
 
 For each arm (a model of the study, one grey channel, 10 classes, the study preset's batch) the
 train step (forward, cross-entropy, backward, SGD step) is timed in each setting:
@@ -51,6 +55,12 @@ ARMS = ("resnet20", "resnet56", "plain20", "plain56", "densenet_s9", "densenet_b
 PRECISIONS = ("fp32", "bf16")
 
 
+def arm_overrides(arm: str) -> list[str]:
+    """The Hydra overrides of an arm `PRESET` or `PRESET:IMPL`."""
+    preset, _, impl = arm.partition(":")
+    return [f"model={preset}", *([f"+model.impl={impl}"] if impl else [])]
+
+
 def compose(overrides: list[str]) -> dict[str, Any]:
     """The resolved run config of the harness for `overrides` (knobs folded into the model)."""
     from densenet_exp.config import composed
@@ -78,7 +88,7 @@ def measure(arm: str, variants: list[str], args: argparse.Namespace) -> dict[str
     from densenet_exp.models import build_model
     from densenet_exp.training.speed import compile_cache_per_cpu_capability
 
-    cfg = compose([*args.overrides, f"model={arm}"])
+    cfg = compose([*args.overrides, *arm_overrides(arm)])
     batch = args.batch or cfg["data"]["batch_size"]
     torch.manual_seed(0)
     x0 = torch.randn(batch, cfg["data"]["channels"], cfg["data"]["image_size"], cfg["data"]["image_size"])
@@ -155,7 +165,7 @@ def defaults_for(arm: str, args: argparse.Namespace) -> dict[str, Any]:
     whether `speed.compile: auto` compiles (and why), on this machine."""
     from densenet_exp.training.speed import choose_speed
 
-    cfg = compose([*args.overrides, f"model={arm}", "trainer=cpu"])
+    cfg = compose([*args.overrides, *arm_overrides(arm), "trainer=cpu"])
     speed = choose_speed(cfg)
     return {
         "precision": "bf16" if speed.precision.startswith("bf16") else "fp32",
@@ -276,7 +286,8 @@ def machine_line(args: argparse.Namespace) -> str:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated model presets (conf/model)")
+    p.add_argument("--arms", default=",".join(ARMS),
+                   help="comma-separated model presets (conf/model), each optionally :IMPL (model.impl)")
     p.add_argument("--precisions", default=",".join(PRECISIONS), help="fp32,bf16 (bf16 only where native)")
     p.add_argument("--experiment", default="fmnist_decisive", help="the preset whose batch and run length apply")
     p.add_argument("--override", dest="extra", action="append", default=[],
@@ -294,11 +305,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     from densenet_exp.checks import InvalidValue, require, require_int
+    from densenet_exp.options import IMPLS
 
     args.arms, args.precisions = args.arms.split(","), args.precisions.split(",")
     try:
         for arm in args.arms:
-            require("--arms", arm, (ROOT / "conf" / "model" / f"{arm}.yaml").is_file(), "model presets of conf/model")
+            preset, _, impl = arm.partition(":")
+            require("--arms", arm, (ROOT / "conf" / "model" / f"{preset}.yaml").is_file()
+                    and impl in ("", *IMPLS), f"model presets of conf/model, each optionally :{'|:'.join(IMPLS)}")
         for precision in args.precisions:
             require("--precisions", precision, precision in PRECISIONS, f"from {', '.join(PRECISIONS)}")
         for key in ("steps", "warmup", "cores", "seeds"):

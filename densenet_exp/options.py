@@ -16,6 +16,9 @@ from .config import DENSENET_KNOBS
 ARCHITECTURES = ("densenet", "densenet121", "densenet161", "densenet169", "densenet201", "densenet264",
                  "densenet_cifar", "resnet18", "resnet34", "resnet50", "resnet_cifar", "plain_cifar")
 STEMS = ("imagenet", "cifar")  # the first layers: 7x7 stride 2 and max-pool, or one 3x3 conv
+# A dense block's training step (models/densenet.py): "plain", each layer's batch norm on its own;
+# "shared_stats", each source channel's batch statistics once per step (models/stats.py).
+IMPLS = ("plain", "shared_stats")
 # classifier.py OPTIMIZERS: the torch class of each
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("constant", "multistep", "cosine", "onecycle")

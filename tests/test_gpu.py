@@ -1,8 +1,8 @@
 """The GPU suite, `pytest -m gpu`: the harness on a CUDA GPU. Skipped where CUDA is missing.
 
 What it checks: a smoke sweep picks the GPU by default and lands in MLflow with the GPU's precision
-and peak memory; memory-efficient mode computes what the plain path computes on CUDA in fp32 and
-bf16; in-memory data sets live on the GPU and batches are cut there; the bench measures its
+and peak memory; memory-efficient mode and shared batch statistics (`impl="shared_stats"`) compute
+what the plain path computes on CUDA in fp32 and bf16; in-memory data sets live on the GPU and batches are cut there; the bench measures its
 ratios on the GPU; step timing waits on the GPU once per epoch, not per step; two runs share one GPU
 through `hydra/launcher=gpu_shared`. `benchmarks/gpu_check.sh` runs this suite and the GPU figures in one go.
 """
@@ -54,11 +54,13 @@ def tiny_densenet(**kwargs):
                     in_channels=1, num_classes=10, **kwargs)
 
 
+@pytest.mark.parametrize("other", [{"memory_efficient": True}, {"impl": "shared_stats"}],
+                         ids=["memory-efficient", "shared-stats"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_memory_efficient_mode_equals_the_plain_path_on_cuda(dtype):
+def test_memory_efficient_mode_and_shared_statistics_equal_the_plain_path_on_cuda(dtype, other):
     device = torch.device("cuda")
     plain = tiny_densenet().to(device, memory_format=torch.channels_last)
-    lean = tiny_densenet(memory_efficient=True).to(device, memory_format=torch.channels_last)
+    lean = tiny_densenet(**other).to(device, memory_format=torch.channels_last)
     lean.load_state_dict(plain.state_dict())
     g = torch.Generator().manual_seed(1)
     x = torch.randn(32, 1, 28, 28, generator=g).to(device).contiguous(memory_format=torch.channels_last)

@@ -58,6 +58,9 @@ def test_study_bench_rejects_an_arm_that_is_no_model_preset():
     result = subprocess.run([sys.executable, "benchmarks/study_speed.py", "--arms", "resnet21"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "--arms='resnet21' is invalid: expected model presets of conf/model" in result.stderr
+    result = subprocess.run([sys.executable, "benchmarks/study_speed.py", "--arms", "densenet_bc28_k12:fused"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "each optionally :plain|:shared_stats" in result.stderr
 
 
 PILOT_PLAN = """name: pilot
@@ -224,3 +227,24 @@ def test_plan_estimate_sizes_the_seeds_at_holms_level_from_the_pilots_seed_sd(st
     assert study.main(["estimate", str(plan), "--sd", "0.37", "--tracking-uri", store.uri]) == 0
     (row,) = [cells(line) for line in capsys.readouterr().out.splitlines() if line.startswith("| small as")]
     assert row[2] == "0.37" and float(row[5]) == pytest.approx(power(6, 0.0037), abs=6e-4)
+
+
+def test_step_profile_splits_a_step_by_kind_of_op_and_compares_per_gmac():
+    cmd = [sys.executable, "benchmarks/profile_step.py", "--arms", "resnet20,densenet_bc28_k12:shared_stats",
+           "--precision", "fp32", "--batch", "4", "--steps", "1", "--warmup", "1"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert "eager" in lines[0] and "1 thread" in lines[0]
+    header = cells(next(line for line in lines if line.startswith("| arm")))
+    rows = {row[0]: dict(zip(header, row)) for row in (cells(line) for line in lines if line.startswith("| ")) if
+            row[0] != "arm" and not row[0].startswith("---")}
+    base, dense = rows["resnet20"], rows["densenet_bc28_k12:shared_stats"]
+    kinds = [k for k in header if k not in ("arm", "GMACs/step", "ms/step", "ms/GMAC") and not k.startswith("excess")]
+    for row in (base, dense):
+        # Every op's time lands in exactly one kind (rounded to whole ms per kind).
+        assert abs(sum(float(row[k]) for k in kinds) - float(row["ms/step"])) <= len(kinds)
+        assert float(row["conv 3x3 fwd"]) > 0 and float(row["batch norm"]) > 0
+    # ResNet-20: 40.8 MMACs at 32x32, so (28/32)^2 of it at 28x28; forward and backward: 3x.
+    assert float(base["GMACs/step"]) == pytest.approx(3 * 4 * 40.8e6 * (28 / 32) ** 2 / 1e9, rel=0.05)
+    assert base["excess/GMAC: batch norm"] == "" and dense["excess/GMAC: batch norm"] != ""

@@ -4,6 +4,10 @@ Huang, Liu, van der Maaten, Weinberger, "Densely Connected Convolutional Network
 CVPR 2017 (arXiv:1608.06993). Memory-efficient mode follows Pleiss et al., "Memory-Efficient
 Implementation of DenseNets" (arXiv:1707.06990).
 
+In training mode a dense layer's first batch norm reads channels whose batch statistics every
+earlier layer of the block has computed already: `impl="shared_stats"` computes them once per
+source and step (`stats.py`); `impl="plain"`, the default, is the original per-layer batch norm.
+
 With the default arguments the parameter names and shapes are exactly those of
 ``torchvision.models.densenet121``, so torchvision's ImageNet weights load unchanged.
 """
@@ -20,7 +24,8 @@ from torch import Tensor, nn
 
 from ..checks import is_int, is_number, require, require_int
 # The knob checks live with the light option lists, so the config checks run before torch loads.
-from ..options import KNOB_CHECKS, STEMS, check_bottleneck, check_compression, check_growth_rate  # noqa: F401
+from ..options import IMPLS, KNOB_CHECKS, STEMS, check_bottleneck, check_compression, check_growth_rate  # noqa: F401
+from .stats import BatchStats, SharedStatsNormRelu, batch_stats, update_running_stats
 
 
 def _concat(features: Sequence[Tensor]) -> Tensor:
@@ -192,8 +197,21 @@ class DenseLayer(nn.Module):
             )
         return conv(F.relu(norm(_concat(features)), inplace=True))
 
-    def forward(self, features: list[Tensor]) -> Tensor:
-        out = self._norm_relu_conv(self.norm1, self.conv1, features)
+    def _shared_norm_relu_conv(self, features: list[Tensor], stats: list[BatchStats]) -> Tensor:
+        """The first BN-ReLU-conv from the sources' batch statistics, computed once per block."""
+        norm = self.norm1
+        shared = BatchStats(*(torch.cat(s, 0) for s in zip(*stats)))
+        x = _concat(features)
+        update_running_stats(norm, shared, x.numel() // x.shape[1], _running_stats_factor(norm))
+        z = SharedStatsNormRelu.apply(x, norm.weight, norm.bias, shared.mean, shared.invstd)
+        return self.conv1(z)
+
+    def forward(self, features: list[Tensor], stats: list[BatchStats] | None = None) -> Tensor:
+        """`stats`: each feature's batch statistics (training mode, `impl="shared_stats"`)."""
+        if stats is not None:
+            out = self._shared_norm_relu_conv(features, stats)
+        else:
+            out = self._norm_relu_conv(self.norm1, self.conv1, features)
         if self.drop_rate:
             out = F.dropout(out, self.drop_rate, self.training)
         if self.bottleneck:
@@ -216,8 +234,11 @@ class DenseBlock(nn.ModuleDict):
         drop_rate: float,
         memory_efficient: bool,
         workspace: Workspace | None = None,
+        impl: str = "plain",
     ) -> None:
         super().__init__()
+        # Memory-efficient mode recomputes the batch norm in its own backward: it keeps its path.
+        self.shared_stats = impl == "shared_stats" and not memory_efficient
         self.workspace = workspace if workspace is not None or not memory_efficient else Workspace()
         # The widest map a memory-efficient layer writes into the workspace.
         self.widest = max(in_features + (num_layers - 1) * growth_rate, bn_size * growth_rate if bottleneck else 0)
@@ -227,6 +248,7 @@ class DenseBlock(nn.ModuleDict):
                 self.workspace,
             )
             self.add_module(f"denselayer{i + 1}", layer)
+        self.eps = layer.norm1.eps  # every first batch norm's: the shared statistics' eps
 
     def forward(self, x: Tensor) -> Tensor:
         # Keep a list and concatenate once per layer inside the layer (not once per block
@@ -235,8 +257,14 @@ class DenseBlock(nn.ModuleDict):
         if self.workspace is not None and self.training and torch.is_grad_enabled():
             n, _, h, w = x.shape
             self.workspace.reserve(n * self.widest * h * w, x.dtype, x.device)
-        for layer in self.values():
-            features.append(layer(features))
+        if self.shared_stats and self.training:
+            stats: list[BatchStats] = []
+            for layer in self.values():
+                stats += [batch_stats(f, self.eps) for f in features[len(stats):]]
+                features.append(layer(features, stats))
+        else:
+            for layer in self.values():
+                features.append(layer(features))
         return torch.cat(features, 1)
 
 
@@ -276,6 +304,9 @@ class DenseNet(nn.Module):
         in_channels: input image channels (1 for grayscale).
         stem: "imagenet" (7x7/2 conv, BN-ReLU, 3x3/2 max-pool) or "cifar" (3x3/1 conv).
         memory_efficient: keep neither the concatenation nor its BN-ReLU for backward; recompute them.
+        impl: the training step's implementation, one of IMPLS; "shared_stats" computes each dense
+            layer's first batch norm from batch statistics shared per source channel (stats.py),
+            in normal mode (memory-efficient mode keeps its own). Same parameters and buffers.
     """
 
     def __init__(
@@ -291,6 +322,7 @@ class DenseNet(nn.Module):
         in_channels: int = 3,
         stem: str = "imagenet",
         memory_efficient: bool = False,
+        impl: str = "plain",
     ) -> None:
         super().__init__()
         check_growth_rate(growth_rate)
@@ -310,6 +342,7 @@ class DenseNet(nn.Module):
         require_int("num_classes", num_classes, 1)
         require_int("in_channels", in_channels, 1)
         require("stem", stem, stem in STEMS, f"one of {', '.join(STEMS)}")
+        require("impl", impl, impl in IMPLS, f"one of {', '.join(IMPLS)}")
 
         self.growth_rate = growth_rate
         self.compression = float(compression)
@@ -332,7 +365,7 @@ class DenseNet(nn.Module):
         width = num_init_features
         for i, num_layers in enumerate(self.block_config):
             block = DenseBlock(
-                num_layers, width, growth_rate, bn_size, bottleneck, drop_rate, memory_efficient, self.workspace
+                num_layers, width, growth_rate, bn_size, bottleneck, drop_rate, memory_efficient, self.workspace, impl
             )
             self.features.add_module(f"denseblock{i + 1}", block)
             width += num_layers * growth_rate
