@@ -38,6 +38,25 @@ def test_parallel_joblib_sweep_loses_nothing_in_one_sqlite_store(store):
     assert "locked" not in result.stderr
 
 
+def test_a_slurm_job_takes_as_many_torch_threads_as_cores_it_was_given(monkeypatch):
+    from densenet_exp.job import cpu_threads
+
+    hc = {"launcher": {"_target_": "hydra_plugins.densenet_exp_slurm.SlurmLauncher"}}
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    assert cpu_threads(None, hc) is None  # torch's default outside SLURM
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")  # torch would count the node's cores
+    assert cpu_threads(None, hc) == 1 and cpu_threads(3, hc) == 3
+
+
+def test_the_resume_command_is_the_one_typed_not_the_jobs_own(monkeypatch):
+    from densenet_exp.runs.console import COMMAND_ENV, resume_command
+
+    monkeypatch.delenv(COMMAND_ENV, raising=False)
+    assert resume_command(["run.py", "experiment=smoke"]) == "python -m densenet_exp.run experiment=smoke"
+    monkeypatch.setenv(COMMAND_ENV, "python -m densenet_exp.run -m growth_rate=4,8")  # the sweep's, inherited
+    assert resume_command(["submitit/core/_submit.py", "out/.submitit/7"]) == "python -m densenet_exp.run -m growth_rate=4,8"
+
+
 @pytest.mark.slow  # a launcher or sweeper plugin end to end: CI runs it (make test-slow)
 def test_submitit_local_launcher_finishes_both_jobs(store):
     result = store.run(*SMOKE, "seed=0,1", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
