@@ -2,8 +2,8 @@
 `hydra/launcher=slurm_local`, a job requeued mid-run, a job whose time limit falls mid-run, and
 bad input. Each test asserts what the scheduler did (`scontrol show job`: state, exit code,
 restarts; the jobs' .out files) as well as what MLflow holds. The cluster has no accounting, so
-no sacct. Slow (about 7 minutes in all, most of it the requeued job's two-minute wait before it
-starts again); skipped, with the reason, only where slurmctld cannot start."""
+no sacct. Slow: about 6 minutes in all on 2 cores (83 s, 133 s with the requeued job's 30-s wait
+before it starts again, 87 s, 24 s); skipped, with the reason, only where slurmctld cannot start."""
 
 from __future__ import annotations
 
@@ -34,9 +34,15 @@ def known_jobs() -> set[str]:
     return set(re.findall(r"JobId=(\d+)", scontrol("-o", "show", "job")))
 
 
-def job_facts(job: str) -> dict[str, str]:
-    """`scontrol show job`'s Key=Value fields of one job (an array task: `12_0`)."""
-    return dict(re.findall(r"(\w+)=(\S*)", scontrol("-o", "show", "job", job)))
+def ended_job(job: str, timeout: float = 120) -> dict[str, str]:
+    """`scontrol show job`'s Key=Value fields of one job (an array task: `12_0`) once it has
+    ended: the sweep process sees a job's result file before the scheduler sees the job end."""
+    deadline = time.time() + timeout
+    while True:
+        facts = dict(re.findall(r"(\w+)=(\S*)", scontrol("-o", "show", "job", job)))
+        if facts["JobState"] not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING") or time.time() > deadline:
+            return facts
+        time.sleep(1)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -87,7 +93,7 @@ def test_a_sweep_runs_its_jobs_on_slurm_and_its_rerun_queues_nothing(store):
     assert len(jobs) == 2 and {j.split("_")[0] for j in jobs} <= known_jobs() - before
     for run in runs:
         job, restarts = slurm_job_of(run)
-        facts = job_facts(job)
+        facts = ended_job(job)
         assert (facts["JobState"], facts["ExitCode"], restarts) == ("COMPLETED", "0:0", 0)
         assert (facts["NumCPUs"], facts["Partition"]) == ("1", "local")
         out = out_file(store, job)
@@ -124,7 +130,7 @@ def test_a_job_requeued_mid_run_resumes_into_the_same_run(store):
     assert run.info.status == "FINISHED"
     assert slurm_job_of(run) == (job, 1)  # the same job, restarted once: it took its run over
     assert "stopped by SIGTERM" in run.data.tags["resumed_after"]
-    facts = job_facts(job)
+    facts = ended_job(job)
     assert (facts["JobState"], facts["ExitCode"], facts["Restarts"]) == ("COMPLETED", "0:0", "1")
     history = ensure.get_metric_history(run.info.run_id, "val/acc")
     assert sorted(m.step for m in history) == sorted({m.step for m in history}) and len(history) == 6
@@ -146,7 +152,7 @@ def test_a_job_warned_before_its_time_limit_stops_cleanly_and_says_how_to_resume
     checkpoint = Path(run.data.tags["checkpoint_dir"]) / "last.ckpt"
     assert checkpoint.is_file()
     job, _ = slurm_job_of(run)
-    facts = job_facts(job)
+    facts = ended_job(job)
     # It ended by itself, before the limit: not TIMEOUT, not killed by the scheduler.
     assert (facts["JobState"], facts["ExitCode"], facts["TimeLimit"]) == ("COMPLETED", "0:0", "00:02:00")
     out = out_file(store, job)
