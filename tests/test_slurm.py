@@ -112,7 +112,7 @@ def test_a_sweep_runs_its_jobs_on_slurm_and_its_rerun_queues_nothing(store):
 
 
 def test_a_job_requeued_mid_run_resumes_into_the_same_run(store):
-    ensure = store.client()
+    client = store.client()
     proc = subprocess.Popen(store.command(*LAUNCHER, *LONGER, "trainer.max_epochs=6", multirun=True), cwd=ROOT,
                             env=store.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -132,7 +132,7 @@ def test_a_job_requeued_mid_run_resumes_into_the_same_run(store):
     assert "stopped by SIGTERM" in run.data.tags["resumed_after"]
     facts = ended_job(job)
     assert (facts["JobState"], facts["ExitCode"], facts["Restarts"]) == ("COMPLETED", "0:0", "1")
-    history = ensure.get_metric_history(run.info.run_id, "val/acc")
+    history = client.get_metric_history(run.info.run_id, "val/acc")
     assert sorted(m.step for m in history) == sorted({m.step for m in history}) and len(history) == 6
     out = out_file(store, job)
     assert "stopped by SIGTERM" in out and f"MLflow run {run.info.run_id} is KILLED" in out
