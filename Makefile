@@ -11,7 +11,7 @@ EXPERIMENT ?=
 SWEEP ?=
 PLAN ?=
 
-.PHONY: setup data run test test-slow test-all ui ui-screenshot notebook startup-time server bench bench-study study decisive-pilot decisive pair study-report study-notebooks study-screenshot clean
+.PHONY: setup data run test test-slow test-all slurm-local slurm-local-stop ui ui-screenshot notebook startup-time server bench bench-study study decisive-pilot decisive pair study-report study-notebooks study-screenshot clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -45,6 +45,14 @@ test-slow: setup
 
 test-all: setup
 	$(PY) -m pytest
+
+# A one-node Slurm cluster on this machine for `hydra/launcher=slurm_local` (tools/slurm-local:
+# installs slurm-wlm and munge if missing; needs root); `make slurm-local-stop` stops it.
+slurm-local:
+	$(SUDO) tools/slurm-local start
+
+slurm-local-stop:
+	$(SUDO) tools/slurm-local stop
 
 # MLflow UI on 127.0.0.1; prints the URL of the experiment's runs table (default densenet_exp).
 ui: setup

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -33,14 +32,14 @@ from lightning.pytorch.utilities import rank_zero_only
 from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from . import record
 from .runs import stopping
 from .runs.checkpoints import LastCheckpoint, prune_best
 from .runs.claim import CLAIM_ENV, RunClaim, choose_run
 from .training.classifier import ImageClassifier
-from .runs.console import job_label, jobs_after, swept_labels
+from .runs.console import job_label, jobs_after, resume_command, swept_labels
 from .training.data import ImageDataModule, has_validation_split
 from .config import config_hash, flatten
 from .identity import config_key
@@ -99,12 +98,17 @@ def parallel_jobs(hc: Any, configured: int | None = None) -> int:
 
 def cpu_threads(configured: int | None, hc: Any, jobs_configured: int | None = None) -> int | None:
     """Torch threads for this job: the configured number, else a share of the cores when jobs run
-    side by side (two jobs of two threads each on two cores stall each other badly), else torch's
-    default (None)."""
+    side by side (two jobs of two threads each on two cores stall each other badly), else a SLURM
+    job's cores, else torch's default (None)."""
     if configured:
         return int(configured)
+    # A SLURM job gets the cores it asked for, but torch counts the node's: where nothing binds
+    # the job to its cores (task/none, as on tools/slurm-local), its threads would take them all.
+    allocated = os.environ.get("SLURM_CPUS_PER_TASK")
     jobs = parallel_jobs(hc, jobs_configured)
-    return max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    if jobs > 1:
+        return max(1, int(allocated or os.cpu_count() or 1) // jobs)
+    return int(allocated) if allocated else None
 
 
 def study_tags(study: dict[str, Any]) -> dict[str, str]:
@@ -114,10 +118,6 @@ def study_tags(study: dict[str, Any]) -> dict[str, str]:
     plan = load_plan(study["plan"])
     return {record.STUDY_PLAN: plan.name, record.STUDY_PLAN_HASH: plan.hash, record.STUDY_STAGE: study["stage"],
             record.STUDY_ARM: study["arm"]}
-
-
-def resume_command() -> str:
-    return shlex.join(["python", "-m", "densenet_exp.run", *sys.argv[1:]])
 
 
 # -- 1. compose ------------------------------------------------------------------------------
@@ -288,6 +288,15 @@ def record_new_run(run: OpenRun, trainer: L.Trainer, plain: dict[str, Any], tags
 
 # -- 4. fit and test -------------------------------------------------------------------------
 
+def cluster_plugins() -> list[Any]:
+    """Under SLURM, Lightning's SLURMEnvironment without its requeue on SIGUSR1: the harness stops
+    on that signal itself (stopping.py) and resumes from its own epoch-end checkpoint, which
+    Lightning's mid-epoch `hpc_ckpt` and requeue would bypass."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+
+
 def make_trainer(job: Job, built: Built, run: OpenRun) -> tuple[L.Trainer, ModelCheckpoint]:
     """The Trainer and the checkpoint it keeps: the best on validation accuracy. Without a
     validation split (data.val_size=0, e.g. the paper's final runs on all 50k images) nothing
@@ -301,11 +310,11 @@ def make_trainer(job: Job, built: Built, run: OpenRun) -> tuple[L.Trainer, Model
     choices = {"channels_last": speed.channels_last, "keep_freed_memory": built.kept_freed_memory}
     trainer = L.Trainer(
         **plain["trainer"], **({} if validated else {"limit_val_batches": 0}), logger=run.logger,
-        use_distributed_sampler=False,
+        use_distributed_sampler=False, plugins=cluster_plugins(),
         callbacks=[checkpoint, LastCheckpoint(run.claim.ckpt_dir, run.claim.run_id, job.config_hash),
                    stopping.StopAtNextStep(), *built.probes,
                    *job_callbacks(plain, job_label(hc), about, choices, jobs_after(hc) / parallel_jobs(hc))],
-        default_root_dir=hc.runtime.output_dir,  # where Lightning's SLURM requeue writes its checkpoint
+        default_root_dir=hc.runtime.output_dir,
     )
     return trainer, checkpoint
 
@@ -360,18 +369,41 @@ def close(run: OpenRun, trainer: L.Trainer | None, error: BaseException | None) 
         stopped = stopping.as_stopped(error) if error is not None else None
         if stopped:
             print(f"{stopped.reason}{where}: MLflow run {run.claim.run_id} is KILLED; resume it with: "
-                  f"{resume_command()}", file=sys.stderr, flush=True)
+                  f"{resume_command(sys.argv)}", file=sys.stderr, flush=True)
     if run.claim.lock is not None:
         run.claim.lock.release()
+
+
+# -- before a launcher queues the job elsewhere ----------------------------------------------
+
+def before_queueing(cfg: DictConfig, resolves_here: bool) -> dict[str, Any] | None:
+    """For a launcher whose jobs wait in a queue (hydra_plugins/densenet_exp_slurm): check the
+    job's composed config (ConfigError: bad input, before anything is queued) and, where the jobs
+    run on this machine (so `auto` settings resolve here as in the job, and so does the config
+    hash), the summary of a FINISHED twin in the store, which makes queuing it needless (the job
+    is counted in the sweep as `skipped` counts it); else None."""
+    hc, task = cfg.hydra, cfg.copy()
+    with open_dict(task):
+        del task["hydra"]  # as Hydra hands a job its config
+    if not resolves_here:
+        checked_config(task, hc.overrides.task, trainer_arguments)
+        return None
+    job = compose(task, hc)
+    client, _, experiment_id = open_store(job.plain, Path(hc.runtime.cwd))
+    twin = finished_twin(client, experiment_id, job)
+    return None if twin is None else skipped(client, job, twin)
 
 
 # -- the job ---------------------------------------------------------------------------------
 
 def train(cfg: DictConfig, hc: Any) -> dict[str, Any]:
     """Run one job of the harness; returns its summary."""
-    # Lightning's package gives itself a console handler; Hydra's (terminal and run.log) already
-    # take its lines, which would otherwise print twice.
-    logging.getLogger("lightning").handlers.clear()
+    # Lightning gives its loggers a console handler of their own (and stops their records from
+    # reaching Hydra's) if it is imported before Hydra sets up logging, as in a job that submitit
+    # unpickles: Hydra's handlers (console filter, run.log) take its lines instead.
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
     started = time.perf_counter()
     stopping.raise_if_stopped()  # Ctrl-C between two jobs of a sweep
     job = compose(cfg, hc)

@@ -10,8 +10,9 @@ codes. torch, Lightning and MLflow are imported only once a job starts, so that 
 answers at once (tools/startup-time measures it).
 
 Exit codes: 0 done; 1 a failure (a sweep: some job failed); 2 bad input; 3 refused, a run of
-this config has a live owner; 75 the tracking server stayed unreachable; 130 / 143 stopped by
-Ctrl-C / SIGTERM (the run is KILLED and the same command resumes it).
+this config has a live owner; 75 the tracking server stayed unreachable; 130 / 143 / 138 stopped
+by Ctrl-C / SIGTERM / SIGUSR1 (the run is KILLED and the same command resumes it; a sweep's job
+stopped by SIGUSR1, SLURM's time-limit warning, is listed as a failed job instead).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from .config import CONF_DIR
+from .runs.console import COMMAND_ENV, resume_command
 from .runs.logs import quiet_mlflow
 
 log = logging.getLogger("densenet_exp")
@@ -91,6 +93,14 @@ def main(cfg: DictConfig) -> float | None:
             _record_failed_job(hc, err)
         print(f"error: {err.advice()}", file=sys.stderr, flush=True)
         sys.exit(EXIT_STORE_DOWN)
+    except SystemExit as err:
+        if multirun and getattr(err, "signum", None) == signal.SIGUSR1:
+            # The warning before a time limit: this job will not come back. It ends as a job of
+            # the sweep that did not finish (listed when the sweep ends; the same command resumes
+            # it) and returns, so its launcher gets a result: a SLURM sweep waits for one.
+            _record_failed_job(hc, err)
+            return None
+        raise
     except Exception as err:
         if multirun:
             # One failed job must not stop the sweep; SweepParentRun reports it at the end.
@@ -129,6 +139,12 @@ def _record_failed_job(hc: Any, err: BaseException) -> None:
 
 
 if __name__ == "__main__":
+    from densenet_exp import run  # this file again, as the module it is when imported
+
     sys.argv = ddp_rank_argv(sys.argv, dict(os.environ))
     quiet_on_closed_pipe(sys.argv)
-    main()
+    os.environ.setdefault(COMMAND_ENV, resume_command(sys.argv))
+    # The importable module's `main`, not __main__'s: a launcher that pickles the task function
+    # (submitit) then pickles a reference, and its job imports densenet_exp.run with the warning
+    # and log filters above, instead of unpickling a bare copy of the function.
+    run.main()

@@ -188,6 +188,17 @@ def test_slurm_launcher_defaults(monkeypatch):
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.partition == "gpu-a100" and launcher.tasks_per_node == 4 and launcher.timeout_min == 240
+    # Jobs run on other machines: checked here, skipped (if FINISHED) on their node; warned before the limit.
+    assert not launcher.jobs_run_here and launcher.additional_parameters.signal == "USR1@120"
+
+
+def test_slurm_local_launcher_asks_for_one_cpu_no_gpu_and_a_warning_before_the_limit():
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm_local"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.densenet_exp_slurm.SlurmLauncher" and launcher.jobs_run_here
+    assert (launcher.partition, launcher.cpus_per_task, launcher.gpus_per_node) == ("local", 1, None)
+    assert launcher.additional_parameters.signal == "USR1@60" and launcher.stderr_to_stdout
 
 
 def test_the_light_option_lists_name_what_the_code_builds():

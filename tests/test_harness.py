@@ -264,6 +264,18 @@ def test_the_training_step_never_waits_on_the_device(monkeypatch):
     assert reads == []
 
 
+def test_an_error_after_a_stop_signal_counts_as_the_stop(monkeypatch):
+    """SLURM signals every process of a job at its time limit, a C++ compiler that torch.compile
+    started included: the error that follows is the stop, and the run is KILLED, not FAILED."""
+    from densenet_exp.runs import stopping
+
+    monkeypatch.setattr(stopping, "_received", None)
+    assert stopping.as_stopped(RuntimeError("C++ compile error")) is None
+    monkeypatch.setattr(stopping, "_received", signal.SIGTERM)
+    stopped = stopping.as_stopped(RuntimeError("C++ compile error"))
+    assert stopped.code == 143 and stopped.reason == "stopped by SIGTERM"
+
+
 BAD_INPUTS = [
     ("growth_rate=0", ["growth_rate=0", "integer >= 1"]),
     ("compression=1.5", ["compression=1.5", "(0, 1]"]),

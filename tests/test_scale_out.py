@@ -38,6 +38,52 @@ def test_parallel_joblib_sweep_loses_nothing_in_one_sqlite_store(store):
     assert "locked" not in result.stderr
 
 
+def test_a_slurm_job_takes_as_many_torch_threads_as_cores_it_was_given(monkeypatch):
+    from densenet_exp.job import cpu_threads
+
+    hc = {"launcher": {"_target_": "hydra_plugins.densenet_exp_slurm.SlurmLauncher"}}
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    assert cpu_threads(None, hc) is None  # torch's default outside SLURM
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")  # torch would count the node's cores
+    assert cpu_threads(None, hc) == 1 and cpu_threads(3, hc) == 3
+
+
+def test_the_resume_command_is_the_one_typed_not_the_jobs_own(monkeypatch):
+    from densenet_exp.runs.console import COMMAND_ENV, resume_command
+
+    monkeypatch.delenv(COMMAND_ENV, raising=False)
+    assert resume_command(["run.py", "experiment=smoke"]) == "python -m densenet_exp.run experiment=smoke"
+    monkeypatch.setenv(COMMAND_ENV, "python -m densenet_exp.run -m growth_rate=4,8")  # the sweep's, inherited
+    assert resume_command(["submitit/core/_submit.py", "out/.submitit/7"]) == "python -m densenet_exp.run -m growth_rate=4,8"
+
+
+def test_the_slurm_launcher_queues_only_the_jobs_left_and_keeps_their_numbers(monkeypatch):
+    """A rerun whose job #1 is FINISHED queues #0 and #2, which keep their numbers (their folders,
+    their records in the sweep); the sweeper gets all three results in order."""
+    from hydra.core.utils import JobReturn, JobStatus
+    from omegaconf import OmegaConf
+
+    import densenet_exp.job
+    from hydra_plugins.densenet_exp_slurm import SlurmLauncher, SubmititSlurmLauncher
+
+    launcher = SlurmLauncher(jobs_run_here=True)
+    launcher.hydra_context = SimpleNamespace(config_loader=SimpleNamespace(
+        load_sweep_config=lambda cfg, overrides: OmegaConf.create({"hydra": {"job": {"num": None}}, "o": overrides})))
+    monkeypatch.setattr(densenet_exp.job, "before_queueing",
+                        lambda cfg, here: {"val_acc": 0.5} if cfg.o == ["seed=1"] else None)
+    queued = []
+
+    def submit(self, overrides, initial_job_idx):
+        queued.append(overrides)
+        return [JobReturn(overrides=o, status=JobStatus.COMPLETED, _return_value=0.1) for o in overrides]
+
+    monkeypatch.setattr(SubmititSlurmLauncher, "launch", submit)
+    results = launcher.launch([["seed=0"], ["seed=1"], ["seed=2"]], initial_job_idx=0)
+    assert queued == [[["seed=0"], ["seed=2"]]]
+    assert [r.return_value for r in results] == [0.1, 0.5, 0.1]
+    assert launcher.job_nums == {("seed=0",): 0, ("seed=2",): 2}  # what each queued job runs as
+
+
 @pytest.mark.slow  # a launcher or sweeper plugin end to end: CI runs it (make test-slow)
 def test_submitit_local_launcher_finishes_both_jobs(store):
     result = store.run(*SMOKE, "seed=0,1", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",

@@ -9,6 +9,8 @@ epoch) is in progress.py.
 from __future__ import annotations
 
 import json
+import os
+import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +23,16 @@ from .sweep_folder import FAILURES_DIR, JOBS_DIR, SweepPlan
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
+
+
+# The command line the user typed, left in the environment by run.py for the jobs it starts: a
+# job that a launcher runs in another process (a SLURM job's own argv is submitit's) names it as
+# the command that resumes its run.
+COMMAND_ENV = "DENSENET_EXP_COMMAND"
+
+
+def resume_command(argv: list[str]) -> str:
+    return os.environ.get(COMMAND_ENV) or shlex.join(["python", "-m", "densenet_exp.run", *argv[1:]])
 
 
 # Knobs a run name already carries (the variant names the model and k, theta, B; "-s" the seed).

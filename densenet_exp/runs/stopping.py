@@ -4,9 +4,10 @@ KILLED with the reason, the command that resumes it is printed, and the process 
 
 A second Ctrl-C stops at once. Resuming restarts the interrupted epoch from the last epoch-end
 checkpoint (`checkpoints.LastCheckpoint`), so every figure of the run equals that of an
-uninterrupted one. Under SLURM, the scheduler sends SIGTERM at the time limit or on preemption;
-with `sbatch --signal=SIGUSR1@90` Lightning's SLURMEnvironment (auto_requeue) requeues the job
-on SIGUSR1 first, and the requeued job resumes the run (see `ownership`).
+uninterrupted one. Under SLURM, the scheduler sends SIGTERM when it preempts or requeues a job
+(the requeued job resumes the run: see `ownership`) and at the time limit; `sbatch
+--signal=USR1@N` asks for SIGUSR1 N seconds before the limit, which stops the job the same way
+while there is time to (exit 138). Lightning's own SLURM requeue on SIGUSR1 is off (job.py).
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import threading
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-SIGNAL_NAMES = {signal.SIGINT: "SIGINT (Ctrl-C)", signal.SIGTERM: "SIGTERM"}
+SIGNAL_NAMES = {signal.SIGINT: "SIGINT (Ctrl-C)", signal.SIGTERM: "SIGTERM",
+                signal.SIGUSR1: "SIGUSR1 (the warning before the time limit: sbatch --signal=USR1@N)"}
 _received: int | None = None
 
 
@@ -33,6 +34,9 @@ class Stopped(SystemExit):
     @property
     def reason(self) -> str:
         return f"stopped by {SIGNAL_NAMES.get(self.signum, signal.Signals(self.signum).name)}"
+
+    def __str__(self) -> str:
+        return self.reason
 
 
 def received() -> int | None:
@@ -50,7 +54,7 @@ def _on_signal(signum: int, frame: Any) -> None:
 
 
 def install() -> None:
-    """Route SIGINT and SIGTERM to the stop flag (main thread only; Lightning chains its own
+    """Route SIGINT, SIGTERM and SIGUSR1 to the stop flag (main thread only; Lightning chains its own
     SIGTERM handler in front of this one while it trains)."""
     if threading.current_thread() is threading.main_thread():
         for signum in SIGNAL_NAMES:
@@ -78,13 +82,13 @@ def raise_if_stopped() -> None:
 
 
 def as_stopped(err: BaseException) -> Stopped | None:
-    """The Stopped exception that `err` amounts to: Lightning's own SIGTERM exit and its exit
-    after a KeyboardInterrupt count once a stop signal was received."""
+    """The Stopped exception that `err` amounts to: once a stop signal was received, any error
+    counts as the stop: Lightning's own SIGTERM exit, its exit after a KeyboardInterrupt, and the
+    failure of work that the signal reached too (SLURM signals every process of the job: a C++
+    compiler that torch.compile started fails with a compile error)."""
     if isinstance(err, Stopped):
         return err
-    if _received is not None and isinstance(err, SIGTERMException | SystemExit | KeyboardInterrupt):
-        return Stopped(_received)
-    return None
+    return Stopped(_received) if _received is not None else None
 
 
 class StopAtNextStep(L.Callback):
