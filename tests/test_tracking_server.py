@@ -86,7 +86,9 @@ def test_sweep_over_http_records_params_metrics_and_artifacts(server, tmp_path):
     for run in runs:
         assert run.info.status == "FINISHED" and run.data.params["data.name"] == "fashion_mnist"
         assert len(client.get_metric_history(run.info.run_id, "val/acc")) == 2 and "test/acc" in run.data.metrics
-        assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml"]
+        # The config and the test predictions travel over HTTP too (probes=none: no probe files).
+        assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml", "predictions"]
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "predictions")] == ["predictions/test.csv"]
 
 
 @pytest.mark.slow  # a minute of restarts and retries: CI runs it (make test-slow)
