@@ -11,6 +11,10 @@ import re
 from numbers import Real
 from typing import Any
 
+# The exit codes of every entry point: 2 bad input, 3 refused (another process holds the run or
+# plan), 75 the tracking server stayed unreachable (EX_TEMPFAIL: try again later).
+EXIT_BAD_INPUT, EXIT_BUSY, EXIT_STORE_DOWN = 2, 3, 75
+
 # A name that becomes a folder (an experiment's artifacts, a report's folder): one safe path
 # component, never `..`, `/` or a leading dot.
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_. -]{0,199}")

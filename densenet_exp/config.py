@@ -51,15 +51,25 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     return plain
 
 
-def composed(overrides: list[str]) -> dict[str, Any]:
-    """The config of one job, composed from CONF_DIR as `densenet_exp.run` would (Hydra, no torch),
-    resolved but as written (knobs not folded in)."""
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The config of one job, composed from CONF_DIR as `densenet_exp.run` would (Hydra, no torch).
+    Inside a running Hydra app (a job checking its plan's arm) through the app's own Hydra,
+    which composes from the same folder; elsewhere through a Hydra of its own."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = [o for o in overrides if not o.startswith("hydra.")]
+    if GlobalHydra.instance().is_initialized():
+        return compose("config", overrides=overrides)
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def composed(overrides: list[str]) -> dict[str, Any]:
+    """compose_config's config resolved, as written (knobs not folded in)."""
     from omegaconf import OmegaConf
 
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[o for o in overrides if not o.startswith("hydra.")])
-    return OmegaConf.to_container(cfg, resolve=True)
+    return OmegaConf.to_container(compose_config(overrides), resolve=True)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -66,6 +66,7 @@ from .analysis.results import (
 )
 from .runs.store import StoreConfigError, StoreUnreachable, bound_tool_waits, check_store, retry_locked, tool_uri
 from .analysis.confirmation import Confirmation, confirmation_runs, judge_plan
+from .analysis.declared import ONCE_RULE, one_per_declared
 from .analysis.confirmation import rules as plan_rules
 from .plan import Plan, load_plan
 from .analysis.tables import FORMATS, figure, headline_table, write_tables
@@ -344,8 +345,11 @@ def judge(evidence: Evidence, margin_pp: float, plan: Plan | None = None) -> Fin
     done = evidence.done
     confirmation, confirmed, explored = None, None, done
     if plan is not None:
-        confirmation = judge_plan(plan, evidence.runs, evidence.curves, evidence.matrices, evidence.init,
-                                  evidence.grads)
+        # ONCE_RULE first: a duplicate or a run of another config never reaches a verdict or a table.
+        runs, left_out = one_per_declared(plan, evidence.runs)
+        done = done[done["run_id"].isin(runs["run_id"])]
+        confirmation = judge_plan(plan, runs, evidence.curves, evidence.matrices, evidence.init, evidence.grads)
+        confirmation.notes += left_out
         mine = confirmation_runs(plan, done)
         explored = done[~done["run_id"].isin(mine["run_id"])]
         arm = mine[f"tags.{record.STUDY_ARM}"]  # a plan's rows are named by its arms
@@ -474,7 +478,8 @@ def render(found: Findings, out: Path, title: str, intro: str) -> list[Path]:
     doc.heading("Method")
     if found.confirmation is not None:
         doc.text("Rules of the declared claims:")
-        doc.bullets([f"**{name}**: {text}" for name, text in plan_rules(found.confirmation.plan)])
+        doc.bullets([f"**{name}**: {text}" for name, text in [("once per declared job", ONCE_RULE),
+                                                               *plan_rules(found.confirmation.plan)]])
         doc.text("Rules of the exploratory claims:")
     doc.bullets(method_lines(found.margin_pp))
 

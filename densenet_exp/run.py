@@ -31,6 +31,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from .checks import EXIT_BAD_INPUT, EXIT_BUSY, EXIT_STORE_DOWN
 from .config import CONF_DIR
 from .runs.logs import quiet_mlflow
 
@@ -44,7 +45,6 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*
 warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging interval")
 # The checkpoint folder holds the owner's lock file (ownership.py); stale checkpoints are set aside.
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-EXIT_BAD_INPUT, EXIT_BUSY, EXIT_STORE_DOWN = 2, 3, 75
 
 # Lightning starts DDP ranks > 0 by re-running this process's command line. Under `-m` that would
 # start the whole sweep again in every rank (a known Hydra and Lightning pitfall), so each job

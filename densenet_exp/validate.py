@@ -20,7 +20,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .checks import InvalidValue, is_int, is_number, require, require_int, require_name
 from .datafiles import FASHION_MNIST_HELP, LAYOUT, find_fashion_mnist, read_image_folder, stem_for
-from .config import resolved_config
+from .config import flatten, resolved_config
+from .identity import config_key, configuration
 from .options import (ARCHITECTURES, AUGMENTATIONS, DATA_SETS, KNOB_CHECKS, OPTIMIZERS, SCHEDULERS, STEMS,
                       TRAIN_IMAGES, train_images)
 
@@ -263,6 +264,39 @@ def validate_study(cfg: Mapping[str, Any]) -> None:
     require("seed", cfg["seed"], cfg["seed"] in seeds, f"one of the plan's {stage} seeds of this arm {list(seeds)}")
 
 
+def arm_config(plan: Any, stage: str, arm: str) -> dict[str, Any]:
+    """The resolved config (as checked_config gives it) that `arm` of `plan`'s `stage` composes to:
+    the plan's recipe, then the arm's overrides, with its first seed (the seed is not part of a
+    configuration)."""
+    from .config import compose_config
+
+    job = next(j for j in plan.jobs(stage) if j.arm == arm)
+    cfg = compose_config(list(job.overrides))
+    if cfg.data.get("name") == "imagefolder":
+        fill_image_folder(cfg.data)
+    return resolved_config(cfg)
+
+
+def check_arm_config(cfg: Mapping[str, Any]) -> None:
+    """A run tagged with a plan's arm has exactly that arm's config (its identity.config_key):
+    any other override would pool another configuration into the arm's evidence."""
+    from .plan import load_plan
+
+    study = cfg.get("study") or {}
+    if study.get("plan") is None:
+        return
+    expected = arm_config(load_plan(study["plan"]), study["stage"], study["arm"])
+    if config_key(cfg) == config_key(expected):
+        return
+    mine, arms = configuration(flatten(cfg)), configuration(flatten(expected))
+    differ = [f"{k}={mine.get(k, '(unset)')} (the arm's: {arms.get(k, '(unset)')})"
+              for k in sorted(set(mine) | set(arms)) if mine.get(k) != arms.get(k)]
+    more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+    raise ConfigError(f"study.arm={study['arm']!r} is invalid: expected a run of that arm's config (config key "
+                      f"{config_key(expected)}), but this run's differs in {'; '.join(differ[:3])}{more}: drop the "
+                      "overrides the plan does not set, or run it without study.plan")
+
+
 def checked_config(cfg: DictConfig, overrides: Iterable[str], trainer_arguments: Callable[[], Collection[str]]) -> dict[str, Any]:
     """The job's config as plain data, checked: an image folder's null settings read from its
     files, the DenseNet knobs folded into the model (config.resolved_config), every value checked.
@@ -272,6 +306,7 @@ def checked_config(cfg: DictConfig, overrides: Iterable[str], trainer_arguments:
         fill_image_folder(cfg.data)
     plain = resolved_config(cfg)
     validate_config(plain)
+    check_arm_config(plain)
     return plain
 
 
