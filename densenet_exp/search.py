@@ -50,8 +50,8 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
 from . import record
-from .checks import require, require_int
-from .runs.store import sqlite_path, tracking_uri
+from .checks import EXIT_BAD_INPUT, EXIT_STORE_DOWN, require, require_int
+from .runs.store import StoreUnreachable, check_store, sqlite_path, tool_uri, tracking_uri
 
 # Hydra imports every sweeper plugin at start-up, `--help` included: Optuna only when it sweeps.
 if TYPE_CHECKING:
@@ -333,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Train the best trials of an Optuna search again with confirmation seeds.")
     parser.add_argument("--experiment", required=True, help="the MLflow experiment the search logged to")
     parser.add_argument("--top", type=int, default=3, help="how many of the best trials (default 3)")
-    parser.add_argument("--seeds", help="comma-separated seeds (default: the three after the trial's own)")
+    parser.add_argument("--seeds", type=_seeds, help="comma-separated seeds (default: the three after the trial's own)")
     parser.add_argument("--study", help="the study's name (default: the newest in the experiment)")
     parser.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db")
     parser.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
@@ -342,14 +342,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .analysis.results import ExperimentNotFound, load_runs
 
-    uri = tracking_uri(args.tracking_uri, Path.cwd())
+    uri, key = tool_uri(args.tracking_uri)
+    seeds = args.seeds
     try:
         require_int("--top", args.top, 1)
-        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+        check_store(uri, key)  # reads only: never creates a store; one line for one that cannot work
         runs = load_runs(args.experiment, uri)
-    except (ExperimentNotFound, ValueError) as err:
+    except (ExperimentNotFound, ValueError) as err:  # StoreConfigError and InvalidValue are ValueErrors
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except StoreUnreachable as err:
+        print(f"error: {err}: start it, or point {key} at another store", file=sys.stderr)
+        return EXIT_STORE_DOWN
     best = best_trials(runs, args.top, args.study)
     if best.empty:
         print(f"error: no finished trial of {'study ' + repr(args.study) if args.study else 'a search'} in "
@@ -364,6 +368,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.dry_run and subprocess.run(command, env=env).returncode != 0:
             return 1
     return 0
+
+
+def _seeds(text: str) -> list[int]:
+    """--seeds: comma-separated integers >= 0 (argparse prints the message naming the flag)."""
+    parts = text.split(",")
+    if not all(part.strip().isdigit() for part in parts):
+        raise argparse.ArgumentTypeError(f"--seeds={text!r} is invalid: expected comma-separated integers >= 0")
+    return [int(part) for part in parts]
 
 
 if __name__ == "__main__":

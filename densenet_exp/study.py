@@ -11,7 +11,12 @@ as `python -m densenet_exp.run` in its own process (its own output folder under
 outputs/studies/<plan>/<stage>/), `--jobs` at a time with one torch thread each: two one-thread
 jobs train 1.2-1.3x faster than one two-thread job on 2 cores (docs/performance.md). A stopped
 study resumes when the same command runs again: finished jobs are skipped, killed runs resume
-from their last checkpoint. Exit status: 0 every job finished, 1 some failed, 130/143 stopped.
+from their last checkpoint. One `run` at a time per plan: a second says in one line which process
+holds the plan. Once the plan's confirmation has started, its file may not change: `run` stops
+in one line when the file differs from every version the confirmation's runs started under,
+unless `--new-plan` starts the edited file's confirmation (only its runs count as its finished
+jobs). Exit status: 0 every job finished, 1 some failed, 2 bad input, 3 the plan is held by
+another `run`, 75 a store is unreachable, 130/143 stopped.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from . import record
-from .checks import EXIT_BAD_INPUT, EXIT_BUSY, EXIT_STORE_DOWN, InvalidValue
+from .checks import EXIT_BAD_INPUT, EXIT_BUSY, EXIT_STORE_DOWN, InvalidValue, require_name
 from .plan import STAGES, Job, Plan, load_plan
 
 OUTPUT_ROOT = Path("outputs/studies")
@@ -75,6 +80,15 @@ class plan_lock:
         assert self.fd is not None
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
+
+
+def check_names(plan: Plan) -> None:
+    """The plan's experiment and arm names name folders (outputs/studies/<plan>/<stage>/<arm>-s<seed>):
+    each must be one safe path component (checks.require_name)."""
+    require_name("experiment", plan.experiment)
+    for stage, arms in plan.arms.items():
+        for arm in arms:
+            require_name(f"{stage}.arms", arm)
 
 
 def job_stores(plan: Plan, stage: str) -> dict[str, str]:
@@ -130,11 +144,12 @@ def finished_jobs(plan: Plan, stage: str, stores: dict[str, str]) -> set[tuple[s
 
 
 def check_unchanged(plan: Plan, stores: dict[str, str]) -> None:
-    """PlanChanged when a confirmation run of the plan started under another version of its file."""
+    """PlanChanged when the plan's confirmation started under other versions of its file and not
+    under this one (once `--new-plan` started this version's, it goes on without the flag)."""
     hashes = {r.data.tags.get(record.STUDY_PLAN_HASH, "") for uri in set(stores.values())
               for r in plan_runs(plan, "confirmation", uri)}
     other = sorted(h[:12] for h in hashes - {plan.hash})
-    if other:
+    if other and plan.hash not in hashes:
         raise PlanChanged(f"{plan.path} changed after plan {plan.name}'s confirmation started (its runs started under "
                           f"sha256 {', '.join(other)}; the file is now {plan.hash[:12]}): restore the file, or pass "
                           "--new-plan to run the edited file as a new confirmation (the report judges each arm only "
@@ -223,6 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         plan = load_plan(args.plan)
+        check_names(plan)
     except InvalidValue as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

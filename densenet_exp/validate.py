@@ -8,6 +8,7 @@ or MLflow load, so bad input is rejected in about a second (tools/startup-time m
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -195,6 +196,11 @@ def check_output_folder(key: str, path: Any) -> None:
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{key}={str(path)!r} cannot be created: {existing} is not a writable folder; "
                           f"set {key} to a folder you can write")
+    try:  # what Hydra does next, with a traceback; permissions do not tell for /proc and the like
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{key}={str(path)!r} cannot be created ({err.strerror}); set {key} to a folder you "
+                          "can write") from None
 
 
 _new_output_folders: set[str] = set()
@@ -226,7 +232,7 @@ def validate_optim(optim: Mapping[str, Any]) -> None:
     name = optim.get("name")
     require("optim.name", name, name in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}")
     lr = optim.get("lr")
-    require("optim.lr", lr, is_number(lr) and lr > 0, "a number > 0")
+    require("optim.lr", lr, is_number(lr) and math.isfinite(lr) and lr > 0, "a finite number > 0")
     wd = optim.get("weight_decay")
     require("optim.weight_decay", wd, is_number(wd) and wd >= 0, "a number >= 0")
     if name == "sgd":
@@ -323,6 +329,10 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     validate_tracking(cfg["tracking"])
     validate_optim(cfg["optim"])
     require_int("trainer.max_epochs", cfg["trainer"].get("max_epochs"), 1)
+    if cfg["trainer"].get("max_steps") is not None:  # Lightning's -1: no limit
+        require_int("trainer.max_steps", cfg["trainer"]["max_steps"], -1)
+        require("trainer.max_steps", cfg["trainer"]["max_steps"], cfg["trainer"]["max_steps"] != 0,
+                "-1 (no limit) or an integer >= 1")
     speed = cfg.get("speed", {})
     for key in ("channels_last", "keep_freed_memory", "compile"):
         value = speed.get(key, "auto")

@@ -171,8 +171,9 @@ def test_the_runner_stops_when_the_plan_changed_after_its_confirmation_started(s
     # --new-plan: the older version's runs are not this plan's finished jobs.
     stores = study.job_stores(plan, "confirmation")
     assert study.finished_jobs(plan, "confirmation", stores) == set()
-    plan_run(store, plan, "confirmation", "a", 10)
+    plan_run(store, plan, "confirmation", "a", 10)  # as `--new-plan` starts this version's confirmation
     assert study.finished_jobs(plan, "confirmation", stores) == {("a", 10)}
+    study.check_unchanged(plan, stores)  # this version's confirmation has started: it goes on
 
 
 def test_jobs_must_be_at_least_one(tmp_path):
@@ -208,10 +209,9 @@ def test_two_runners_a_rerun_and_a_report_count_each_declared_seed_once(store, t
     again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "0 of 2 jobs to run" in again.stdout, again.stderr[-2000:]
 
-    (job, _) = plan.jobs("confirmation")  # the first job, trained again by hand
-    by_hand = subprocess.run([sys.executable, "-m", "densenet_exp.run", *job.overrides,
-                              f"hydra.run.dir={tmp_path / 'by-hand'}"], cwd=tmp_path, env=env, capture_output=True,
-                             text=True, timeout=600)
+    (job, _) = plan.jobs("confirmation")  # the first job, trained again by hand as the runner would
+    by_hand = subprocess.run([*study.job_command(plan, job, "confirmation", 1), f"hydra.run.dir={tmp_path / 'by-hand'}"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert by_hand.returncode == 0, by_hand.stderr[-3000:]
     wrong = plan_run(own, plan, "confirmation", "a", 11, **{record.CONFIG_KEY: "0123456789ab"})
     runs = {r.info.run_id: r for r in own.runs(plan.experiment)}

@@ -211,10 +211,13 @@ def check_store(uri: str, key: str = "--tracking-uri") -> None:
         if not path.is_file() or path.stat().st_size == 0:
             raise StoreConfigError(f"{key}={uri!r}: there is no MLflow store at {path} (a training run creates one; "
                                    "this command only reads or adds to one)")
-        if os.access(path.parent, os.W_OK) and os.access(path, os.W_OK):
+        # The store's lock where the harness made it or a hot journal needs it: a reader adds no
+        # file beside a store it only reads (SQLite's own locks already keep a live writer safe).
+        locked = lock_file(path).exists() or Path(f"{path}-journal").exists()
+        if locked and os.access(path.parent, os.W_OK) and os.access(path, os.W_OK):
             with _exclusive(lock_file(path)):
                 _check_sqlite_file(path, uri, key, complete=True)
-        else:  # a store this user may only read: it cannot be healed here
+        else:
             _check_sqlite_file(path, uri, key, complete=True)
     _probe(uri, key)
 
