@@ -7,6 +7,7 @@ Torch-free, so the light tools import it cheaply.
 
 from __future__ import annotations
 
+import argparse
 import re
 from numbers import Real
 from typing import Any
@@ -28,6 +29,15 @@ def require(key: str, value: Any, ok: bool, allowed: str) -> None:
     """Raise InvalidValue naming `key`, `value` and what is `allowed` unless `ok`."""
     if not ok:
         raise InvalidValue(f"{key}={value!r} is invalid: expected {allowed}")
+
+
+def require_flag(flag: str, text: str, ok: bool, allowed: str) -> None:
+    """`require` for an argparse type function: argparse prints an ArgumentTypeError's own message
+    (after the usage line), naming the flag."""
+    try:
+        require(flag, text, ok, allowed)
+    except InvalidValue as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def is_int(value: Any) -> bool:

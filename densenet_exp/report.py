@@ -35,7 +35,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from . import record
-from .checks import InvalidValue, require, require_name
+from .checks import InvalidValue, require, require_flag, require_name
 from .analysis.figures import (
     level,
     plot_accuracy_vs_cost,
@@ -588,10 +588,7 @@ def _margin(text: str) -> float:
         value = float(text)
     except ValueError:
         value = float("nan")
-    try:
-        require("--margin", text, 0 < value < 100, "percentage points in (0, 100)")
-    except InvalidValue as err:  # argparse prints an ArgumentTypeError's own message
-        raise argparse.ArgumentTypeError(str(err)) from None
+    require_flag("--margin", text, 0 < value < 100, "percentage points in (0, 100)")
     return value
 
 

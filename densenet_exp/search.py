@@ -50,7 +50,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
 from . import record
-from .checks import EXIT_BAD_INPUT, EXIT_STORE_DOWN, require, require_int
+from .checks import EXIT_BAD_INPUT, EXIT_STORE_DOWN, require, require_flag, require_int
 from .runs.store import StoreUnreachable, check_store, sqlite_path, tool_uri, tracking_uri
 
 # Hydra imports every sweeper plugin at start-up, `--help` included: Optuna only when it sweeps.
@@ -373,8 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _seeds(text: str) -> list[int]:
     """--seeds: comma-separated integers >= 0 (argparse prints the message naming the flag)."""
     parts = text.split(",")
-    if not all(part.strip().isdigit() for part in parts):
-        raise argparse.ArgumentTypeError(f"--seeds={text!r} is invalid: expected comma-separated integers >= 0")
+    require_flag("--seeds", text, all(part.strip().isdigit() for part in parts), "comma-separated integers >= 0")
     return [int(part) for part in parts]
 
 

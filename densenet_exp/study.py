@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from . import record
-from .checks import EXIT_BAD_INPUT, EXIT_BUSY, EXIT_STORE_DOWN, InvalidValue, require_name
+from .checks import EXIT_BAD_INPUT, EXIT_BUSY, EXIT_STORE_DOWN, InvalidValue, require_flag, require_name
 from .plan import STAGES, Job, Plan, load_plan
 
 OUTPUT_ROOT = Path("outputs/studies")
@@ -281,8 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _jobs(text: str) -> int:
     """--jobs: an integer >= 1 (argparse prints the message as one line)."""
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"--jobs={text!r} is invalid: expected an integer >= 1")
+    require_flag("--jobs", text, text.isdigit() and int(text) >= 1, "an integer >= 1")
     return int(text)
 
 

@@ -298,9 +298,9 @@ def check_arm_config(cfg: Mapping[str, Any]) -> None:
     differ = [f"{k}={mine.get(k, '(unset)')} (the arm's: {arms.get(k, '(unset)')})"
               for k in sorted(set(mine) | set(arms)) if mine.get(k) != arms.get(k)]
     more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
-    raise ConfigError(f"study.arm={study['arm']!r} is invalid: expected a run of that arm's config (config key "
-                      f"{config_key(expected)}), but this run's differs in {'; '.join(differ[:3])}{more}: drop the "
-                      "overrides the plan does not set, or run it without study.plan")
+    require("study.arm", study["arm"], False, f"a run of that arm's config (config key {config_key(expected)}), but "
+            f"this run's differs in {'; '.join(differ[:3])}{more}: drop the overrides the plan does not set, or run "
+            "it without study.plan")
 
 
 def checked_config(cfg: DictConfig, overrides: Iterable[str], trainer_arguments: Callable[[], Collection[str]]) -> dict[str, Any]:
