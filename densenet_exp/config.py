@@ -51,6 +51,31 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     return plain
 
 
+MAX_YAML_BYTES = 1 << 20  # a plan or config file: a few kilobytes
+MAX_YAML_ALIASES = 20  # each alias copies a node: a "billion laughs" file nests copies of copies
+
+
+def load_yaml(path: Path, key: str) -> Any:
+    """The YAML file at `path` (named `key` in messages), read safely: no bigger than
+    MAX_YAML_BYTES and with at most MAX_YAML_ALIASES aliases (counted on the parser's events,
+    before anything is built), else InvalidValue in one line. libyaml's loader where installed."""
+    import yaml
+
+    from .checks import InvalidValue, require
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    size = path.stat().st_size
+    require(key, f"{path} ({size} bytes)", size <= MAX_YAML_BYTES, f"a YAML file of at most {MAX_YAML_BYTES} bytes")
+    text = path.read_text()
+    try:
+        aliases = sum(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=loader))
+        require(key, str(path), aliases <= MAX_YAML_ALIASES, f"a YAML file with at most {MAX_YAML_ALIASES} aliases "
+                f"(*name; it has {aliases})")
+        return yaml.load(text, Loader=loader)  # noqa: S506 (a safe loader)
+    except yaml.YAMLError as err:
+        raise InvalidValue(f"{key}={path} is not valid YAML: {str(err).splitlines()[0][:300]}") from None
+
+
 def compose_config(overrides: list[str]) -> DictConfig:
     """The config of one job, composed from CONF_DIR as `densenet_exp.run` would (Hydra, no torch).
     Inside a running Hydra app (a job checking its plan's arm) through the app's own Hydra,

@@ -3,15 +3,17 @@ never a traceback; names and files stay contained (issue 31)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 
 import pandas as pd
 import pytest
 
 from conftest import ROOT
 from densenet_exp.analysis.tables import neutralized, render
-from densenet_exp.checks import EXIT_BAD_INPUT
+from densenet_exp.checks import EXIT_BAD_INPUT, EXIT_NO_ROOM
 
 
 @pytest.mark.parametrize("override, message", [
@@ -116,3 +118,77 @@ def test_search_names_a_bad_seed_and_never_creates_a_store(tmp_path, monkeypatch
     assert "--seeds='1,x' is invalid: expected comma-separated integers >= 0" in capsys.readouterr().err
     assert search.main(["--experiment", "smoke", "--tracking-uri", f"sqlite:///{missing}"]) == EXIT_BAD_INPUT
     assert "there is no MLflow store at" in capsys.readouterr().err and not missing.exists()
+
+
+# Loaded by every Python process started with this folder on PYTHONPATH: the FULL_DISK_AT-th
+# epoch checkpoint (Lightning writes it to a temporary file, then moves it into place) fails to
+# land as on a full disk.
+FULL_DISK = """
+import errno, os, shutil
+_move, _seen = shutil.move, [0]
+def _full(src, dst, *args, **kwargs):
+    if str(dst).endswith("pending.ckpt"):
+        _seen[0] += 1
+        if _seen[0] == int(os.environ["FULL_DISK_AT"]):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+    return _move(src, dst, *args, **kwargs)
+if os.environ.get("FULL_DISK_AT"):
+    shutil.move = _full
+"""
+
+
+@pytest.mark.slow
+def test_a_checkpoint_on_a_full_disk_stops_the_run_killed_and_the_same_command_resumes_it(store, tmp_path):
+    from conftest import assert_clean
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FULL_DISK)
+    command = store.command("experiment=smoke", "probes=none")  # two epochs: the second's checkpoint fails
+    env = {**store.env(), "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(hook)]))}
+    full = subprocess.run(command, cwd=ROOT, env={**env, "FULL_DISK_AT": "2"}, capture_output=True, text=True,
+                          timeout=600)
+    assert full.returncode == EXIT_NO_ROOM and "Traceback" not in full.stderr, full.stderr[-3000:]
+    (line,) = [line for line in full.stderr.splitlines() if line.startswith("error:")]
+    assert "no room left on the device writing the checkpoint" in line and "resume it with: python -m" in line
+    (run,) = store.runs()
+    assert run.info.status == "KILLED" and "free space, then the same command resumes it" in run.data.tags["stop_reason"]
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    (resumed,) = store.runs()
+    assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
+    assert_clean(store)
+
+
+LAUGHS = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi")) + "description: *i\n"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: p\n" + LAUGHS, "is invalid: expected a YAML file with at most 20 aliases (*name; it has 73)"),
+    ("name: p\ndescription: " + "x" * (1 << 20) + "\n", "is invalid: expected a YAML file of at most 1048576 bytes"),
+    ("name: p\nconvergence: {max_gain_pp: lots}\n", "convergence.max_gain_pp='lots' is invalid: expected a number >= 0"),
+    ("name: p\nalpha: [" + ", ".join(["0.5"] * 10_000) + "]\n", "alpha=[0.5, 0.5, 0.5, 0.5, 0.5, 0.5, ...] is invalid"),
+])
+def test_a_plan_that_would_hang_or_crash_study_show_is_one_short_line(tmp_path, text, message):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(text)
+    result = subprocess.run([sys.executable, "-m", "densenet_exp.study", "show", str(plan)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == EXIT_BAD_INPUT and result.stderr.count("\n") == 1, result.stderr[:2000]
+    assert message in result.stderr and len(result.stderr) < 1000
+
+
+def test_study_show_is_linear_in_seeds(tmp_path):
+    from densenet_exp.plan import load_plan
+
+    def jobs(n: int) -> float:
+        plan = tmp_path / f"plan{n}.yaml"
+        plan.write_text(f"name: p\nconfirmation:\n  seeds: [{', '.join(map(str, range(n)))}]\n  arms:\n"
+                        "    a: [model=densenet_tiny]\n    b: [model=resnet20]\n")
+        started = time.perf_counter()
+        assert len(load_plan(plan).jobs("confirmation")) == 2 * n
+        return time.perf_counter() - started
+
+    jobs(1000)  # warm
+    assert jobs(40_000) < 40 * jobs(1000) * 4 + 1  # linear: 40x (quadratic: 1600x)
