@@ -192,9 +192,16 @@ class OptunaSweeper(Sweeper):
         run_store = tracking_uri(tracking["uri"], Path(self.config.hydra.runtime.cwd))
         url = storage_url(self.storage, run_store)
         name = self.study_name or study_name(tracking["experiment"], searched, fixed)
-        storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}) \
-            if url.startswith("sqlite:") else url
-        study = optuna.create_study(storage=storage, study_name=name, direction=self.direction, load_if_exists=True)
+        try:
+            storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}) \
+                if url.startswith("sqlite:") else url
+            study = optuna.create_study(storage=storage, study_name=name, direction=self.direction,
+                                        load_if_exists=True)
+        except Exception as err:  # garbage, another program's database, a server that does not answer
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            print(f"error: hydra.sweeper.storage={url!r} is not a usable Optuna storage ({first}): point "
+                  "hydra.sweeper.storage at another one", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_BAD_INPUT) from None  # passes through Hydra's error report (a traceback)
         retried = self._retry_gone(study, tracking["owner_timeout_s"])
         done = self._finished(study)
         # A fixed seed for a new study (reproducible); a resumed or shared one must not repeat the

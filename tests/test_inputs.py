@@ -192,3 +192,13 @@ def test_study_show_is_linear_in_seeds(tmp_path):
 
     jobs(1000)  # warm
     assert jobs(40_000) < 40 * jobs(1000) * 4 + 1  # linear: 40x (quadratic: 1600x)
+
+
+def test_a_search_on_a_corrupt_optuna_store_is_one_line(store):
+    (store.path / "optuna.db").write_bytes(b"garbage, not a database " * 200)
+    result = subprocess.run(store.command("hparams_search=optuna", "experiment=smoke", "hydra.sweeper.n_trials=1",
+                                          multirun=True), cwd=ROOT, env=store.env(), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == EXIT_BAD_INPUT and "Traceback" not in result.stderr, result.stderr[-2000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "optuna.db' is not a usable Optuna storage (" in line and store.runs() == []
