@@ -100,3 +100,17 @@ def test_run_and_report_go_on_after_a_kill_mid_write(store):
     assert sorted(r.data.params["seed"] for r in runs) == ["0", "1"]
     assert {r.info.status for r in runs} == {"FINISHED"}
     assert store.client().get_run(first.info.run_id).data.metrics == first.data.metrics
+
+
+def test_a_store_that_cannot_be_made_leaves_no_draft(tmp_path, monkeypatch):
+    from mlflow.store.tracking import sqlalchemy_store
+
+    def full_disk(self, uri, *args, **kwargs):
+        sqlite3.connect(uri.removeprefix("sqlite:///")).execute("create table half (x)")  # what it began to write
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sqlalchemy_store.SqlAlchemyStore, "__init__", full_disk)
+    db = tmp_path / "mlflow.db"
+    with pytest.raises(StoreConfigError, match="no MLflow store could be made at .* \\(.*No space left on device\\)"):
+        prepare_store(f"sqlite:///{db}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db.lock"]

@@ -255,7 +255,10 @@ def _create(path: Path, uri: str, key: str) -> None:
     draft_uri = f"sqlite:///{draft}"
     try:
         SqlAlchemyStore(draft_uri, DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH)  # creates the tables, then checks them
-    except Exception as err:  # a full disk, a read-only folder after all: one line
+    except Exception as err:  # a full disk, a read-only folder after all: one line, and no draft left
+        _forget(draft_uri)
+        for leftover in (draft, *(Path(f"{draft}{suffix}") for suffix in SIDE_FILES)):
+            leftover.unlink(missing_ok=True)
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         raise StoreConfigError(f"{key}={uri!r}: no MLflow store could be made at {path} ({first}): point it at "
                                "a writable folder with room") from None
