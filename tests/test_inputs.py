@@ -202,3 +202,16 @@ def test_a_search_on_a_corrupt_optuna_store_is_one_line(store):
     assert result.returncode == EXIT_BAD_INPUT and "Traceback" not in result.stderr, result.stderr[-2000:]
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert "optuna.db' is not a usable Optuna storage (" in line and store.runs() == []
+
+
+def test_a_report_on_a_run_whose_start_time_is_text_is_one_line(store, tmp_path, capsys):
+    """A store that an older `export load` gave `start_time: "yesterday"`."""
+    from densenet_exp import report
+
+    client = store.client()
+    run = client.create_run(client.create_experiment("x"), start_time="yesterday")
+    client.set_terminated(run.info.run_id, "FINISHED")
+    capsys.readouterr()
+    assert report.main(["--experiment", "x", "--tracking-uri", store.uri, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"start_time of run {run.info.run_id} in experiment 'x'='yesterday' is invalid" in err
