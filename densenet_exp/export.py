@@ -33,7 +33,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from . import record
-from .checks import InvalidValue, require, require_name
+from .checks import EXIT_BAD_INPUT, EXIT_BUSY, EXIT_STORE_DOWN, InvalidValue, require, require_name
 from .runs.store import (
     StoreConfigError,
     StoreUnreachable,
@@ -276,13 +276,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{args.file} loaded into {uri} as experiment {name}")
     except (InvalidValue, StoreConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except AlreadyLoaded as err:
         print(f"error: {err}", file=sys.stderr)
-        return 3
+        return EXIT_BUSY
     except StoreUnreachable as err:
         print(f"error: {err}: start it, or point {key} at another store", file=sys.stderr)
-        return 75
+        return EXIT_STORE_DOWN
     return 0
 
 

@@ -35,7 +35,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from . import record
-from .checks import InvalidValue, require, require_flag, require_name
+from .checks import EXIT_BAD_INPUT, EXIT_STORE_DOWN, InvalidValue, require, require_flag, require_name
 from .analysis.figures import (
     level,
     plot_accuracy_vs_cost,
@@ -623,10 +623,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         found = write_report(experiment, uri, out, args.sweep, args.margin, plan, args.table_format)
     except (ExperimentNotFound, InvalidRunId, InvalidValue, StoreConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except StoreUnreachable as err:
         print(f"error: {err}: start it, or point {key} at another store", file=sys.stderr)
-        return 75
+        return EXIT_STORE_DOWN
     run_id = log_report(found.files, experiment, uri, args.sweep)
     runs, done = found.evidence.runs, found.evidence.done
     configurations = len(found.summary) + (0 if found.confirmed is None else len(found.confirmed))

@@ -365,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if best.empty:
         print(f"error: no finished trial of {'study ' + repr(args.study) if args.study else 'a search'} in "
               f"experiment {args.experiment!r} ({uri})", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     for _, trial in best.iterrows():
         own = 0 if pd.isna(trial["seed"]) else int(trial["seed"])
