@@ -44,6 +44,9 @@ OUTPUT_ROOT = Path("outputs/studies")
 PLAN_LOCK = "study.lock"  # in the plan's output folder: held by the one `study run` of the plan
 
 
+_checked: set[str] = set()  # stores plan_runs has checked
+
+
 class PlanBusy(RuntimeError):
     """Another `study run` holds the plan's lock; the message names it."""
 
@@ -118,7 +121,9 @@ def plan_runs(plan: Plan, stage: str, uri: str, status: str | None = None) -> li
     path = sqlite_path(uri) if uri.startswith("sqlite:") else None
     if path is not None and not path.is_file():
         return []
-    check_store(uri, "tracking.uri")  # heals a hot journal; one line for a store that cannot work
+    if uri not in _checked:  # once per process: a check reads the whole file
+        check_store(uri, "tracking.uri")  # heals a hot journal; one line for a store that cannot work
+        _checked.add(uri)
     client = MlflowClient(uri)
     experiment = retry_locked(lambda: client.get_experiment_by_name(plan.experiment))
     if experiment is None:
