@@ -7,9 +7,16 @@ Torch-free, so the light tools import it cheaply.
 
 from __future__ import annotations
 
+import argparse
 import re
+import reprlib
 from numbers import Real
 from typing import Any
+
+# The exit codes of every entry point: 2 bad input, 3 refused (another process holds the run or
+# plan), 74 no room to write a file (EX_IOERR; the run resumes once there is room), 75 the
+# tracking server stayed unreachable (EX_TEMPFAIL: try again later).
+EXIT_BAD_INPUT, EXIT_BUSY, EXIT_NO_ROOM, EXIT_STORE_DOWN = 2, 3, 74, 75
 
 # A name that becomes a folder (an experiment's artifacts, a report's folder): one safe path
 # component, never `..`, `/` or a leading dot.
@@ -20,10 +27,32 @@ class InvalidValue(ValueError):
     """A value that cannot work; the message names the key, the value and what is allowed."""
 
 
+# A value as a message quotes it: a few hundred characters at most, however large it is (a
+# plan's YAML can expand to gigabytes), computed without writing the whole value out.
+_QUOTE = reprlib.Repr()
+_QUOTE.maxlevel, _QUOTE.maxstring, _QUOTE.maxother, _QUOTE.maxlong = 2, 200, 200, 60
+_QUOTE.maxdict = _QUOTE.maxlist = _QUOTE.maxtuple = _QUOTE.maxset = 6
+QUOTE_CHARS = 300
+
+
+def quoted(value: Any) -> str:
+    text = _QUOTE.repr(value)
+    return text if len(text) <= QUOTE_CHARS else text[: QUOTE_CHARS - 3] + "..."
+
+
 def require(key: str, value: Any, ok: bool, allowed: str) -> None:
-    """Raise InvalidValue naming `key`, `value` and what is `allowed` unless `ok`."""
+    """Raise InvalidValue naming `key`, `value` (quoted) and what is `allowed` unless `ok`."""
     if not ok:
-        raise InvalidValue(f"{key}={value!r} is invalid: expected {allowed}")
+        raise InvalidValue(f"{key}={quoted(value)} is invalid: expected {allowed}")
+
+
+def require_flag(flag: str, text: str, ok: bool, allowed: str) -> None:
+    """`require` for an argparse type function: argparse prints an ArgumentTypeError's own message
+    (after the usage line), naming the flag."""
+    try:
+        require(flag, text, ok, allowed)
+    except InvalidValue as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def is_int(value: Any) -> bool:

@@ -51,15 +51,50 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     return plain
 
 
-def composed(overrides: list[str]) -> dict[str, Any]:
-    """The config of one job, composed from CONF_DIR as `densenet_exp.run` would (Hydra, no torch),
-    resolved but as written (knobs not folded in)."""
+MAX_YAML_BYTES = 1 << 20  # a plan or config file: a few kilobytes
+MAX_YAML_ALIASES = 20  # each alias copies a node: a "billion laughs" file nests copies of copies
+
+
+def load_yaml(path: Path, key: str) -> Any:
+    """The YAML file at `path` (named `key` in messages), read safely: no bigger than
+    MAX_YAML_BYTES and with at most MAX_YAML_ALIASES aliases (counted on the parser's events,
+    before anything is built), else InvalidValue in one line. libyaml's loader where installed."""
+    import yaml
+
+    from .checks import InvalidValue, require
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    size = path.stat().st_size
+    require(key, f"{path} ({size} bytes)", size <= MAX_YAML_BYTES, f"a YAML file of at most {MAX_YAML_BYTES} bytes")
+    text = path.read_text()
+    try:
+        aliases = sum(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=loader))
+        require(key, str(path), aliases <= MAX_YAML_ALIASES, f"a YAML file with at most {MAX_YAML_ALIASES} aliases "
+                f"(*name; it has {aliases})")
+        return yaml.load(text, Loader=loader)  # noqa: S506 (a safe loader)
+    except yaml.YAMLError as err:
+        raise InvalidValue(f"{key}={path} is not valid YAML: {str(err).splitlines()[0][:300]}") from None
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The config of one job, composed from CONF_DIR as `densenet_exp.run` would (Hydra, no torch).
+    Inside a running Hydra app (a job checking its plan's arm) through the app's own Hydra,
+    which composes from the same folder; elsewhere through a Hydra of its own."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = [o for o in overrides if not o.startswith("hydra.")]
+    if GlobalHydra.instance().is_initialized():
+        return compose("config", overrides=overrides)
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def composed(overrides: list[str]) -> dict[str, Any]:
+    """compose_config's config resolved, as written (knobs not folded in)."""
     from omegaconf import OmegaConf
 
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[o for o in overrides if not o.startswith("hydra.")])
-    return OmegaConf.to_container(cfg, resolve=True)
+    return OmegaConf.to_container(compose_config(overrides), resolve=True)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

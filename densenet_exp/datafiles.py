@@ -34,6 +34,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 LAYOUT = "a folder with train/<class>/<images> (val/ and test/ optional, with train/'s class folders)"
 IMAGENET_SIZE = 224  # larger images are resized to this, as for ImageNet
 SMALL_IMAGES = 64  # images up to this size get the CIFAR stem and CIFAR-style augmentation
+# Decoding costs memory by pixels, not by file size (a 30 KB PNG can hold 12000x12000): the cap,
+# read from each image's header before it is decoded. A 50-megapixel photo passes.
+MAX_IMAGE_PIXELS = 50_000_000
 CHECK_ALL_UP_TO = 20_000  # images opened and decoded before training; a larger folder: a sample of them
 SAMPLE = 2_000
 
@@ -55,6 +58,7 @@ class ImageFolderFacts:
     root: Path  # resolved
     classes: tuple[str, ...]  # train/'s class folders, sorted: label i is classes[i]
     images: dict[str, int]  # images per split present ("train", and "val", "test" where the folder has them)
+    samples: dict[str, tuple[tuple[str, int], ...]]  # split -> (image path, label): what each split trains or tests on
     image_size: int  # the median shorter side of the images, at most IMAGENET_SIZE
     fingerprint: str  # of every image's path under root and size in bytes
     checked: int  # images opened and decoded (every one, or a sample of a large folder)
@@ -73,15 +77,42 @@ def _class_folders(split: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(split) if e.is_dir() and not e.name.startswith("."))
 
 
-def _images(folder: Path) -> list[tuple[str, int]]:
-    """(path, bytes) of every image under `folder`, recursively, as ImageFolder finds them."""
+def _inside(real: str, root: Path) -> bool:
+    return real.startswith(f"{root}{os.sep}")
+
+
+def _images(folder: Path, root: Path, split: str, seen: dict[str, tuple[str, str]],
+            walked: set[str]) -> list[tuple[str, int]]:
+    """(path, bytes) of every image under `folder`, recursively, as ImageFolder finds them, except
+    that a link leaving `root` or leading to a folder walked already (a loop) is not followed, and
+    a file reached twice in one split counts once. `seen`: real path -> (split, path) of every
+    image so far; `walked`: the real paths of the folders walked so far. InvalidValue where one
+    file is an image of two splits (validation or test images would be training images)."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        walked.add(os.path.realpath(dirpath))
+        keep = []
+        for d in sorted(d for d in dirnames if not d.startswith(".")):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if _inside(real, root) and real not in walked:
+                walked.add(real)
+                keep.append(d)
+        dirnames[:] = keep
         for name in sorted(filenames):
-            if name.lower().endswith(IMAGE_EXTENSIONS):
-                path = os.path.join(dirpath, name)
-                found.append((path, os.stat(path).st_size))
+            if not name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            path = os.path.join(dirpath, name)
+            real = os.path.realpath(path)
+            if not _inside(real, root) or not os.path.isfile(real):
+                continue
+            if real in seen:
+                other, first = seen[real]
+                require("data.root", str(root), other == split,
+                        f"train/, val/ and test/ to share no image: {os.path.relpath(path, root)} is "
+                        f"{os.path.relpath(first, root)}")
+                continue
+            seen[real] = (split, path)
+            found.append((path, os.stat(real).st_size))
     return found
 
 
@@ -96,7 +127,11 @@ def read_image_folder(root: str | Path) -> ImageFolderFacts:
             f"a train/ folder with at least two class folders (it holds {len(classes)}: "
             f"{', '.join(classes) or 'none'})")
     files: list[tuple[str, int]] = []
-    images = {}
+    images, samples = {}, {}
+    seen: dict[str, tuple[str, str]] = {}
+    # The root, its splits and their class folders are walked as themselves, never through a link.
+    walked = {os.path.realpath(root), *(os.path.realpath(root / split / name) for split in SPLITS
+                                        if (root / split).is_dir() for name in ("", *_class_folders(root / split)))}
     for split in SPLITS:
         folder = root / split
         if not folder.is_dir():
@@ -105,19 +140,25 @@ def read_image_folder(root: str | Path) -> ImageFolderFacts:
         for extra in sorted(set(own) - set(classes))[:1]:
             require("data.root", str(root), False,
                     f"{split}/ to hold only train/'s class folders: {split}/{extra} is not in train/")
-        count = 0
+        split_samples = []
         for name in own:
-            found = _images(folder / name)
+            found = _images(folder / name, root, split, seen, walked)
             require("data.root", str(root), bool(found),
                     f"every class folder to hold images: {split}/{name} holds none "
                     f"(image files end in {', '.join(IMAGE_EXTENSIONS)})")
             files += found
-            count += len(found)
-        images[split] = count
+            split_samples += [(path, classes.index(name)) for path, _ in found]
+        images[split], samples[split] = len(split_samples), tuple(split_samples)
     listing = "\n".join(f"{os.path.relpath(p, root)}\t{size}" for p, size in files)
     fingerprint = hashlib.sha256(listing.encode()).hexdigest()[:16]
     size, checked = _check_images(str(root), tuple(p for p, _ in files), fingerprint)
-    return ImageFolderFacts(root, tuple(classes), images, size, fingerprint, checked)
+    return ImageFolderFacts(root, tuple(classes), images, samples, size, fingerprint, checked)
+
+
+def check_pixels(width: int, height: int) -> None:
+    """MAX_IMAGE_PIXELS, from an image's header (ValueError: the caller names the file)."""
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ValueError(f"{width}x{height} pixels, more than MAX_IMAGE_PIXELS ({MAX_IMAGE_PIXELS:_})")
 
 
 @lru_cache(maxsize=8)
@@ -134,6 +175,7 @@ def _check_images(root: str, paths: tuple[str, ...], fingerprint: str) -> tuple[
         try:
             with Image.open(path) as image:
                 width, height = image.size
+                check_pixels(width, height)
                 image.draft("RGB", (max(1, width // 8), max(1, height // 8)))  # JPEG: decode at 1/8 scale
                 image.load()  # a truncated or corrupt file fails here
             sides.append(min(width, height))

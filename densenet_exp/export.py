@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import math
 import os
 import sys
 import tempfile
@@ -32,7 +33,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from . import record
-from .checks import InvalidValue, require, require_name
+from .checks import EXIT_BAD_INPUT, EXIT_BUSY, EXIT_STORE_DOWN, InvalidValue, require, require_name
 from .runs.store import (
     StoreConfigError,
     StoreUnreachable,
@@ -51,6 +52,15 @@ RUN_ID_TAGS = (MLFLOW_PARENT_RUN_ID, record.SWEEP_ID)
 # Tags that name processes and files of the machine that trained a run: not loaded.
 LOCAL_TAGS = (record.OWNER, record.OWNER_LOCK, record.OWNER_HEARTBEAT, record.OWNER_SLURM_JOB, record.CHECKPOINT_DIR)
 _BATCH = 1000  # MLflow's log_batch limit on metrics per call
+MAX_RECORD_BYTES = 256 * 2**20  # one run's line: a long run's full metric histories take a few MB
+MAX_INT64 = 2**63  # MLflow stores steps and times as 64-bit integers
+RUN_STATUSES = ("RUNNING", "SCHEDULED", "FINISHED", "FAILED", "KILLED")
+# The fields `save` writes, and their JSON types.
+JSON_TYPES = {str: "a string", int: "an integer", dict: "a JSON object", type(None): "null"}
+RECORD_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "experiment": str, "run_id": str, "run_name": (str, type(None)), "status": str, "start_time": int,
+    "end_time": (int, type(None)), "params": dict, "tags": dict, "metrics": dict, "artifacts": dict,
+}
 
 
 def _text_artifacts(client: MlflowClient, run_id: str, tmp: Path) -> dict[str, str]:
@@ -99,8 +109,16 @@ class AlreadyLoaded(RuntimeError):
 
 
 def read(path: Path) -> list[dict]:
+    """The file's records, each line read up to MAX_RECORD_BYTES (a longer one is refused before
+    it fills the memory)."""
+    records = []
     with gzip.open(path, "rt") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(iter(lambda: f.readline(MAX_RECORD_BYTES + 1), ""), 1):
+            require(f"line {number} of {path}", f"{len(line)} characters", len(line) <= MAX_RECORD_BYTES,
+                    f"a run's record of at most {MAX_RECORD_BYTES} characters")
+            if line.strip():
+                records.append(json.loads(line))
+    return records
 
 
 def source_id(entry: dict) -> str:
@@ -109,11 +127,45 @@ def source_id(entry: dict) -> str:
 
 
 def check_records(records: list[dict], path: Path) -> None:
-    """Each run's artifacts are ones an export writes (a name like `../x` would leave the folder)."""
-    for entry in records:
-        for name in entry.get("artifacts", {}):
-            require(f"artifact {name!r} of run {entry.get('run_id')!r} in {path}", name, name in TEXT_ARTIFACTS,
+    """Every record, whole, before anything is written (so a bad one leaves nothing loaded): the
+    fields `save` writes, of its types; times in ms since 1970; finite metric values at steps in
+    MLflow's range; artifacts that an export writes (a name like `../x` would leave the folder)."""
+    for number, entry in enumerate(records, 1):
+        where = f"record {number} of {path}"
+        require(where, type(entry).__name__, isinstance(entry, dict), "a JSON object (a run)")
+        for key, kind in RECORD_FIELDS.items():
+            value = entry.get(key)
+            require(f"{key} of {where}", value, isinstance(value, kind) and not isinstance(value, bool),
+                    " or ".join(JSON_TYPES[k] for k in _kinds(kind)))
+        require(f"status of {where}", entry["status"], entry["status"] in RUN_STATUSES, f"one of {', '.join(RUN_STATUSES)}")
+        for key in ("start_time", "end_time"):
+            ok = entry[key] is None or 0 <= entry[key] < MAX_INT64
+            require(f"{key} of {where}", entry[key], ok, "milliseconds since 1970 (an integer >= 0)")
+        for field in ("params", "tags", "artifacts"):
+            for key, value in entry[field].items():
+                require(f"{field}[{key!r}] of {where}", value, isinstance(value, str), "a string")
+        for name in entry["artifacts"]:
+            require(f"artifact {name!r} of run {entry['run_id']!r} in {path}", name, name in TEXT_ARTIFACTS,
                     f"one of {', '.join(TEXT_ARTIFACTS)}")
+        for key, history in entry["metrics"].items():
+            require(f"metrics[{key!r}] of {where}", history, isinstance(history, list), "a list of [step, time, value]")
+            for point in history:
+                require(f"metrics[{key!r}] of {where}", point, _metric_point(point),
+                        f"[step, time, value]: a step in [0, 2^63), a time in ms >= 0, a finite number or NaN")
+
+
+def _kinds(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _metric_point(point: object) -> bool:
+    if not (isinstance(point, list) and len(point) == 3):
+        return False
+    step, timestamp, value = point
+    ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (step, timestamp))
+    # NaN is what MLflow holds for a value that diverged; an infinity or a huge number is not a figure.
+    number = isinstance(value, int | float) and not isinstance(value, bool) and not math.isinf(value)
+    return ints and number and 0 <= step < MAX_INT64 and 0 <= timestamp < MAX_INT64
 
 
 def already_loaded(client: MlflowClient, experiment_id: str, records: list[dict]) -> list[str]:
@@ -125,19 +177,27 @@ def already_loaded(client: MlflowClient, experiment_id: str, records: list[dict]
     return [source_id(entry) for entry in records if source_id(entry) in held]
 
 
-def load(path: Path, tracking_uri: str, experiment: str | None = None, again: bool = False) -> str:
-    """Create the runs of the export `path` in the store at `tracking_uri`, in experiment
-    `experiment` (default: the one it was saved from). Returns the experiment's name. Raises
-    InvalidValue for a name that may not reach the file system, AlreadyLoaded if a run of the
-    file is in the experiment already (unless `again`: then they are loaded as copies)."""
+def checked(path: Path) -> list[dict]:
+    """The records of the export `path`, each checked whole (check_records)."""
     records = read(path)
+    check_records(records, path)
+    return records
+
+
+def load(path: Path, tracking_uri: str, experiment: str | None = None, again: bool = False,
+         records: list[dict] | None = None) -> str:
+    """Create the runs of the export `path` (its `checked` records, if read already) in the store
+    at `tracking_uri`, in experiment `experiment` (default: the one it was saved from), all or
+    none. Returns the experiment's name. Raises InvalidValue for a bad record or a name that may
+    not reach the file system, AlreadyLoaded if a run of the file is in the experiment already
+    (unless `again`: then they are loaded as copies)."""
+    records = checked(path) if records is None else records
     if experiment is not None:
         require_name("--experiment", experiment)
     elif records:
         experiment = require_name(f"the experiment field of {path}", records[0].get("experiment"))
     else:
         experiment = require_name(f"the experiment named by the file name {path.name}", path.name.split(".")[0])
-    check_records(records, path)
     client = MlflowClient(tracking_uri)
     from .runs.tracking import ensure_experiment  # creates the experiment with artifacts beside a SQLite file
 
@@ -147,6 +207,18 @@ def load(path: Path, tracking_uri: str, experiment: str | None = None, again: bo
         raise AlreadyLoaded(f"{len(present)} of the {len(records)} runs of {path} are in experiment {experiment!r} of "
                             f"{tracking_uri} already (e.g. run {present[0]}): nothing loaded; --again loads copies")
     new_ids: dict[str, str] = {}
+    try:
+        _write(client, experiment_id, records, path, new_ids)
+    except BaseException:
+        # All or nothing: the runs made so far are deleted (a rerun then loads the file whole).
+        for run_id in new_ids.values():
+            retry_locked(lambda run_id=run_id: client.delete_run(run_id))
+        raise
+    return experiment
+
+
+def _write(client: MlflowClient, experiment_id: str, records: list[dict], path: Path, new_ids: dict[str, str]) -> None:
+    """Create the checked `records` as runs; `new_ids` maps each source id to its new run id."""
     for entry in records:  # oldest first: a sweep's parent precedes its children
         tags = {k: new_ids.get(v, v) if k in RUN_ID_TAGS else v for k, v in entry["tags"].items() if k not in LOCAL_TAGS}
         tags[record.SOURCE_RUN_ID] = source_id(entry)
@@ -169,7 +241,6 @@ def load(path: Path, tracking_uri: str, experiment: str | None = None, again: bo
                 local.write_text(text)
                 client.log_artifact(run_id, str(local), name.rpartition("/")[0] or None)
         client.set_terminated(run_id, status, end_time=entry["end_time"])
-    return experiment
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -194,24 +265,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             n = save(args.experiment, uri, args.out)
             print(f"{n} runs of {args.experiment} written to {args.out}")
         else:
-            prepare_store(uri, key)
             try:
-                name = load(args.file, uri, args.experiment, args.again)
-            except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as err:
+                records = checked(args.file)  # the whole file, before the store is touched
+            except (OSError, EOFError, ValueError) as err:
                 if isinstance(err, InvalidValue):
                     raise
                 raise InvalidValue(f"{args.file} is not a file that `export save` wrote ({type(err).__name__}: "
                                    f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
+            prepare_store(uri, key)
+            name = load(args.file, uri, args.experiment, args.again, records)
             print(f"{args.file} loaded into {uri} as experiment {name}")
     except (InvalidValue, StoreConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except AlreadyLoaded as err:
         print(f"error: {err}", file=sys.stderr)
-        return 3
+        return EXIT_BUSY
     except StoreUnreachable as err:
         print(f"error: {err}: start it, or point {key} at another store", file=sys.stderr)
-        return 75
+        return EXIT_STORE_DOWN
     return 0
 
 

@@ -30,10 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from . import record
-from .checks import InvalidValue, is_number, require
+from .checks import is_number, require
+from .config import load_yaml
 
 STAGES = ("exploration", "confirmation")
 PROCEDURES = ("holm", "fixed_sequence")
@@ -89,10 +88,11 @@ class Plan:
     def jobs(self, stage: str) -> list[Job]:
         """Every run of `stage`, seeds outer (a stage cut short still has every arm)."""
         require("--stage", stage, stage in STAGES, " or ".join(STAGES))
-        seeds = sorted(set().union(*(self.seeds_of(stage, arm) for arm in self.arms[stage])))
+        of_arm = {arm: set(self.seeds_of(stage, arm)) for arm in self.arms[stage]}  # linear in seeds
+        seeds = sorted(set().union(*of_arm.values()))
         return [Job(arm, seed, (*self.recipe, *overrides, f"seed={seed}", f"data.split_seed={seed}",
                                 f"study.plan={self.path}", f"study.stage={stage}", f"study.arm={arm}"))
-                for seed in seeds for arm, overrides in self.arms[stage].items() if seed in self.seeds_of(stage, arm)]
+                for seed in seeds for arm, overrides in self.arms[stage].items() if seed in of_arm[arm]]
 
     def describe(self) -> list[str]:
         """The plan as the report and `study show` print it."""
@@ -144,10 +144,7 @@ def load_plan(path: str | Path) -> Plan:
     """The plan at `path`, checked: InvalidValue (one line: key, value, what is allowed) otherwise."""
     path = Path(path)
     require("study.plan", str(path), path.is_file(), "a study plan file (YAML)")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise InvalidValue(f"study.plan={path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    raw = load_yaml(path, "study.plan")
     require("study.plan", str(path), isinstance(raw, dict), "a YAML mapping with name, recipe, stages and claims")
     allowed = ("name", "experiment", "description", "recipe", "alpha", "convergence", "settled", "paired", "procedure",
                *STAGES, "claims")
@@ -161,6 +158,10 @@ def load_plan(path: str | Path) -> Plan:
     convergence = {**CONVERGENCE_KEYS, **(raw.get("convergence") or {})}
     for key in convergence:
         require(f"convergence.{key}", convergence[key], key in CONVERGENCE_KEYS, f"one of {', '.join(CONVERGENCE_KEYS)}")
+    for key in ("last_fraction", "max_gain_pp", "near_chance_pp"):
+        value = convergence[key]
+        ok = is_number(value) and value >= 0 and (key != "last_fraction" or 0 < value <= 1)
+        require(f"convergence.{key}", value, ok, "a number in (0, 1]" if key == "last_fraction" else "a number >= 0")
     settled = None
     if raw.get("settled") is not None:
         require("settled", raw["settled"], isinstance(raw["settled"], dict), "a mapping of " + ", ".join(SETTLED_KEYS))

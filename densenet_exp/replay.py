@@ -23,6 +23,7 @@ from pathlib import Path
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from .checks import EXIT_BAD_INPUT, EXIT_STORE_DOWN
 from .runs.ownership import owner_gone
 from .runs.store import StoreConfigError, bound_tool_waits, check_store, retry_locked, unreachable
 
@@ -67,17 +68,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.file.is_file():
         print(f"error: {args.file} is not a file", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     bound_tool_waits()  # a server that stays down: give up as a run does
     try:
         counts = replay(args.file, args.tracking_uri)
     except StoreConfigError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except Exception as err:
         if unreachable(err):
             print("error: the tracking store is still unreachable: try again once it is back", file=sys.stderr)
-            return 75
+            return EXIT_STORE_DOWN
         print(f"error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", file=sys.stderr)
         return 1
     done = args.file.with_name(args.file.name + ".replayed")

@@ -35,7 +35,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from . import record
-from .checks import InvalidValue, require, require_name
+from .checks import EXIT_BAD_INPUT, EXIT_STORE_DOWN, InvalidValue, require, require_flag, require_name
 from .analysis.figures import (
     level,
     plot_accuracy_vs_cost,
@@ -66,6 +66,7 @@ from .analysis.results import (
     summarize,
 )
 from .runs.store import StoreConfigError, StoreUnreachable, bound_tool_waits, check_store, retry_locked, tool_uri
+from .analysis.declared import ONCE_RULE, one_per_declared
 from .claims import Confirmation, describe, judge_plan, load_plan
 from .claims import rules as plan_rules
 from .claims.evidence import confirmation_runs, planned_seeds
@@ -347,8 +348,12 @@ def judge(evidence: Evidence, margin_pp: float, plan: Plan | None = None) -> Fin
     done = evidence.done
     confirmation, confirmed, explored = None, None, done
     if plan is not None:
-        confirmation = judge_plan(plan, evidence.runs, evidence.curves, evidence.matrices, evidence.init,
-                                  evidence.grads, evidence.predictions)
+        # ONCE_RULE first: a duplicate or a run of another config never reaches a verdict or a table.
+        runs, left_out = one_per_declared(plan, evidence.runs)
+        done = done[done["run_id"].isin(runs["run_id"])]
+        confirmation = judge_plan(plan, runs, evidence.curves, evidence.matrices, evidence.init, evidence.grads,
+                                  evidence.predictions)
+        confirmation.notes += left_out
         mine = confirmation_runs(plan, done)
         explored = done[~done["run_id"].isin(mine["run_id"])]
         arm = mine[f"tags.{record.STUDY_ARM}"]  # a plan's rows are named by its arms
@@ -479,7 +484,8 @@ def render(found: Findings, out: Path, title: str, intro: str) -> list[Path]:
     doc.heading("Method")
     if found.confirmation is not None:
         doc.text("Rules of the declared claims:")
-        doc.bullets([f"**{name}**: {text}" for name, text in plan_rules(found.confirmation.plan)])
+        doc.bullets([f"**{name}**: {text}" for name, text in [("once per declared job", ONCE_RULE),
+                                                               *plan_rules(found.confirmation.plan)]])
         doc.text("Rules of the exploratory claims:")
     doc.bullets(method_lines(found.margin_pp))
 
@@ -588,10 +594,7 @@ def _margin(text: str) -> float:
         value = float(text)
     except ValueError:
         value = float("nan")
-    try:
-        require("--margin", text, 0 < value < 100, "percentage points in (0, 100)")
-    except InvalidValue as err:  # argparse prints an ArgumentTypeError's own message
-        raise argparse.ArgumentTypeError(str(err)) from None
+    require_flag("--margin", text, 0 < value < 100, "percentage points in (0, 100)")
     return value
 
 
@@ -626,10 +629,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         found = write_report(experiment, uri, out, args.sweep, args.margin, plan, args.table_format)
     except (ExperimentNotFound, InvalidRunId, InvalidValue, StoreConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except StoreUnreachable as err:
         print(f"error: {err}: start it, or point {key} at another store", file=sys.stderr)
-        return 75
+        return EXIT_STORE_DOWN
     run_id = log_report(found.files, experiment, uri, args.sweep)
     runs, done = found.evidence.runs, found.evidence.done
     configurations = len(found.summary) + (0 if found.confirmed is None else len(found.confirmed))

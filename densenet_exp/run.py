@@ -10,9 +10,10 @@ codes. torch, Lightning and MLflow are imported only once a job starts, so that 
 answers at once (tools/startup-time measures it).
 
 Exit codes: 0 done; 1 a failure (a sweep: some job failed); 2 bad input; 3 refused, a run of
-this config has a live owner; 75 the tracking server stayed unreachable; 130 / 143 / 138 stopped
-by Ctrl-C / SIGTERM / SIGUSR1 (the run is KILLED and the same command resumes it; a sweep's job
-stopped by SIGUSR1, SLURM's time-limit warning, is listed as a failed job instead).
+this config has a live owner; 74 no room to write a checkpoint (the run is KILLED and the same
+command resumes it once there is room); 75 the tracking server stayed unreachable; 130 / 143 / 138
+stopped by Ctrl-C / SIGTERM / SIGUSR1 (the run is KILLED and the same command resumes it; a sweep's
+job stopped by SIGUSR1, SLURM's time-limit warning, is listed as a failed job instead).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from .checks import EXIT_BAD_INPUT, EXIT_BUSY, EXIT_NO_ROOM, EXIT_STORE_DOWN
 from .config import CONF_DIR
 from .runs.console import COMMAND_ENV, resume_command
 from .runs.logs import quiet_mlflow
@@ -46,7 +48,6 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*
 warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging interval")
 # The checkpoint folder holds the owner's lock file (ownership.py); stale checkpoints are set aside.
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-EXIT_BAD_INPUT, EXIT_BUSY, EXIT_STORE_DOWN = 2, 3, 75
 
 # Lightning starts DDP ranks > 0 by re-running this process's command line. Under `-m` that would
 # start the whole sweep again in every rank (a known Hydra and Lightning pitfall), so each job
@@ -109,7 +110,15 @@ def main(cfg: DictConfig) -> float | None:
             return None
         bad_input = isinstance(err, ConfigError | StoreConfigError)
         if not bad_input:
+            from .job import resume_command
+            from .runs.checkpoints import no_room
             from .runs.ownership import Busy  # MLflow: loaded already once a job has started
+
+            full = no_room(err)
+            if full is not None:  # the run is KILLED (tracking.close_run) and resumes once there is room
+                print(f"error: {full}: the run is KILLED; free space, then resume it with: {resume_command()}",
+                      file=sys.stderr, flush=True)
+                sys.exit(EXIT_NO_ROOM)
         if bad_input or isinstance(err, Busy):
             # Nothing was created but Hydra's output folder: remove it (if this launch made it).
             if output_folder_was_new(hc.runtime.output_dir):

@@ -50,8 +50,8 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
 from . import record
-from .checks import require, require_int
-from .runs.store import sqlite_path, tracking_uri
+from .checks import EXIT_BAD_INPUT, EXIT_STORE_DOWN, require, require_flag, require_int
+from .runs.store import StoreUnreachable, check_store, sqlite_path, tool_uri, tracking_uri
 
 # Hydra imports every sweeper plugin at start-up, `--help` included: Optuna only when it sweeps.
 if TYPE_CHECKING:
@@ -192,9 +192,16 @@ class OptunaSweeper(Sweeper):
         run_store = tracking_uri(tracking["uri"], Path(self.config.hydra.runtime.cwd))
         url = storage_url(self.storage, run_store)
         name = self.study_name or study_name(tracking["experiment"], searched, fixed)
-        storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}) \
-            if url.startswith("sqlite:") else url
-        study = optuna.create_study(storage=storage, study_name=name, direction=self.direction, load_if_exists=True)
+        try:
+            storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}) \
+                if url.startswith("sqlite:") else url
+            study = optuna.create_study(storage=storage, study_name=name, direction=self.direction,
+                                        load_if_exists=True)
+        except Exception as err:  # garbage, another program's database, a server that does not answer
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            print(f"error: hydra.sweeper.storage={url!r} is not a usable Optuna storage ({first}): point "
+                  "hydra.sweeper.storage at another one", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_BAD_INPUT) from None  # passes through Hydra's error report (a traceback)
         retried = self._retry_gone(study, tracking["owner_timeout_s"])
         done = self._finished(study)
         # A fixed seed for a new study (reproducible); a resumed or shared one must not repeat the
@@ -333,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Train the best trials of an Optuna search again with confirmation seeds.")
     parser.add_argument("--experiment", required=True, help="the MLflow experiment the search logged to")
     parser.add_argument("--top", type=int, default=3, help="how many of the best trials (default 3)")
-    parser.add_argument("--seeds", help="comma-separated seeds (default: the three after the trial's own)")
+    parser.add_argument("--seeds", type=_seeds, help="comma-separated seeds (default: the three after the trial's own)")
     parser.add_argument("--study", help="the study's name (default: the newest in the experiment)")
     parser.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db")
     parser.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
@@ -342,19 +349,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .analysis.results import ExperimentNotFound, load_runs
 
-    uri = tracking_uri(args.tracking_uri, Path.cwd())
+    uri, key = tool_uri(args.tracking_uri)
+    seeds = args.seeds
     try:
         require_int("--top", args.top, 1)
-        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+        check_store(uri, key)  # reads only: never creates a store; one line for one that cannot work
         runs = load_runs(args.experiment, uri)
-    except (ExperimentNotFound, ValueError) as err:
+    except (ExperimentNotFound, ValueError) as err:  # StoreConfigError and InvalidValue are ValueErrors
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except StoreUnreachable as err:
+        print(f"error: {err}: start it, or point {key} at another store", file=sys.stderr)
+        return EXIT_STORE_DOWN
     best = best_trials(runs, args.top, args.study)
     if best.empty:
         print(f"error: no finished trial of {'study ' + repr(args.study) if args.study else 'a search'} in "
               f"experiment {args.experiment!r} ({uri})", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     for _, trial in best.iterrows():
         own = 0 if pd.isna(trial["seed"]) else int(trial["seed"])
@@ -364,6 +375,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.dry_run and subprocess.run(command, env=env).returncode != 0:
             return 1
     return 0
+
+
+def _seeds(text: str) -> list[int]:
+    """--seeds: comma-separated integers >= 0 (argparse prints the message naming the flag)."""
+    parts = text.split(",")
+    require_flag("--seeds", text, all(part.strip().isdigit() for part in parts), "comma-separated integers >= 0")
+    return [int(part) for part in parts]
 
 
 if __name__ == "__main__":

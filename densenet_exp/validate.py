@@ -8,6 +8,7 @@ or MLflow load, so bad input is rejected in about a second (tools/startup-time m
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -20,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .checks import InvalidValue, is_int, is_number, require, require_int, require_name
 from .datafiles import FASHION_MNIST_HELP, LAYOUT, find_fashion_mnist, read_image_folder, stem_for
-from .config import resolved_config
+from .config import flatten, resolved_config
+from .identity import config_key, configuration
 from .options import (ARCHITECTURES, AUGMENTATIONS, DATA_SETS, KNOB_CHECKS, OPTIMIZERS, SCHEDULERS, STEMS,
                       TRAIN_IMAGES, train_images)
 
@@ -194,6 +196,11 @@ def check_output_folder(key: str, path: Any) -> None:
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{key}={str(path)!r} cannot be created: {existing} is not a writable folder; "
                           f"set {key} to a folder you can write")
+    try:  # what Hydra does next, with a traceback; permissions do not tell for /proc and the like
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{key}={str(path)!r} cannot be created ({err.strerror}); set {key} to a folder you "
+                          "can write") from None
 
 
 _new_output_folders: set[str] = set()
@@ -225,7 +232,7 @@ def validate_optim(optim: Mapping[str, Any]) -> None:
     name = optim.get("name")
     require("optim.name", name, name in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}")
     lr = optim.get("lr")
-    require("optim.lr", lr, is_number(lr) and lr > 0, "a number > 0")
+    require("optim.lr", lr, is_number(lr) and math.isfinite(lr) and lr > 0, "a finite number > 0")
     wd = optim.get("weight_decay")
     require("optim.weight_decay", wd, is_number(wd) and wd >= 0, "a number >= 0")
     if name == "sgd":
@@ -263,6 +270,39 @@ def validate_study(cfg: Mapping[str, Any]) -> None:
     require("seed", cfg["seed"], cfg["seed"] in seeds, f"one of the plan's {stage} seeds of this arm {list(seeds)}")
 
 
+def arm_config(plan: Any, stage: str, arm: str) -> dict[str, Any]:
+    """The resolved config (as checked_config gives it) that `arm` of `plan`'s `stage` composes to:
+    the plan's recipe, then the arm's overrides, with its first seed (the seed is not part of a
+    configuration)."""
+    from .config import compose_config
+
+    job = next(j for j in plan.jobs(stage) if j.arm == arm)
+    cfg = compose_config(list(job.overrides))
+    if cfg.data.get("name") == "imagefolder":
+        fill_image_folder(cfg.data)
+    return resolved_config(cfg)
+
+
+def check_arm_config(cfg: Mapping[str, Any]) -> None:
+    """A run tagged with a plan's arm has exactly that arm's config (its identity.config_key):
+    any other override would pool another configuration into the arm's evidence."""
+    from .plan import load_plan
+
+    study = cfg.get("study") or {}
+    if study.get("plan") is None:
+        return
+    expected = arm_config(load_plan(study["plan"]), study["stage"], study["arm"])
+    if config_key(cfg) == config_key(expected):
+        return
+    mine, arms = configuration(flatten(cfg)), configuration(flatten(expected))
+    differ = [f"{k}={mine.get(k, '(unset)')} (the arm's: {arms.get(k, '(unset)')})"
+              for k in sorted(set(mine) | set(arms)) if mine.get(k) != arms.get(k)]
+    more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+    require("study.arm", study["arm"], False, f"a run of that arm's config (config key {config_key(expected)}), but "
+            f"this run's differs in {'; '.join(differ[:3])}{more}: drop the overrides the plan does not set, or run "
+            "it without study.plan")
+
+
 def checked_config(cfg: DictConfig, overrides: Iterable[str], trainer_arguments: Callable[[], Collection[str]]) -> dict[str, Any]:
     """The job's config as plain data, checked: an image folder's null settings read from its
     files, the DenseNet knobs folded into the model (config.resolved_config), every value checked.
@@ -272,6 +312,7 @@ def checked_config(cfg: DictConfig, overrides: Iterable[str], trainer_arguments:
         fill_image_folder(cfg.data)
     plain = resolved_config(cfg)
     validate_config(plain)
+    check_arm_config(plain)
     return plain
 
 
@@ -288,6 +329,10 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     validate_tracking(cfg["tracking"])
     validate_optim(cfg["optim"])
     require_int("trainer.max_epochs", cfg["trainer"].get("max_epochs"), 1)
+    if cfg["trainer"].get("max_steps") is not None:  # Lightning's -1: no limit
+        require_int("trainer.max_steps", cfg["trainer"]["max_steps"], -1)
+        require("trainer.max_steps", cfg["trainer"]["max_steps"], cfg["trainer"]["max_steps"] != 0,
+                "-1 (no limit) or an integer >= 1")
     speed = cfg.get("speed", {})
     for key in ("channels_last", "keep_freed_memory", "compile"):
         value = speed.get(key, "auto")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import json
 
+import pytest
+
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
@@ -128,3 +130,70 @@ def test_export_save_never_creates_a_store(tmp_path, capsys):
     assert export.main(args) == 2
     assert f"there is no MLflow store at {missing}" in capsys.readouterr().err
     assert not missing.parent.exists()
+
+
+def rewrite_second(path, change) -> None:
+    """Apply `change` to the file's second record only: the first is good, as in issue 31."""
+    records = export.read(path)
+    change(records[1])
+    with gzip.open(path, "wt") as f:
+        f.write("".join(json.dumps(entry) + "\n" for entry in records))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda e: e.update(start_time="yesterday"), "start_time of record 2 of"),
+    (lambda e: e["metrics"].update({"val/acc": [[-1, 1000, 0.5]]}), "metrics['val/acc'] of record 2 of"),
+    (lambda e: e["metrics"].update({"val/acc": [[0, 1000, float("inf")]]}), "metrics['val/acc'] of record 2 of"),
+    (lambda e: e["params"].update({"seed": 3}), "params['seed'] of record 2 of"),
+    (lambda e: e.update(status="DONE"), "status of record 2 of"),
+    (lambda e: e.pop("tags"), "tags of record 2 of"),
+])
+def test_a_bad_record_loads_nothing_and_the_fixed_file_loads_whole(tmp_path, capsys, change, message):
+    uri, _, _ = make_store(tmp_path)
+    out = tmp_path / "runs.jsonl.gz"
+    export.save("study", uri, out)
+    good = out.read_bytes()
+    rewrite_second(out, change)
+    target = f"sqlite:///{tmp_path / 'dst.db'}"
+    capsys.readouterr()  # MLflow's lines as it made the source store
+    assert export.main(["load", str(out), "--tracking-uri", target]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "dst.db").exists()  # checked whole before the store is touched
+    out.write_bytes(good)
+    assert export.main(["load", str(out), "--tracking-uri", target]) == 0  # not refused as loaded already
+
+
+def test_a_failed_write_leaves_no_run_behind(tmp_path, monkeypatch):
+    uri, _, _ = make_store(tmp_path)
+    out = tmp_path / "runs.jsonl.gz"
+    export.save("study", uri, out)
+    target = f"sqlite:///{tmp_path / 'dst.db'}"
+    calls = []
+    real = MlflowClient.set_terminated
+
+    def full_disk(self, *args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "set_terminated", full_disk)
+    with pytest.raises(OSError):
+        export.load(out, target)
+    monkeypatch.undo()
+    client = MlflowClient(target)
+    assert client.search_runs([client.get_experiment_by_name("study").experiment_id]) == []
+    assert export.load(out, target) == "study"
+    assert len(client.search_runs([client.get_experiment_by_name("study").experiment_id])) == 2
+
+
+def test_a_line_longer_than_a_record_may_be_is_refused_before_it_is_read_whole(tmp_path, monkeypatch, capsys):
+    uri, _, _ = make_store(tmp_path)
+    out = tmp_path / "runs.jsonl.gz"
+    export.save("study", uri, out)
+    monkeypatch.setattr(export, "MAX_RECORD_BYTES", 100)
+    capsys.readouterr()
+    assert export.main(["load", str(out), "--tracking-uri", f"sqlite:///{tmp_path / 'dst.db'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: line 1 of {out}='101 characters' is invalid: expected a run's record of at most 100")

@@ -196,3 +196,36 @@ def test_piped_output_has_one_line_per_epoch_and_no_bar(folder_run):
     # Third-party INFO stays in run.log: Lightning's device banner, MLflow's and Hydra's notices.
     assert "GPU available" not in out and "INFO" not in out
     assert "GPU available" in (store_out := Path(result.args[-1].split("=", 1)[1]) / "run.log").read_text(), store_out
+
+
+def test_links_that_loop_or_leave_the_folder_are_not_followed_and_a_file_counts_once(tmp_path):
+    """Issue 31: two symlink loops hung the launch; one counted 24 files as 984 images."""
+    root = image_folder(tmp_path / "pets", {"train": 4, "val": 2})  # 3 classes
+    outside = image_folder(tmp_path / "elsewhere", {"train": 5})
+    (root / "train" / "class0" / "loop").symlink_to(root / "train")
+    (root / "train" / "class1" / "back").symlink_to(root / "train" / "class1")
+    (root / "train" / "class2" / "out").symlink_to(outside / "train" / "class0")
+    first = next((root / "train" / "class0").glob("*.png"))
+    (root / "train" / "class0" / "again.png").symlink_to(first)
+    facts = datafiles.read_image_folder(root)
+    assert facts.images == {"train": 12, "val": 6}
+    assert len({path for path, _ in facts.samples["train"]}) == 12
+
+
+def test_an_image_in_two_splits_is_refused(tmp_path):
+    root = image_folder(tmp_path / "pets", {"train": 4, "val": 2})
+    first = next((root / "train" / "class0").glob("*.png"))
+    (root / "val" / "class0" / "copy.png").symlink_to(first)
+    with pytest.raises(ConfigError, match=r"train/, val/ and test/ to share no image: val/class0/copy.png is "
+                                          r"train/class0/"):
+        datafiles.read_image_folder(root)
+
+
+def test_an_image_too_large_to_decode_is_refused_from_its_header(tmp_path, monkeypatch):
+    from PIL import Image
+
+    root = image_folder(tmp_path / "pets", {"train": 4})
+    Image.new("L", (400, 300)).save(root / "train" / "class0" / "huge.png")  # stands for 12000x12000
+    monkeypatch.setattr(datafiles, "MAX_IMAGE_PIXELS", 100_000)
+    with pytest.raises(ConfigError, match=r"400x300 pixels, more than MAX_IMAGE_PIXELS \(100_000\)"):
+        datafiles.read_image_folder(root)

@@ -110,6 +110,20 @@ def check_run_id(value: str, what: str = "--sweep") -> str:
     return value
 
 
+def check_run_times(client: MlflowClient, experiment: str) -> None:
+    """InvalidValue naming the first run of `experiment` whose start or end time is not a number
+    of milliseconds (an older `export load` stored any value it was given)."""
+    from ..checks import require
+
+    exp = client.get_experiment_by_name(experiment)
+    for run in client.search_runs([exp.experiment_id], max_results=50_000):
+        for key in ("start_time", "end_time"):
+            value = getattr(run.info, key)
+            require(f"{key} of run {run.info.run_id} in experiment {experiment!r}", value,
+                    value is None or isinstance(value, int), "milliseconds since 1970: delete the run "
+                    f"(`mlflow runs delete --run-id {run.info.run_id}`) and load it again with `export load`")
+
+
 def load_runs(experiment: str, tracking_uri: str, sweep: str | None = None) -> pd.DataFrame:
     """Every training run of `experiment` (of one sweep if `sweep` is its parent run id), whatever
     its status; sweep parent runs and report runs are left out.
@@ -130,9 +144,13 @@ def load_runs(experiment: str, tracking_uri: str, sweep: str | None = None) -> p
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)  # mlflow.search_runs reads the global store
-    raw = mlflow.search_runs(
-        experiment_names=[experiment], filter_string=f"tags.{record.SWEEP_ID} = '{sweep}'" if sweep else ""
-    )
+    try:
+        raw = mlflow.search_runs(
+            experiment_names=[experiment], filter_string=f"tags.{record.SWEEP_ID} = '{sweep}'" if sweep else ""
+        )
+    except ValueError:  # pandas could not read a time: a run whose times are not numbers
+        check_run_times(client, experiment)
+        raise
     tags = [record.SWEEP, record.REPORT, record.VARIANT, MLFLOW_RUN_NAME, record.ERROR, record.DEVICE,
             record.PARALLEL_JOBS, record.CONFIG_KEY, record.SEARCH_STUDY, record.SEARCH_TRIAL]
     params = [*record.RUN_PARAMS, *record.RUN_PARAMS_OPTIONAL]

@@ -32,6 +32,8 @@ PAPER_METRICS = {
     record.INFER_IMAGES_PER_S: ("inference images/s", 1.0),
     record.TRAIN_LOSS: ("final train loss", 1.0),
 }
+# A CSV cell a spreadsheet would run as a formula starts with one of these (OWASP, CSV injection).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 SUFFIXES = ((1e9, "G"), (1e6, "M"), (1e4, "k"))  # 12.5k parameters, 61.6M FLOPs
 # Characters a LaTeX tabular cannot take as text (pdflatex), as math.
 LATEX_SYMBOLS = {"±": r"$\pm$", "θ": r"$\theta$", "≥": r"$\geq$", "≤": r"$\leq$", "×": r"$\times$",
@@ -110,7 +112,7 @@ def render(table: pd.DataFrame, fmt: str) -> str:
 
     cells = table.astype(object).where(table.notna(), "").astype(str)
     if fmt == "csv":
-        return cells.to_csv(index=False)
+        return cells.map(neutralized).to_csv(index=False)
     if fmt == "md":
         cells = cells.map(lambda v: v.replace("|", "\\|"))  # a bar would end the cell
         return tabulate(cells.values.tolist(), headers=list(cells.columns), tablefmt="github",
@@ -120,6 +122,18 @@ def render(table: pd.DataFrame, fmt: str) -> str:
     for symbol, latex in LATEX_SYMBOLS.items():
         text = text.replace(symbol, latex)
     return text + "\n"
+
+
+def neutralized(cell: str) -> str:
+    """A CSV cell as OWASP advises: one a spreadsheet would run as a formula gets a leading `'`
+    (shown as text); a plain number, -0.5 say, stays a number (it runs nothing)."""
+    if not cell.startswith(FORMULA_STARTS):
+        return cell
+    try:
+        float(cell)
+        return cell
+    except ValueError:
+        return "'" + cell
 
 
 def write_tables(summary: pd.DataFrame, claims: pd.DataFrame, folder: Path, fmt: str) -> list[Path]:

@@ -19,6 +19,7 @@ from its own: a folder reused by another configuration can never hand it someone
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from datetime import datetime
@@ -38,6 +39,25 @@ OWNER_KEY = "densenet_exp"  # in every checkpoint: {"run_id": ..., "config_hash"
 # checkpoint becomes `last.ckpt` (at the start of EPOCH only, if given), to kill a run there;
 # "SECONDS@test": sleep after the first batch of the test instead. A stop signal ends the pause.
 PAUSE_ENV = "DENSENET_EXP_TEST_PAUSE_BEFORE_CHECKPOINT"
+NO_ROOM_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a quota, a file-size limit
+
+
+class NoRoom(RuntimeError):
+    """A file (a checkpoint) that could not be written for lack of room: the run stops KILLED with
+    the reason and resumes, from its last complete checkpoint, once there is room."""
+
+
+def no_room(err: BaseException | None) -> NoRoom | None:
+    """The NoRoom that `err` (or what it was raised from) amounts to, else None."""
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, NoRoom):
+            return err
+        if isinstance(err, OSError) and err.errno in NO_ROOM_ERRNOS:
+            where = f" writing {err.filename}" if err.filename else ""
+            return NoRoom(f"no room left on the device{where} ({err.strerror or os.strerror(err.errno)})")
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
 
 
 class LastCheckpoint(Checkpoint):
@@ -60,7 +80,15 @@ class LastCheckpoint(Checkpoint):
         checkpoint[OWNER_KEY] = dict(self.owner)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        trainer.save_checkpoint(self.pending, weights_only=False)
+        try:
+            trainer.save_checkpoint(self.pending, weights_only=False)
+        except OSError as err:  # a half-written file must never become the resume point
+            self.pending.unlink(missing_ok=True)
+            full = no_room(err)
+            if full is not None:
+                raise NoRoom(f"no room left on the device writing the checkpoint {self.pending} "
+                             f"({err.strerror or err})") from err
+            raise
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         self._promote(trainer)  # the previous epoch's metrics are all logged by now

@@ -9,6 +9,11 @@ the migrations leaves no half-made store behind (and a half-made one left by old
 run has written to, is set aside and made anew). Readers (the report, export, replay) never
 create a store: `check_store` turns a missing or unusable one into one line.
 
+A process killed inside a write leaves SQLite's hot journal (`mlflow.db-journal`) beside the
+store. Only a read-write connection rolls it back, so both checks open the file read-write,
+under the same lock (`heal`); SQLite's own locks keep a live writer's journal from being taken
+for a hot one. A store is never to be moved apart from its journal: that corrupts it.
+
 Kept free of Lightning and Hydra so that the report and the notebooks, which only read the
 store, start in seconds (`densenet_exp.runs.tracking` builds on this for training runs).
 """
@@ -40,6 +45,7 @@ HTTP_SETTINGS = {
     "timeout_s": "MLFLOW_HTTP_REQUEST_TIMEOUT",
 }
 CREATE_LOCK_WAIT_S = 300
+HEAL_WAIT_S = 60  # how long a check waits for a live writer's transaction to end
 # Tables every MLflow store has (MLflow's own test of a complete store), and the prefix of the
 # copies its migrations make while they alter a table.
 MLFLOW_TABLES = ("alembic_version", "experiments", "runs", "tags", "params", "metrics")
@@ -175,7 +181,7 @@ def prepare_store(uri: str, key: str = "tracking.uri") -> None:
                                "point it at a writable folder") from None
     if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise StoreConfigError(f"{key}={uri!r}: {path} is not writable: point it at a writable folder")
-    with _exclusive(folder / f"{path.name}.lock"):
+    with _exclusive(lock_file(path)):
         if not path.exists() or path.stat().st_size == 0:
             _create(path, uri, key)
         try:
@@ -205,7 +211,14 @@ def check_store(uri: str, key: str = "--tracking-uri") -> None:
         if not path.is_file() or path.stat().st_size == 0:
             raise StoreConfigError(f"{key}={uri!r}: there is no MLflow store at {path} (a training run creates one; "
                                    "this command only reads or adds to one)")
-        _check_sqlite_file(path, uri, key, complete=True)
+        # The store's lock where the harness made it or a hot journal needs it: a reader adds no
+        # file beside a store it only reads (SQLite's own locks already keep a live writer safe).
+        locked = lock_file(path).exists() or Path(f"{path}-journal").exists()
+        if locked and os.access(path.parent, os.W_OK) and os.access(path, os.W_OK):
+            with _exclusive(lock_file(path)):
+                _check_sqlite_file(path, uri, key, complete=True)
+        else:
+            _check_sqlite_file(path, uri, key, complete=True)
     _probe(uri, key)
 
 
@@ -242,7 +255,10 @@ def _create(path: Path, uri: str, key: str) -> None:
     draft_uri = f"sqlite:///{draft}"
     try:
         SqlAlchemyStore(draft_uri, DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH)  # creates the tables, then checks them
-    except Exception as err:  # a full disk, a read-only folder after all: one line
+    except Exception as err:  # a full disk, a read-only folder after all: one line, and no draft left
+        _forget(draft_uri)
+        for leftover in (draft, *(Path(f"{draft}{suffix}") for suffix in SIDE_FILES)):
+            leftover.unlink(missing_ok=True)
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         raise StoreConfigError(f"{key}={uri!r}: no MLflow store could be made at {path} ({first}): point it at "
                                "a writable folder with room") from None
@@ -280,15 +296,26 @@ def _unwritten(path: Path) -> bool:
     return runs == 0 and named == 0
 
 
+def lock_file(path: Path) -> Path:
+    """The lock held while a store is created or checked (and its hot journal rolled back)."""
+    return path.with_name(f"{path.name}.lock")
+
+
 def _check_sqlite_file(path: Path, uri: str, key: str, complete: bool = False) -> None:
     """Garbage, a truncated copy or another program's database: say so before MLflow tries it.
-    `complete`: MLflow's tables must all be there (a reader must not make MLflow migrate)."""
+    Opened read-write where this process may write, so that the first read rolls back a hot
+    journal that a killed writer left (a read-only connection cannot, and fails); the caller
+    holds lock_file(path). `complete`: MLflow's tables must all be there (a reader must not
+    make MLflow migrate)."""
     if not path.exists() or path.stat().st_size == 0:
         return
+    mode = "rw" if os.access(path, os.W_OK) else "ro"
     try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+        # The timeout waits out a live writer's transaction (MLflow's are short).
+        with sqlite3.connect(f"file:{path}?mode={mode}", uri=True, timeout=HEAL_WAIT_S) as conn:
             check = conn.execute("PRAGMA quick_check").fetchone()[0]
             tables = _tables(conn)
+        conn.close()  # the context manager only commits
     except sqlite3.Error as err:
         raise StoreConfigError(_unusable(uri, key, path, err)) from None
     if check != "ok":
@@ -302,6 +329,11 @@ def _check_sqlite_file(path: Path, uri: str, key: str, complete: bool = False) -
 
 def _unusable(uri: str, key: str, path: Path, why: object) -> str:
     first = str(why).strip().splitlines()[0] if str(why).strip() else type(why).__name__
+    beside = [Path(f"{path}{suffix}").name for suffix in SIDE_FILES if Path(f"{path}{suffix}").exists()]
+    if beside:  # moving the store apart from its journal is how SQLite files get corrupted
+        return (f"{key}={uri!r}: {path} is not a usable MLflow store ({first[:300]}); never move it apart from "
+                f"{' and '.join(beside)}: run this command once as a user who can write {path.parent} (that rolls "
+                f"an interrupted write back), or point {key} at another file")
     return (f"{key}={uri!r}: {path} is not a usable MLflow store ({first[:300]}): move it aside, "
             f"or point {key} at another file")
 
@@ -324,7 +356,7 @@ class _exclusive:
                 if time.monotonic() > deadline:
                     os.close(self.fd)
                     raise StoreConfigError(f"{self.path} stayed locked for {CREATE_LOCK_WAIT_S} s by another "
-                                           "process creating the store: is one stuck?") from None
+                                           "process creating or checking the store: is one stuck?") from None
                 time.sleep(0.1)
 
     def __exit__(self, *exc: object) -> None:

@@ -18,6 +18,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 
 from .. import record
 from . import stopping
+from .checkpoints import no_room
 from .sweep_folder import parent_run_id
 from .store import (
     StoreUnreachable,
@@ -130,8 +131,8 @@ def adopt_into_sweep(client: MlflowClient, run: Run, sweep_dir: Path, job_num: i
 def close_run(
     client: MlflowClient, run_id: str, error: BaseException | None, unsent: Path | None = None, where: str = ""
 ) -> None:
-    """End the run: FINISHED; KILLED with the reason (resumable) after a stop signal or when the
-    store became unreachable; else FAILED with the error recorded (tag and artifact). What an
+    """End the run: FINISHED; KILLED with the reason (resumable) after a stop signal, when the
+    store became unreachable or when a file found no room; else FAILED with the error recorded (tag and artifact). What an
     unreachable store cannot take is kept in `unsent`."""
     stopped = stopping.as_stopped(error) if error is not None else None
     if error is None:
@@ -140,6 +141,9 @@ def close_run(
         status, tags = "KILLED", {record.STOP_REASON: f"{stopped.reason}{where}; the same command resumes it"}
     elif unreachable(error):
         status, tags = "KILLED", {record.STOP_REASON: f"the tracking store became unreachable{where}"}
+    elif no_room(error) is not None:  # resumable from the last complete checkpoint once there is room
+        status, tags = "KILLED", {record.STOP_REASON: f"{no_room(error)}{where}; free space, then the same command "
+                                                       "resumes it"}
     else:
         status, tags = "FAILED", {record.ERROR: f"{type(error).__name__}: {error}"[:5000]}
     if is_down(client.tracking_uri) or (error is not None and unreachable(error)):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from ..datafiles import FASHION_MNIST_FILES, FASHION_MNIST_HELP, SMALL_IMAGES, find_fashion_mnist, read_image_folder
+from ..datafiles import (FASHION_MNIST_FILES, FASHION_MNIST_HELP, SMALL_IMAGES, check_pixels, find_fashion_mnist,
+                         read_image_folder)
 from ..options import AUGMENTATIONS  # noqa: F401 (TensorImages' augmentations)
 
 # Per-channel statistics of each training set, for normalization.
@@ -223,22 +224,28 @@ def load_rgb(path: str) -> Any:
 
     try:
         with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
+            image = Image.open(f)
+            check_pixels(*image.size)  # from the header, before decoding (the config checks sample a large folder)
+            return image.convert("RGB")
     except Exception as err:
         raise UnreadableImage(f"{path}: {type(err).__name__}: {err}") from err
 
 
-def class_folder(folder: Path, classes: tuple[str, ...], transform: Any) -> Dataset:
-    """torchvision's ImageFolder over `folder` with the labels of train/'s `classes` (a val/ or
-    test/ folder may lack some classes: its own sorted order would shift the labels)."""
-    from torchvision.datasets import ImageFolder
+class FolderImages(Dataset):
+    """The images of one split of an image folder, as datafiles.read_image_folder listed them
+    (links that leave the folder or loop are not followed; each file once), labelled by train/'s
+    classes, each loaded with `load_rgb` and transformed."""
 
-    ds = ImageFolder(str(folder), transform, loader=load_rgb, allow_empty=True)
-    index = {name: i for i, name in enumerate(classes)}
-    ds.samples = [(path, index[ds.classes[label]]) for path, label in ds.samples if ds.classes[label] in index]
-    ds.imgs, ds.targets = ds.samples, [label for _, label in ds.samples]
-    ds.classes, ds.class_to_idx = list(classes), index
-    return ds
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: Any) -> None:
+        self.samples, self.transform = list(samples), transform
+        self.targets = [label for _, label in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        path, label = self.samples[index]
+        return self.transform(load_rgb(path)), label
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -308,7 +315,7 @@ class ImageDataModule(L.LightningDataModule):
         import torchvision.transforms.v2 as T
 
         root, size = self.root, self.image_size
-        classes = read_image_folder(root).classes
+        samples = read_image_folder(root).samples
         mean, std = STATS["imagefolder"]
         to_tensor = [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
         if size <= SMALL_IMAGES:  # CIFAR's augmentation: pad, random crop and flip, at the images' own size
@@ -318,15 +325,15 @@ class ImageDataModule(L.LightningDataModule):
         else:  # ImageNet's
             train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *to_tensor])
             eval_tf = T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), *to_tensor])
-        train = class_folder(root / "train", classes, train_tf)
+        train = FolderImages(samples["train"], train_tf)
         if self.val_size is None:
-            sets = {"train": train, "val": class_folder(root / "val", classes, eval_tf)}
+            sets = {"train": train, "val": FolderImages(samples["val"], eval_tf)}
         else:
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.split_seed)).tolist()
-            held_out = class_folder(root / "train", classes, eval_tf)  # the same files, without augmentation
+            held_out = FolderImages(samples["train"], eval_tf)  # the same files, without augmentation
             sets = {"train": Subset(train, order[self.val_size:]), "val": Subset(held_out, order[: self.val_size])}
-        if (root / "test").is_dir():
-            sets["test"] = class_folder(root / "test", classes, eval_tf)
+        if "test" in samples:
+            sets["test"] = FolderImages(samples["test"], eval_tf)
         return sets
 
     @property
