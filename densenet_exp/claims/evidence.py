@@ -26,11 +26,12 @@ STAGE_RULE = (
 
 SETTLED_RULE = (
     "Settled (a plan that declares `settled`): a run's final learning-rate phase is its validation checks after "
-    "the recipe's last learning-rate drop (the last third of its checks where the schedule has no drops); it needs "
-    "at least `min_checks` of them, and its rise over the phase, the least-squares slope of the metric on the "
-    "checks' positions in epochs times the phase's length, must be under `tolerance_pp` (declared from the pilot's "
-    "seed SD, e.g. half of it). A claim about trained nets needs every run of its arms settled, else it is "
-    "\"inconclusive (not converged: ...)\" naming the runs, their checks and their rise."
+    "the recipe's last learning-rate drop, less the first (it still holds the drop's own jump; the last third of its "
+    "checks where the schedule has no drops); every run needs at least `min_checks` of them, and the arm's rise over "
+    "the phase, the mean over its runs of the least-squares slope of the metric on the checks' positions in epochs "
+    "times the phase's length, must be under `tolerance_pp` (declared from the pilot's seed SD, e.g. half of it; "
+    "the mean over seeds keeps one noisy run from deciding). A claim about trained nets needs its arms settled, "
+    "else it is \"inconclusive (not converged: ...)\" naming the arm, its rise and its runs'."
 )
 
 
@@ -40,6 +41,7 @@ def phase_rise(curve: pd.DataFrame) -> tuple[float, int]:
     curve = curve.sort_values("epoch")
     drops = curve["lr_drops"].iloc[0] if "lr_drops" in curve and len(curve) else ()
     phase = curve[curve["epoch"] > max(drops)] if drops else curve.iloc[-max(1, len(curve) // 3):]
+    phase = phase.iloc[1:]  # the first check after a drop still holds the drop's own jump
     if len(phase) < 2:
         return float("nan"), len(phase)
     x, y = phase["epoch"].to_numpy(float), 100 * phase["value"].to_numpy(float)
@@ -66,7 +68,7 @@ class Arm:
 
     def by_seed(self, metric: str) -> pd.Series:
         """`metric` of the trained runs, indexed by seed (for within-seed comparisons)."""
-        runs = self.trained
+        runs = self.trained.drop_duplicates("seed")  # one run a seed (the report's once rule keeps the first)
         return pd.Series(pd.to_numeric(runs[metric], errors="coerce").to_numpy(float),
                          index=runs["seed"].astype(int).to_numpy()).dropna() if metric in runs else pd.Series(dtype=float)
 
@@ -117,11 +119,23 @@ def arms_of(plan: Plan, runs: pd.DataFrame, curves: pd.DataFrame) -> dict[str, A
         declared = plan.seeds_of("confirmation", name)
         mine = runs[arm_tag.eq(name).fillna(False).astype(bool) & runs["seed"].isin(declared)]
         arm = Arm(name, mine, missing_seeds=sorted(set(declared) - set(mine["seed"].dropna().astype(int))))
+        rises = {}
         for _, run in mine.iterrows():
             curve = curves[curves["run_id"] == run["run_id"]]
-            what = settled_or_reason(plan, curve) if plan.settled else converged_or_reason(conv, curve)
+            if plan.settled:
+                rises[run["seed"]], checks = phase_rise(curve)
+                what = (f"{checks} validation checks in its final phase, fewer than {plan.settled['min_checks']:g}"
+                        if checks < plan.settled["min_checks"] else "")
+            else:
+                what = converged_or_reason(conv, curve)
             if what:
                 arm.not_converged.append(f"seed {run['seed']}: {what}")
+        if plan.settled and rises and not arm.not_converged:
+            rise = float(np.mean(list(rises.values())))
+            if not rise < plan.settled["tolerance_pp"]:
+                arm.not_converged.append(f"rose {rise:.2f} pp over its final phase (mean of its runs: "
+                                         + ", ".join(f"seed {s} {r:+.2f}" for s, r in rises.items())
+                                         + f"), tolerance {plan.settled['tolerance_pp']:g}")
             chance = 1 / float(run["num_classes"]) if pd.notna(run.get("num_classes")) else np.nan
             acc = pd.to_numeric(pd.Series([run.get(record.TEST_ACC)]), errors="coerce").iloc[0]
             if np.isfinite(chance) and pd.notna(acc) and acc <= chance + conv["near_chance_pp"] / 100:
@@ -138,16 +152,6 @@ def converged_or_reason(conv, curve: pd.DataFrame) -> str:
         return ""
     return "too few validation checks" if not np.isfinite(gain) else (
         f"gained {gain:.2f} pp over its last {window} of {len(values)} validation checks")
-
-
-def settled_or_reason(plan: Plan, curve: pd.DataFrame) -> str:
-    """SETTLED_RULE: '' or why the run has not settled."""
-    rise, checks = phase_rise(curve)
-    if checks < plan.settled["min_checks"]:
-        return f"{checks} validation checks in its final phase, fewer than {plan.settled['min_checks']:g}"
-    if not rise < plan.settled["tolerance_pp"]:
-        return f"rose {rise:.2f} pp over its final phase ({checks} checks), tolerance {plan.settled['tolerance_pp']:g}"
-    return ""
 
 
 def gate(claim: Claim, arms: list[Arm], converged: bool = True) -> Claim | None:
@@ -185,6 +189,13 @@ class Accuracy:
     def n(self) -> str:
         return f"{len(self.diff)} seed pairs" if self.diff is not None else f"n = {len(self.a)}, {len(self.b)}"
 
+    @property
+    def too_few(self) -> str:
+        """Why a paired test cannot run: fewer seeds that both arms finished than stats.MIN_SEEDS."""
+        if self.diff is not None and len(self.diff) < stats.MIN_SEEDS:
+            return f"{len(self.diff)} seeds finished by both arms, fewer than {stats.MIN_SEEDS} pairs"
+        return ""
+
     def one_sided(self, alternative: str, value: float = 0.0) -> float | None:
         if self.diff is not None:
             return stats.paired_one_sided(self.diff, alternative, value)
@@ -213,8 +224,9 @@ VARIANCE_RULE = (
     "uncertainty is split as Bouthillier et al. (MLSys 2021) advise: the seed part, the standard error over seeds "
     "(initialization, batch order and split), and the test-set part, the standard error of the mean per-image "
     "difference of correctness (each image's correctness averaged over an arm's seeds, paired over the same test "
-    "images); the interval printed, difference ± 1.96 x the root of their summed squares, holds both. It is "
-    "descriptive: the declared tests stay the ones over seeds."
+    "images; within seed where the plan is paired); the interval printed, difference ± t x the root of their summed "
+    "squares (t on the seeds' degrees of freedom), holds both, approximately: averaging correctness over seeds counts "
+    "part of the seed noise twice. It is descriptive: the declared tests stay the ones over seeds."
 )
 
 
@@ -232,11 +244,19 @@ def variance_split(ctx, a: Arm, b: Arm) -> str:
     correct = [np.mean([(f["predicted"].to_numpy() == target) for f in side], axis=0) for side in frames]
     per_image = correct[0] - correct[1]
     test_se = per_image.std(ddof=1) / np.sqrt(len(per_image))
-    x, y = a.values(record.TEST_ACC, a.trained), b.values(record.TEST_ACC, b.trained)
-    seed_se = float(np.sqrt(x.var(ddof=1) / len(x) + y.var(ddof=1) / len(y))) if min(len(x), len(y)) > 1 else np.nan
-    diff, total = float(x.mean() - y.mean()), float(np.hypot(seed_se, test_se))
-    return (f"; over seeds and {len(per_image):,} test images: difference {100 * diff:+.2f} pp, 95% interval "
-            f"[{100 * (diff - 1.96 * total):+.2f}, {100 * (diff + 1.96 * total):+.2f}] (seed SE {100 * seed_se:.2f}, "
+    from scipy.stats import t
+
+    acc = accuracy(ctx.plan, a, b)
+    if acc.diff is not None:  # paired: the seed part is the per-seed differences' SE
+        seed_se, dof, diff = float(acc.diff.std(ddof=1) / np.sqrt(len(acc.diff))), len(acc.diff) - 1, acc.diff.mean()
+    else:
+        x, y = acc.a, acc.b
+        seed_se = float(np.sqrt(x.var(ddof=1) / len(x) + y.var(ddof=1) / len(y))) if min(len(x), len(y)) > 1 else np.nan
+        dof, diff = len(x) + len(y) - 2, x.mean() - y.mean()
+    total = float(np.hypot(seed_se, test_se))
+    q = float(t.ppf(0.975, dof)) if dof > 0 else float("nan")  # t, not 1.96: few seeds
+    return (f"; over seeds and {len(per_image):,} test images: difference {100 * diff:+.2f} pp, approximate 95% "
+            f"interval [{100 * (diff - q * total):+.2f}, {100 * (diff + q * total):+.2f}] (seed SE {100 * seed_se:.2f}, "
             f"test-set SE {100 * test_se:.2f} pp)")
 
 

@@ -23,15 +23,20 @@ def decide(plan: Plan, claims: list[Claim]) -> list[Claim]:
     raw = [c.p_value if c.p_value is not None else 1.0 for c in family]  # stopped by a gate: p = 1
     adjusted = stats.holm(raw) if plan.procedure == "holm" else stats.fixed_sequence(raw)
     words = "after Holm" if plan.procedure == "holm" else "in the fixed sequence"
+    stopped = None  # fixed sequence: the first claim that did not reject ends it
     for claim, p in zip(family, adjusted):
         if claim.p_value is None:
             claim.reason = claim.reason or "no test"
-            continue
-        claim.p_holm = p
-        if p < plan.alpha and claim.direction:
-            claim.verdict, claim.reason = (SUPPORTED if claim.direction > 0 else CONTRADICTED), ""
         else:
-            claim.verdict, claim.reason = INCONCLUSIVE, f"not significant {words}, p = {p:.3g}"
+            claim.p_holm = p
+            if p < plan.alpha and claim.direction:
+                claim.verdict, claim.reason = (SUPPORTED if claim.direction > 0 else CONTRADICTED), ""
+            elif plan.procedure == "fixed_sequence" and stopped is not None:
+                claim.verdict, claim.reason = INCONCLUSIVE, f"not reached: the sequence stopped at {stopped.claim}"
+            else:
+                claim.verdict, claim.reason = INCONCLUSIVE, f"not significant {words}, p = {p:.3g}"
+        if plan.procedure == "fixed_sequence" and stopped is None and claim.verdict not in (SUPPORTED, CONTRADICTED):
+            stopped = claim
     for claim in claims:  # after the family: a gate reads the verdicts it needs
         reasons = [why for why in (g() for g in claim.gates) if why]
         if reasons:

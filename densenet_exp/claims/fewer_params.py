@@ -55,6 +55,9 @@ def judge(ctx, k) -> list[Claim]:
         return [claim]
     if gate(claim, [small, large]):
         return [claim]
+    if acc.too_few:
+        claim.reason = acc.too_few
+        return [claim]
     return [one_sided(claim, acc.one_sided("larger", -margin), acc.one_sided("smaller", -margin),
                       f"one-sided {acc.words} non-inferiority within {k['margin_pp']:g} pp ({acc.n})")]
 

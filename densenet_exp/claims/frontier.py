@@ -70,6 +70,9 @@ def judge(ctx, k) -> list[Claim]:
         if differ:
             claim.verdict, claim.reason = NOT_COMPARABLE, f"{d.name} vs {base.name}: " + "; ".join(differ)
             return [_with(claim, lines)]
+        if acc.too_few:
+            claim.reason = f"{d.name} vs {base.name}: {acc.too_few}"
+            return [_with(claim, lines)]
         margin = k["margin_pp"] / 100
         claimed.append(acc.one_sided("larger", -margin))
         opposite.append(acc.one_sided("smaller", -margin))

@@ -18,10 +18,10 @@ import pandas as pd
 
 from .. import record
 from ..analysis import stats
-from ..analysis.verdicts import NOT_COMPARABLE, Claim, one_sided
+from ..analysis.verdicts import NOT_COMPARABLE, Claim, one_sided, recipe_differences
 from ..checks import require
 from .family import first_alpha
-from .evidence import Arm, gate, inconclusive, undeclared_differences
+from .evidence import Arm, gate, inconclusive
 
 KIND = "knob_effect"
 KEYS = {"arms": None, "effect": None, "test": None, "claimed": "positive", "margin_pp": 0.0, "expected_pp": 0.5}
@@ -58,6 +58,9 @@ def check(where: str, k) -> None:
     if len(factors(k)) > 1:
         require(f"{where}.claimed", k["claimed"], k["claimed"] in ("positive", "negative"),
                 "positive or negative for an interaction")
+    elif k["test"] != "equivalence":
+        require(f"{where}.claimed", k["claimed"], k["claimed"] not in ("positive", "negative"),
+                f"the level of {k['effect']} claimed better or no worse (e.g. 32, 0.5, true)")
 
 
 def rule(k) -> tuple[str, str]:
@@ -100,10 +103,20 @@ def design(ctx, k) -> tuple[pd.DataFrame, list[str]] | str:
     arms = [ctx.arms[a] for a in k["arms"]]
     cells = {a.name: levels(a) for a in arms}
     varying = [knob for knob in KNOBS if len({str(c[knob]) for c in cells.values()}) > 1]
-    for knob in factors(k):
+    for knob in {*factors(k), *varying}:
         found = sorted({str(c[knob]) for c in cells.values()})
         if knob not in varying or len(found) != 2:
             return f"{knob} has levels {', '.join(found)} among the arms (two needed)"
+    # A full factorial, every combination of the varying knobs exactly once: anything less leaves the
+    # fit rank-deficient, and its coefficients would be arbitrary.
+    combos = {tuple(str(c[knob]) for knob in varying) for c in cells.values()}
+    if len(combos) != len(cells) or len(combos) != 2 ** len(varying):
+        return (f"the arms are not a full factorial of {', '.join(varying)}: {len(combos)} distinct cells among "
+                f"{len(cells)} arms, {2 ** len(varying)} needed")
+    if len(factors(k)) == 1 and k["test"] != "equivalence":
+        knob = factors(k)[0]
+        if not any(_same(c[knob], _claimed(k)) for c in cells.values()):
+            return f"claimed={k['claimed']} is not a level of {knob} among the arms"
     rows = []
     for arm in arms:
         for seed, acc in arm.by_seed(record.TEST_ACC).items():
@@ -116,11 +129,14 @@ def design(ctx, k) -> tuple[pd.DataFrame, list[str]] | str:
 
 def _code(value, values, knob: str, k) -> float:
     if knob in factors(k) and len(factors(k)) == 1 and k["test"] != "equivalence":
-        claimed = {"true": True, "false": False}.get(str(k["claimed"]).lower(), k["claimed"])
-        high = _same(value, claimed)
+        high = _same(value, _claimed(k))
     else:
         high = _same(value, max(values, key=lambda v: (isinstance(v, bool), v)))
     return 0.5 if high else -0.5
+
+
+def _claimed(k) -> object:
+    return {"true": True, "false": False}.get(str(k["claimed"]).lower(), k["claimed"])
 
 
 def _same(a, b) -> bool:
@@ -148,15 +164,20 @@ def judge(ctx, k) -> list[Claim]:
         claim.verdict, claim.reason = NOT_COMPARABLE, made
         return [claim]
     data, terms = made
-    differ = sorted({d for a in arms[1:] for d in undeclared_differences(ctx.plan, arms[0], a)})
+    # Every arm the same recipe but its knobs: a per-arm override of anything else (say optim.lr) would
+    # be mixed into the knob effect, so unlike a pair's, the arms' declared overrides are not exempt.
+    differ = sorted({d for a in arms[1:] for d in recipe_differences(arms[0].config(), a.config())})
     if differ:
         claim.verdict, claim.reason = NOT_COMPARABLE, "; ".join(differ)
         return [claim]
     result = fit(data, terms, ctx.plan.paired)
     term = ":".join(KNOBS[f] for f in factors(k))
     effect, se, dof = float(result.params[term]), float(result.bse[term]), float(result.df_resid)
-    low, high = effect - 1.96 * se, effect + 1.96 * se
-    claim.evidence = (f"{term} effect {effect:+.2f} pp (SE {se:.2f}, about [{low:+.2f}, {high:+.2f}]), "
+    from scipy.stats import t
+
+    q = float(t.ppf(0.975, result.df_resid)) if result.df_resid > 0 else float("nan")
+    low, high = effect - q * se, effect + q * se
+    claim.evidence = (f"{term} effect {effect:+.2f} pp (SE {se:.2f}, 95% interval [{low:+.2f}, {high:+.2f}]), "
                       f"{len(data)} runs in {len(arms)} arms, residual SD {np.sqrt(result.scale):.2f} pp")
     if gate(claim, arms):
         return [claim]
@@ -187,16 +208,22 @@ def p_values(effect: float, se: float, dof: float, k) -> tuple[float, float]:
     return inside, outside
 
 
-def power(k, sd: float, seeds: int, alpha: float) -> float:
-    """The contrast's power with `seeds` per arm at residual SD `sd` (points): each level of a two-level
-    contrast holds half the runs, so it is a two-sample test of N/2 against N/2 (statsmodels'
-    TTestIndPower; TOST by stats.tost_power); superiority at the declared `expected_pp`."""
-    half = int(len(k["arms"]) * seeds / 2)
-    sd_eff = sd * (2 if len(factors(k)) > 1 else 1)  # an interaction's SE is twice a main effect's here
-    if k["test"] == "equivalence":
-        return stats.tost_power(sd_eff, k["margin_pp"], half, half, alpha)
+def power(k, sd: float, seeds: int, alpha: float, paired: bool = False) -> float:
+    """The contrast's power with `seeds` per arm at residual SD `sd` (points): its SE is 2 sd / sqrt(N)
+    for a main effect, twice that for an interaction, on the full fit's residual degrees of freedom
+    (N - cells, less seeds - 1 with the seed block): a noncentral t (scipy); TOST by
+    stats.tost_power at the same SE; superiority at the declared `expected_pp`."""
+    from scipy.stats import nct, t
+
+    cells, n = len(k["arms"]), len(k["arms"]) * seeds
+    dof = n - cells - ((seeds - 1) if paired else 0)
+    if not (sd > 0 and dof >= 1):
+        return float("nan")
+    se = (2 if len(factors(k)) > 1 else 1) * 2 * sd / np.sqrt(n)
+    if k["test"] == "equivalence":  # tost_power's SE for two sides of n/2 is the same 2 sd / sqrt(n)
+        return stats.tost_power(se * np.sqrt(n) / 2, k["margin_pp"], n // 2, n // 2, alpha)
     shift = k["expected_pp"] if k["test"] == "superiority" else k["margin_pp"]
-    return stats.power(sd_eff, shift, half, half, alpha)
+    return float(1 - nct.cdf(t.ppf(1 - alpha, dof), dof, shift / se))
 
 
 def size(plan, k, sd: float, tests: int) -> dict:
@@ -204,5 +231,5 @@ def size(plan, k, sd: float, tests: int) -> dict:
     alpha = first_alpha(plan, tests)
     seeds = min(len(plan.seeds_of("confirmation", arm)) for arm in k["arms"])
     return {"test": k["test"].replace("_", "-") + (f" at {k['expected_pp']:g} pp" if k["test"] == "superiority" else ""),
-            "alpha": alpha, "seeds": f"{seeds} per arm", "power": power(k, sd, seeds, alpha),
-            "seeds for 80% power": stats.seeds_for(lambda n: power(k, sd, n, alpha))}
+            "alpha": alpha, "seeds": f"{seeds} per arm", "power": power(k, sd, seeds, alpha, plan.paired),
+            "seeds for 80% power": stats.seeds_for(lambda n: power(k, sd, n, alpha, plan.paired))}

@@ -52,6 +52,8 @@ def judge(ctx, k) -> list[Claim]:
     differ = undeclared_differences(ctx.plan, small, large)
     if differ:
         same.verdict, same.reason = NOT_COMPARABLE, "; ".join(differ)
+    elif acc.too_few:
+        same.reason = acc.too_few
     elif not gate(same, [small, large]):
         p = acc.tost(k["margin_pp"] / 100)
         if p is None:
