@@ -116,7 +116,7 @@ def main(cfg: DictConfig) -> float | None:
 
             full = no_room(err)
             if full is not None:  # the run is KILLED (tracking.close_run) and resumes once there is room
-                print(f"error: {full}: the run is KILLED; free space, then resume it with: {resume_command()}",
+                print(f"error: {full}: the run is KILLED; free space, then resume it with: {resume_command(sys.argv)}",
                       file=sys.stderr, flush=True)
                 sys.exit(EXIT_NO_ROOM)
         if bad_input or isinstance(err, Busy):
