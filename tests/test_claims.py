@@ -349,14 +349,14 @@ def test_a_planned_pair_with_predictions_splits_its_variance_over_seeds_and_test
 
     a, b = arm("a"), arm("b")
     ctx = type("Ctx", (), {"predictions": runs, "plan": type("Plan", (), {"paired": False})()})()
-    line = evidence.variance_split(ctx, a, b)
+    line = evidence.variance_split(ctx, a, b, evidence.accuracy(ctx.plan, a, b))
     correct = [np.mean([runs[f"{n}{s}"]["target"] == runs[f"{n}{s}"]["predicted"] for s in range(4)], axis=0)
                for n in "ab"]
     test_se = np.std(correct[0] - correct[1], ddof=1) / np.sqrt(len(target))
     assert f"test-set SE {100 * test_se:.2f} pp" in line and "over seeds and 2,000 test images" in line
     # A run without predictions: no split is claimed.
     del runs["b3"]
-    assert evidence.variance_split(ctx, a, b) == ""
+    assert evidence.variance_split(ctx, a, b, evidence.accuracy(ctx.plan, a, b)) == ""
 
 
 def test_arms_that_are_not_a_full_factorial_are_not_fitted(tmp_path):

@@ -35,6 +35,11 @@ KINDS = {kind.KIND: kind for kind in (fewer_params, matched_cost, degradation, f
                                       knob_effect, frontier)}
 
 
+def named_arms(kind, keys: Mapping[str, object]) -> list[tuple[str, str]]:
+    """(key, arm) for each arm a claim of `kind` names: its ARM_KEYS' values, each an arm or a list."""
+    return [(key, arm) for key in kind.ARM_KEYS for arm in (keys[key] if isinstance(keys[key], list) else [keys[key]])]
+
+
 def _checked(i: int, c: DeclaredClaim, arms: Mapping[str, object]) -> DeclaredClaim:
     where = f"claims[{i}]"
     require(f"{where}.kind", c.kind, c.kind in KINDS, f"one of {', '.join(KINDS)}")
@@ -44,9 +49,8 @@ def _checked(i: int, c: DeclaredClaim, arms: Mapping[str, object]) -> DeclaredCl
     keys = {k: c.keys.get(k, default) for k, default in kind.KEYS.items()}
     for key, value in keys.items():
         require(f"{where}.{key}", value, value is not None, "a value (required)")
-    for key in kind.ARM_KEYS:
-        for arm in keys[key] if isinstance(keys[key], list) else [keys[key]]:
-            require(f"{where}.{key}", arm, arm in arms, f"an arm of the confirmation stage ({', '.join(arms)})")
+    for key, arm in named_arms(kind, keys):
+        require(f"{where}.{key}", arm, arm in arms, f"an arm of the confirmation stage ({', '.join(arms)})")
     for key in kind.POSITIVE:
         require(f"{where}.{key}", keys[key], is_number(keys[key]) and keys[key] > 0, "a number > 0")
     if hasattr(kind, "check"):

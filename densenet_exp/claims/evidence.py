@@ -230,8 +230,9 @@ VARIANCE_RULE = (
 )
 
 
-def variance_split(ctx, a: Arm, b: Arm) -> str:
-    """VARIANCE_RULE's evidence for a - b, or '' where a run lacks its predictions."""
+def variance_split(ctx, a: Arm, b: Arm, acc: Accuracy) -> str:
+    """VARIANCE_RULE's evidence for a - b (`acc`: accuracy(plan, a, b)), or '' where a run lacks its
+    predictions."""
     if not ctx.predictions or any(arm.runs.empty for arm in (a, b)):
         return ""
     ids = [list(arm.trained["run_id"]) for arm in (a, b)]
@@ -246,7 +247,6 @@ def variance_split(ctx, a: Arm, b: Arm) -> str:
     test_se = per_image.std(ddof=1) / np.sqrt(len(per_image))
     from scipy.stats import t
 
-    acc = accuracy(ctx.plan, a, b)
     if acc.diff is not None:  # paired: the seed part is the per-seed differences' SE
         seed_se, dof, diff = float(acc.diff.std(ddof=1) / np.sqrt(len(acc.diff))), len(acc.diff) - 1, acc.diff.mean()
     else:

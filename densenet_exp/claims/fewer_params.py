@@ -42,7 +42,7 @@ def judge(ctx, k) -> list[Claim]:
         f"{factor:.2f}x fewer"))
     if len(acc.a) and len(acc.b):
         claim.evidence += f"; difference {100 * (acc.a.mean() - acc.b.mean()):+.2f} pp (margin {k['margin_pp']:g})"
-    claim.evidence += power_line(ctx, k) + variance_split(ctx, small, large)
+    claim.evidence += power_line(ctx, k, acc) + variance_split(ctx, small, large, acc)
     if gate(claim, [small, large], converged=False):
         return [claim]
     if not factor >= k["min_param_factor"]:
@@ -62,10 +62,9 @@ def judge(ctx, k) -> list[Claim]:
                       f"one-sided {acc.words} non-inferiority within {k['margin_pp']:g} pp ({acc.n})")]
 
 
-def power_line(ctx, k) -> str:
-    """stats.POWER_RULE's line: the power the seeds had at the SD seen and the family's first level."""
-    small, large = ctx.arms[k["smaller"]], ctx.arms[k["larger"]]
-    acc = accuracy(ctx.plan, small, large)
+def power_line(ctx, k, acc) -> str:
+    """stats.POWER_RULE's line: the power the seeds had (`acc`, evidence.accuracy of the pair) at the
+    SD seen and the family's first level."""
     row = power(ctx.plan, k, ctx.tests, acc.a, acc.b, acc.diff)
     if not row or row["power"] != row["power"]:
         return ""

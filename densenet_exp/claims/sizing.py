@@ -14,15 +14,7 @@ import pandas as pd
 
 from ..analysis.estimate import exploration_sd, print_estimate as print_time
 from ..plan import Plan
-from . import KINDS, name, tests
-
-
-def arms_of(c) -> list[str]:
-    kind = KINDS[c.kind]
-    out = []
-    for key in kind.ARM_KEYS:
-        out += c[key] if isinstance(c[key], list) else [c[key]]
-    return out
+from . import KINDS, name, named_arms, tests
 
 
 def sizing(plan: Plan, uri: str, sd_pp: float | None) -> pd.DataFrame:
@@ -34,7 +26,7 @@ def sizing(plan: Plan, uri: str, sd_pp: float | None) -> pd.DataFrame:
         if not hasattr(kind, "size"):
             rows.append({**row, "test": f"{kind.tests(c.keys)} test(s), no power model"})
             continue
-        sd = sd_pp if sd_pp is not None else 100 * exploration_sd(plan, uri, arms_of(c))
+        sd = sd_pp if sd_pp is not None else 100 * exploration_sd(plan, uri, [arm for _, arm in named_arms(kind, c.keys)])
         sized = kind.size(plan, c.keys, sd, k)
         rows.append({**row, "test": sized["test"], "seed SD (pp)": round(sd, 3),
                      "alpha": f"{sized['alpha']:.3g} ({'Holm, k = ' + str(k) if plan.procedure == 'holm' else 'fixed sequence'})",
