@@ -1,11 +1,9 @@
 """The run config as plain data, torch-free and light (`--help` imports it): where the config
 files are (CONF_DIR), the ablation's three DenseNet knobs (named here, once), the resolved config
-of a composed one (knobs folded into the model), its flat params and its hash."""
+of a composed one (knobs folded into the model) and its flat params (identity.py hashes it)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -107,9 +105,3 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
-
-
-def config_hash(cfg: Mapping[str, Any]) -> str:
-    """A short, stable hash of everything that shapes a run's result (tracking excluded)."""
-    relevant = {k: v for k, v in cfg.items() if k not in ("tracking",)}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]

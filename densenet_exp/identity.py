@@ -24,13 +24,17 @@ from .config import flatten
 # Compiled kernels and the precision round differently, so `speed.compile` and `trainer.precision`
 # are recipe; channels-last and kept freed memory only change speed. tests/test_config_keys.py
 # fails when a key of any config group has no class here.
+# How the machine in front of you runs a job (threads, side-by-side jobs, loader processes) is its
+# own class: chosen from the core count, so a resume on another machine or with another `--jobs`
+# must find the same run (config_hash leaves it out too).
 ARCHITECTURE, RECIPE, DATA, SEED, BOOKKEEPING_CLASS = "architecture", "recipe", "data", "seed", "bookkeeping"
+MACHINE = "machine"
 KEY_CLASSES = {
     "model.": ARCHITECTURE, "growth_rate": ARCHITECTURE, "compression": ARCHITECTURE, "bottleneck": ARCHITECTURE,
     "optim.": RECIPE, "loss.": RECIPE, "trainer.": RECIPE, "speed.compile": RECIPE,
     "data.": DATA,
     "seed": SEED, "data.split_seed": SEED,
-    "cpu_threads": BOOKKEEPING_CLASS, "parallel_jobs": BOOKKEEPING_CLASS, "data.num_workers": BOOKKEEPING_CLASS,
+    "cpu_threads": MACHINE, "parallel_jobs": MACHINE, "data.num_workers": MACHINE,
     "data.eval_batch_size": BOOKKEEPING_CLASS, "data.download": BOOKKEEPING_CLASS,
     "trainer.enable_progress_bar": BOOKKEEPING_CLASS, "trainer.enable_model_summary": BOOKKEEPING_CLASS,
     "trainer.log_every_n_steps": BOOKKEEPING_CLASS, "trainer.num_sanity_val_steps": BOOKKEEPING_CLASS,
@@ -54,7 +58,7 @@ def shapes_result(key: str, data_name: str) -> bool:
     """Whether flattened config key `key` is part of a configuration (see the module's docstring):
     architecture, recipe or data, or a key of no class (kept: an unknown key may shape the result).
     A built-in data set is named, wherever its files are; an image folder is its root."""
-    if key_class(key) in (SEED, BOOKKEEPING_CLASS):
+    if key_class(key) in (SEED, BOOKKEEPING_CLASS, MACHINE):
         return False
     return not (key == "data.root" and data_name != "imagefolder")
 
@@ -63,6 +67,21 @@ def configuration(params: Mapping[str, Any]) -> dict[str, str]:
     """The params of a configuration: flattened config keys -> values as MLflow stores them."""
     data_name = str(params.get("data.name"))
     return {k: str(v)[:PARAM_LENGTH] for k, v in params.items() if shapes_result(k, data_name)}
+
+
+def config_hash(cfg: Mapping[str, Any]) -> str:
+    """The run hash of resolved config `cfg`: a short, stable hash of the whole config but where it
+    is tracked and the MACHINE keys. Unlike config_key it keeps the seed and the bookkeeping (probes,
+    printing): a run resumes, or is skipped as finished, only under this hash."""
+    flat = {k: v for k, v in flatten(cfg).items() if not k.startswith("tracking.") and key_class(k) != MACHINE}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def older_config_hash(cfg: Mapping[str, Any]) -> str:
+    """The run hash before 2026-12-08, which kept the MACHINE keys: a run killed under it still
+    resumes (and is re-tagged with config_hash)."""
+    relevant = {k: v for k, v in cfg.items() if k not in ("tracking",)}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def config_key(params: Mapping[str, Any]) -> str:

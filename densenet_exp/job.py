@@ -41,8 +41,8 @@ from .runs.claim import CLAIM_ENV, RunClaim, choose_run
 from .training.classifier import ImageClassifier
 from .runs.console import job_label, jobs_after, resume_command, swept_labels
 from .training.data import ImageDataModule, has_validation_split
-from .config import config_hash, flatten
-from .identity import config_key
+from .config import flatten
+from .identity import config_hash, config_key, older_config_hash
 from .models import build_model
 from .runs.ownership import Heartbeat, OwnerLock, close_orphans
 from .plan import load_plan
@@ -132,6 +132,7 @@ class Job:
     speed: Speed
     variant: str
     config_hash: str
+    older_hash: str  # identity.older_config_hash: finds a run killed before the hash left out threads
     hc: Any
 
 
@@ -140,7 +141,8 @@ def compose(cfg: DictConfig, hc: Any) -> Job:
     variant name and its config hash."""
     plain = checked_config(cfg, hc.overrides.task, trainer_arguments)
     speed = choose_speed(plain)  # resolves trainer.accelerator/precision/deterministic `auto` in plain
-    return Job(plain, speed, variant_name(plain, swept_labels(hc)), config_hash(plain), hc)
+    return Job(plain, speed, variant_name(plain, swept_labels(hc)), config_hash(plain),
+               older_config_hash(plain), hc)
 
 
 # -- 2. build --------------------------------------------------------------------------------
@@ -213,7 +215,7 @@ def finished_twin(client: MlflowClient, experiment_id: str, job: Job) -> Any:
     """In a sweep with tracking.skip_finished, a FINISHED run of the same config (else None)."""
     if job.hc.mode != RunMode.MULTIRUN or not job.plain["tracking"]["skip_finished"]:
         return None
-    return find_finished_run(runs_of_config(client, experiment_id, job.config_hash))
+    return find_finished_run(runs_of_config(client, experiment_id, job.config_hash, job.older_hash))
 
 
 def skipped(client: MlflowClient, job: Job, finished: Any) -> dict[str, Any]:
@@ -263,8 +265,12 @@ def open_run(client: MlflowClient, uri: str, experiment_id: str, job: Job) -> Op
     tracking = job.plain["tracking"]
     chief = rank_zero_only.rank == 0
     root = Path(hc.runtime.cwd)
-    claim = choose_run(client, experiment_id, runs_of_config(client, experiment_id, job.config_hash), job.plain,
+    previous = runs_of_config(client, experiment_id, job.config_hash, job.older_hash)
+    claim = choose_run(client, experiment_id, previous, job.plain,
                        job.config_hash, hc, chief, create=lambda lock: create_run(client, experiment_id, job, root, lock))
+    if chief and any(r.info.run_id == claim.run_id and r.data.tags.get(record.CONFIG_HASH) != job.config_hash
+                     for r in previous):  # a run of the older hash resumes under today's
+        retry_locked(lambda: client.set_tag(claim.run_id, record.CONFIG_HASH, job.config_hash))
     if chief:
         record_job(hc, claim.run_id)
     os.environ[CLAIM_ENV] = claim.to_env()  # DDP ranks that Lightning starts take rank 0's choice

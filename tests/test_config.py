@@ -15,7 +15,8 @@ from densenet_exp.job import variant_name
 from densenet_exp.config import apply_knobs
 from densenet_exp.models import DenseNet, build_model
 from densenet_exp.run import ddp_rank_argv
-from densenet_exp.config import config_hash, flatten
+from densenet_exp.config import flatten
+from densenet_exp.identity import config_hash
 from densenet_exp.validate import ConfigError, validate_config
 
 MODELS = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
@@ -76,6 +77,33 @@ def test_config_hash_ignores_tracking_but_not_knobs():
     same = composed("experiment=smoke", "tracking.experiment=other")
     other = composed("experiment=smoke", "growth_rate=8")
     assert config_hash(cfg) == config_hash(same) != config_hash(other)
+
+
+def test_config_hash_leaves_out_how_the_machine_runs_a_job_but_keeps_its_seed_and_probes():
+    """A study resumed with another --jobs (other threads), or on a machine with more cores, finds
+    its run; a run of another seed or other probes is another run."""
+    cfg = composed("experiment=smoke", "cpu_threads=2", "parallel_jobs=1")
+    machine = composed("experiment=smoke", "cpu_threads=1", "parallel_jobs=2", "data.num_workers=1")
+    assert config_hash(cfg) == config_hash(machine)
+    for other in (["seed=5"], ["probes=none"], ["trainer.max_epochs=7"]):
+        assert config_hash(composed("experiment=smoke", "cpu_threads=2", "parallel_jobs=1", *other)) != config_hash(cfg)
+
+
+def test_the_older_hash_is_the_one_committed_runs_carry():
+    """older_config_hash must reproduce the tag of every run logged before the machine keys left
+    the hash, or a run killed under older code would not resume."""
+    import gzip
+    import json
+
+    import yaml
+
+    from densenet_exp.identity import older_config_hash
+
+    rows = [json.loads(line) for line in gzip.open(ROOT / "docs/results/fmnist_pair/runs.jsonl.gz", "rt")]
+    assert rows
+    for row in rows:
+        cfg = yaml.safe_load(row["artifacts"]["config.yaml"])
+        assert older_config_hash(cfg) == row["tags"]["config_hash"] != config_hash(cfg)
 
 
 def test_the_configuration_key_leaves_out_the_seed_and_bookkeeping_but_nothing_that_shapes_the_model():

@@ -21,7 +21,7 @@ from conftest import ROOT
 from densenet_exp.training.classifier import ImageClassifier
 from densenet_exp.models import DenseNet
 from densenet_exp.training.speed import choose_speed, use_channels_last, use_keep_freed_memory
-from densenet_exp.config import config_hash
+from densenet_exp.identity import config_hash
 from densenet_exp.validate import ConfigError
 
 OPTIM = {"name": "sgd", "lr": 0.1, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0, "scheduler": "constant"}

@@ -161,7 +161,9 @@ def test_a_kill_during_a_new_stores_creation_never_leaves_it_half_made(tmp_path)
         probe = client.create_run(ensure_experiment(client, "smoke"))  # the store takes a run
         client.set_terminated(probe.info.run_id, "FINISHED")  # and leaves no ownerless RUNNING one
         assert not (store.path / "mlflow.db.creating").exists()
-    result = store.run(*SMOKE, "trainer.max_epochs=1")  # a launch on the last of them trains
+    # A launch on the last of them trains. Its own folder: on a fast CPU the run killed at 3.0 s
+    # may already have left a checkpoint there, which another configuration rightly may not reuse.
+    result = store.run(*SMOKE, "trainer.max_epochs=1", out="after")
     assert result.returncode == 0, result.stderr[-3000:]
     assert_clean(store)
 
@@ -283,6 +285,36 @@ def test_a_reused_output_folder_never_resumes_one_configuration_from_another(sto
     assert sorted(m.step for m in store.client().get_metric_history(run.info.run_id, "val/acc")) == [7, 15]
     assert owner(last) == {"run_id": killed.info.run_id, "config_hash": run.data.tags["config_hash"]}
     assert_clean(store)
+
+
+@pytest.mark.slow
+def test_a_run_killed_under_one_thread_count_resumes_under_another(store):
+    """`study run --jobs 1` then `--jobs 2` (or a machine with more cores) sets other threads: the
+    killed run resumes from its checkpoint, in its folder, as the same MLflow run."""
+    a = (*SMOKE, "trainer.max_epochs=2")
+    ensure_experiment(store.client(), "smoke")
+    last = store.path / "D" / "checkpoints" / "last.ckpt"
+    kill_when(start(store, *a, "cpu_threads=2", "parallel_jobs=1", out="D"), last.exists, timeout=900)
+    (killed,) = store.runs("smoke")
+    result = store.run(*a, "cpu_threads=1", "parallel_jobs=2", out="D")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = store.runs("smoke")
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    assert sorted(m.step for m in store.client().get_metric_history(run.info.run_id, "val/acc")) == [7, 15]
+    assert_clean(store)
+
+
+def test_a_run_tagged_with_the_older_hash_is_found_under_it(tmp_path):
+    """A run killed before the machine keys left the hash is still a run of its config."""
+    from densenet_exp.runs.tracking import runs_of_config
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = ensure_experiment(client, "smoke")
+    old = client.create_run(experiment, tags={"config_hash": "older"}).info.run_id
+    new = client.create_run(experiment, tags={"config_hash": "today"}).info.run_id
+    client.create_run(experiment, tags={"config_hash": "another"})
+    assert [r.info.run_id for r in runs_of_config(client, experiment, "today", "older")] == [new, old]
+    assert [r.info.run_id for r in runs_of_config(client, experiment, "today", "today")] == [new]
 
 
 def test_a_checkpoint_resumes_only_the_run_it_names(tmp_path):

@@ -96,13 +96,11 @@ def spool(path: Path | None, uri: str | None, run_id: str | None, **entry: Any) 
         f.write(json.dumps({"uri": uri, "run_id": run_id, **entry}) + "\n")
 
 
-def runs_of_config(client: MlflowClient, experiment_id: str, chash: str) -> list[Run]:
-    """Every run of this exact config (same config hash), newest first."""
-    return retry_locked(
-        lambda: client.search_runs(
-            [experiment_id], f"tags.{record.CONFIG_HASH} = '{chash}'", order_by=["attributes.start_time DESC"]
-        )
-    )
+def runs_of_config(client: MlflowClient, experiment_id: str, *hashes: str) -> list[Run]:
+    """Every run of this exact config (tagged with one of its config hashes), newest first."""
+    found = {run.info.run_id: run for chash in dict.fromkeys(hashes) for run in retry_locked(
+        lambda chash=chash: client.search_runs([experiment_id], f"tags.{record.CONFIG_HASH} = '{chash}'"))}
+    return sorted(found.values(), key=lambda run: run.info.start_time or 0, reverse=True)
 
 
 def find_finished_run(runs: list[Run]) -> Run | None:
