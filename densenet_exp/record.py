@@ -33,6 +33,10 @@ EPOCH_TIME_S = "epoch_time_s"
 PEAK_MEMORY_MB = "peak_memory_mb"  # the process's peak RSS: depends on its history, no verdict uses it
 ACTIVATIONS_MB = "memory/activations_mb"  # bytes saved for backward in one training step
 TRAIN_STEP_MB = "memory/train_step_mb"  # ... plus parameters, gradients and optimizer state
+# The same figure for each implementation of the model, measured eagerly on copies at the first
+# step (a model with one implementation logs "plain" only): a memory claim compares like with like.
+TRAIN_STEP_MB_BY_IMPL = {"plain": "memory/train_step_mb_plain",
+                         "memory_efficient": "memory/train_step_mb_memory_efficient"}
 GPU_STEP_PEAK_MB = "memory/gpu_step_peak_mb"  # GPU only: allocator peak over one step
 
 # probes/gradient_flow.py, per phase (GRADIENT_PHASES): the first optimizer step, and after epoch 1
@@ -133,7 +137,8 @@ RUN_PARAMS = (
 # Read where a preset has them (the depth of a named or block-configured model).
 RUN_PARAMS_OPTIONAL = ("model.depth", "model.block_config", "trainer.precision")
 REPORT_READS = {
-    "metrics": (VAL_ACC, TEST_ACC, TRAIN_LOSS, PARAMS, FLOPS_PER_IMAGE, TRAIN_STEP_MB, TRAIN_IMAGES_PER_S,
+    "metrics": (VAL_ACC, TEST_ACC, TRAIN_LOSS, PARAMS, FLOPS_PER_IMAGE, TRAIN_STEP_MB, TRAIN_STEP_MB_BY_IMPL["plain"],
+                TRAIN_IMAGES_PER_S,
                 INFER_IMAGES_PER_S, *(early_relative_gradient(p) for p in GRADIENT_PHASES),
                 *(early_over_late_gradient(p) for p in GRADIENT_PHASES)),
     "tags": (VARIANT, DEVICE, PARALLEL_JOBS, PRECISION, GIT_COMMIT),
@@ -142,4 +147,5 @@ REPORT_READS = {
 }
 # DenseNets only: feature reuse is measured on dense blocks (the Figure 5 verdicts are computed from
 # the matrices, not from the reuse/ metrics, which a block too short for an observation lacks).
-REPORT_READS_DENSENET = {"artifacts": (FEATURE_REUSE_MATRICES, FEATURE_REUSE_MATRICES_INIT)}
+REPORT_READS_DENSENET = {"artifacts": (FEATURE_REUSE_MATRICES, FEATURE_REUSE_MATRICES_INIT),
+                         "metrics": (TRAIN_STEP_MB_BY_IMPL["memory_efficient"],)}

@@ -76,7 +76,8 @@ def write_plan(tmp_path, experiment: str) -> "confirmation.Plan":
 
 
 def build(store: Store, plan, acc: dict[str, float], curve_gain_pp: float = 0.1, loss: dict[str, float] | None = None,
-          untrained: bool = False, stage: str = "confirmation", spread: float = 0.001) -> None:
+          untrained: bool = False, stage: str = "confirmation", spread: float = 0.001,
+          by_impl: dict[str, dict[str, float]] | None = None) -> None:
     """Five seeds per arm of `plan`: test accuracy around acc[arm] (seed SD about `spread`), three
     validation checks ending with a gain of `curve_gain_pp`, final training loss loss[arm],
     Figure 5 matrices (trained like the paper's, or equal to init if `untrained`) for DenseNets."""
@@ -98,7 +99,9 @@ def build(store: Store, plan, acc: dict[str, float], curve_gain_pp: float = 0.1,
                              {record.TEST_ACC: final, record.PARAMS: 100_000 if arm == "small" else 270_000,
                               record.FLOPS_PER_IMAGE: 20e6 if arm == "small" else 80e6,
                               record.TRAIN_STEP_MB: 640.0 if arm == "small" else 320.0,
-                              record.TRAIN_LOSS: loss[arm] * (1 + 0.01 * (i - 2))}, seed, "fashion_mnist",
+                              record.TRAIN_LOSS: loss[arm] * (1 + 0.01 * (i - 2)),
+                              **{record.TRAIN_STEP_MB_BY_IMPL[impl]: mb
+                                 for impl, mb in (by_impl or {}).get(arm, {}).items()}}, seed, "fashion_mnist",
                              tags={record.STUDY_PLAN: plan.name, record.STUDY_PLAN_HASH: plan.hash,
                                    record.STUDY_STAGE: stage, record.STUDY_ARM: arm}, artifacts=artifacts)
             checks = [final - 0.05, final - curve_gain_pp / 100 - 0.01, final - curve_gain_pp / 100, final][1:]
@@ -134,8 +137,24 @@ def test_a_truly_non_inferior_declared_pair_is_supported_with_its_power(store, n
     flops = next(c for name, c in claims.items() if "fewer FLOPs" in name)
     memory = next(c for name, c in claims.items() if "more train-step memory" in name)
     assert flops.verdict == SUPPORTED and memory.verdict == SUPPORTED  # exact figures once matched
+    assert "[plain concatenation (model.memory_efficient=false); the other implementation was not measured" in memory.claim
     control = next(c for name, c in claims.items() if "plain20" not in name and "trains worse" in name)
     assert control.verdict == SUPPORTED  # plain_b's loss is 2x plain_a's
+
+
+def test_memory_is_judged_for_each_densenet_implementation_against_the_resnets_one(store, tmp_path):
+    """Plain concatenation needs 2x ResNet-20's train-step memory; memory-efficient mode 0.94x: one
+    line each, the second "not supported for this pair"; the ResNet's one implementation serves both."""
+    plan = write_plan(tmp_path, "by_impl")
+    build(store, plan, {"small": 0.921, "big": 0.920, "plain_a": 0.90, "plain_b": 0.85},
+          loss={"small": 0.2, "big": 0.2, "plain_a": 0.2, "plain_b": 0.4},
+          by_impl={"small": {"plain": 640.0, "memory_efficient": 300.0}, "big": {"plain": 320.0}})
+    memory = {name: c for name, c in judged(store, plan).items() if "more train-step memory" in name}
+    plain = next(c for name, c in memory.items() if name.endswith("[plain concatenation]"))
+    efficient = next(c for name, c in memory.items() if name.endswith("[memory-efficient mode]"))
+    assert len(memory) == 2 and plain.verdict == SUPPORTED and "ratio 2 " in plain.evidence
+    assert efficient.verdict == INCONCLUSIVE and efficient.reason == "not supported for this pair (ratio 0.938)"
+    assert "small: 2.344 MiB; big: 2.5 MiB" in efficient.evidence  # per image, batch 128
 
 
 def test_the_same_store_without_a_plan_is_only_exploratory(store, non_inferior):

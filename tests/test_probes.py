@@ -502,6 +502,11 @@ def test_train_step_memory_is_saved_tensors_plus_model_state_whatever_ran_before
     assert figures[0]["memory/activations_mb"] == pytest.approx(expected_saved / mib, rel=0.01)
     # SGD without momentum keeps no state: parameters + gradients.
     assert figures[0]["memory/train_step_mb"] == pytest.approx((expected_saved + 2 * param_bytes) / mib, rel=0.01)
+    # Each implementation on copies: the plain one is the step this run trained (the loss aside);
+    # memory-efficient mode saves less; a ResNet has one implementation.
+    assert figures[0]["memory/train_step_mb_plain"] == pytest.approx(figures[0]["memory/train_step_mb"], rel=0.01)
+    assert figures[0]["memory/train_step_mb_memory_efficient"] < 0.9 * figures[0]["memory/train_step_mb_plain"]
+    assert "memory/train_step_mb_memory_efficient" not in figures[1] and "memory/train_step_mb_plain" in figures[1]
 
 
 def test_train_step_memory_counts_optimizer_state(tmp_path):

@@ -248,3 +248,19 @@ def test_step_profile_splits_a_step_by_kind_of_op_and_compares_per_gmac():
     # ResNet-20: 40.8 MMACs at 32x32, so (28/32)^2 of it at 28x28; forward and backward: 3x.
     assert float(base["GMACs/step"]) == pytest.approx(3 * 4 * 40.8e6 * (28 / 32) ** 2 / 1e9, rel=0.05)
     assert base["excess/GMAC: batch norm"] == "" and dense["excess/GMAC: batch norm"] != ""
+
+
+def test_study_memory_regenerates_the_pair_readmes_memory_table():
+    """benchmarks/study_memory.py rebuilds each arm from its committed config: the table in the
+    pair's README is what it prints, and its eager count agrees with what the runs logged."""
+    result = subprocess.run([sys.executable, "benchmarks/study_memory.py", "docs/results/fmnist_pair/runs.jsonl.gz"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    readme = (ROOT / "docs/results/fmnist_pair/README.md").read_text()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in result.stdout.splitlines() if line.startswith("| ") and not line.startswith("| arm")}
+    assert set(rows) == {"densenet_bc28", "resnet20"}
+    for arm, (plain, efficient, trained, logged) in rows.items():
+        assert f"| {arm} | {plain} | {efficient} | {logged} |" in readme
+        assert abs(float(plain) / float(logged) - 1) < 0.01
+    assert "densenet_bc28 / resnet20: plain 3.17x, memory-efficient 1.51x" in result.stdout

@@ -3,8 +3,10 @@ family), and, only where it is, FLOPs and train-step memory per image as exact f
 the family: they do not vary over seeds), each against the declared `tolerance` (a ratio within
 1 ± tolerance is no difference). One pair, chosen by parameters, can support "fewer FLOPs" or
 fail to: it cannot contradict the paper's claim, which is about the frontier (some DenseNet at
-each accuracy), so a ratio on the wrong side reads "not supported for this pair". The memory
-claim names the implementation its runs measured (`model.memory_efficient`)."""
+each accuracy), so a ratio on the wrong side reads "not supported for this pair". Memory is judged
+for each implementation of a DenseNet (plain concatenation and memory-efficient mode: exact figures
+that every run measures on copies of its model at the first step); runs logged before those figures
+existed are judged on the implementation they trained, named."""
 
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ KIND = "matched_cost"
 KEYS = {"smaller": None, "larger": None, "margin_pp": None, "tolerance": 0.05}
 ARM_KEYS = ("smaller", "larger")
 POSITIVE = ("margin_pp", "tolerance")
-COSTS = ((record.FLOPS_PER_IMAGE, "fewer FLOPs per image", True),
-         (record.TRAIN_STEP_MB, "more train-step memory per image", False))
+FLOPS = (record.FLOPS_PER_IMAGE, "fewer FLOPs per image", True)
+MEMORY = "more train-step memory per image"
+IMPLEMENTATIONS = {"plain": "plain concatenation", "memory_efficient": "memory-efficient mode"}
 
 
 def tests(k) -> int:
@@ -37,8 +40,10 @@ def rule(k) -> tuple[str, str]:
             "(after the family's correction): FLOPs per image and train-step memory per image (`memory/train_step_mb` "
             f"over `data.batch_size`) compared as exact figures, a ratio within 1 ± {k['tolerance']:g} counting as no "
             "difference. A single pair chosen by parameters can support a cost claim or leave it \"not supported for "
-            "this pair\", never contradict the paper's frontier claim. The memory claim names the implementation its "
-            "runs measured (plain concatenation or `model.memory_efficient=true`). Throughput is measured by the bench "
+            "this pair\", never contradict the paper's frontier claim. Memory is judged once for each DenseNet "
+            "implementation (plain concatenation, memory-efficient mode; a model with one implementation counts it "
+            "for both), each measured on copies of the run's model at its first step; runs from before those "
+            "figures are judged on the implementation they trained, named. Throughput is measured by the bench "
             "on an idle machine as same-run ratios, not here.")
 
 
@@ -61,7 +66,22 @@ def judge(ctx, k) -> list[Claim]:
         else:
             same.p_value, same.direction = p, 1
             same.test = f"TOST, two one-sided tests ({acc.words}, {acc.n}): p = {p:.3g}"
-    return [same, *(cost_claim(ctx, small, large, same, k["tolerance"], *cost) for cost in COSTS)]
+    costs = [(FLOPS, "")]
+    by_impl = {impl: [by_implementation(a, impl) for a in (small, large)] for impl in IMPLEMENTATIONS}
+    if all(len(a.values(m)) for pair in by_impl.values() for a, m in zip((small, large), pair)):
+        costs += [((m, MEMORY, False), f" [{words}]") for words, m in
+                  ((IMPLEMENTATIONS[impl], by_impl[impl]) for impl in IMPLEMENTATIONS)]
+    else:  # runs from before the figures for each implementation
+        costs.append(((record.TRAIN_STEP_MB, MEMORY, False), f" [{implementation(small, large)}; the other "
+                                                            "implementation was not measured by these runs]"))
+    return [same, *(cost_claim(ctx, small, large, same, k["tolerance"], *cost, where) for cost, where in costs)]
+
+
+def by_implementation(arm, impl: str) -> str:
+    """The metric of `arm`'s train-step memory under implementation `impl`: its own figure, or its
+    one implementation's where the model has no other (a ResNet)."""
+    metric = record.TRAIN_STEP_MB_BY_IMPL[impl]
+    return metric if len(arm.values(metric)) else record.TRAIN_STEP_MB_BY_IMPL["plain"]
 
 
 def implementation(*arms) -> str:
@@ -72,13 +92,15 @@ def implementation(*arms) -> str:
     return "plain concatenation (model.memory_efficient=false)" if "True" not in values else "mixed implementations"
 
 
-def cost_claim(ctx, small, large, same: Claim, tolerance: float, metric: str, words: str, fewer: bool) -> Claim:
-    per_image = [s.values(metric) / (s.values("batch_size") if metric == record.TRAIN_STEP_MB else 1)
-                 for s in (small, large)]
+def cost_claim(ctx, small, large, same: Claim, tolerance: float, metric, words: str, fewer: bool,
+               where: str) -> Claim:
+    """`metric`: one record name, or one per arm (small, large)."""
+    metrics = (metric, metric) if isinstance(metric, str) else metric
+    memory = metrics[0] != record.FLOPS_PER_IMAGE
+    per_image = [s.values(m) / (s.values("batch_size") if memory else 1) for s, m in zip((small, large), metrics)]
     x, y = per_image
-    where = f" [{implementation(small, large)}]" if metric == record.TRAIN_STEP_MB else ""
     claim = inconclusive(ctx.plan, f"{small.name} needs {words} than {large.name} at matched accuracy{where}",
-                         "; ".join(f"{s.name}: {v.mean():.4g}" + (" MiB" if metric == record.TRAIN_STEP_MB else "")
+                         "; ".join(f"{s.name}: {v.mean():.4g}" + (" MiB" if memory else "")
                                    for s, v in zip((small, large), per_image) if len(v)))
     claim.in_family = False
     claim.gates = [lambda: None if same.verdict == SUPPORTED else f"accuracy not matched ({same.reason or same.verdict})"]

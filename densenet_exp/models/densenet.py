@@ -397,6 +397,27 @@ class DenseNet(nn.Module):
         return self.classifier(out)
 
 
+def with_implementation(model: nn.Module, memory_efficient: bool) -> nn.Module | None:
+    """A copy of `model` whose dense layers all use one implementation: plain concatenation
+    (`memory_efficient=False`, per-layer batch norm) or Pleiss et al.'s recomputation. Same
+    weights and buffers; `model` itself is untouched. None when `model` has no dense layers.
+    The probes measure both implementations' memory on one trained configuration with it."""
+    import copy
+
+    if not any(isinstance(m, DenseLayer) for m in model.modules()):
+        return None
+    twin = copy.deepcopy(model)
+    workspace = Workspace() if memory_efficient else None
+    for m in twin.modules():
+        if isinstance(m, DenseLayer):
+            m.memory_efficient = memory_efficient
+        if isinstance(m, DenseBlock):
+            m.shared_stats = False
+        if isinstance(m, (DenseLayer, DenseBlock, DenseNet)):
+            m.workspace = workspace
+    return twin
+
+
 def _preset(growth_rate: int, block_config: tuple[int, ...], num_init_features: int, overrides: dict) -> DenseNet:
     kwargs = {"growth_rate": growth_rate, "block_config": block_config, "num_init_features": num_init_features}
     kwargs.update(overrides)

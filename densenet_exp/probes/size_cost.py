@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import resource
 import statistics
 import sys
@@ -132,6 +134,27 @@ class SavedTensorBytes(torch.autograd.graph.saved_tensors_hooks):
         return sum(self.storages.values())
 
 
+def saved_bytes_by_implementation(model: nn.Module, images: Tensor) -> dict[str, int]:
+    """The bytes one eager training forward of `model` on `images` saves for backward, for each of
+    its implementations (record.TRAIN_STEP_MB_BY_IMPL): a DenseNet's plain concatenation and its
+    memory-efficient mode, any other model's one ("plain"). Measured on copies, with the random
+    state restored after, so the run's own model, buffers and random stream are untouched."""
+    from ..models.densenet import with_implementation
+
+    twins = {impl: with_implementation(model, impl == "memory_efficient") for impl in record.TRAIN_STEP_MB_BY_IMPL}
+    if twins["plain"] is None:
+        twins = {"plain": copy.deepcopy(model)}
+    found = {}
+    for impl, twin in twins.items():
+        twin.train()
+        saved = SavedTensorBytes(twin.parameters())
+        with torch.random.fork_rng(devices=[images.device] if images.device.type == "cuda" else []), \
+                torch.enable_grad(), saved:
+            twin(images)
+        found[impl] = saved.nbytes
+    return found
+
+
 def model_state_bytes(
     model: nn.Module, optimizers: Sequence[torch.optim.Optimizer], only_existing_grads: bool = False
 ) -> int:
@@ -188,6 +211,9 @@ class SizeCostProbe(pl.Callback):
       precision give the same figure on any device and whatever ran before in the process. On a
       GPU also ``memory/gpu_step_peak_mb``: ``torch.cuda.max_memory_allocated`` during that step
       less what was allocated before it apart from the model (the in-memory data set).
+    - ``memory/train_step_mb_plain`` and, for a DenseNet, ``memory/train_step_mb_memory_efficient``:
+      once, at the first step: the same figure for each implementation, measured eagerly on copies
+      of the model (``saved_bytes_by_implementation``), so a memory claim can name either.
     - ``infer_images_per_s``: once, at the end of training: median of ``infer_repeats`` eval-mode
       ``no_grad`` forwards of one random batch of the training batch's shape.
     """
@@ -233,6 +259,9 @@ class SizeCostProbe(pl.Callback):
         images = _input_tensor(batch)
         if self._batch_shape is None:
             self._batch_shape = tuple(images.shape)
+            # Laid out as the classifier lays out what it trains on.
+            channels_last = getattr(pl_module, "channels_last", False)
+            self._first_images = images.contiguous(memory_format=torch.channels_last) if channels_last else images
             if trainer.is_global_zero:
                 model = getattr(pl_module, "model", pl_module)
                 cost = count_flops(model, self._batch_shape[1:])
@@ -282,6 +311,9 @@ class SizeCostProbe(pl.Callback):
         state = model_state_bytes(model, pl_module.trainer.optimizers)
         metrics = {record.ACTIVATIONS_MB: self._saved.nbytes / MIB,
                    record.TRAIN_STEP_MB: (self._saved.nbytes + state) / MIB}
+        with pl_module.trainer.precision_plugin.train_step_context():
+            saved = saved_bytes_by_implementation(model, self._first_images)
+        metrics.update({record.TRAIN_STEP_MB_BY_IMPL[impl]: (n + state) / MIB for impl, n in saved.items()})
         if pl_module.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(pl_module.device) - self._gpu_other_bytes
             metrics[record.GPU_STEP_PEAK_MB] = peak / MIB
