@@ -108,8 +108,8 @@ class Plan:
                      f"learning-rate phase, read on at least {self.settled['min_checks']:g} validation checks"
                      if self.settled else
                      f"convergence: {c['metric']} gained less than {c['max_gain_pp']:g} pp over the last "
-                     f"{c['last_fraction']:.0%} of its validation checks, and ended more than {c['near_chance_pp']:g} "
-                     "pp above chance")
+                     f"{c['last_fraction']:.0%} of its validation checks")
+        lines[-1] += f"; trained nets: last validation check more than {c['near_chance_pp']:g} pp above chance"
         lines.append(f"alpha: {self.alpha:g} one-sided, family-wise over the plan's declared tests ("
                      + ("Holm" if self.procedure == "holm" else "a fixed sequence, in the declared order") + ")"
                      + ("; paired: arms share each seed's split and batch order" if self.paired else ""))

@@ -370,3 +370,25 @@ def test_arms_that_are_not_a_full_factorial_are_not_fitted(tmp_path):
     seven = write(tmp_path, text, "seven-of-eight.yaml")
     k, _, _ = verdicts_of(store, seven)
     assert k.verdict == "not comparable" and "not a full factorial" in k.reason, k
+
+
+def test_near_chance_is_decided_on_the_last_validation_check_of_every_run_never_on_test_accuracy(tmp_path):
+    """Seed 400's validation stayed at chance (its test accuracy is high); seed 401's test accuracy is
+    at chance (its validation is high); the rest trained. Only seed 400 is left out, whichever run
+    comes last, with or without a settled rule."""
+    import pandas as pd
+
+    from densenet_exp.claims import evidence
+
+    for settled in ("", "settled: {min_checks: 2, tolerance_pp: 5.0}\n"):
+        plan = write(tmp_path, "name: chance\nexperiment: chance\n" + settled + "confirmation:\n  seeds: [400, 401, 402]\n"
+                     "  arms:\n    a: [model=densenet_s9]\nclaims:\n  - {kind: feature_reuse, arm: a}\n",
+                     f"chance{len(settled)}.yaml")
+        val = {400: 0.12, 401: 0.90, 402: 0.91}
+        test = {400: 0.90, 401: 0.11, 402: 0.91}
+        runs = pd.DataFrame({"run_id": [f"r{s}" for s in val], "seed": list(val), "num_classes": 10,
+                             f"tags.{record.STUDY_ARM}": "a", record.TEST_ACC: [test[s] for s in val]})
+        curves = pd.DataFrame([{"run_id": f"r{s}", "epoch": e, "value": v - 0.001 * (3 - e), "lr_drops": (1.0,)}
+                               for s, v in val.items() for e in (1.5, 2.0, 2.5, 3.0)])
+        (arm,) = evidence.arms_of(plan, runs, curves).values()
+        assert arm.near_chance == ["seed 400: last validation accuracy 0.120, chance 0.100"], settled

@@ -129,10 +129,11 @@ def rules(plan: Plan) -> list[tuple[str, str]]:
     the shared ones, then each declared kind's (once, from its first claim's keys)."""
     shared = [
         ("stage and plan", STAGE_RULE),
-        ("convergence", (SETTLED_RULE if plan.settled else convergence_rule(plan.convergence)) + " A run whose test "
-                        "accuracy ends within "
+        ("convergence", (SETTLED_RULE if plan.settled else convergence_rule(plan.convergence)) + " A run whose last "
+                        "validation check is within "
                         f"{plan.convergence['near_chance_pp']:g} points of chance (1 / classes) is left out of the "
-                        "claims on trained nets and named."),
+                        "claims on trained nets and named: decided on validation accuracy, never on the test accuracy "
+                        "the claims compare."),
         ("one-sided tests", stats.ONE_SIDED_RULE + f" Here alpha = {plan.alpha:g}."),
         ("non-inferiority and equivalence", stats.NON_INFERIORITY_RULE),
         ("the family", stats.FAMILY_RULE),
