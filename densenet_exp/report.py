@@ -73,7 +73,8 @@ from .claims import Confirmation, describe, judge_plan, load_plan
 from .claims import rules as plan_rules
 from .claims.evidence import confirmation_runs, planned_seeds
 from .plan import Plan
-from .analysis.tables import FORMATS, PAPER_METRICS, accuracy_columns, headline_table, summary_cell, write_tables
+from .analysis.tables import (FORMATS, PAPER_METRICS, accuracy_columns, headline_table, stat_text, summary_cell,
+                              write_tables)
 from .analysis.verdicts import DEFAULT_MARGIN_PP, NOISY_CV, Claim, Judgement, claims_table, conclusion, evaluate_claims, method
 
 
@@ -524,9 +525,11 @@ def _published_section(doc: Document, published: pd.DataFrame) -> None:
                  "(L=100, k=12), `densenet_bc100_k12` on `cifar10` with `data.augment=crop_flip`, 4.51% error on "
                  "C10+ (Huang et al. 2017, Table 2).")
         return
-    shown = published.copy()
-    for column in ("published accuracy", "our accuracy mean", "our accuracy std"):
-        shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.4f}")
+    shown = published.drop(columns=["published accuracy", "our accuracy mean", "our accuracy std"])
+    # In percent and rounded as every table of the report (tables.stat_text).
+    shown.insert(3, "published accuracy (%)", [stat_text(100 * v) for v in published["published accuracy"]])
+    shown.insert(5, "our accuracy (%)", [stat_text(100 * m, 100 * s) for m, s in
+                                         zip(published["our accuracy mean"], published["our accuracy std"])])
     doc.text("The published recipes train far longer (300 epochs on CIFAR with crop and flip, 90 on ImageNet): "
              "compare our epochs before reading a gap as a failed reproduction.")
     doc.table(shown)

@@ -493,7 +493,7 @@ def test_report_cli_writes_the_folder_and_logs_a_report_run_it_then_ignores(know
     assert method_section(text) == "\n".join(f"- {line}" for line in report.method_lines(0.75))
     assert [name for name, _ in verdicts.method(0.75)][:2] == ["selection", "comparability"]
     assert "## What this shows" in text and "At most 2 training epoch(s)" in text
-    assert "DenseNet-BC (L=100, k=12)" in text and "4.51" in text
+    assert has_row(text, "cifar10", "densenet_bc100_k12", "DenseNet-BC (L=100, k=12)", "95.49", "4.51", "80", "1")
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert re.findall(r"\]\(([^)]+\.png)\)", text) and sorted(set(re.findall(r"\]\(([^)]+\.png)\)", text))) == pngs
     assert {"feature_reuse_fashion_mnist_densenet_small-k24-c1.png", "knob_effects_fashion_mnist.png",
