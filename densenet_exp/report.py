@@ -50,6 +50,8 @@ from .analysis.results import (
     CONFIG,
     SUMMARY_METRICS,
     ExperimentNotFound,
+    accuracy_label,
+    accuracy_of,
     InvalidRunId,
     check_run_id,
     feature_reuse_matrices,
@@ -71,7 +73,8 @@ from .claims import Confirmation, describe, judge_plan, load_plan
 from .claims import rules as plan_rules
 from .claims.evidence import confirmation_runs, planned_seeds
 from .plan import Plan
-from .analysis.tables import FORMATS, figure, headline_table, write_tables
+from .analysis.tables import (FORMATS, PAPER_METRICS, accuracy_columns, headline_table, stat_text, summary_cell,
+                              write_tables)
 from .analysis.verdicts import DEFAULT_MARGIN_PP, NOISY_CV, Claim, Judgement, claims_table, conclusion, evaluate_claims, method
 
 
@@ -102,24 +105,10 @@ def feature_reuse_figures(
 # --- tables ----------------------------------------------------------------------------------
 
 
-def format_stat(row: pd.Series, metric: str) -> str:
-    """'mean ± std [ci_low, ci_high]' of a summarize() row; the mean alone for one value, blank for
-    none, '(n=…)' when fewer runs than the configuration's logged it."""
-    n = row[f"{metric} n"]
-    if not n:
-        return ""
-    text = figure(row[f"{metric} mean"])
-    if n > 1:
-        text += f" ± {figure(row[f'{metric} std'])}"
-        if pd.notna(row[f"{metric} ci_low"]):
-            text += f" [{figure(row[f'{metric} ci_low'])}, {figure(row[f'{metric} ci_high'])}]"
-        if metric.endswith("images_per_s") and row[f"{metric} cv"] > NOISY_CV:
-            text += f" (noisy: CV {row[f'{metric} cv']:.0%})"  # timings are flagged, not judged
-    return text + (f" (n={n})" if n < row["runs"] else "")
-
-
 def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
-    """summarize()'s table as the report prints it: one string column per metric."""
+    """summarize()'s table as the report prints it: one string column per metric of SUMMARY_METRICS,
+    named, scaled and written as the paper tables do (tables.summary_cell; accuracy by
+    ACCURACY_RULE, so pass one data set's rows), timings flagged where noisy."""
     table = pd.DataFrame({
         "data": summary["data"],
         "model": summary["model"],
@@ -133,8 +122,11 @@ def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
     })
     if "differs" in summary and summary["differs"].fillna("").astype(bool).any():  # names that collide
         table.insert(2, "differs", summary["differs"].fillna(""))
-    for metric, label in SUMMARY_METRICS.items():
-        table[label] = [format_stat(row, metric) for _, row in summary.iterrows()]
+    for metric, (label, scale) in accuracy_columns(summary, {m: PAPER_METRICS[m] for m in SUMMARY_METRICS}).items():
+        noisy = metric.endswith("images_per_s")  # timings are flagged, not judged
+        table[label] = [summary_cell(row, metric, scale)
+                        + (f" (noisy: CV {row[f'{metric} cv']:.0%})" if noisy and row[f"{metric} cv"] > NOISY_CV else "")
+                        for _, row in summary.iterrows()]
     return table
 
 
@@ -343,6 +335,22 @@ class Findings:
     files: list[Path] = field(default_factory=list)
     experiment: str = ""
 
+    @property
+    def search_only(self) -> bool:
+        """Whether every finished run is a search trial: the report is the search's alone."""
+        return bool(self.evidence.studies) and self.evidence.done.empty
+
+    def counts(self) -> str:
+        """What the report rests on, for the line the CLI prints."""
+        runs, trials = self.evidence.runs, sum(len(t) for t in self.evidence.studies.values())
+        left_out = f"{(runs['status'] != 'FINISHED').sum()} left out"
+        if self.search_only:
+            return (f"search report: {trials} finished trials in {len(self.evidence.studies)} search(es), no run "
+                    f"outside them, {left_out}")
+        configurations = len(self.summary) + (0 if self.confirmed is None else len(self.confirmed))
+        return (f"{len(self.evidence.done)} finished runs in {configurations} configurations, "
+                + (f"{trials} search trials, " if trials else "") + left_out)
+
 
 def judge(evidence: Evidence, margin_pp: float, plan: Plan | None = None) -> Findings:
     done = evidence.done
@@ -432,18 +440,21 @@ def render(found: Findings, out: Path, title: str, intro: str) -> list[Path]:
 
     if ev.studies:
         _search_section(doc, ev.studies, found.experiment)
+    if found.search_only:  # nothing else to summarize, judge or draw
+        return _write(doc, found, out, title)
 
     doc.heading("Results per configuration")
     doc.text("One row per configuration: its runs differ only in the seed (runs that differ in anything else, a "
              "block_config, an image folder, a learning rate, are never pooled; where two rows share a name, column "
              "`differs` says how they differ). Cells give "
-             "mean ± std [95% interval] over seeds (intervals as in the Method section: they stay inside the "
-             "metric's range); a blank means no run logged the metric. Data sets are never pooled.")
+             "mean ± std [95% interval] over seeds, rounded to the std's precision, accuracies in percent (intervals "
+             "as in the Method section: they stay inside the metric's range and need 3 seeds); a blank means no run "
+             "logged the metric. Data sets are never pooled.")
     if summary.empty:
         doc.text("No finished runs.")
-    for data, table in format_summary(summary).groupby("data", sort=True):
+    for data, rows in summary.groupby("data", sort=True):
         doc.heading(esc(data), 3)
-        doc.table(table.drop(columns="data"))
+        doc.table(format_summary(rows).drop(columns="data"))
 
     _claims_section(doc, judged)
     doc.heading("What this shows")
@@ -457,22 +468,31 @@ def render(found: Findings, out: Path, title: str, intro: str) -> list[Path]:
     grads = ev.grads[ev.grads["run_id"].isin(shown["run_id"])]
     datasets = sorted(shown["data"].dropna().unique())
     which = "" if found.confirmation is None else " (confirmation runs)"
-    # (heading, figure of one data set, file name, caption): one figure per data set under each heading.
+    # (heading, figure of one data set, file name, caption with the data set's {accuracy}, what it
+    # needs): one figure per data set under each heading, where it has something to draw.
     per_data_set = [
         ("Accuracy against parameters and FLOPs" + which, lambda d: plot_accuracy_vs_cost(shown_summary, d),
-         "accuracy_vs_cost", "DenseNet variants and baselines, test accuracy against parameters and FLOPs per image."),
+         "accuracy_vs_cost", "DenseNet variants and baselines, {accuracy} against parameters and FLOPs per image.",
+         "an accuracy and a parameter or FLOP count"),
         ("Effects of the DenseNet knobs" + which, lambda d: plot_knob_effects(shown, d), "knob_effects",
-         "each knob with two or more levels, one line per setting of the others."),
+         "{accuracy} and parameters by each knob with two or more levels, one line per setting of the others.",
+         "a DenseNet knob at two or more levels"),
         ("Learning curves" + which, lambda d: plot_learning_curves(curves, d, planned=planned), "learning_curves",
          "validation accuracy at each validation check (one value per run per point), placed in epochs; "
-         "n is the runs (seeds) of each configuration, and the dotted lines are the recipe's learning-rate drops."),
+         "n is the runs (seeds) of each configuration, and the dotted lines are the recipe's learning-rate drops.",
+         "a validation accuracy history"),
         ("Gradient flow by depth" + which, lambda d: plot_relative_grads(grads, d), "gradient_flow",
-         "relative gradient of the body's 3x3 convs by their position (from gradient_flow/relative_grads.csv)."),
+         "relative gradient of the body's 3x3 convs by their position (from gradient_flow/relative_grads.csv).",
+         "relative gradients of body 3x3 convs (the gradient-flow probe)"),
     ]
-    for heading, plot, name, caption in per_data_set:
+    for heading, plot, name, caption, needs in per_data_set:
         doc.heading(heading)
-        for data in datasets:
-            doc.figure(plot(data), f"{name}_{data}", f"{data}: {caption}")
+        drawn = {data: plot(data) for data in datasets}
+        for data, fig in drawn.items():
+            accuracy = accuracy_label(accuracy_of(shown[shown["data"] == data]))
+            doc.figure(fig, f"{name}_{data}", f"{data}: {caption.format(accuracy=accuracy)}")
+        if not any(fig is not None for fig in drawn.values()):
+            doc.text(f"No figure: no data set has {needs}.")
     doc.heading("Feature reuse" + which)
     doc.text("Mean over seeds of each DenseNet configuration's `feature_reuse/matrices.json`, drawn like the "
              "paper's Figure 5: pixel (s, l) is the mean |weight| per input map with which layer l reads source "
@@ -488,7 +508,10 @@ def render(found: Findings, out: Path, title: str, intro: str) -> list[Path]:
                                                                *plan_rules(found.confirmation.plan)]])
         doc.text("Rules of the exploratory claims:")
     doc.bullets(method_lines(found.margin_pp))
+    return _write(doc, found, out, title)
 
+
+def _write(doc: Document, found: Findings, out: Path, title: str) -> list[Path]:
     (out / "report.md").write_text(doc.markdown())
     (out / "report.html").write_text(doc.html(title))
     (out / "headline.md").write_text(headline(found))
@@ -502,9 +525,11 @@ def _published_section(doc: Document, published: pd.DataFrame) -> None:
                  "(L=100, k=12), `densenet_bc100_k12` on `cifar10` with `data.augment=crop_flip`, 4.51% error on "
                  "C10+ (Huang et al. 2017, Table 2).")
         return
-    shown = published.copy()
-    for column in ("published accuracy", "our accuracy mean", "our accuracy std"):
-        shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.4f}")
+    shown = published.drop(columns=["published accuracy", "our accuracy mean", "our accuracy std"])
+    # In percent and rounded as every table of the report (tables.stat_text).
+    shown.insert(3, "published accuracy (%)", [stat_text(100 * v) for v in published["published accuracy"]])
+    shown.insert(5, "our accuracy (%)", [stat_text(100 * m, 100 * s) for m, s in
+                                         zip(published["our accuracy mean"], published["our accuracy std"])])
     doc.text("The published recipes train far longer (300 epochs on CIFAR with crop and flip, 90 on ImageNet): "
              "compare our epochs before reading a gap as a failed reproduction.")
     doc.table(shown)
@@ -519,7 +544,8 @@ def write_report(experiment: str, uri: str, out: Path, sweep: str | None = None,
     evidence = load_evidence(experiment, uri, sweep)
     found = judge(evidence, margin_pp, plan)
     found.experiment = experiment
-    title = f"DenseNet ablation report: {experiment}" + (f", sweep {sweep}" if sweep else "")
+    kind = "Search report" if found.search_only else "DenseNet ablation report"
+    title = f"{kind}: {experiment}" + (f", sweep {sweep}" if sweep else "")
     runs, done = evidence.runs, evidence.done
     trials = sum(len(t) for t in evidence.studies.values())
     intro = (f"Store `{esc(uri)}`, experiment `{esc(experiment)}`" + (f", sweep `{esc(sweep)}`" if sweep else "")
@@ -634,10 +660,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}: start it, or point {key} at another store", file=sys.stderr)
         return EXIT_STORE_DOWN
     run_id = log_report(found.files, experiment, uri, args.sweep)
-    runs, done = found.evidence.runs, found.evidence.done
-    configurations = len(found.summary) + (0 if found.confirmed is None else len(found.confirmed))
-    print(f"report: {out / 'report.html'} ({len(done)} finished runs in {configurations} configurations, "
-          f"{(runs['status'] != 'FINISHED').sum()} left out; {time.perf_counter() - started:.1f} s), MLflow run {run_id}")
+    print(f"report: {out / 'report.html'} ({found.counts()}; {time.perf_counter() - started:.1f} s), MLflow run {run_id}")
     if args.table_format:
         print("tables: " + ", ".join(str(p) for p in found.files[-2:]))
     return 0

@@ -85,11 +85,12 @@ def test_sweep_says_what_runs_and_ends_with_a_table_of_its_jobs(store):
     assert "v_num" not in out and "0/?" not in out
     assert out.count("job 1/2 epoch 1/1: train loss") == 1 and out.count("job 2/2 epoch 1/1: train loss") == 1
 
-    # The closing table: one row per job with its status and test accuracy, the parent run id,
+    # The closing table: one row per job with its status, test and validation accuracy, the parent run id,
     # and the report command for this sweep.
     table = out[out.index("\nSweep "):]
     for j, run in enumerate(children, start=1):
-        row = rf"\n\s+{j}\s+densenet_tiny-k4-c0.5-B\s+{j - 1}\s+FINISHED\s+{run.data.metrics['test/acc']:.4f}\s+\d"
+        row = (rf"\n\s+{j}\s+densenet_tiny-k4-c0.5-B\s+{j - 1}\s+FINISHED\s+{run.data.metrics['test/acc']:.4f}"
+               rf"\s+{run.data.metrics['val/acc']:.4f}\s+\d")
         assert re.search(row, table), table
     assert f"Parent run: {parent.info.run_id}" in table
     assert f"Report: python -m densenet_exp.report --experiment smoke --sweep {parent.info.run_id}" in table
@@ -112,10 +113,11 @@ def test_closing_table_marks_skipped_and_failed_jobs(store, tmp_path):
     experiment_id = ensure_experiment(client, "smoke")
     parent = client.create_run(experiment_id, tags={"sweep": "parent"}).info.run_id
     runs = {}
-    for name, sweep_id, acc in (("trained", parent, 0.5), ("earlier", "0ld", 0.25)):
+    # An image folder without test/ logs validation accuracy alone ("earlier").
+    for name, sweep_id, metric, acc in (("trained", parent, "test/acc", 0.5), ("earlier", "0ld", "val/acc", 0.25)):
         tags = {"variant": f"v-{name}", "seed": "3", "sweep_id": sweep_id}
         run_id = client.create_run(experiment_id, tags=tags).info.run_id
-        client.log_metric(run_id, "test/acc", acc)
+        client.log_metric(run_id, metric, acc)
         runs[name] = run_id
     sweep_dir = tmp_path / "sweep"
     (sweep_dir / JOBS_DIR).mkdir(parents=True)
@@ -128,8 +130,9 @@ def test_closing_table_marks_skipped_and_failed_jobs(store, tmp_path):
     config = OmegaConf.create({"tracking": {"experiment": "smoke", "uri": None}})
 
     table = sweep_summary(client, parent, sweep_dir, config)
-    assert re.search(r"\n\s+1\s+v-trained\s+3\s+FINISHED\s+0\.5000\s+\d", table), table
-    assert re.search(r"\n\s+2\s+v-earlier\s+3\s+SKIPPED \(done before\)\s+0\.2500\s+-", table), table
+    assert re.search(r"\s+test acc\s+val acc\s+wall time\n", table), table
+    assert re.search(r"\n\s+1\s+v-trained\s+3\s+FINISHED\s+0\.5000\s+-\s+\d", table), table
+    assert re.search(r"\n\s+2\s+v-earlier\s+3\s+SKIPPED \(done before\)\s+-\s+0\.2500\s+-", table), table
     assert re.search(r"\n\s+3\s+-\s+-\s+FAILED", table), table
     assert f"Parent run: {parent}" in table
     assert "Report: python -m densenet_exp.report --experiment smoke\n" in table + "\n"  # no --sweep: runs predate it

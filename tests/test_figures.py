@@ -1,6 +1,6 @@
 """The report's figures read as they claim: accuracy-vs-cost labels never overlap, learning curves give
-each configuration its own colour with the legend outside the axes and intervals only where two or
-more seeds allow them, the gradient figure plots the body's 3x3 convs only, and feature-reuse heatmaps
+each configuration its own colour with the legend outside the axes and intervals only where three
+or more seeds allow them, the gradient figure plots the body's 3x3 convs only, and feature-reuse heatmaps
 name their normalization and show the init matrices below the trained ones. Figures from tables built
 here (no store, no torch)."""
 

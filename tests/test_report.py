@@ -278,14 +278,16 @@ def expected_interval(metric: str, values: list[float]) -> tuple[float, float]:
     return transformed_interval(values, math.log, math.exp)
 
 
-def test_intervals_stay_inside_the_metric_range():
-    low, high = results.interval([0.80, 0.90], "test/acc")  # a t-interval would be [0.21, 1.49]
-    assert 0 < low < 0.80 and 0.90 < high < 1
-    assert (low, high) == pytest.approx(expected_interval("test/acc", [0.80, 0.90]))
-    low, high = results.interval([10.0, 1000.0], "train_images_per_s")
-    assert 0 < low and (low, high) == pytest.approx(expected_interval("x", [10.0, 1000.0]))
+def test_intervals_stay_inside_the_metric_range_and_need_three_values():
+    low, high = results.interval([0.70, 0.80, 0.99], "test/acc")  # a t-interval would be [0.55, 1.14]
+    assert 0 < low < 0.70 and 0.99 < high < 1
+    assert (low, high) == pytest.approx(expected_interval("test/acc", [0.70, 0.80, 0.99]))
+    low, high = results.interval([10.0, 100.0, 1000.0], "train_images_per_s")
+    assert 0 < low and (low, high) == pytest.approx(expected_interval("x", [10.0, 100.0, 1000.0]))
     assert results.interval([-1.0, 2.0, 3.0], "delta")[0] < -1  # plain scale where values can be negative
-    assert all(math.isnan(v) for v in results.interval([0.9], "test/acc") + results.interval([5, 5], "params"))
+    # Two values (t = 12.7: an accuracy's interval would be nearly [0, 1]), one, or no spread: none.
+    assert all(math.isnan(v) for v in results.interval([0.80, 0.90], "test/acc") + results.interval([0.9], "test/acc")
+               + results.interval([5, 5, 5], "params"))
 
 
 def test_summary_gives_mean_std_and_range_respecting_interval_over_seeds(known):
@@ -311,15 +313,15 @@ def test_summary_gives_mean_std_and_range_respecting_interval_over_seeds(known):
     assert small["infer_images_per_s n"] == 0 and pd.isna(small["infer_images_per_s mean"])
     cells = report.format_summary(summary)
     assert cells.loc[small.name, "inference images/s"] == ""
-    assert cells.loc[row(summary, "fashion_mnist", "densenet_small", 24).name, "FLOPs / image"] == "80M ± 0 (n=2)"
-    acc = cells.loc[row(summary, "fashion_mnist", "resnet20").name, "test accuracy"]
-    low, high = expected_interval("test/acc", [0.92, 0.925, 0.93])
-    assert acc == f"0.925 ± 0.005 [{low:.4g}, {high:.4g}]"
+    assert cells.loc[row(summary, "fashion_mnist", "densenet_small", 24).name, "FLOPs / image"] == "80M (n=2)"
+    acc = cells.loc[row(summary, "fashion_mnist", "resnet20").name, "test accuracy (%)"]
+    low, high = expected_interval("test/acc", [0.92, 0.925, 0.93])  # in percent, to the std's place (0.5)
+    assert acc == f"92.5 ± 0.5 [{100 * low:.1f}, {100 * high:.1f}]" and 91 < 100 * low < 100 * high < 94
     # A single seed: a mean, no std or interval, and the table says so.
     single = row(summary, "cifar10", "resnet20")
     assert single["test/acc mean"] == 0.85 and pd.isna(single["test/acc std"]) and pd.isna(single["test/acc ci_low"])
     assert cells.loc[single.name, "runs"] == "1 (single seed: no std)"
-    assert cells.loc[single.name, "test accuracy"] == "0.85"
+    assert cells.loc[single.name, "test accuracy (%)"] == "85"
 
 
 def welch_by_hand(a: list[float], b: list[float]) -> float:
@@ -382,12 +384,14 @@ def test_published_figures_need_the_same_data_set_augmentation_depth_and_k(known
 
 
 def test_numbers_are_rounded_to_their_uncertainty():
-    assert tables.with_uncertainty(83.44, 0.8) == "83.4 ± 0.8"
-    assert tables.with_uncertainty(81.36, 1.672) == "81.4 ± 1.7"  # two digits when the std starts with 1
-    assert tables.with_uncertainty(334.7, 139) == "330 ± 140"
-    assert tables.with_uncertainty(14_310, 12_670) == "14k ± 13k"
-    assert tables.with_uncertainty(40_430, 0) == "40.43k"  # the same in every run: no "± 0"
-    assert tables.with_uncertainty(0.925, float("nan")) == "0.925"  # one run: no std
+    assert tables.stat_text(83.44, 0.8) == "83.4 ± 0.8"
+    assert tables.stat_text(81.36, 1.672) == "81.4 ± 1.7"  # two digits when the std starts with 1
+    assert tables.stat_text(334.7, 139, 121.7, 828.7) == "330 ± 140 [120, 830]"  # the interval to the same place
+    assert tables.stat_text(78.53, 0.6253, 76.94, 80.07) == "78.5 ± 0.6 [76.9, 80.1]"
+    assert tables.stat_text(14_310, 12_670) == "14k ± 13k"
+    assert tables.stat_text(40_430, 0) == "40.43k"  # the same in every run: no "± 0"
+    assert tables.stat_text(0.925, float("nan")) == "0.925"  # one run: no std
+    assert tables.numbers(0.02, 0.3, -0.04, 0.6) == ("0.0", "0.3", "0.0", "0.6")  # never "-0.0"
 
 
 def latex_rows(text: str) -> tuple[int, list[list[str]]]:
@@ -395,6 +399,7 @@ def latex_rows(text: str) -> tuple[int, list[list[str]]]:
     structure: one tabular, booktabs rules, every row ends in \\\\ with one cell per column,
     braces balanced, math mode closed, no character pdflatex cannot set as text."""
     lines = text.strip().splitlines()
+    assert lines.pop(0) == tables.LATEX_PACKAGES and "\\usepackage{booktabs}" in tables.LATEX_PACKAGES
     spec = re.fullmatch(r"\\begin\{tabular\}\{([lrc]+)\}", lines[0])
     assert spec and lines[-1] == r"\end{tabular}", text[:300]
     assert lines[1] == r"\toprule" and lines[3] == r"\midrule" and lines[-2] == r"\bottomrule"
@@ -411,7 +416,17 @@ def latex_rows(text: str) -> tuple[int, list[list[str]]]:
     return columns, rows
 
 
-def test_paper_tables_in_latex_hold_the_markdown_numbers(known, tmp_path):
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?[kMG]?")
+
+
+def md_rows(text: str) -> list[list[str]]:
+    rows = [re.split(r"(?<!\\)\|", line.strip()[1:-1]) for line in text.splitlines()]
+    return [[c.strip() for c in row] for i, row in enumerate(rows) if i != 1]  # the |---| line
+
+
+def test_paper_tables_write_one_number_format_in_markdown_latex_and_csv(known, tmp_path):
+    """The same numbers, in the same format, in every file: md and LaTeX hold the same cells, the
+    CSV the same numbers in mean, std, ci_low, ci_high and n columns; report.md's cells too."""
     store, _ = known
     done = results.finished(results.load_runs(EXPERIMENT, store.uri))
     summary = results.summarize(done)
@@ -421,17 +436,34 @@ def test_paper_tables_in_latex_hold_the_markdown_numbers(known, tmp_path):
         tables.write_tables(summary, claims, tmp_path / name, fmt)
     for table in ("configurations", "claims"):
         columns, rows = latex_rows((tmp_path / "tex" / f"{table}.tex").read_text())
-        md = [re.split(r"(?<!\\)\|", line.strip()[1:-1])
-              for line in (tmp_path / "md" / f"{table}.md").read_text().splitlines()]
-        md = [[c.strip() for c in row] for i, row in enumerate(md) if i != 1]  # the |---| line
-        csv = pd.read_csv(tmp_path / "csv" / f"{table}.csv", dtype=str, keep_default_na=False)
-        assert len(rows) == len(md) == len(csv) + 1 and columns == len(md[0]) == len(csv.columns)
-        number = re.compile(r"\d+(?:\.\d+)?[kMG]?")
+        md = md_rows((tmp_path / "md" / f"{table}.md").read_text())
+        assert len(rows) == len(md) and columns == len(md[0])
         for tex_row, md_row in zip(rows, md):
-            assert number.findall(" ".join(tex_row)) == number.findall(" ".join(md_row))
-    resnet = pd.read_csv(tmp_path / "csv" / "configurations.csv", dtype=str).set_index("configuration")
-    assert resnet.loc["resnet20", "test accuracy (%)"].tolist() == ["85", "92.5 ± 0.5"]  # cifar10, fashion_mnist
-    assert resnet.loc["resnet20", "parameters"].tolist() == ["270k", "270k"]  # exact: no "± 0"
+            assert NUMBER.findall(" ".join(tex_row)) == NUMBER.findall(" ".join(md_row))
+    csv = pd.read_csv(tmp_path / "csv" / "configurations.csv", dtype=str, keep_default_na=False)
+    header, *md = md_rows((tmp_path / "md" / "configurations.md").read_text())
+    assert len(csv) == len(md)
+    metrics = header[3:]
+    assert list(csv.columns) == [*header[:3], *(f"{m} {part}" for m in metrics
+                                                for part in ("mean", "std", "ci_low", "ci_high", "n"))]
+    for md_row, (_, csv_row) in zip(md, csv.iterrows()):
+        for metric, cell in zip(metrics, md_row[3:]):
+            shown = cell.split(" (n=")[0]  # md says (n=k) only where fewer runs than the configuration's logged it
+            parts = [csv_row[f"{metric} {p}"] for p in ("mean", "std", "ci_low", "ci_high") if csv_row[f"{metric} {p}"]]
+            assert NUMBER.findall(shown) == parts, (metric, cell, parts)
+            n = int(csv_row[f"{metric} n"])
+            assert (f" (n={n})" in cell) == (0 < n < int(csv_row["runs"])) and (cell == "") == (n == 0)
+    resnet = csv.set_index("configuration")
+    assert resnet.loc["resnet20", "test accuracy (%) mean"].tolist() == ["85", "92.5"]  # cifar10, fashion_mnist
+    assert resnet.loc["resnet20", "test accuracy (%) std"].tolist() == ["", "0.5"]
+    assert resnet.loc["resnet20", "parameters mean"].tolist() == ["270k", "270k"]  # exact: no "± 0"
+    assert resnet.loc["resnet20", "parameters n"].tolist() == ["1", "3"]
+    # report.md's per-configuration cells are the paper table's, to the digit (timings may add a CV).
+    cells = report.format_summary(summary)
+    paper = tables.configuration_table(summary)
+    for column in ("test accuracy (%)", "validation accuracy (%)", "parameters", "train images/s"):
+        assert [c.split(" (noisy")[0] for c in cells[column]] == paper[column].tolist()
+    assert "92.5 ± 0.5 [" in " ".join(paper["test accuracy (%)"])
 
 
 def method_section(text: str) -> str:
@@ -461,7 +493,7 @@ def test_report_cli_writes_the_folder_and_logs_a_report_run_it_then_ignores(know
     assert method_section(text) == "\n".join(f"- {line}" for line in report.method_lines(0.75))
     assert [name for name, _ in verdicts.method(0.75)][:2] == ["selection", "comparability"]
     assert "## What this shows" in text and "At most 2 training epoch(s)" in text
-    assert "DenseNet-BC (L=100, k=12)" in text and "4.51" in text
+    assert has_row(text, "cifar10", "densenet_bc100_k12", "DenseNet-BC (L=100, k=12)", "95.49", "4.51", "80", "1")
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert re.findall(r"\]\(([^)]+\.png)\)", text) and sorted(set(re.findall(r"\]\(([^)]+\.png)\)", text))) == pngs
     assert {"feature_reuse_fashion_mnist_densenet_small-k24-c1.png", "knob_effects_fashion_mnist.png",
@@ -475,6 +507,104 @@ def test_report_cli_writes_the_folder_and_logs_a_report_run_it_then_ignores(know
     with pytest.raises(SystemExit):
         report.main(["--experiment", EXPERIMENT, "--tracking-uri", store.uri, "--margin", "-1"])
     assert "--margin='-1' is invalid" in capsys.readouterr().err
+
+
+# --- an image folder without test/, a plan's tables, a search alone ---------------------------
+
+
+def folder_store(path: Path, accuracy: bool = True) -> Store:
+    """FASHION's configurations x 3 seeds on an image folder without test/: no test accuracy, two
+    validation checks (none at all unless `accuracy`)."""
+    store = Store(path)
+    client = store.client()
+    experiment_id = client.create_experiment("folder", artifact_location=(path / "artifacts").as_uri())
+    for variant, (params, metrics) in FASHION.items():
+        for seed in range(3):
+            values = {k: v[seed] for k, v in metrics.items() if k not in (record.TEST_ACC, record.VAL_ACC)}
+            run_id = add_run(client, experiment_id, variant, params, values, seed, "imagefolder")
+            checks = [0.5 + 0.01 * seed, metrics[record.VAL_ACC][seed]] if accuracy else []
+            client.log_batch(run_id, metrics=[Metric(record.VAL_ACC, acc, 0, 10 * step + 9)
+                                              for step, acc in enumerate(checks)])
+    return store
+
+
+def test_without_a_test_split_figures_and_tables_show_validation_accuracy_labelled(tmp_path):
+    """Issue 37: no test/ gave an empty accuracy figure, a knob figure without accuracy and tables
+    without an accuracy. Now validation accuracy stands in everywhere, labelled."""
+    store = folder_store(tmp_path / "store")
+    found = report.write_report("folder", store.uri, tmp_path / "out", table_format="csv")
+    label = "validation (no test split)"
+    done = found.evidence.done
+    summary = results.summarize(done)
+    assert results.accuracy_of(summary) == results.accuracy_of(done) == record.VAL_ACC
+    cost = figures.plot_accuracy_vs_cost(summary, "imagefolder")
+    assert all(ax.has_data() and ax.get_ylabel() == f"accuracy, {label}" for ax in cost.axes[:2])
+    assert label in cost._suptitle.get_text()
+    knobs = figures.plot_knob_effects(done, "imagefolder")
+    assert len(knobs.axes) == 2 * 3 and all(ax.has_data() for ax in knobs.axes)  # accuracy and parameters rows
+    assert [ax.get_ylabel() for ax in knobs.axes[::3]] == [f"accuracy, {label}", record.PARAMS]
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"accuracy_vs_cost_imagefolder.png", "knob_effects_imagefolder.png"} <= names
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert f"| accuracy (%), {label}" in text and "test accuracy (%)" not in text
+    assert f"imagefolder: DenseNet variants and baselines, accuracy, {label} against" in text
+    assert f"accuracy (%), {label}" in (tmp_path / "out" / "headline.md").read_text()
+    csv = pd.read_csv(tmp_path / "out" / "configurations.csv", dtype=str, keep_default_na=False)
+    assert csv.loc[csv["configuration"] == "resnet20", f"accuracy (%), {label} mean"].tolist() == ["91.5"]
+    # With two seeds, the learning curves' points have no interval (it would span nearly [0, 1]);
+    # with three, each stays inside [0, 1].
+    two = figures.curve_points(found.evidence.curves[found.evidence.curves["seed"] < 2])
+    assert two["ci_low"].isna().all() and (two["runs"] == 2).all()
+    three = figures.curve_points(found.evidence.curves)
+    assert three["ci_low"].notna().all() and ((three["ci_low"] > 0) & (three["ci_high"] < 1)).all()
+
+
+def test_no_empty_figure_is_written_where_no_run_logged_an_accuracy(tmp_path):
+    store = folder_store(tmp_path / "store", accuracy=False)
+    found = report.write_report("folder", store.uri, tmp_path / "out")
+    assert figures.plot_accuracy_vs_cost(found.summary, "imagefolder") is None
+    knobs = figures.plot_knob_effects(found.evidence.done, "imagefolder")
+    assert len(knobs.axes) == 3 and knobs.axes[0].get_ylabel() == record.PARAMS  # the parameters row alone
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert "accuracy_vs_cost_imagefolder.png" not in names and "learning_curves_imagefolder.png" not in names
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "No figure: no data set has an accuracy and a parameter or FLOP count." in text
+    assert "No figure: no data set has a validation accuracy history." in text
+
+
+def test_a_plans_tables_name_one_data_set_in_every_file(planned, tmp_path):
+    """claims.csv named a plan's claims by the plan (`fm4_pair`) where configurations.csv named the
+    data set (`imagefolder`)."""
+    store, plan, _ = planned
+    report.write_report(plan.experiment, store.uri, tmp_path, plan=plan, table_format="csv")
+    data = {name: set(pd.read_csv(tmp_path / f"{name}.csv", dtype=str)["data"]) for name in ("configurations", "claims")}
+    assert data == {"configurations": {"fashion_mnist"}, "claims": {"fashion_mnist"}} and plan.name != "fashion_mnist"
+
+
+def test_a_search_alone_gets_a_search_report(tmp_path, capsys):
+    """Only an Optuna search's trials in the store: the report is the search's, and says so (it said
+    `0 finished runs in 0 configurations`)."""
+    from optuna.distributions import CategoricalDistribution, distribution_to_json
+
+    store = Store(tmp_path / "store")
+    client = store.client()
+    experiment_id = client.create_experiment("search", artifact_location=(tmp_path / "artifacts").as_uri())
+    space = {"direction": "maximize", "objective": record.VAL_ACC,
+             "params": {"growth_rate": distribution_to_json(CategoricalDistribution([4, 8]))}}
+    params, _ = FASHION["densenet_small-k12-c0.5-B"]
+    for trial, (k, acc) in enumerate([(4, 0.8), (8, 0.85), (4, 0.81), (8, 0.9)]):
+        add_run(client, experiment_id, f"trial-{trial}", {**params, "growth_rate": k}, {record.VAL_ACC: acc}, 0,
+                "imagefolder", tags={record.SEARCH_STUDY: "knobs", record.SEARCH_TRIAL: str(trial),
+                                     record.SEARCH_SPACE: json.dumps(space),
+                                     record.SEARCH_PARAMS: json.dumps({"growth_rate": k})})
+    out = tmp_path / "out"
+    assert report.main(["--experiment", "search", "--tracking-uri", store.uri, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "search report: 4 finished trials in 1 search(es), no run outside them, 0 left out" in printed
+    text = (out / "report.md").read_text()
+    assert text.startswith("# Search report: search") and "### Study `knobs`" in text and "Best: trial 3" in text
+    assert "## Results per configuration" not in text and "## Claims" not in text
+    assert (out / "search_history_knobs.png").is_file()
 
 
 def test_report_escapes_every_value_from_the_store(known, tmp_path):

@@ -1,10 +1,12 @@
 """The figures of the report, the notebooks and the probes' per-run artifacts, as matplotlib
 Figures (no pyplot state). One colour and marker per model family (FAMILY_STYLE), except the
 learning curves, where each configuration has its own colour (the family keeps its marker); every
-point over seeds carries its interval (results.INTERVAL_RULE) where two or more seeds give one, a
+point over seeds carries its interval (results.INTERVAL_RULE) where enough seeds give one, a
 hollow marker or a bare line where they do not; labels never overlap (numbered points with a
 legend table); legends with many entries sit outside the axes; layouts are constrained so titles
-and labels stay on the canvas. Imports neither torch nor Lightning.
+and labels stay on the canvas. Accuracy is results.ACCURACY_RULE's (validation accuracy, labelled,
+where the data has no test split), and a figure with nothing to draw is None, never empty axes.
+Imports neither torch nor Lightning.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from .. import record
 from ..config import DENSENET_KNOBS
 from ..measures.gradients import GRADIENT_EARLY, GRADIENT_LATE, body_layers
 from ..measures.run_figures import figure_legend
-from .results import FAMILY_NAMES, interval
+from .results import FAMILY_NAMES, MIN_INTERVAL_N, accuracy_label, accuracy_of, interval
 
 # family -> (colour, marker); configurations within a family differ by line style and marker fill.
 FAMILY_STYLE = {
@@ -83,7 +85,8 @@ def _finish(fig: Figure, ax_list: Sequence, hollow_note: bool = True, legend_out
         if entries:
             figure_legend(fig, list(entries.values()), list(entries))
     if hollow_note:  # supxlabel: constrained layout makes room for it
-        fig.supxlabel("bars: 95% interval over seeds; hollow marker: no interval (a single seed, or no spread)",
+        fig.supxlabel(f"bars: 95% interval over seeds; hollow marker: no interval (fewer than {MIN_INTERVAL_N} seeds, "
+                      "or no spread)",
                       fontsize=7, color="0.35")
 
 
@@ -91,15 +94,17 @@ def _finish(fig: Figure, ax_list: Sequence, hollow_note: bool = True, legend_out
 
 
 def plot_accuracy_vs_cost(summary: pd.DataFrame, data: str) -> Figure | None:
-    """Test accuracy (mean and 95% interval over seeds) against parameters and against FLOPs per
-    image, one colour and marker per family: the layout of the paper's Figure 3. Each configuration
-    is a number beside its point, placed where it overlaps no other number and no point (a thin
-    line leads to it when it had to move away), and the legend right of the axes lists the numbers
-    with the configurations' names. None without rows."""
+    """Accuracy (ACCURACY_RULE; mean and 95% interval over seeds) against parameters and against
+    FLOPs per image, one colour and marker per family: the layout of the paper's Figure 3. Each
+    configuration is a number beside its point, placed where it overlaps no other number and no
+    point (a thin line leads to it when it had to move away), and the legend right of the axes
+    lists the numbers with the configurations' names. None without a row that has an accuracy and
+    a cost."""
     rows = summary[summary["data"] == data]
-    if rows.empty:
+    acc = accuracy_of(rows)
+    has = rows.reindex(columns=[f"{m} mean" for m in (acc, record.PARAMS, record.FLOPS_PER_IMAGE)]).notna()
+    if not (has.iloc[:, 0] & has.iloc[:, 1:].any(axis=1)).any():  # not one point to draw
         return None
-    acc = record.TEST_ACC
     rows = rows.assign(_family=rows["family"].astype(str)).sort_values(["_family", record.PARAMS + " mean", "variant"])
     numbers = {variant: i for i, variant in enumerate(dict.fromkeys(rows["variant"]), 1)}
     fig = Figure(figsize=(13, 5), layout="constrained")
@@ -123,14 +128,14 @@ def plot_accuracy_vs_cost(summary: pd.DataFrame, data: str) -> Figure | None:
         if ax.has_data():
             ax.set_xscale("log")
             _log_labels(ax.xaxis)
-        ax.set(xlabel=f"{label} (log scale)", ylabel="test accuracy")
+        ax.set(xlabel=f"{label} (log scale)", ylabel=accuracy_label(acc))
     configurations = rows.drop_duplicates("variant")[["variant", "family"]].to_numpy()
     handles = [Line2D([], [], color=family_style(f)[0], marker=family_style(f)[1], linestyle="none")
                for _, f in configurations]
     names = [f"{numbers[v]}  {v} ({family_label(f)})" for v, f in configurations]
     figure_legend(fig, handles, names, title="number on the plot: configuration")
     _finish(fig, axes)
-    fig.suptitle(f"{data}: test accuracy against parameters and FLOPs (cf. the paper's Fig. 3)")
+    fig.suptitle(f"{data}: {accuracy_label(acc)} against parameters and FLOPs (cf. the paper's Fig. 3)")
     fig.draw_without_rendering()  # the final layout, so the labels are placed where they will be drawn
     for ax, points, intervals in zip(axes, labels, bars):
         place_labels(ax, points, intervals)
@@ -208,11 +213,13 @@ def place_labels(ax, points: Sequence[tuple[float, float, str]], bars: Sequence[
     return placed
 
 
-def plot_knob_effects(runs: pd.DataFrame, data: str, metrics: Sequence[str] = (record.TEST_ACC, record.PARAMS)) -> Figure | None:
+def plot_knob_effects(runs: pd.DataFrame, data: str, metrics: Sequence[str] | None = None) -> Figure | None:
     """The effect of each DenseNet knob that has two or more levels on `data`: one panel per knob
-    and metric, one line per combination of the model and the other knobs (never pooled), each
-    point the mean over seeds with its 95% interval. None when no knob varies."""
+    and metric (default: ACCURACY_RULE's accuracy and parameters), one line per combination of the
+    model and the other knobs (never pooled), each point the mean over seeds with its 95%
+    interval. None when no knob varies or no metric was logged."""
     dense = runs[(runs["data"] == data) & (runs["family"] == "densenet")]
+    metrics = metrics or (accuracy_of(dense), record.PARAMS)
     knobs = [k for k in KNOB_LABELS if dense[k].dropna().nunique() > 1]
     metrics = [m for m in metrics if m in dense and dense[m].notna().any()]
     if dense.empty or not knobs or not metrics:
@@ -237,7 +244,8 @@ def plot_knob_effects(runs: pd.DataFrame, data: str, metrics: Sequence[str] = (r
                 _errorbar(ax, x, mean, low, high, colour, "o", next(styles), label)
             ax.set_xticks(range(len(levels)), [level(v) for v in levels])
             ax.set_xlim(-0.5, len(levels) - 0.5)
-            ax.set(xlabel=KNOB_LABELS[knob], ylabel=metric)
+            ax.set(xlabel=KNOB_LABELS[knob],
+                   ylabel=accuracy_label(metric) if metric in (record.TEST_ACC, record.VAL_ACC) else metric)
     _finish(fig, axes.ravel())
     fig.suptitle(f"{data}: DenseNet knobs, one line per fixed setting of the others (knobs with one level skipped)")
     return fig
@@ -301,7 +309,7 @@ def plot_learning_curves(curves: pd.DataFrame, data: str, metric: str = record.V
     """`metric` at each validation check (curve_points of results.learning_curves), placed at its
     position in epochs, the mean over runs, one colour per configuration (the family's marker and
     line style), the legend right of the axes with each configuration's runs (n). The 95% interval
-    over runs (seeds) is drawn at each check where two or more runs have a value: as error bars set
+    over runs (seeds) is drawn at each check where MIN_INTERVAL_N or more runs have a value: as error bars set
     slightly apart per configuration when there are at most DODGE_UP_TO checks, else as a band; a
     configuration of one run is a bare line. A point with fewer runs than `planned` (variant -> the
     plan's seeds; else the configuration's runs) is labelled with its n. The learning-rate drops of
@@ -326,7 +334,7 @@ def plot_learning_curves(curves: pd.DataFrame, data: str, metric: str = record.V
         x = group["epoch"].to_numpy(float) + (width * (i / (len(lines) - 1) - 0.5) if width else 0.0)
         mean, low, high = (group[c].to_numpy(float) for c in ("mean", "ci_low", "ci_high"))
         if dodge:
-            has = np.isfinite(low) & np.isfinite(high)  # interval() gives none below two runs
+            has = np.isfinite(low) & np.isfinite(high)  # interval() gives none below MIN_INTERVAL_N runs
             yerr = np.vstack([np.where(has, mean - low, 0), np.where(has, high - mean, 0)])
             ax.errorbar(x, mean, yerr=yerr, color=colour, linestyle=family_styles[family], marker=marker,
                         markersize=4, capsize=2, elinewidth=0.9, label=label)
@@ -338,8 +346,8 @@ def plot_learning_curves(curves: pd.DataFrame, data: str, metric: str = record.V
             if runs < expected:
                 short.append((xi, yi, f"n={runs}"))
     shape = "bars" if dodge else "bands"
-    note = (f"{shape}: 95% interval over runs (seeds), n >= 2" if points["runs"].max() >= 2
-            else "a single run each: no interval")
+    note = (f"{shape}: 95% interval over runs (seeds), n >= {MIN_INTERVAL_N}"
+            if points["runs"].max() >= MIN_INTERVAL_N else f"fewer than {MIN_INTERVAL_N} runs each: no interval")
     if short:
         note += "; n=k: fewer runs than planned at that point"
     _mark_lr_drops(ax, rows)
@@ -357,7 +365,7 @@ def plot_relative_grads(grads: pd.DataFrame, data: str) -> Figure | None:
     layer set of measures.gradients.GRADIENT_LAYER_RULE) against their position among the body layers (0 =
     first, 1 = last), at initialization and after epoch 1 (from results.relative_grads): one line
     per configuration coloured by family (DenseNet, ResNet, plain net), the geometric mean over
-    seeds with its 95% interval as a band where two or more seeds give one; the early and late
+    seeds with its 95% interval as a band where MIN_INTERVAL_N or more seeds give one; the early and late
     sets the ratios compare are shaded; legend right of the axes. None without body records on
     `data`."""
     rows = body_layers(grads[grads["data"] == data])

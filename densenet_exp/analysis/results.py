@@ -51,6 +51,15 @@ SUMMARY_METRICS = {
     record.INFER_IMAGES_PER_S: "inference images/s",
 }
 CONFIDENCE = 0.95  # of the intervals over seeds
+# With two values a 95% t-interval has t = 12.7: on an accuracy it spans nearly [0, 1] and says
+# nothing, so an interval needs three.
+MIN_INTERVAL_N = 3
+NO_TEST_SPLIT = "validation (no test split)"
+ACCURACY_RULE = (
+    "Accuracy in the figures and tables is test accuracy. Where no run of a data set logged one (an image folder "
+    f"without test/), validation accuracy stands in, labelled \"{NO_TEST_SPLIT}\": those images chose the "
+    "model (its epoch, learning rate or configuration), so it reads high."
+)
 FAMILY_NAMES = {"densenet": "DenseNet", "resnet": "ResNet", "plain": "plain net (no shortcuts)"}
 # MLflow run ids are hex; anything else (quotes above all) would go into a filter string.
 RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -288,7 +297,8 @@ INTERVAL_RULE = (
     "that respects the metric's range and mapped back: the logit scale for accuracies (in (0, 1)), the log "
     "scale for metrics that are positive in every run (parameters, FLOPs, memory, throughput, relative "
     "gradients), the plain scale otherwise. So an interval never leaves the metric's range; it brackets the "
-    "back-transformed mean (the geometric mean on the log scale). Fewer than two values, or no spread, give "
+    "back-transformed mean (the geometric mean on the log scale). Fewer than "
+    f"{MIN_INTERVAL_N} values (with two, t = 12.7 makes an accuracy's interval nearly [0, 1]), or no spread, give "
     "no interval."
 )
 
@@ -311,10 +321,10 @@ _SCALES = {
 
 def interval(values: Sequence[float] | np.ndarray, metric: str) -> tuple[float, float]:
     """The CONFIDENCE interval of INTERVAL_RULE for the finite `values` of `metric`; (NaN, NaN)
-    with fewer than two values or no spread."""
+    with fewer than MIN_INTERVAL_N values or no spread."""
     v = np.asarray(values, dtype=float)
     v = v[np.isfinite(v)]
-    if len(v) < 2 or np.ptp(v) == 0:
+    if len(v) < MIN_INTERVAL_N or np.ptp(v) == 0:
         return float("nan"), float("nan")
     scale = scale_of(metric, v)
     forward, back = _SCALES[scale]
@@ -325,6 +335,18 @@ def interval(values: Sequence[float] | np.ndarray, metric: str) -> tuple[float, 
 
     half = stats.t.ppf((1 + CONFIDENCE) / 2, len(z) - 1) * z.std(ddof=1) / np.sqrt(len(z))
     return float(back(z.mean() - half)), float(back(z.mean() + half))
+
+
+def accuracy_of(rows: pd.DataFrame) -> str:
+    """ACCURACY_RULE's metric for `rows` of one data set (runs, or a summarize() table):
+    record.TEST_ACC where any row has one, else record.VAL_ACC."""
+    column = f"{record.TEST_ACC} mean" if f"{record.TEST_ACC} mean" in rows else record.TEST_ACC
+    return record.TEST_ACC if column in rows and rows[column].notna().any() else record.VAL_ACC
+
+
+def accuracy_label(metric: str) -> str:
+    """How figures name ACCURACY_RULE's metric."""
+    return "test accuracy" if metric == record.TEST_ACC else f"accuracy, {NO_TEST_SPLIT}"
 
 
 def summarize(runs: pd.DataFrame, metrics: Iterable[str] = SUMMARY_METRICS) -> pd.DataFrame:

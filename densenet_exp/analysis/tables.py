@@ -2,12 +2,14 @@
 
     python -m densenet_exp.report --experiment ablation --format latex   # configurations.tex, claims.tex
 
-Every number is rounded to its uncertainty (`with_uncertainty`: the std over seeds to one
-significant digit, two when it starts with 1, and the mean to the same decimal place:
-`83.4 ± 0.8`, `81.4 ± 1.7`); a figure that is the same in every run (parameters, FLOPs) is
-written without `± 0`, and a single run's figure alone, to four significant digits. Accuracies
-are in percent. The three formats hold the same cells; the report's headline uses the same
-rounding. Light to import: no MLflow, no SciPy.
+Every number of every table (these, the report's and its headline) is written by `numbers`: the
+std over seeds to one significant digit, two when it starts with 1, and the mean and the 95%
+interval to the same decimal place (`83.4 ± 0.8 [81.6, 85.0]`, `81.4 ± 1.7`); a figure that is
+the same in every run (parameters, FLOPs) is written without `± 0`, and a single run's figure
+alone, to four significant digits. Accuracies are in percent. Markdown and LaTeX hold the same
+cells; the CSV splits each into mean, std, ci_low, ci_high and n columns holding the same
+numbers. Where the data has no test split, validation accuracy takes the test column's place,
+labelled as such (results.ACCURACY_RULE). Light to import: no MLflow, no SciPy.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from .. import record
+from .results import NO_TEST_SPLIT, accuracy_of
 
 FORMATS = {"csv": "csv", "latex": "tex", "md": "md"}  # --format -> file extension
 # metric -> (column, scale): the configuration table's figures, as the paper prints them.
@@ -55,45 +58,91 @@ def figure(value: float) -> str:
     return f"{value / unit:.4g}{suffix}"
 
 
-def with_uncertainty(mean: float, std: float) -> str:
-    """`mean ± std` rounded to the uncertainty (module docstring); `figure(mean)` alone when std is
-    NaN (one run) or 0 (the same in every run); blank when mean is NaN."""
+def numbers(mean: float, std: float = math.nan, low: float = math.nan,
+            high: float = math.nan) -> tuple[str, str, str, str]:
+    """mean, std, interval low and high as every table writes them (module docstring): rounded to
+    the std's precision, in the mean's unit (k, M, G); `figure(mean)` alone when std is NaN (one
+    run) or 0 (the same in every run); blanks for what is NaN."""
     if mean is None or pd.isna(mean):
-        return ""
+        return "", "", "", ""
     if std is None or pd.isna(std) or std == 0:
-        return figure(mean)
+        return figure(mean), "", "", ""
     unit, suffix = _scaled(mean)
-    m, s = mean / unit, abs(std) / unit
+    s = abs(std) / unit
     exponent = math.floor(math.log10(s))
-    digits = 2 if s / 10**exponent < 2 else 1
-    decimals = digits - 1 - exponent
-    m, s = round(m, decimals), round(s, decimals)
+    decimals = (2 if s / 10**exponent < 2 else 1) - 1 - exponent
     places = max(0, decimals)
-    return f"{m:.{places}f}{suffix} ± {s:.{places}f}{suffix}"
+
+    def text(value: float) -> str:  # + 0.0: no "-0.0"
+        return "" if pd.isna(value) else f"{round(value / unit, decimals) + 0.0:.{places}f}{suffix}"
+
+    return text(mean), text(abs(std)), text(low), text(high)
 
 
-def summary_cell(row: Mapping, metric: str, scale: float = 1.0) -> str:
-    """A summarize() row's `metric` over seeds, rounded to its uncertainty, with `(n=…)` when fewer
-    runs than the configuration's logged it."""
+def stat_text(mean: float, std: float = math.nan, low: float = math.nan, high: float = math.nan) -> str:
+    """`mean ± std [low, high]` from `numbers`, each part only where it has one."""
+    m, s, lo, hi = numbers(mean, std, low, high)
+    return m + (f" ± {s}" if s else "") + (f" [{lo}, {hi}]" if lo and hi else "")
+
+
+STATS = ("mean", "std", "ci_low", "ci_high")  # a summarize() row's columns of one metric, as `numbers` takes them
+
+
+def summary_cell(row: Mapping, metric: str, scale: float = 1.0, interval: bool = True) -> str:
+    """A summarize() row's `metric` over seeds (`stat_text`; without the interval unless
+    `interval`), with `(n=…)` when fewer runs than the configuration's logged it."""
     n = row[f"{metric} n"]
     if not n:
         return ""
-    text = with_uncertainty(row[f"{metric} mean"] * scale, row[f"{metric} std"] * scale)
-    return text + (f" (n={n})" if n < row["runs"] else "")
+    values = [row[f"{metric} {part}"] * scale for part in STATS[:4 if interval else 2]]
+    return stat_text(*values) + (f" (n={n})" if n < row["runs"] else "")
 
 
-def configuration_table(summary: pd.DataFrame,
-                        metrics: Mapping[str, tuple[str, float]] = PAPER_METRICS) -> pd.DataFrame:
-    """summarize()'s table as a paper prints it: data set, configuration (with what sets it apart
-    where names collide), runs, then mean ± std per metric of `metrics`."""
+def accuracy_columns(summary: pd.DataFrame, metrics: Mapping[str, tuple[str, float]]) -> dict[str, tuple[str, float]]:
+    """`metrics` under results.ACCURACY_RULE: where no row of `summary` has a test accuracy, its
+    column gives way to validation accuracy (once), labelled "validation (no test split)"."""
+    if record.TEST_ACC not in metrics or accuracy_of(summary) == record.TEST_ACC:
+        return dict(metrics)
+    ruled = {}
+    for metric, (label, scale) in metrics.items():
+        if metric in (record.TEST_ACC, record.VAL_ACC):
+            ruled.setdefault(record.VAL_ACC, (f"accuracy (%), {NO_TEST_SPLIT}", scale))
+        else:
+            ruled[metric] = (label, scale)
+    return ruled
+
+
+def _leading_columns(summary: pd.DataFrame) -> pd.DataFrame:
     names = summary["variant"].astype(str)
     if "differs" in summary:
         names = [f"{v} ({d})" if d else v for v, d in zip(names, summary["differs"].fillna(""))]
-    table = pd.DataFrame({"data": summary["data"].astype(str), "configuration": names,
-                          "runs": summary["runs"].astype(int)})
-    for metric, (label, scale) in metrics.items():
+    return pd.DataFrame({"data": summary["data"].astype(str), "configuration": names,
+                         "runs": summary["runs"].astype(int)})
+
+
+def configuration_table(summary: pd.DataFrame, metrics: Mapping[str, tuple[str, float]] = PAPER_METRICS,
+                        interval: bool = True) -> pd.DataFrame:
+    """summarize()'s table as a paper prints it: data set, configuration (with what sets it apart
+    where names collide), runs, then one `summary_cell` per metric of `metrics` (accuracy_columns)."""
+    table = _leading_columns(summary)
+    for metric, (label, scale) in accuracy_columns(summary, metrics).items():
         if f"{metric} n" in summary:  # a metric the summary has (final train loss: a plan's arms only)
-            table[label] = [summary_cell(row, metric, scale) for _, row in summary.iterrows()]
+            table[label] = [summary_cell(row, metric, scale, interval) for _, row in summary.iterrows()]
+    return table
+
+
+def configuration_columns(summary: pd.DataFrame,
+                          metrics: Mapping[str, tuple[str, float]] = PAPER_METRICS) -> pd.DataFrame:
+    """configuration_table's numbers for a CSV: per metric, `<column> mean`, `std`, `ci_low`,
+    `ci_high` (as `numbers` writes them) and `n` (the runs that logged it)."""
+    table = _leading_columns(summary)
+    for metric, (label, scale) in accuracy_columns(summary, metrics).items():
+        if f"{metric} n" not in summary:
+            continue
+        cells = [numbers(*(row[f"{metric} {part}"] * scale for part in STATS)) for _, row in summary.iterrows()]
+        for i, part in enumerate(STATS):
+            table[f"{label} {part}"] = [c[i] for c in cells]
+        table[f"{label} n"] = summary[f"{metric} n"].fillna(0).astype(int).to_numpy()
     return table
 
 
@@ -105,9 +154,14 @@ def claims_for_paper(claims: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+# The LaTeX file's first line: what a document needs to set it.
+LATEX_PACKAGES = (r"% Needs \usepackage{booktabs} (\toprule, \midrule, \bottomrule); symbols are in math mode, "
+                  "other text is UTF-8 (LaTeX's default input encoding). From python -m densenet_exp.report.")
+
+
 def render(table: pd.DataFrame, fmt: str) -> str:
-    """`table` as CSV, a LaTeX tabular (booktabs rules, text escaped, symbols in math mode) or a
-    markdown table."""
+    """`table` as CSV, a LaTeX tabular (LATEX_PACKAGES first, booktabs rules, text escaped, symbols
+    in math mode) or a markdown table."""
     from tabulate import tabulate
 
     cells = table.astype(object).where(table.notna(), "").astype(str)
@@ -121,7 +175,7 @@ def render(table: pd.DataFrame, fmt: str) -> str:
                     disable_numparse=True)
     for symbol, latex in LATEX_SYMBOLS.items():
         text = text.replace(symbol, latex)
-    return text + "\n"
+    return LATEX_PACKAGES + "\n" + text + "\n"
 
 
 def neutralized(cell: str) -> str:
@@ -137,9 +191,11 @@ def neutralized(cell: str) -> str:
 
 
 def write_tables(summary: pd.DataFrame, claims: pd.DataFrame, folder: Path, fmt: str) -> list[Path]:
-    """configurations.<ext> and claims.<ext> in `folder` (FORMATS gives the extension)."""
+    """configurations.<ext> and claims.<ext> in `folder` (FORMATS gives the extension); the CSV's
+    configurations in separate number columns (configuration_columns)."""
     paths = []
-    for name, table in (("configurations", configuration_table(summary)), ("claims", claims_for_paper(claims))):
+    configurations = configuration_columns(summary) if fmt == "csv" else configuration_table(summary)
+    for name, table in (("configurations", configurations), ("claims", claims_for_paper(claims))):
         path = folder / f"{name}.{FORMATS[fmt]}"
         path.write_text(render(table, fmt))
         paths.append(path)
@@ -148,6 +204,6 @@ def write_tables(summary: pd.DataFrame, claims: pd.DataFrame, folder: Path, fmt:
 
 def headline_table(rows: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
     """The README's results table of one data set: configuration, runs, then `metrics` (keys of
-    PAPER_METRICS) rounded like the paper tables."""
-    table = configuration_table(rows, {m: PAPER_METRICS[m] for m in metrics})
+    PAPER_METRICS) as mean ± std, rounded like the paper tables."""
+    table = configuration_table(rows, {m: PAPER_METRICS[m] for m in metrics}, interval=False)
     return table.drop(columns="data")

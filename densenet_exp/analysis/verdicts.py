@@ -785,7 +785,7 @@ def conclusion(judged: Judgement) -> list[str]:
 
 def method(margin_pp: float = DEFAULT_MARGIN_PP) -> list[tuple[str, str]]:
     """Every rule the verdicts apply, as (name, text), in the order the report prints them."""
-    from .results import INTERVAL_RULE, PUBLISHED_RULE
+    from .results import ACCURACY_RULE, INTERVAL_RULE, PUBLISHED_RULE
 
     return [
         ("selection", SELECTION_RULE),
@@ -803,6 +803,7 @@ def method(margin_pp: float = DEFAULT_MARGIN_PP) -> list[tuple[str, str]]:
         ("higher compute cost", COMPUTE_RULE),
         ("conclusion", CONCLUSION_RULE),
         ("intervals", INTERVAL_RULE),
+        ("accuracy shown", ACCURACY_RULE),
         ("published figures", PUBLISHED_RULE),
     ]
 

@@ -120,6 +120,9 @@ def judge_plan(plan: Plan, runs: pd.DataFrame, curves: pd.DataFrame, matrices: M
     for claim in claims if unpaired else []:  # a within-seed test on seeds that did not share their split
         claim.p_value, claim.verdict, claim.reason = None, INCONCLUSIVE, f"declared paired, but {unpaired[0]}"
     decided = family.decide(plan, claims)
+    data = ", ".join(sorted(mine["data"].dropna().astype(str).unique()))
+    for claim in claims if data else []:  # named by their runs' data set, as the configuration tables name it
+        claim.data = data
     return Confirmation(plan, claims, ctx.arms, [c.claim for c in decided], notes(plan, mine, ctx.arms),
                         family.procedure_line(plan, decided))
 

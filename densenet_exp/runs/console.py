@@ -110,10 +110,13 @@ def duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
+ACCURACIES = (record.TEST_ACC, record.VAL_ACC)  # the closing table's accuracy columns
+
+
 def sweep_summary(client: MlflowClient, parent_id: str, sweep_dir: Path, config: DictConfig,
                   parent_deleted: bool = False) -> str:
-    """The table that ends a sweep: one row per job (variant, seed, status, test accuracy, wall
-    time), the parent run id (or, `parent_deleted`, that no job trained under it) and the report
+    """The table that ends a sweep: one row per job (variant, seed, status, test and validation
+    accuracy: an image folder without test/ has only the latter; wall time), the parent run id (or, `parent_deleted`, that no job trained under it) and the report
     command to run next."""
     from tabulate import tabulate
 
@@ -125,15 +128,14 @@ def sweep_summary(client: MlflowClient, parent_id: str, sweep_dir: Path, config:
     for job in sorted(records.keys() | failed):
         entry = records.get(job)
         if entry is None:  # failed before it had a run (its config, say); the error is printed below
-            rows.append([job + 1, "-", "-", "FAILED", "-", "-"])
+            rows.append([job + 1, "-", "-", "FAILED", "-", "-", "-"])
             continue
         try:
             run = client.get_run(entry["run_id"])
         except Exception as err:  # the store went away: the table must not cost the sweep its exit status
-            rows.append([job + 1, "-", "-", f"unknown ({type(err).__name__})", "-", "-"])
+            rows.append([job + 1, "-", "-", f"unknown ({type(err).__name__})", "-", "-", "-"])
             continue
         earlier |= run.data.tags.get(record.SWEEP_ID) != parent_id  # skipped, or resumed from an earlier sweep
-        acc = run.data.metrics.get(record.TEST_ACC)
         ended = run.info.end_time is not None and run.info.status != "RUNNING"
         wall = "-"
         if ended and not entry["skipped"]:  # from when the job chose its run (a resumed run started earlier)
@@ -143,11 +145,11 @@ def sweep_summary(client: MlflowClient, parent_id: str, sweep_dir: Path, config:
             run.data.tags.get(record.VARIANT, run.info.run_name),
             run.data.tags.get(record.SEED, "-"),
             "SKIPPED (done before)" if entry["skipped"] else run.info.status,
-            "-" if acc is None else f"{acc:.4f}",
+            *("-" if acc is None else f"{acc:.4f}" for acc in (run.data.metrics.get(m) for m in ACCURACIES)),
             wall,
         ])
-    table = tabulate(rows, headers=["job", "variant", "seed", "status", "test acc", "wall time"],
-                     colalign=("right", "left", "right", "left", "right", "right"), disable_numparse=True)
+    table = tabulate(rows, headers=["job", "variant", "seed", "status", "test acc", "val acc", "wall time"],
+                     colalign=("right", "left", "right", "left", "right", "right", "right"), disable_numparse=True)
     experiment = config.tracking.experiment
     command = f"python -m densenet_exp.report --experiment {experiment}"
     earlier |= parent_deleted
