@@ -235,6 +235,12 @@ def test_a_fixed_sequence_tests_in_order_each_at_alpha(tmp_path):
     assert judged[3].verdict == INCONCLUSIVE and judged[3].p_holm == 1.0  # a gated test ended the sequence
     sized = sizing.sizing(plan, "sqlite:///unused.db", sd_pp=0.3)
     assert sized["alpha"].iloc[0].startswith("0.05 (fixed sequence)")
+    # The second test is reached only when the first rejects; a claim without a power model ends the chain.
+    first, second = sized["power"].iloc[:2]
+    reach = sized["power to reach and reject"]
+    assert reach.iloc[0] == pytest.approx(first, abs=1e-3) and reach.iloc[1] == pytest.approx(first * second, abs=1e-3)
+    assert reach.iloc[1] < second
+    assert sized["power to reach and reject"].iloc[2:].isna().all()
 
 
 # --- TOST power ------------------------------------------------------------------------------------

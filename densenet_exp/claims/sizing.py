@@ -32,7 +32,17 @@ def sizing(plan: Plan, uri: str, sd_pp: float | None) -> pd.DataFrame:
                      "alpha": f"{sized['alpha']:.3g} ({'Holm, k = ' + str(k) if plan.procedure == 'holm' else 'fixed sequence'})",
                      "seeds": sized["seeds"], "power": round(sized["power"], 3),
                      "seeds for 80% power": sized["seeds for 80% power"]})
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if plan.procedure == "fixed_sequence" and "power" in table:
+        # A test in a fixed sequence is reached only when every earlier one rejects.
+        table["power to reach and reject"] = table["power"].astype(float).cumprod(skipna=False).round(3)
+    return table
+
+
+REACH_RULE = ("Fixed sequence: each test is tested at alpha, but only once every earlier test has rejected, so a "
+              "later test's chance to be decided is its power times the earlier tests' (\"power to reach and "
+              "reject\", multiplied as if independent; tests on shared runs are positively correlated, so it is "
+              "likely higher). A claim without a power model ends the chain (blank).")
 
 
 def print_estimate(plan: Plan, uri: str, jobs: int, sd_pp: float | None = None) -> int:
@@ -40,6 +50,8 @@ def print_estimate(plan: Plan, uri: str, jobs: int, sd_pp: float | None = None) 
     if len(sized):
         print(f"family: {tests(plan)} declared tests ({plan.procedure})")
         print(sized.to_markdown(index=False))
+        if plan.procedure == "fixed_sequence":
+            print(REACH_RULE)
         if "seed SD (pp)" in sized and sized["seed SD (pp)"].isna().any():
             print("no seed SD for some claims: give --sd PP, or explore their arms on two seeds or more", file=sys.stderr)
     return print_time(plan, uri, jobs)
