@@ -81,6 +81,7 @@ class Plan:
     paired: bool = False
     procedure: str = "holm"
     settled: Mapping[str, Any] | None = None  # SETTLED_KEYS where the plan declares the settled rule
+    convergence_declared: bool = False  # the plan names its `convergence` window (else the defaults)
 
     def seeds_of(self, stage: str, arm: str) -> tuple[int, ...]:
         return self.arm_seeds.get(stage, {}).get(arm, self.seeds[stage])
@@ -138,6 +139,15 @@ def _claim(i: int, raw: Any) -> DeclaredClaim:
     require(f"claims[{i}]", raw, isinstance(raw, dict) and isinstance(raw.get("kind"), str),
             "a mapping with a kind and that kind's keys")
     return DeclaredClaim(raw["kind"], {k: v for k, v in raw.items() if k != "kind"})
+
+
+def require_declared_rule(plan: Plan) -> None:
+    """A confirmation with claims starts only under a rule the plan names: `settled` (the final
+    learning-rate phase, issue 30) or the older `convergence` window, declared on purpose. Plans
+    whose confirmation started before this rule keep the defaults they were judged under."""
+    require("settled", None, not plan.claims or plan.settled is not None or plan.convergence_declared,
+            "declared before a confirmation starts: settled: {min_checks: 3, tolerance_pp: <half the seed SD>} "
+            "(reads the whole final learning-rate phase), or convergence: {...} to keep the older window rule")
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -201,4 +211,4 @@ def load_plan(path: str | Path) -> Plan:
                 description=" ".join(str(raw.get("description", "")).split()),
                 recipe=_overrides("recipe", raw.get("recipe", [])), alpha=float(alpha), convergence=convergence,
                 seeds=seeds, arms=arms, arm_seeds=arm_seeds, claims=claims, paired=paired, procedure=procedure,
-                settled=settled)
+                settled=settled, convergence_declared=raw.get("convergence") is not None)

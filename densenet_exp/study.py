@@ -38,7 +38,7 @@ from typing import Any
 
 from . import record
 from .checks import EXIT_BAD_INPUT, EXIT_BUSY, EXIT_STORE_DOWN, InvalidValue, require_flag, require_name
-from .plan import STAGES, Job, Plan
+from .plan import STAGES, Job, Plan, require_declared_rule
 
 OUTPUT_ROOT = Path("outputs/studies")
 PLAN_LOCK = "study.lock"  # in the plan's output folder: held by the one `study run` of the plan
@@ -269,6 +269,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             stores = job_stores(plan, args.stage)
             if not args.new_plan:
                 check_unchanged(plan, job_stores(plan, "confirmation"))
+            if args.stage == "confirmation" and not any(plan_runs(plan, "confirmation", u)
+                                                       for u in set(stores.values()) or {uri}):
+                require_declared_rule(plan)
             done = finished_jobs(plan, args.stage, stores)
             todo = [j for j in plan.jobs(args.stage) if (j.arm, j.seed) not in done]
             print(f"plan {plan.name} (sha256 {plan.hash[:12]}), {args.stage}: {len(todo)} of "

@@ -215,3 +215,25 @@ def test_a_report_on_a_run_whose_start_time_is_text_is_one_line(store, tmp_path,
     assert report.main(["--experiment", "x", "--tracking-uri", store.uri, "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"start_time of run {run.info.run_id} in experiment 'x'='yesterday' is invalid" in err
+
+
+@pytest.mark.parametrize("rule", ["", "settled: {tolerance_pp: 0.2}\n", "convergence: {max_gain_pp: 0.3}\n"])
+def test_a_confirmation_with_claims_starts_only_under_a_declared_rule(rule, tmp_path, monkeypatch, capsys):
+    """Issue 30: the settled rule is declared, never a silent default; a plan that names the older
+    window keeps it. Refused in one line before any run, the store untouched."""
+    from densenet_exp import study
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("name: p\nrecipe: [experiment=smoke]\n" + rule + "confirmation:\n  seeds: [1, 2]\n  arms:\n"
+                    "    a: [model=densenet_tiny]\n    b: [model=resnet20]\n"
+                    "claims:\n  - {kind: fewer_params, smaller: a, larger: b, margin_pp: 0.5}\n")
+    started = []
+    monkeypatch.setattr(study.Runner, "run", lambda self, todo: started.append(todo) or 0)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = study.main(["run", str(plan), "--tracking-uri", uri])
+    err = capsys.readouterr().err
+    if rule:
+        assert code == 0 and len(started[0]) == 4, err
+    else:
+        assert code == EXIT_BAD_INPUT and not started and err.count("\n") == 1 and err.startswith("error: settled")
+        assert "declared before a confirmation starts" in err and not (tmp_path / "mlflow.db").exists()
