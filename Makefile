@@ -54,7 +54,7 @@ slurm-local:
 slurm-local-stop:
 	$(SUDO) tools/slurm-local stop
 
-# MLflow UI on 127.0.0.1; prints the URL of the experiment's runs table (default densenet_exp).
+# MLflow UI on 127.0.0.1; prints the URL of an experiment's runs table (default: the latest training run's).
 ui: setup
 	$(PY) tools/mlflow-ui --port $(PORT) $(if $(EXPERIMENT),--experiment $(EXPERIMENT))
 

@@ -4,6 +4,7 @@ of a composed one (knobs folded into the model) and its flat params (identity.py
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,24 @@ def apply_knobs(cfg: dict[str, Any]) -> None:
             cfg[knob] = model.get(knob)
         else:
             cfg[knob] = None
+
+
+# What a default experiment's name is made of (default_experiment): a sweep that varies one of
+# these must name its experiment, or its jobs would land apart.
+EXPERIMENT_NAMED_FROM = ("data", "data.name", "data.root", "experiment")
+
+
+def default_experiment(data: Mapping[str, Any], preset: str | None) -> str:
+    """The MLflow experiment of a run whose tracking.experiment is null: the data set, an image
+    folder's own folder name and the experiment preset, e.g. `imagefolder-pets`,
+    `fashion_mnist-smoke`, so runs for one question land together and apart from other questions'
+    (a preset that names its experiment, as the shipped ones do, keeps that name)."""
+    parts = [str(data["name"])]
+    if data["name"] == "imagefolder":
+        parts.append(Path(str(data["root"])).expanduser().resolve().name)
+    if preset:
+        parts.append(preset)
+    return re.sub(r"[^A-Za-z0-9_. -]", "_", "-".join(parts))[:200]  # a safe name (checks.SAFE_NAME)
 
 
 def resolved_config(cfg: DictConfig) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from .runs.claim import CLAIM_ENV, RunClaim, choose_run
 from .training.classifier import ImageClassifier
 from .runs.console import job_label, jobs_after, resume_command, swept_labels
 from .training.data import ImageDataModule, has_validation_split
-from .config import flatten
+from .config import default_experiment, flatten
 from .identity import config_hash, config_key, older_config_hash
 from .models import build_model
 from .runs.ownership import Heartbeat, OwnerLock, close_orphans
@@ -139,7 +139,7 @@ class Job:
 def compose(cfg: DictConfig, hc: Any) -> Job:
     """The job's config as plain data, checked, with its `auto` speed settings resolved, its
     variant name and its config hash."""
-    plain = checked_config(cfg, hc.overrides.task, trainer_arguments)
+    plain = checked_config(cfg, hc.overrides.task, trainer_arguments, hc.runtime.choices.get("experiment"))
     speed = choose_speed(plain)  # resolves trainer.accelerator/precision/deterministic `auto` in plain
     return Job(plain, speed, variant_name(plain, swept_labels(hc)), config_hash(plain),
                older_config_hash(plain), hc)
@@ -312,14 +312,19 @@ def make_trainer(job: Job, built: Built, run: OpenRun) -> tuple[L.Trainer, Model
     checkpoint = ModelCheckpoint(dirpath=run.claim.ckpt_dir, filename="best-{epoch}",
                                  monitor=record.VAL_ACC if validated else None, mode="max",
                                  save_top_k=1 if validated else 0, save_last=False)
-    about = f"{run_name(variant, plain)}: MLflow run {run.claim.run_id} in experiment {plain['tracking']['experiment']!r}"
+    name = run_name(variant, plain)
+    experiment = plain["tracking"]["experiment"]
+    about = f"{name}: MLflow run {run.claim.run_id} in experiment {experiment!r}"
+    if experiment == default_experiment(plain["data"], hc.runtime.choices.get("experiment")):
+        about += " (named from the data set; tracking.experiment=NAME chooses one)"
     choices = {"channels_last": speed.channels_last, "keep_freed_memory": built.kept_freed_memory}
     trainer = L.Trainer(
         **plain["trainer"], **({} if validated else {"limit_val_batches": 0}), logger=run.logger,
         use_distributed_sampler=False, plugins=cluster_plugins(),
         callbacks=[checkpoint, LastCheckpoint(run.claim.ckpt_dir, run.claim.run_id, job.config_hash),
                    stopping.StopAtNextStep(), *built.probes,
-                   *job_callbacks(plain, job_label(hc), about, choices, jobs_after(hc) / parallel_jobs(hc))],
+                   *job_callbacks(plain, job_label(hc), about, choices, jobs_after(hc) / parallel_jobs(hc),
+                                 name=name)],
         default_root_dir=hc.runtime.output_dir,
     )
     return trainer, checkpoint
@@ -392,7 +397,7 @@ def before_queueing(cfg: DictConfig, resolves_here: bool) -> dict[str, Any] | No
     with open_dict(task):
         del task["hydra"]  # as Hydra hands a job its config
     if not resolves_here:
-        checked_config(task, hc.overrides.task, trainer_arguments)
+        checked_config(task, hc.overrides.task, trainer_arguments, hc.runtime.choices.get("experiment"))
         return None
     job = compose(task, hc)
     client, _, experiment_id = open_store(job.plain, Path(hc.runtime.cwd))

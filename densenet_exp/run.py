@@ -36,10 +36,11 @@ from omegaconf import DictConfig
 from .checks import EXIT_BAD_INPUT, EXIT_BUSY, EXIT_NO_ROOM, EXIT_STORE_DOWN
 from .config import CONF_DIR
 from .runs.console import COMMAND_ENV, resume_command
-from .runs.logs import quiet_mlflow
+from .runs.logs import quiet_mlflow, warnings_to_logs
 
 log = logging.getLogger("densenet_exp")
 quiet_mlflow()  # before anything imports MLflow
+warnings_to_logs()  # third-party warnings: run.log, not the console
 
 # Third-party notices that say nothing about the run: an advert, a deprecation inside Lightning,
 # and a hint about per-step logging, which the harness does not do.
@@ -79,7 +80,7 @@ def main(cfg: DictConfig) -> float | None:
     multirun = hc.mode == RunMode.MULTIRUN
     try:
         # Bad input ends here, before torch, Lightning and MLflow load.
-        checked_config(cfg, hc.overrides.task, trainer_arguments)
+        checked_config(cfg, hc.overrides.task, trainer_arguments, hc.runtime.choices.get("experiment"))
         check_uri(tracking_uri(cfg.tracking.uri, Path(hc.runtime.cwd)),
                   "tracking.uri" if cfg.tracking.uri else "MLFLOW_TRACKING_URI")
         from .runs import stopping

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .checks import InvalidValue, is_int, is_number, require, require_int, require_name
 from .datafiles import FASHION_MNIST_HELP, LAYOUT, find_fashion_mnist, read_image_folder, stem_for
-from .config import flatten, resolved_config
+from .config import EXPERIMENT_NAMED_FROM, default_experiment, flatten, resolved_config
 from .identity import config_key, configuration
 from .options import (ARCHITECTURES, AUGMENTATIONS, DATA_SETS, KNOB_CHECKS, OPTIMIZERS, SCHEDULERS, STEMS,
                       TRAIN_IMAGES, train_images)
@@ -87,14 +87,32 @@ def validate_data(data: Mapping[str, Any]) -> None:
         require("data.root", str(root), root is not None and root.is_dir(), "an existing folder, or data.download=true")
 
 
+def require_root(data: DictConfig) -> None:
+    if OmegaConf.is_missing(data, "root") or not data.get("root"):
+        require("data.root", data._get_node("root")._value(), False, LAYOUT)
+
+
+def fill_experiment(cfg: DictConfig, preset: str | None, swept: Iterable[str] = ()) -> None:
+    """A null tracking.experiment named from the data set and the preset (config.default_experiment).
+    A sweep (`swept`: the keys it varies) over what that name is made of must name one."""
+    if cfg.tracking.get("experiment") is not None:
+        return
+    varied = [key for key in swept if key in EXPERIMENT_NAMED_FROM]
+    require("tracking.experiment", None, not varied,
+            f"a name for this sweep, which varies {', '.join(varied)}: its jobs would land in different experiments")
+    if cfg.data.get("name") == "imagefolder":
+        require_root(cfg.data)
+    with open_dict(cfg.tracking):
+        cfg.tracking.experiment = default_experiment(cfg.data, preset)
+
+
 def fill_image_folder(data: DictConfig) -> None:
     """An image folder's settings that are null, read from its files (datafiles.read_image_folder):
     the class count, the image size, the model stem that suits it and, without a val/ folder, a
     tenth of train/ held out for validation. The root is recorded resolved and, as
     `data.fingerprint`, a hash of its images' names and sizes: both are part of the run's
     configuration (a different folder is a different data set)."""
-    if OmegaConf.is_missing(data, "root") or not data.get("root"):
-        require("data.root", data._get_node("root")._value(), False, LAYOUT)
+    require_root(data)
     facts = read_image_folder(data.root)
     with open_dict(data):
         data.root, data.fingerprint = str(facts.root), facts.fingerprint
@@ -303,13 +321,16 @@ def check_arm_config(cfg: Mapping[str, Any]) -> None:
             "it without study.plan")
 
 
-def checked_config(cfg: DictConfig, overrides: Iterable[str], trainer_arguments: Callable[[], Collection[str]]) -> dict[str, Any]:
+def checked_config(cfg: DictConfig, overrides: Iterable[str], trainer_arguments: Callable[[], Collection[str]],
+                   preset: str | None = None) -> dict[str, Any]:
     """The job's config as plain data, checked: an image folder's null settings read from its
-    files, the DenseNet knobs folded into the model (config.resolved_config), every value checked.
+    files, a null experiment named (fill_experiment; `preset`: the experiment preset chosen), the
+    DenseNet knobs folded into the model (config.resolved_config), every value checked.
     Raises ConfigError on the first bad value or `+key` that nothing reads."""
     check_added_keys(overrides, trainer_arguments)
     if cfg.data.get("name") == "imagefolder":
         fill_image_folder(cfg.data)
+    fill_experiment(cfg, preset)
     plain = resolved_config(cfg)
     validate_config(plain)
     check_arm_config(plain)

@@ -17,7 +17,7 @@ from densenet_exp.models import DenseNet, build_model
 from densenet_exp.run import ddp_rank_argv
 from densenet_exp.config import flatten
 from densenet_exp.identity import config_hash
-from densenet_exp.validate import ConfigError, validate_config
+from densenet_exp.validate import ConfigError, fill_experiment, validate_config
 
 MODELS = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
@@ -26,6 +26,7 @@ EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml
 def composed(*overrides: str) -> dict:
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=list(overrides))
+    fill_experiment(cfg, None)  # as a job names a run's null experiment (validate.checked_config)
     plain = OmegaConf.to_container(cfg, resolve=True)
     apply_knobs(plain)
     return plain

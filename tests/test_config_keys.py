@@ -29,7 +29,7 @@ from densenet_exp.config import apply_knobs
 from densenet_exp.training.speed import choose_speed
 from densenet_exp.runs.store import bound_http_waits
 from densenet_exp.training.trainer_keys import trainer_arguments
-from densenet_exp.validate import ConfigError, check_added_keys, fill_image_folder, validate_config
+from densenet_exp.validate import ConfigError, check_added_keys, fill_experiment, fill_image_folder, validate_config
 
 CONF = ROOT / "conf"
 GROUPS = ("model", "data", "trainer", "optim", "probes", "experiment", "hparams_search")
@@ -95,6 +95,7 @@ def compose_option(group: str | None, option: str | None, tmp_path, *extra: str)
         cfg = compose("config", overrides=overrides)
     if option == "imagefolder":
         fill_image_folder(cfg.data)  # what the folder says: class count, image size, stem, fingerprint
+    fill_experiment(cfg, option if group == "experiment" else None)  # a null experiment, named as a job names it
     plain = OmegaConf.to_container(cfg, resolve=True)
     plain.pop("hydra", None)
     if plain["data"]["name"] in ("cifar10", "cifar100"):

@@ -169,19 +169,119 @@ def test_a_sweep_whose_jobs_logged_no_run_of_their_own_leaves_no_parent(store, t
     assert "parent run" in out and "was removed" in out and out.count("Parent run: ") == 1
 
 
-def test_without_a_progress_bar_a_long_epoch_logs_a_line_with_the_time_left(caplog):
+def test_piped_progress_says_what_trains_early_then_each_minute_with_its_own_loss_and_the_current_rate(caplog):
+    """Issue 37: piped output (a SLURM .out) got its first line after 5 minutes, repeated the
+    previous epoch's loss, and an ETA from the run's average rate on a machine that had slowed."""
     import logging
+
+    import torch
 
     from densenet_exp.training.progress import JobReport
 
-    job = JobReport({}, "job 2/4", "run", {}, later_jobs=2, lines_within_epoch=True, every_s=0)
-    job.started = job.last_line = 0.0
-    trainer = SimpleNamespace(is_global_zero=True, num_training_batches=10, current_epoch=0, max_epochs=2,
-                              callback_metrics={"train/loss": 1.5})
+    now = [0.0]
+    job = JobReport({}, "job 1/3", "run", {}, later_jobs=2, lines_within_epoch=True, name="net-s0",
+                    clock=lambda: now[0])
+    trainer = SimpleNamespace(is_global_zero=True, num_training_batches=100, current_epoch=0, max_epochs=2,
+                              sanity_checking=False, callback_metrics={"train/loss": torch.tensor(9.0)})
+    job.started = job.last_line = 0.0  # on_train_start, without the block before it
+
+    def steps(first: int, count: int, seconds: float, loss: float) -> None:
+        for idx in range(first, first + count):
+            now[0] += seconds
+            job.on_train_batch_end(trainer, None, {"loss": torch.tensor(loss)}, None, idx)
+
     with caplog.at_level(logging.INFO, logger="densenet_exp"):
-        job.on_train_batch_end(trainer, None, None, None, 4)  # 5 of 20 steps done
-    (line,) = caplog.messages
-    assert line.startswith("job 2/4 epoch 1/2, step 5/10, train loss 1.5000 (")
-    assert "so far, about" in line and "; sweep about" in line
-    # 5 of 20 steps in t: 3t left here, 4t for each of the two jobs after it.
-    assert job.timing(10.0, 5, 20) == "10.0 s so far, about 30.0 s left; sweep about 1 min 50 s left"
+        job.on_train_epoch_start(trainer, None)
+        steps(0, 1, 5.0, 3.0)  # the first step: warm-up, not timed
+        steps(1, 14, 1.0, 2.0)  # 19 s: no line yet
+        assert caplog.messages == []
+        steps(15, 1, 1.0, 2.0)  # 20 s
+        (first,) = caplog.messages
+        # The loss of steps 1-16, the rate of steps 2-16; 184 steps left at 1 s, two later runs of 200 s.
+        assert first == ("job 1/3 training net-s0: epoch 1/2, step 16/100, train loss 2.0625 (steps 1-16); first "
+                         "steps 1 s each, about 1 min 40 s an epoch (20.0 s so far, about 3 min 04 s left; sweep "
+                         "about 9 min 44 s left)")
+        steps(16, 19, 3.0, 1.0)  # the machine slows to 3 s a step: 77 s, no line within the minute
+        assert len(caplog.messages) == 1
+        steps(35, 1, 3.0, 1.0)  # 80 s: a minute after the first line
+        assert caplog.messages[-1] == ("job 1/3 epoch 1/2, step 36/100, train loss 1.0000 (steps 17-36); 3 s a step "
+                                       "(1 min 20 s so far, about 8 min 12 s left; sweep about 28 min 12 s left)")
+        steps(36, 64, 3.0, 1.0)  # the epoch's last step, then 10 s of validation
+        job.on_validation_start(trainer, None)
+        now[0] += 10.0
+        job.on_validation_end(trainer, None)
+        trainer.callback_metrics = {"train/loss": torch.tensor(1.5)}
+        job.on_train_epoch_end(trainer, None)
+        assert caplog.messages[-1].startswith("job 1/3 epoch 1/2: train loss 1.5000 (")
+        trainer.current_epoch = 1
+        job.on_train_epoch_start(trainer, None)
+        steps(0, 20, 3.0, 0.5)
+        # Its own steps' loss, not the last epoch's 1.5; 80 steps at 3 s and one validation left.
+        assert caplog.messages[-1].startswith("job 1/3 epoch 2/2, step 20/100, train loss 0.5000 (steps 1-20); 3 s a "
+                                              "step (") and "about 4 min 10 s left" in caplog.messages[-1]
+    # A line at least every minute: at 20, 80, 140, 200 and 260 s, the epoch's end (282 s), 342 s.
+    assert len(caplog.messages) == 7
+
+
+def test_mlflow_ui_gives_every_experiment_its_view_of_training_runs_and_opens_the_latest(store):
+    """Issue 37: the saved column view was set on one experiment only, and report runs were listed
+    among training runs."""
+    import importlib.machinery
+    import importlib.util
+    import json
+
+    from conftest import ROOT
+
+    loader = importlib.machinery.SourceFileLoader("mlflow_ui", str(ROOT / "tools" / "mlflow-ui"))
+    ui = importlib.util.module_from_spec(importlib.util.spec_from_loader("mlflow_ui", loader))
+    loader.exec_module(ui)
+    client = store.client()
+    first, second = (client.create_experiment(name) for name in ("smoke", "imagefolder-pets"))
+    client.create_run(first, start_time=1000, tags={"variant": "densenet_tiny-k4"})
+    trained = client.create_run(second, start_time=2000, tags={"variant": "resnet20"}).info.run_id
+    client.create_run(first, start_time=3000, tags={"report": "true"})  # the latest run, not a training run
+    url, name = ui.runs_table_url(store.uri, None, 5000)
+    assert name == "imagefolder-pets" and url.endswith(f"#/experiments/{second}/runs?viewStateShareKey={ui.VIEW}")
+    key = f"mlflow.sharedViewState.{ui.VIEW}"
+    for experiment in (first, second):
+        state = json.loads(json.loads(client.get_experiment(experiment).tags[key])["state"])
+        assert state["searchFilter"] == ui.TRAINING_RUNS and state["selectedColumns"] == ui.COLUMNS
+    # The view's filter, as the UI runs it: training runs only.
+    client.create_run(second, tags={"report": "true"})
+    assert [r.info.run_id for r in client.search_runs([second], ui.TRAINING_RUNS)] == [trained]
+    # A view the UI saved over (updatedAt moved on) is left as it is.
+    saved = json.dumps({"name": ui.VIEW, "createdAt": 1, "updatedAt": 2, "state": json.dumps({"searchFilter": ""})})
+    client.set_experiment_tag(first, key, saved)
+    ui.runs_table_url(store.uri, "smoke", 5000)
+    assert client.get_experiment(first).tags[key] == saved
+
+
+def test_a_jobs_console_keeps_third_party_warnings_and_tips_for_run_log():
+    """Issue 37: with cpu_parallel a quarter of the console was Lightning's and alembic's notices."""
+    import logging
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from densenet_exp.runs.logs import HarnessOnly, LauncherConsole
+
+    def record(name: str, level: int) -> logging.LogRecord:
+        return logging.LogRecord(name, level, __file__, 1, "text", None, None)
+
+    job, launcher = HarnessOnly(), LauncherConsole()
+    for name in ("densenet_exp", "densenet_exp.search"):
+        assert job.filter(record(name, logging.INFO))
+    for name, level in (("lightning.pytorch.utilities.rank_zero", logging.INFO), ("alembic.runtime.migration",
+                        logging.INFO), ("py.warnings", logging.WARNING), ("hydra_plugins.hydra_joblib_launcher",
+                        logging.INFO)):
+        assert not job.filter(record(name, level)), name
+    assert job.filter(record("mlflow", logging.ERROR))
+    assert launcher.filter(record("py.warnings", logging.WARNING))  # no run.log keeps the launcher's
+    # run.py turns Python warnings (Lightning's UserWarnings) into records of py.warnings.
+    code = ("import logging, sys, warnings\nimport densenet_exp.run\n"
+            "handler = logging.StreamHandler(sys.stdout)\nhandler.setFormatter(logging.Formatter('%(name)s: %(message)s'))\n"
+            "logging.getLogger('py.warnings').addHandler(handler)\n"
+            "warnings.warn('The `srun` command is available on your system but is not used', UserWarning)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("py.warnings: ") and "srun" in result.stdout and "srun" not in result.stderr

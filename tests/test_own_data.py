@@ -59,6 +59,26 @@ def test_class_count_image_size_and_stem_come_from_the_folder(tmp_path):
     assert checked(f"data.root={root}", "data.image_size=64")["data"]["image_size"] == 64
 
 
+def test_a_run_that_names_no_experiment_goes_to_one_named_for_its_data_and_preset(tmp_path):
+    """Issue 37: runs without tracking.experiment all went to `densenet_exp`, beside unrelated ones."""
+    from omegaconf import OmegaConf
+
+    from densenet_exp.config import default_experiment
+    from densenet_exp.validate import fill_experiment
+
+    root = image_folder(tmp_path / "my pets+", {"train": 5, "val": 2})
+    assert checked(f"data.root={root}")["tracking"]["experiment"] == "imagefolder-my pets_"  # a safe name
+    assert checked(f"data.root={root}", "tracking.experiment=mine")["tracking"]["experiment"] == "mine"
+    assert default_experiment({"name": "fashion_mnist"}, "smoke") == "fashion_mnist-smoke"
+    assert default_experiment({"name": "cifar10", "root": "/data"}, None) == "cifar10"
+    # A sweep over what the name is made of would scatter its jobs: it must name one.
+    cfg = OmegaConf.create({"tracking": {"experiment": None}, "data": {"name": "fashion_mnist"}})
+    with pytest.raises(ConfigError, match=r"tracking.experiment=.*varies data.root"):
+        fill_experiment(cfg, None, swept=("seed", "data.root"))
+    fill_experiment(cfg, None, swept=("seed",))
+    assert cfg.tracking.experiment == "fashion_mnist"
+
+
 def test_without_val_a_tenth_of_train_validates_and_without_test_nothing_is_tested(tmp_path):
     root = image_folder(tmp_path / "pets", {"train": 10})
     data = checked(f"data.root={root}")["data"]
@@ -165,8 +185,7 @@ def folder_run(tmp_path_factory):
     root = image_folder(tmp / "pets", {"train": 20, "val": 6})
     store = Store(tmp)
     result = store.run("data=imagefolder", f"data.root={root}", "model=densenet_tiny", "probes=none",
-                       "trainer.max_epochs=2", "trainer.enable_progress_bar=true", "data.batch_size=16",
-                       "tracking.experiment=own")
+                       "trainer.max_epochs=2", "trainer.enable_progress_bar=true", "data.batch_size=16")
     assert result.returncode == 0, result.stderr[-3000:]
     return store, result
 
@@ -176,14 +195,14 @@ def test_a_folder_without_test_trains_its_classes_at_its_size_with_no_test_metri
     from densenet_exp.report import write_report
 
     store, result = folder_run
-    (run,) = store.runs("own")
+    (run,) = store.runs("imagefolder-pets")  # named from the data set: the run names none
     params, metrics = run.data.params, run.data.metrics
     assert (params["data.num_classes"], params["model.num_classes"], params["data.image_size"]) == ("3", "3", "32")
     assert params["model.stem"] == "cifar" and "val/acc" in metrics
     assert not any(key.startswith("test/") for key in metrics)
     assert "no held-out test set" in result.stdout
     report = (tmp_path / "report")
-    write_report("own", store.uri, report)
+    write_report("imagefolder-pets", store.uri, report)
     assert "no held-out test set for 1 run(s) (densenet_tiny-k4-c0.5-B)" in (report / "report.md").read_text()
 
 
@@ -193,8 +212,11 @@ def test_piped_output_has_one_line_per_epoch_and_no_bar(folder_run):
     out = result.stdout
     assert "\r" not in out and "\x1b" not in out  # no bar redrawing itself, no escape codes
     assert len(re.findall(r"^epoch \d/2: train loss [\d.]+, val acc [\d.]+ \(", out, re.M)) == 2, out
-    # Third-party INFO stays in run.log: Lightning's device banner, MLflow's and Hydra's notices.
-    assert "GPU available" not in out and "INFO" not in out
+    assert re.search(r"^densenet_tiny-k4-c0.5-B-s0: MLflow run \w+ in experiment 'imagefolder-pets' \(named from", out,
+                     re.M), out
+    # Third-party INFO and warnings stay in run.log: Lightning's device banner and UserWarnings,
+    # MLflow's and Hydra's notices; nothing but the harness's lines reaches the console.
+    assert "GPU available" not in out and "INFO" not in out and result.stderr == "", result.stderr
     assert "GPU available" in (store_out := Path(result.args[-1].split("=", 1)[1]) / "run.log").read_text(), store_out
 
 

@@ -61,8 +61,14 @@ class SweepParentRun(Callback):
         self.__init__()
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from ..validate import ConfigError, check_output_folder, validate_tracking
+        from ..validate import ConfigError, check_output_folder, fill_experiment, validate_tracking
 
+        try:
+            # Named here as each job names it; the sweeper and the closing table read it from config.
+            fill_experiment(config, OmegaConf.select(config, "hydra.runtime.choices.experiment"),
+                            SweepPlan.of(config).varying)
+        except ConfigError as err:
+            fail(str(err), 2)
         tracking = OmegaConf.to_container(config.tracking, resolve=True)
         uri = tracking_uri(tracking["uri"], Path(config.hydra.runtime.cwd))
         try:
