@@ -265,7 +265,8 @@ class Evidence:
     matrices: dict[str, list]
     init: dict[str, list]
     studies: dict[str, pd.DataFrame] = field(default_factory=dict)  # Optuna study name -> its trials
-    predictions: dict[str, pd.DataFrame] = field(default_factory=dict)  # run_id -> its test predictions
+    predictions: dict[str, pd.DataFrame] | None = None  # run_id -> its test predictions; None: not read yet
+    uri: str = ""  # where judge reads a plan's test predictions from, only when a plan is judged
 
 
 def load_evidence(experiment: str, uri: str, sweep: str | None = None) -> Evidence:
@@ -278,7 +279,7 @@ def load_evidence(experiment: str, uri: str, sweep: str | None = None) -> Eviden
     dense = done[done["family"] == "densenet"]
     return Evidence(runs, done, learning_curves(done, uri), relative_grads(done, uri),
                     feature_reuse_matrices(dense, uri), feature_reuse_matrices(dense, uri, record.FEATURE_REUSE_MATRICES_INIT),
-                    studies, test_predictions(done, uri))
+                    studies, uri=uri)
 
 
 def _search_section(doc: Document, studies: dict[str, pd.DataFrame], experiment: str) -> None:
@@ -359,6 +360,8 @@ def judge(evidence: Evidence, margin_pp: float, plan: Plan | None = None) -> Fin
         # ONCE_RULE first: a duplicate or a run of another config never reaches a verdict or a table.
         runs, left_out = one_per_declared(plan, evidence.runs)
         done = done[done["run_id"].isin(runs["run_id"])]
+        if evidence.predictions is None:  # a plan's runs only: one download per run, so not for every report
+            evidence.predictions = test_predictions(confirmation_runs(plan, done), evidence.uri) if evidence.uri else {}
         confirmation = judge_plan(plan, runs, evidence.curves, evidence.matrices, evidence.init, evidence.grads,
                                   evidence.predictions)
         confirmation.notes += left_out

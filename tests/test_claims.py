@@ -398,3 +398,19 @@ def test_near_chance_is_decided_on_the_last_validation_check_of_every_run_never_
                                for s, v in val.items() for e in (1.5, 2.0, 2.5, 3.0)])
         (arm,) = evidence.arms_of(plan, runs, curves).values()
         assert arm.near_chance == ["seed 400: last validation accuracy 0.120, chance 0.100"], settled
+
+
+def test_test_predictions_are_read_only_when_a_plan_is_judged_and_only_for_its_runs(tmp_path, monkeypatch):
+    """One download per run: a report without a plan reads none; a plan reads its own runs' only."""
+    store, plan = factorial_store(tmp_path, "lazy", k_effect=0.6, interaction=0.0)
+    client = store.client()
+    add_run(client, client.get_experiment_by_name(plan.experiment).experiment_id, "stray", RECIPE, {record.TEST_ACC: 0.9},
+            7, "fashion_mnist")
+    asked = []
+    monkeypatch.setattr(report, "test_predictions", lambda runs, uri: asked.append(set(runs["run_id"])) or {})
+    evidence = report.load_evidence(plan.experiment, store.uri)
+    report.judge(evidence, 0.5)
+    assert asked == []
+    report.judge(evidence, 0.5, plan)
+    (ids,) = asked
+    assert len(ids) == 8 * 6 and ids < set(evidence.done["run_id"])  # the stray run is not the plan's

@@ -344,16 +344,20 @@ def not_converged(runs: pd.DataFrame, curves: pd.DataFrame | None,
     nothing when no curves were read (the caller then cannot gate on convergence)."""
     if curves is None:
         return []
-    late = []
-    for _, run in runs.iterrows():
-        values = curves.loc[curves["run_id"] == run["run_id"], "value"].to_list()
-        gain, window = convergence_gain(values, rule["last_fraction"])
-        if not np.isfinite(gain):
-            late.append(f"{run['variant']} seed {run['seed']}: {len(values)} validation check(s), too few to tell")
-        elif gain >= rule["max_gain_pp"]:
-            late.append(f"{run['variant']} seed {run['seed']}: gained {gain:.2f} pp over its last {window} of "
-                        f"{len(values)} validation checks")
-    return late
+    reasons = ((run, window_reason(curves.loc[curves["run_id"] == run["run_id"], "value"].to_list(), rule))
+               for _, run in runs.iterrows())
+    return [f"{run['variant']} seed {run['seed']}: {why}" for run, why in reasons if why]
+
+
+def window_reason(values: Sequence[float], rule: Mapping[str, float]) -> str:
+    """convergence_rule on one run's validation checks: '' when it converged, else why not (the one
+    wording the exploratory verdicts and a declared plan's claims both print)."""
+    gain, window = convergence_gain(values, rule["last_fraction"])
+    if not np.isfinite(gain):
+        return f"{len(values)} validation check(s), too few to tell"
+    if gain >= rule["max_gain_pp"]:
+        return f"gained {gain:.2f} pp over its last {window} of {len(values)} validation checks"
+    return ""
 
 
 def converged_or_reason(claim: Claim, runs: Sequence[pd.DataFrame], curves: pd.DataFrame | None,

@@ -13,7 +13,7 @@ import pandas as pd
 
 from .. import record
 from ..analysis import stats
-from ..analysis.verdicts import INCONCLUSIVE, Claim, Config, convergence_gain, recipe_differences
+from ..analysis.verdicts import INCONCLUSIVE, Claim, Config, recipe_differences, window_reason
 from ..plan import Plan
 
 STAGE_RULE = (
@@ -148,12 +148,7 @@ def arms_of(plan: Plan, runs: pd.DataFrame, curves: pd.DataFrame) -> dict[str, A
 
 def converged_or_reason(conv, curve: pd.DataFrame) -> str:
     """verdicts.convergence_rule (a plan without `settled`): '' or why the run has not converged."""
-    values = curve["value"].to_list()
-    gain, window = convergence_gain(values, conv["last_fraction"])
-    if np.isfinite(gain) and gain < conv["max_gain_pp"]:
-        return ""
-    return "too few validation checks" if not np.isfinite(gain) else (
-        f"gained {gain:.2f} pp over its last {window} of {len(values)} validation checks")
+    return window_reason(curve["value"].to_list(), conv)
 
 
 def gate(claim: Claim, arms: list[Arm], converged: bool = True) -> Claim | None:
