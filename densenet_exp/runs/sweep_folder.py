@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 PLAN_FILE = "sweep_plan.json"
 JOBS_DIR = "jobs"  # one <job number>.json per job: the MLflow run it logged to
@@ -34,7 +34,7 @@ class SweepPlan:
         `n_trials` (Optuna) runs that many jobs."""
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
-        sweeper = config.hydra.sweeper
+        sweeper = OmegaConf.select(config, "hydra.sweeper") or {}  # a config built by hand may lack it
         arguments = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
         arguments += list(config.hydra.overrides.task)
         try:
