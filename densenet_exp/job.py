@@ -40,7 +40,7 @@ from .runs.checkpoints import LastCheckpoint, prune_best
 from .runs.claim import CLAIM_ENV, RunClaim, choose_run
 from .training.classifier import ImageClassifier
 from .runs.console import job_label, jobs_after, resume_command, swept_labels
-from .training.data import ImageDataModule, has_validation_split
+from .training.data import ImageDataModule, choose_loading, has_validation_split, usable_cores
 from .config import default_experiment, flatten
 from .identity import config_hash, config_key, older_config_hash
 from .models import build_model
@@ -84,31 +84,48 @@ def run_name(variant: str, cfg: dict[str, Any]) -> str:
     return f"{variant}-s{cfg['seed']}"
 
 
+def joblib_launcher(hc: Any) -> Any:
+    """The job's launcher config where it is hydra-joblib-launcher's (cpu_parallel, gpu_shared), else None."""
+    launcher = hc.get("launcher") or {}
+    return launcher if "joblib" in str(launcher.get("_target_", "")).lower() else None
+
+
 def parallel_jobs(hc: Any, configured: int | None = None) -> int:
     """How many jobs run side by side on this machine: the configured number (`parallel_jobs`, as
     the study runner sets it), else a joblib launcher's n_jobs (-1 or less: one per core), else 1."""
     if configured:
         return int(configured)
-    launcher = hc.get("launcher") or {}
-    if "joblib" not in str(launcher.get("_target_", "")).lower():
+    launcher = joblib_launcher(hc)
+    if launcher is None:
         return 1
     jobs = int(launcher.get("n_jobs") or 1)
-    return (os.cpu_count() or 1) if jobs < 1 else jobs
+    return usable_cores() if jobs < 1 else jobs
+
+
+def in_joblib_worker(hc: Any) -> bool:
+    """Whether the job runs in a worker process of joblib's default backend, loky (not in threads)."""
+    launcher = joblib_launcher(hc)
+    return launcher is not None and launcher.get("backend") in (None, "loky") and launcher.get("prefer") != "threads"
+
+
+def job_cores(hc: Any, jobs_configured: int | None = None) -> int:
+    """The cores this job may use: a SLURM job's allocation, else this process's, shared among the
+    jobs that run side by side. A SLURM job gets the cores it asked for, but torch counts the
+    node's: where nothing binds the job to its cores (task/none, as on tools/slurm-local), its
+    threads and loader processes would take them all."""
+    allocated = os.environ.get("SLURM_CPUS_PER_TASK")
+    return max(1, int(allocated or usable_cores()) // parallel_jobs(hc, jobs_configured))
 
 
 def cpu_threads(configured: int | None, hc: Any, jobs_configured: int | None = None) -> int | None:
-    """Torch threads for this job: the configured number, else a share of the cores when jobs run
-    side by side (two jobs of two threads each on two cores stall each other badly), else a SLURM
-    job's cores, else torch's default (None)."""
+    """Torch threads for this job: the configured number, else its share of the cores when jobs run
+    side by side (two jobs of two threads each on two cores stall each other badly) or under SLURM
+    (job_cores), else torch's default (None)."""
     if configured:
         return int(configured)
-    # A SLURM job gets the cores it asked for, but torch counts the node's: where nothing binds
-    # the job to its cores (task/none, as on tools/slurm-local), its threads would take them all.
-    allocated = os.environ.get("SLURM_CPUS_PER_TASK")
-    jobs = parallel_jobs(hc, jobs_configured)
-    if jobs > 1:
-        return max(1, int(allocated or os.cpu_count() or 1) // jobs)
-    return int(allocated) if allocated else None
+    if parallel_jobs(hc, jobs_configured) > 1 or os.environ.get("SLURM_CPUS_PER_TASK"):
+        return job_cores(hc, jobs_configured)
+    return None
 
 
 def study_tags(study: dict[str, Any]) -> dict[str, str]:
@@ -178,7 +195,8 @@ def build(job: Job) -> Built:
         channels_last=speed.channels_last,
         compile=plain["speed"]["compile"],
     )
-    return Built(module, ImageDataModule(plain["data"], seed=plain["seed"]), probes, freed)
+    loading = choose_loading(plain["data"], job_cores(hc, plain.get("parallel_jobs")), in_joblib_worker(hc))
+    return Built(module, ImageDataModule(plain["data"], seed=plain["seed"], loading=loading), probes, freed)
 
 
 # -- 3. open the run -------------------------------------------------------------------------
@@ -344,7 +362,7 @@ def fit_and_test(job: Job, built: Built, run: OpenRun, trainer: L.Trainer,
     if run.chief and run.claim.resumed:
         run.logger.load_history(run.client)  # an epoch redone after a kill is not logged twice
     if run.chief and not run.claim.recorded:
-        record_new_run(run, trainer, plain, job.speed.tags())
+        record_new_run(run, trainer, plain, {**job.speed.tags(), **built.datamodule.loading.tags()})
     trainer.fit(built.module, datamodule=built.datamodule, ckpt_path=run.claim.ckpt_path, weights_only=True)
     val_acc = last_logged(run, trainer, record.VAL_ACC) if validated else None  # test() resets callback_metrics
     if run.chief and (checkpoint.best_model_path or not validated):  # one best checkpoint, or none without validation

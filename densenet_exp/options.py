@@ -29,8 +29,13 @@ TRAIN_IMAGES = {"fashion_mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000}
 
 
 def train_images(data: Mapping[str, Any]) -> int | None:
-    """The images a run of a TRAIN_IMAGES set trains on: the set less `data.val_size`, at most
-    `data.train_size`; None for other data (synthetic, image folders), whose size the set does not fix."""
+    """The images a run trains on: of a TRAIN_IMAGES set, the set less `data.val_size`, at most
+    `data.train_size`; of an image folder, its train/ images (counted in `data.root`) less
+    `data.val_size` (null: its own val/ validates); None for synthetic data."""
+    if data.get("name") == "imagefolder":
+        from .datafiles import read_image_folder
+
+        return read_image_folder(data["root"]).images["train"] - int(data.get("val_size") or 0)
     if data.get("name") not in TRAIN_IMAGES:
         return None
     total = TRAIN_IMAGES[data["name"]] - int(data.get("val_size") or 0)
@@ -39,8 +44,11 @@ def train_images(data: Mapping[str, Any]) -> int | None:
 
 def train_batches(cfg: Mapping[str, Any]) -> int | None:
     """Training batches (optimizer steps) per epoch and rank that a resolved config plans, or None
-    where the config does not fix the training set's size (an image folder) or lacks the batch size."""
+    where the config does not fix the training set's size (an image folder: its count would make
+    `speed.compile: auto`, a part of the recipe, follow files added to the folder) or lacks the batch size."""
     data, trainer = cfg.get("data") or {}, cfg.get("trainer") or {}
+    if data.get("name") == "imagefolder":
+        return None
     images = data.get("train_size") if data.get("name") == "synthetic" else train_images(data)
     if not images or not data.get("batch_size"):
         return None

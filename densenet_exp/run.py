@@ -106,8 +106,7 @@ def main(cfg: DictConfig) -> float | None:
     except Exception as err:
         if multirun:
             # One failed job must not stop the sweep; SweepParentRun reports it at the end.
-            _record_failed_job(hc, err)
-            log.error("job #%s failed: %s: %s", hc.job.num, type(err).__name__, err)
+            log.error(_record_failed_job(hc, err))
             return None
         bad_input = isinstance(err, ConfigError | StoreConfigError)
         if not bad_input:
@@ -142,10 +141,13 @@ def quiet_on_closed_pipe(argv: list[str]) -> None:
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 
 
-def _record_failed_job(hc: Any, err: BaseException) -> None:
+def _record_failed_job(hc: Any, err: BaseException) -> str:
+    """Note the failed sweep job for the list that ends the sweep; returns its line, numbered as
+    the sweep's table numbers it ("job 2/8 [seed=1] failed: reason")."""
+    from .runs.console import job_title
     from .runs.sweep_folder import record_failed_job
 
-    record_failed_job(Path(hc.sweep.dir), hc.job.num, list(hc.overrides.task), err)
+    return record_failed_job(Path(hc.sweep.dir), hc.job.num, job_title(hc), err)
 
 
 if __name__ == "__main__":

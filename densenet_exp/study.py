@@ -260,7 +260,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "estimate":
         from .claims.sizing import print_estimate
 
-        return print_estimate(plan, uri, args.jobs, args.sd)
+        try:
+            return print_estimate(plan, uri, args.jobs, args.sd)
+        except InvalidValue as err:  # an arm's image folder that does not read as one
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     os.environ.setdefault("MLFLOW_TRACKING_URI", uri)
     from .runs.store import StoreConfigError, StoreUnreachable
 

@@ -156,11 +156,10 @@ def validate_batch_fits(cfg: Mapping[str, Any]) -> None:
     name, batch = data.get("name"), data.get("batch_size")
     val = data["val_size"] or 0  # null: an image folder's own val/ folder
     more = "raise data.train_size"
-    if name == "imagefolder":
-        total = read_image_folder(data["root"]).images["train"] - val
-        more = "add images to train/" + (" or lower data.val_size" if val else "")
-    elif name in TRAIN_IMAGES:
+    if name in (*TRAIN_IMAGES, "imagefolder"):
         total = train_images(data)
+        if name == "imagefolder":
+            more = "add images to train/" + (" or lower data.val_size" if val else "")
     else:
         total = int(data.get("train_size") or 0) - val
     require("data.val_size", val, total > 0, f"fewer than the {total + val} training images, leaving some to train on")

@@ -126,7 +126,7 @@ def test_closing_table_marks_skipped_and_failed_jobs(store, tmp_path):
                              job=SimpleNamespace(num=num))
         record_job(hc, runs[name], skipped=skipped)
         client.set_terminated(runs[name], "FINISHED")
-    record_failed_job(sweep_dir, 2, ["data.batch_size=0"], ValueError("data.batch_size=0 is invalid"))
+    record_failed_job(sweep_dir, 2, "job 3/3 [data.batch_size=0]", ValueError("data.batch_size=0 is invalid"))
     config = OmegaConf.create({"tracking": {"experiment": "smoke", "uri": None}})
 
     table = sweep_summary(client, parent, sweep_dir, config)
@@ -136,6 +136,39 @@ def test_closing_table_marks_skipped_and_failed_jobs(store, tmp_path):
     assert re.search(r"\n\s+3\s+-\s+-\s+FAILED", table), table
     assert f"Parent run: {parent}" in table
     assert "Report: python -m densenet_exp.report --experiment smoke\n" in table + "\n"  # no --sweep: runs predate it
+
+
+def test_the_failure_list_names_each_job_as_the_table_does_with_the_reason_a_clean_up_error_hid(tmp_path):
+    """Issue 37: the console said `job #1` where the table said 2, and Lightning's clean-up error
+    ("Please call iter(combined_loader) first") hid why the job failed."""
+    from densenet_exp.runs.console import job_title
+    from densenet_exp.runs.sweep import SweepParentRun
+    from densenet_exp.runs.sweep_folder import record_failed_job
+
+    SweepPlan(8, ("seed",)).write(tmp_path)
+    hc = SimpleNamespace(mode=RunMode.MULTIRUN, sweep=SimpleNamespace(dir=str(tmp_path)), job=SimpleNamespace(num=1),
+                         overrides=SimpleNamespace(task=["data=imagefolder", "data.root=/pets", "seed=1"]))
+    try:
+        try:
+            raise AttributeError("'Process' object has no attribute 'env'")
+        except AttributeError:
+            raise RuntimeError("Please call `iter(combined_loader)` first.\nmore")  # noqa: B904 (as Lightning does)
+    except RuntimeError as err:
+        hidden = err
+    line = record_failed_job(tmp_path, 1, job_title(hc), hidden)
+    assert line == ("job 2/8 [seed=1] failed: AttributeError: 'Process' object has no attribute 'env' (then, while "
+                    "handling it, RuntimeError: Please call `iter(combined_loader)` first.)")
+    try:
+        raise ValueError("data.batch_size=0 is invalid") from KeyError("batch")  # translated on purpose: the reason
+    except ValueError as err:
+        translated = err
+    hc.job.num = 0
+    record_failed_job(tmp_path, 0, job_title(hc), translated)
+    sweep = SweepParentRun()
+    sweep.sweep_dir = tmp_path
+    assert sweep._failures() == ["job 1/8 [seed=1] failed: ValueError: data.batch_size=0 is invalid", line]
+    (tmp_path / "sweep_plan.json").unlink()  # a plan unknown: every override names the job
+    assert job_title(hc) == "job 1 [data=imagefolder data.root=/pets seed=1]"
 
 
 def test_a_sweep_whose_jobs_logged_no_run_of_their_own_leaves_no_parent(store, tmp_path, capsys):

@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 
 from conftest import ROOT, Store
 from densenet_exp import datafiles
-from densenet_exp.training.data import ImageDataModule, has_validation_split, loader_workers
+from densenet_exp.training.data import ImageDataModule, choose_loading, has_validation_split
 from densenet_exp.training.trainer_keys import trainer_arguments
 from densenet_exp.validate import ConfigError, checked_config
 
@@ -154,12 +154,37 @@ def test_a_batch_larger_than_the_training_set_fails_in_one_line_and_leaves_no_ru
     assert store.all_runs() == [] and not (store.path / "out").exists()
 
 
-def test_loader_workers_follow_the_cores_this_process_may_use(monkeypatch):
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
-    assert loader_workers(None) == 1  # two cores: one for training, one loader
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(64)))
-    assert loader_workers(None) == 8
-    assert loader_workers(0) == 0
+def launched_by(launcher: str | None):
+    """Hydra's runtime config (HydraConfig) of a job that `hydra/launcher=<launcher>` starts."""
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra/launcher={launcher}"] if launcher else [], return_hydra_config=True)
+    return cfg.hydra
+
+
+def test_loader_processes_follow_the_jobs_share_of_the_cores_and_start_as_its_launcher_allows(monkeypatch):
+    """Issue 37: under cpu_parallel every job on a folder failed in < 1 s: a joblib launcher's job
+    runs in a loky worker, whose start method cannot start torch's loader processes."""
+    from densenet_exp.job import in_joblib_worker, job_cores
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    folder = {"name": "imagefolder", "num_workers": None}
+
+    def loading(hc, data=folder):
+        return choose_loading(data, job_cores(hc), in_joblib_worker(hc))
+
+    alone = loading(launched_by(None))  # Hydra's own launcher: the job in this process
+    assert (alone.workers, alone.start_method) == (8, None) and "at most 8" in alone.reason
+    shared = loading(launched_by("gpu_shared"))  # 4 jobs side by side: 4 cores each
+    assert (shared.workers, shared.start_method) == (3, "fork") and "joblib launcher" in shared.reason
+    assert loading(launched_by("cpu_parallel")).workers == 0  # one job per core: no core to spare
+    asked = loading(launched_by("cpu_parallel"), {**folder, "num_workers": 2})
+    assert (asked.workers, asked.start_method) == (2, "fork") and asked.reason.startswith("set by data.num_workers")
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")  # the node's 16 cores are not the job's
+    assert (loading(launched_by("slurm_local")).workers, loading(launched_by("slurm_local")).start_method) == (2, None)
+    monkeypatch.setattr("multiprocessing.get_all_start_methods", lambda: ["spawn"])  # no fork on this platform
+    assert loading(launched_by("gpu_shared")).workers == 0
+    assert choose_loading({"name": "fashion_mnist", "num_workers": 0}, 16, True).workers == 0  # batches in memory
 
 
 def test_a_bad_override_is_rejected_before_torch_lightning_or_mlflow_load(tmp_path):
@@ -218,6 +243,28 @@ def test_piped_output_has_one_line_per_epoch_and_no_bar(folder_run):
     # MLflow's and Hydra's notices; nothing but the harness's lines reaches the console.
     assert "GPU available" not in out and "INFO" not in out and result.stderr == "", result.stderr
     assert "GPU available" in (store_out := Path(result.args[-1].split("=", 1)[1]) / "run.log").read_text(), store_out
+
+
+@pytest.mark.slow
+def test_a_parallel_sweep_on_a_folder_without_test_finishes_every_job(store, tmp_path):
+    """Issue 37: with hydra/launcher=cpu_parallel every job on a folder FAILED in < 1 s (the loky
+    worker that runs a job cannot start loader processes by its own start method). A 4-class
+    32x32 RGB folder without test/, each job with a loader process of its own (on a 2-core
+    machine the preset's one job per core leaves none to spare)."""
+    root = image_folder(tmp_path / "pets", {"train": 12, "val": 4}, classes=4)
+    result = store.run("data=imagefolder", f"data.root={root}", "model=densenet_tiny", "probes=none",
+                       "trainer.max_epochs=1", "data.batch_size=8", "data.num_workers=1", "seed=0,1",
+                       "hydra/launcher=cpu_parallel", "tracking.experiment=own", multirun=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "of the sweep failed" not in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
+    runs = [r for r in store.runs("own") if r.data.tags.get("sweep") != "parent"]
+    assert sorted(r.data.params["seed"] for r in runs) == ["0", "1"]
+    for run in runs:
+        assert run.info.status == "FINISHED" and "val/acc" in run.data.metrics
+        assert not any(key.startswith("test/") for key in run.data.metrics)  # no test/ folder, no test metric
+        assert run.data.tags["loader_workers"] == "1" and "started by fork" in run.data.tags["loader_workers_reason"]
+    table = result.stdout[result.stdout.index("\nSweep "):]
+    assert len(re.findall(r"\n\s+[12]\s+densenet_tiny-k4-c0.5-B\s+[01]\s+FINISHED\s", table)) == 2, table
 
 
 def test_links_that_loop_or_leave_the_folder_are_not_followed_and_a_file_counts_once(tmp_path):

@@ -79,12 +79,14 @@ confirmation:
 """
 
 
+FMNIST_SLICE = {"data.name": "fashion_mnist", "data.val_size": "3000", "data.train_size": "6000"}
+
+
 def pilot_run(client, experiment: str, model: str, ips: tuple[float, ...], epochs: tuple[float, ...], wall_s: float,
-              stage: str = "exploration") -> None:
+              stage: str = "exploration", data: dict = FMNIST_SLICE) -> None:
     run = client.create_run(experiment, start_time=1_000_000, tags={"study_stage": stage})
-    for key, value in (("model.name", model), ("data.name", "fashion_mnist"), ("data.val_size", "3000"),
-                       ("data.train_size", "6000")):
-        client.log_param(run.info.run_id, key, value)
+    for key, value in {"model.name": model, **data}.items():
+        client.log_param(run.info.run_id, key, str(value))
     for step, (speed, seconds) in enumerate(zip(ips, epochs)):
         client.log_metric(run.info.run_id, "train_images_per_s", speed, step=step)
         client.log_metric(run.info.run_id, "epoch_time_s", seconds, step=step)
@@ -127,6 +129,34 @@ def test_plan_estimate_is_unknown_while_an_arms_model_has_no_pilot_run(store, tm
     captured = capsys.readouterr()
     assert "no exploration run times these arms' models: densenet_s9" in captured.err
     assert "about nan h" in captured.out and "(unknown: see above)" in captured.out
+
+
+def test_plan_estimate_on_an_image_folder_counts_the_folders_training_images(store, tmp_path, capsys):
+    """Issue 37: a plan on an image folder crashed (ZeroDivisionError): the built-in sets' size
+    table knows no folder. Its training images are counted: 4 classes x 10 in train/, no val/, so
+    a tenth (4) validates and 36 train."""
+    from test_own_data import image_folder
+
+    from densenet_exp import study
+
+    root = image_folder(tmp_path / "pets", {"train": 10}, classes=4)
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(PILOT_PLAN.replace("recipe: [experiment=study_fmnist]",
+                                       f"recipe: [data=imagefolder, 'data.root={root}', data.batch_size=4]"))
+    client = store.client()
+    experiment = client.create_experiment("pilot")
+    # The pilot's runs log the folder's resolved settings: 36 images, steps of 0.36 s at 100 img/s.
+    folder_params = {"data.name": "imagefolder", "data.root": str(root), "data.val_size": "4", "data.train_size": None}
+    pilot_run(client, experiment, "resnet20", (100.0, 100.0), (0.36, 0.72), wall_s=11.08, data=folder_params)
+    pilot_run(client, experiment, "densenet_s9", (50.0, 50.0), (0.72, 1.44), wall_s=12.16, data=folder_params)
+    assert study.main(["estimate", str(plan), "--tracking-uri", store.uri]) == 0
+    out = capsys.readouterr().out
+    rows = {cells(line)[0]: cells(line) for line in out.splitlines() if line.startswith("| ") and "arm" not in line}
+    # Epochs at twice the step time, 10 s fixed: 5 epochs x 36 images.
+    minutes = {"resnet20": (5 * 36 / 100 * 2 + 10) / 60, "densenet_s9": (5 * 36 / 50 * 2 + 10) / 60}
+    for arm, per_run in minutes.items():
+        assert float(rows[arm][5]) == pytest.approx(per_run, abs=0.05), out
+    assert "confirmation stage: about" in out and "nan" not in out
 
 
 def test_gpu_check_stops_at_its_first_cuda_call_with_one_line_where_there_is_no_gpu(tmp_path):

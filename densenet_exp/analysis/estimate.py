@@ -7,7 +7,8 @@ Each confirmation arm is timed by the exploration runs of the same model on this
 images per second (steps only, as the size-cost probe logs them while the pilot's jobs shared the
 cores, so the figure already includes that sharing), the share of each epoch spent outside the
 steps (validation, logging) and the per-run fixed cost (start-up, compile, test, probes). The
-arm's epochs and training images come from its composed config.
+arm's epochs and training images come from its composed config (an image folder's images counted
+in the folder).
 
 The seeds' power is sized by the claim engine (densenet_exp/claims/sizing.py) from
 `exploration_sd` here.
@@ -24,9 +25,11 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from .. import record
+from ..checks import InvalidValue
 from ..config import composed, flatten
 from ..options import train_images
 from ..plan import Plan
+from ..validate import arm_config
 
 
 def exploration_runs(plan: Plan, client: MlflowClient) -> list:
@@ -36,6 +39,17 @@ def exploration_runs(plan: Plan, client: MlflowClient) -> list:
         return []
     return client.search_runs([experiment.experiment_id], filter_string=(
         f"tags.{record.STUDY_STAGE} = 'exploration' and attributes.status = 'FINISHED'"), max_results=10_000)
+
+
+def logged_train_images(params: dict[str, str]) -> int | None:
+    """The training images of a run, from its logged params (MLflow keeps None as "None"); None
+    where they cannot be known (an image folder that no longer reads as one)."""
+    data = {key: None if params.get(f"data.{key}") in (None, "None") else params[f"data.{key}"]
+            for key in ("name", "root", "val_size", "train_size")}
+    try:
+        return train_images(data)
+    except InvalidValue:
+        return None
 
 
 def timings(plan: Plan, uri: str) -> pd.DataFrame:
@@ -49,10 +63,8 @@ def timings(plan: Plan, uri: str) -> pd.DataFrame:
         params = run.data.params
         if not ips or not epochs:
             continue
-        images = train_images({"name": params.get("data.name"), "val_size": params.get("data.val_size"),
-                               "train_size": None if params.get("data.train_size") in (None, "None")
-                               else params.get("data.train_size")}) or 0
-        steps_s = images / float(np.median(ips))
+        images = logged_train_images(params)
+        steps_s = images / float(np.median(ips)) if images else np.nan  # a folder gone since: no overhead
         wall = (run.info.end_time - run.info.start_time) / 1000
         rows.append({"model": params.get("model.name"), "images_per_s": float(np.median(ips)), "best_images_per_s": max(ips),
                      "epoch_overhead": float(np.median(epochs[1:] or epochs)) / steps_s if len(epochs) > 1 else np.nan,
@@ -69,8 +81,8 @@ def estimate(plan: Plan, uri: str, jobs: int) -> tuple[pd.DataFrame, float, floa
     overhead = float(measured["epoch_overhead"].median()) if measured["epoch_overhead"].notna().any() else 1.1
     fixed = float(measured["fixed_s"].median()) if len(measured) else 60.0
     rows = []
-    for arm, overrides in plan.arms["confirmation"].items():
-        cfg = composed([*plan.recipe, *overrides])
+    for arm in plan.arms["confirmation"]:
+        cfg = arm_config(plan, "confirmation", arm)  # an image folder's null settings read from its files
         mine = measured[measured["model"] == cfg["model"]["name"]]
         ips = float(mine["images_per_s"].median()) if len(mine) else float("nan")
         best = float(mine["best_images_per_s"].max()) if len(mine) else float("nan")

@@ -79,24 +79,37 @@ def _short(value: str) -> str:
     return value if number.is_integer() else f"{number:.3g}"
 
 
+def _swept(hc: Any) -> list[Any] | None:
+    """This sweep job's parsed overrides of the keys its sweep varies; None outside a sweep or where
+    the sweep's plan is unknown."""
+    plan = SweepPlan.read(Path(hc.sweep.dir)) if hc.mode == RunMode.MULTIRUN else None
+    if plan is None:
+        return None
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = OverridesParser.create().parse_overrides(list(hc.overrides.task))
+    return [o for o in overrides if o.key_or_group in plan.varying]
+
+
 def swept_labels(hc: Any) -> list[str]:
     """Labels of the knobs this job's sweep varies beyond model, k, theta, B and seed, with this
     job's values, e.g. ["lr0.05", "adam"]; [] outside a sweep."""
-    if hc.mode != RunMode.MULTIRUN:
-        return []
-    plan = SweepPlan.read(Path(hc.sweep.dir))
-    if plan is None:
-        return []
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     labels = []
-    for override in OverridesParser.create().parse_overrides(list(hc.overrides.task)):
+    for override in _swept(hc) or []:
         key = override.key_or_group
-        if key not in plan.varying or key in NAMED_ELSEWHERE:
+        if key in NAMED_ELSEWHERE:
             continue
         value = _short(override.get_value_element_as_str())
         labels.append(value if key in hc.runtime.choices else KNOB_LABELS.get(key, key.rsplit(".", 1)[-1]) + value)
     return labels
+
+
+def job_title(hc: Any) -> str:
+    """"job 2/8 [model=resnet20 seed=1]": a sweep job as the failure list names it, by the
+    overrides its sweep varies (all of its overrides where the sweep's plan is unknown)."""
+    swept = _swept(hc)
+    overrides = list(hc.overrides.task) if swept is None else [o.input_line for o in swept]
+    return f"{job_label(hc)} [{' '.join(overrides)}]"
 
 
 def duration(seconds: float) -> str:

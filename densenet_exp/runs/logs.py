@@ -12,8 +12,11 @@ import logging
 import os
 from typing import TextIO
 
-# The harness's loggers; not `hydra_plugins` (joblib's launcher lines number jobs from #0).
-OWN_LOGGERS = ("densenet_exp", "__main__")
+# The harness's own loggers and those below them. Hydra's launchers (hydra_joblib_launcher,
+# hydra_submitit_launcher) are third-party: their list of the jobs, numbered from 0, would
+# contradict the harness's "job 1/8" and the sweep's table.
+OWN_LOGGERS = ("densenet_exp", "hydra_plugins.densenet_exp_slurm", "hydra_plugins.densenet_exp_search",
+               "__main__")
 
 
 def is_own(name: str) -> bool:
@@ -55,3 +58,21 @@ def is_terminal(stream: TextIO) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+def error_line(error: BaseException) -> str:
+    """`Type: message` of an error, in one line (its message's first). An error raised while
+    handling another (not `raise ... from`) names that first one, the reason: Lightning's clean-up
+    after a failed start raises an error of its own that hides it (issue 37: "Please call
+    iter(combined_loader) first" hid why the loader processes could not start). A stop signal
+    (SystemExit, KeyboardInterrupt) is its own reason."""
+    first = error
+    while (isinstance(error, Exception) and first.__context__ is not None and first.__cause__ is None
+           and not first.__suppress_context__):
+        first = first.__context__
+
+    def line(err: BaseException) -> str:
+        text = str(err).strip()
+        return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+    return line(error) if first is error else f"{line(first)} (then, while handling it, {line(error)})"

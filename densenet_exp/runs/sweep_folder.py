@@ -83,8 +83,13 @@ def record_job(hc: Any, run_id: str, skipped: bool = False) -> None:
     (folder / f"{hc.job.num}.json").write_text(json.dumps(entry))
 
 
-def record_failed_job(sweep_dir: Path, job_num: int, overrides: list[str], error: BaseException) -> None:
+def record_failed_job(sweep_dir: Path, job_num: int, title: str, error: BaseException) -> str:
+    """Note, for the list that ends the sweep, that job `job_num` (named `title`, console.job_title)
+    failed and why, in one line; returns the line."""
+    from .logs import error_line
+
     folder = sweep_dir / FAILURES_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    line = f"#{job_num} [{' '.join(overrides)}] {type(error).__name__}: {error}".splitlines()[0]
+    line = f"{title} failed: {error_line(error)}"
     (folder / f"{job_num}.txt").write_text(line + "\n")
+    return line

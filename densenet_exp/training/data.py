@@ -3,15 +3,17 @@
 Data that fits in memory (Fashion-MNIST, CIFAR, synthetic) is held as one uint8 tensor and
 served a whole batch per index operation, on the GPU when training runs there: no per-image
 PIL decoding, no collation, no worker processes. Image folders (your own data; layout in
-datafiles.py) go through torchvision's per-image pipeline with loader processes.
+datafiles.py) go through torchvision's per-image pipeline with loader processes (`choose_loading`).
 """
 
 from __future__ import annotations
 
 import gzip
 import math
+import multiprocessing
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from .. import record
 from ..datafiles import (FASHION_MNIST_FILES, FASHION_MNIST_HELP, SMALL_IMAGES, check_pixels, find_fashion_mnist,
                          read_image_folder)
 from ..options import AUGMENTATIONS  # noqa: F401 (TensorImages' augmentations)
@@ -204,13 +207,55 @@ def has_validation_split(cfg: Mapping[str, Any]) -> bool:
     return cfg["val_size"] is None or cfg["val_size"] > 0
 
 
-def loader_workers(configured: int | None) -> int:
-    """Loader processes for an image folder: the configured number, else one per core this
-    process may use but one (the training process's), at most MAX_WORKERS."""
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class Loading:
+    """How a run's batches are loaded: `workers` loader processes (0: in the training process),
+    started by `start_method` (None: the process's default), and why (tags loader_workers and
+    loader_workers_reason)."""
+
+    workers: int
+    start_method: str | None
+    reason: str
+
+    def tags(self) -> dict[str, str]:
+        return {record.LOADER_WORKERS: str(self.workers), record.LOADER_WORKERS_REASON: self.reason}
+
+    def describe(self) -> str:
+        """", 3 loader processes (fork)" for the pre-run block; "" without any."""
+        if not self.workers:
+            return ""
+        return f", {self.workers} loader process{'es' if self.workers > 1 else ''}" + (
+            f" ({self.start_method})" if self.start_method else "")
+
+
+def choose_loading(data: Mapping[str, Any], cores: int, joblib_worker: bool) -> Loading:
+    """Loader processes for data config `data` in a job that may use `cores` cores: for an image
+    folder, data.num_workers where set, else one per core but one (the training process's), at most
+    MAX_WORKERS; none for in-memory data. `joblib_worker`: a joblib launcher (hydra/launcher=
+    cpu_parallel, gpu_shared) runs the job in a loky worker process, whose own start method cannot
+    start torch's loader processes (every job failed in < 1 s: issue 37), nor can spawn or
+    forkserver from there; fork can, where the platform has it, and else the images load in the
+    training process."""
+    if data["name"] != "imagefolder":
+        return Loading(0, None, "in-memory data: batches are indexed whole, no loader processes")
+    configured = data.get("num_workers")
     if configured is not None:
-        return int(configured)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(0, min(MAX_WORKERS, cores - 1))
+        workers, reason = int(configured), "set by data.num_workers"
+    else:
+        workers = max(0, min(MAX_WORKERS, cores - 1))
+        reason = f"auto: one per core of the job's {cores} but one (the training process's), at most {MAX_WORKERS}"
+    if workers == 0 or not joblib_worker:
+        return Loading(workers, None, reason)
+    if "fork" in multiprocessing.get_all_start_methods():
+        return Loading(workers, "fork", f"{reason}; started by fork (a joblib launcher's worker process cannot "
+                                        "start them by its own start method, loky)")
+    return Loading(0, None, "none: a joblib launcher's worker process cannot start loader processes on a platform "
+                            "without fork")
 
 
 class UnreadableImage(OSError):
@@ -254,15 +299,17 @@ class ImageDataModule(L.LightningDataModule):
     The config is read here, once, and only the keys this data set uses (an ImageFolder set has
     its own val/ folder and fixed augmentation; in-memory sets load batches without workers)."""
 
-    def __init__(self, cfg: Mapping[str, Any], seed: int = 0) -> None:
+    def __init__(self, cfg: Mapping[str, Any], seed: int = 0, loading: Loading | None = None) -> None:
         super().__init__()
         self.seed = seed
+        # A job passes the loading its launcher allows (job.py); outside a job, this process's cores.
+        self.loading = loading or choose_loading(cfg, usable_cores(), joblib_worker=False)
         self.name = cfg["name"]
         self.batch_size = cfg["batch_size"]
         self.eval_batch_size = cfg["eval_batch_size"] or self.batch_size
         if self.name == "imagefolder":
             self.root = Path(str(cfg["root"])).expanduser()
-            self.image_size, self.num_workers = cfg["image_size"], loader_workers(cfg["num_workers"])
+            self.image_size = cfg["image_size"]
             self.val_size, self.split_seed = cfg["val_size"], cfg["split_seed"]
         else:
             if self.name == "synthetic":
@@ -349,13 +396,14 @@ class ImageDataModule(L.LightningDataModule):
         sampler = IndexBatches(len(ds), batch_size, train, self.seed, drop_last=train, rank=rank, world_size=world)
         if isinstance(ds, TensorImages):
             return DataLoader(ds, sampler=sampler, batch_size=None)
-        workers = self.num_workers
+        workers = self.loading.workers
         return DataLoader(
             ds,
             batch_size=batch_size,
             sampler=IndexShard(sampler),  # the trainer runs with use_distributed_sampler=False
             drop_last=train,
             num_workers=workers,
+            multiprocessing_context=self.loading.start_method if workers else None,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
         )

@@ -104,6 +104,7 @@ class JobReport(Callback):
         sizes = f"{sizes} images" if sizes else "sizes unknown"
         if sets and not getattr(trainer.datamodule, "has_test_set", True):
             sizes += ", no held-out test set (no test/ folder: no test metric)"
+        loading = trainer.datamodule.loading.describe() if hasattr(trainer.datamodule, "loading") else ""
         device = str(trainer.strategy.root_device)
         if trainer.world_size > 1:
             device += f" x {trainer.world_size} processes ({trainer_cfg.get('strategy', 'ddp')})"
@@ -118,7 +119,7 @@ class JobReport(Callback):
             f"{params / 1e6:.3f}M parameters",
             f"  input      {data.get('channels', '?')}x{data.get('image_size', '?')}x{data.get('image_size', '?')}, "
             f"{data['num_classes']} classes",
-            f"  data       {data['name']}: {sizes}; batch {data['batch_size']}",
+            f"  data       {data['name']}: {sizes}; batch {data['batch_size']}{loading}",
             f"  device     {device}, {torch.get_num_threads()} CPU threads; precision {trainer.precision}",
             f"  speed      channels_last {_on_off(self.speed.get('channels_last'))}, keep freed memory "
             f"{_on_off(self.speed.get('keep_freed_memory'))}, compile {_on_off(cfg['speed'].get('compile'))}, "
