@@ -218,6 +218,7 @@ def test_a_sweep_whose_parent_cannot_be_created_stops_loudly(tmp_path, monkeypat
     monkeypatch.setattr(MlflowClient, "create_run", refuse)
     config = OmegaConf.load(ROOT / "conf" / "config.yaml")
     config.tracking.uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config.tracking.experiment = "smoke"  # config.yaml alone composes no data set to name one from
     config.hydra = {"runtime": {"cwd": str(ROOT)}, "sweep": {"dir": str(tmp_path / "sweep")},
                     "overrides": {"task": []}}
     with pytest.raises(SystemExit) as stop:
