@@ -32,7 +32,7 @@ def test_parallel_joblib_sweep_loses_nothing_in_one_sqlite_store(store):
     assert sorted(r.data.params["seed"] for r in runs) == ["0", "1", "2", "3"]
     client = store.client()
     for run in runs:
-        assert run.info.status == "FINISHED"
+        assert run.info.status == "FINISHED", run.data.tags.get("stop_reason")
         assert len(client.get_metric_history(run.info.run_id, "val/acc")) == 2
         assert {"test/acc", "train/loss", "lr"} <= set(run.data.metrics)
     assert "locked" not in result.stderr
