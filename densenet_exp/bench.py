@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from . import record
-from .checks import InvalidValue, require, require_int
+from .checks import ArgumentParser, InvalidValue, require, require_int
 from .training.speed import bf16_native, choose_speed, keep_freed_memory, use_channels_last, use_keep_freed_memory
 
 DEFAULT_MODELS = (
@@ -340,7 +340,7 @@ def harness_overhead(args: argparse.Namespace) -> dict[str, float]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m densenet_exp.bench", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m densenet_exp.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(DEFAULT_MODELS),
                    help=f"comma-separated entries, NAME or NAME:OPTION, OPTION one of {', '.join(o for o in OPTIONS if o)}")
     p.add_argument("--reference", default="tv_densenet121", help="entry the ratios divide by")

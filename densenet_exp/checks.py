@@ -8,8 +8,11 @@ Torch-free, so the light tools import it cheaply.
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import reprlib
+import sys
+from collections.abc import Callable
 from numbers import Real
 from typing import Any
 
@@ -23,8 +26,40 @@ EXIT_BAD_INPUT, EXIT_BUSY, EXIT_NO_ROOM, EXIT_STORE_DOWN = 2, 3, 74, 75
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_. -]{0,199}")
 
 
-class InvalidValue(ValueError):
+class OneLineError(Exception):
+    """An error a command-line tool reports as one line, `error: <message>`, exiting with
+    `exit_code` (entry_point below): bad input, a refusal, a store that is down."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class InvalidValue(OneLineError, ValueError):
     """A value that cannot work; the message names the key, the value and what is allowed."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the tools' one-line errors: a bad or missing flag prints `error: <prog>:
+    <message> (--help lists the flags)` and exits EXIT_BAD_INPUT, without the usage block.
+    Subcommand parsers are of the same class."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {message} (--help lists the flags)\n")
+
+
+def entry_point(main: Callable[..., int]) -> Callable[..., int]:
+    """The one error boundary of every command-line tool (`report`, `export`, `replay`, `search`,
+    `study`): a OneLineError raised anywhere below `main` becomes its line on stderr and its exit
+    code, never a traceback. Tools add a hint of their own only where they know one (a store's key)."""
+
+    @functools.wraps(main)
+    def run(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except OneLineError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return err.exit_code
+
+    return run
 
 
 # A value as a message quotes it: a few hundred characters at most, however large it is (a

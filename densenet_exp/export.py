@@ -18,7 +18,6 @@ name that reaches the file system must pass.
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import math
@@ -33,9 +32,8 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from . import record
-from .checks import EXIT_BAD_INPUT, EXIT_BUSY, EXIT_STORE_DOWN, InvalidValue, require, require_name
+from .checks import EXIT_BUSY, EXIT_STORE_DOWN, ArgumentParser, InvalidValue, OneLineError, entry_point, require, require_name
 from .runs.store import (
-    StoreConfigError,
     StoreUnreachable,
     bound_tool_waits,
     check_store,
@@ -104,8 +102,10 @@ def save(experiment: str, tracking_uri: str, out: Path) -> int:
     return len(runs)
 
 
-class AlreadyLoaded(RuntimeError):
+class AlreadyLoaded(OneLineError, RuntimeError):
     """Runs of the file are in the experiment already."""
+
+    exit_code = EXIT_BUSY
 
 
 def read(path: Path) -> list[dict]:
@@ -243,8 +243,9 @@ def _write(client: MlflowClient, experiment_id: str, records: list[dict], path: 
         client.set_terminated(run_id, status, end_time=entry["end_time"])
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m densenet_exp.export", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m densenet_exp.export", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("save", help="write an experiment's runs to a file")
     s.add_argument("--experiment", required=True)
@@ -275,12 +276,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             prepare_store(uri, key)
             name = load(args.file, uri, args.experiment, args.again, records)
             print(f"{args.file} loaded into {uri} as experiment {name}")
-    except (InvalidValue, StoreConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except AlreadyLoaded as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BUSY
     except StoreUnreachable as err:
         print(f"error: {err}: start it, or point {key} at another store", file=sys.stderr)
         return EXIT_STORE_DOWN

@@ -14,7 +14,6 @@ config (exit 75), and it never creates a store: each store it names must exist.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections import defaultdict
@@ -23,9 +22,9 @@ from pathlib import Path
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from .checks import EXIT_BAD_INPUT, EXIT_STORE_DOWN
+from .checks import EXIT_BAD_INPUT, EXIT_STORE_DOWN, ArgumentParser, OneLineError, entry_point
 from .runs.ownership import owner_gone
-from .runs.store import StoreConfigError, bound_tool_waits, check_store, retry_locked, unreachable
+from .runs.store import bound_tool_waits, check_store, retry_locked, unreachable
 
 
 def replay(path: Path, uri: str | None = None, owner_timeout_s: float = 600) -> dict[str, int]:
@@ -61,8 +60,9 @@ def replay(path: Path, uri: str | None = None, owner_timeout_s: float = 600) -> 
     return counts
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m densenet_exp.replay", description=__doc__.split("\n\n")[0])
     parser.add_argument("file", type=Path, help="an unsent_metrics.jsonl a run left in its output folder")
     parser.add_argument("--tracking-uri", help="the store to send to; default: the one each record names")
     args = parser.parse_args(argv)
@@ -72,10 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     bound_tool_waits()  # a server that stays down: give up as a run does
     try:
         counts = replay(args.file, args.tracking_uri)
-    except StoreConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     except Exception as err:
+        if isinstance(err, OneLineError):
+            raise
         if unreachable(err):
             print("error: the tracking store is still unreachable: try again once it is back", file=sys.stderr)
             return EXIT_STORE_DOWN

@@ -16,7 +16,6 @@ at once (tools/startup-time measures it).
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import os
@@ -35,7 +34,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from . import record
-from .checks import EXIT_BAD_INPUT, EXIT_STORE_DOWN, InvalidValue, require, require_flag, require_name
+from .checks import EXIT_STORE_DOWN, ArgumentParser, entry_point, require, require_flag, require_name
 from .analysis.figures import (
     level,
     plot_accuracy_vs_cost,
@@ -49,10 +48,8 @@ from .measures.run_figures import REUSE_NORMALIZATIONS, plot_feature_reuse
 from .analysis.results import (
     CONFIG,
     SUMMARY_METRICS,
-    ExperimentNotFound,
     accuracy_label,
     accuracy_of,
-    InvalidRunId,
     check_run_id,
     feature_reuse_matrices,
     finished,
@@ -67,7 +64,7 @@ from .analysis.results import (
     search_trials,
     summarize,
 )
-from .runs.store import StoreConfigError, StoreUnreachable, bound_tool_waits, check_store, retry_locked, tool_uri
+from .runs.store import StoreUnreachable, bound_tool_waits, check_store, retry_locked, tool_uri
 from .analysis.declared import ONCE_RULE, one_per_declared
 from .claims import Confirmation, describe, judge_plan, load_plan
 from .claims import rules as plan_rules
@@ -627,8 +624,9 @@ def _margin(text: str) -> float:
     return value
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m densenet_exp.report", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m densenet_exp.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiment", help="MLflow experiment name (tracking.experiment); default: the plan's")
     parser.add_argument("--plan", help="a declared study plan (YAML): its claims are judged on its confirmation runs")
     parser.add_argument("--sweep", help="parent run id of one sweep (tag sweep_id of its runs); default: all runs")
@@ -656,9 +654,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_store(uri, key)  # the checks training makes; a report never creates a store
         out = args.out or Path("reports") / (experiment + (f"-{args.sweep[:8]}" if args.sweep else ""))
         found = write_report(experiment, uri, out, args.sweep, args.margin, plan, args.table_format)
-    except (ExperimentNotFound, InvalidRunId, InvalidValue, StoreConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     except StoreUnreachable as err:
         print(f"error: {err}: start it, or point {key} at another store", file=sys.stderr)
         return EXIT_STORE_DOWN

@@ -26,7 +26,6 @@ keeps that plugin's config shape.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -50,7 +49,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
 from . import record
-from .checks import EXIT_BAD_INPUT, EXIT_STORE_DOWN, require, require_flag, require_int
+from .checks import EXIT_BAD_INPUT, EXIT_STORE_DOWN, ArgumentParser, entry_point, require, require_flag, require_int
 from .runs.store import StoreUnreachable, check_store, sqlite_path, tool_uri, tracking_uri
 
 # Hydra imports every sweeper plugin at start-up, `--help` included: Optuna only when it sweeps.
@@ -334,8 +333,9 @@ def confirmation_command(trial: Any, seeds: Sequence[int]) -> list[str]:
     return [sys.executable, "-m", "densenet_exp.run", "-m", *overrides, f"seed={','.join(map(str, seeds))}"]
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m densenet_exp.search",
         description="Train the best trials of an Optuna search again with confirmation seeds.")
     parser.add_argument("--experiment", required=True, help="the MLflow experiment the search logged to")
@@ -347,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import pandas as pd
 
-    from .analysis.results import ExperimentNotFound, load_runs
+    from .analysis.results import load_runs
 
     uri, key = tool_uri(args.tracking_uri)
     seeds = args.seeds
@@ -355,9 +355,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         require_int("--top", args.top, 1)
         check_store(uri, key)  # reads only: never creates a store; one line for one that cannot work
         runs = load_runs(args.experiment, uri)
-    except (ExperimentNotFound, ValueError) as err:  # StoreConfigError and InvalidValue are ValueErrors
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     except StoreUnreachable as err:
         print(f"error: {err}: start it, or point {key} at another store", file=sys.stderr)
         return EXIT_STORE_DOWN

@@ -21,7 +21,6 @@ another `run`, 75 a store is unreachable, 130/143 stopped.
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import os
 import signal
@@ -37,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from . import record
-from .checks import EXIT_BAD_INPUT, EXIT_BUSY, EXIT_STORE_DOWN, InvalidValue, require_flag, require_name
+from .checks import EXIT_BAD_INPUT, EXIT_BUSY, EXIT_STORE_DOWN, ArgumentParser, OneLineError, entry_point, require_flag, require_name
 from .plan import STAGES, Job, Plan, require_declared_rule
 
 OUTPUT_ROOT = Path("outputs/studies")
@@ -47,11 +46,13 @@ PLAN_LOCK = "study.lock"  # in the plan's output folder: held by the one `study 
 _checked: set[str] = set()  # stores plan_runs has checked
 
 
-class PlanBusy(RuntimeError):
+class PlanBusy(OneLineError, RuntimeError):
     """Another `study run` holds the plan's lock; the message names it."""
 
+    exit_code = EXIT_BUSY
 
-class PlanChanged(ValueError):
+
+class PlanChanged(OneLineError, ValueError):
     """The plan file differs from the one its confirmation started under."""
 
 
@@ -229,8 +230,9 @@ class Runner:
         return 0
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m densenet_exp.study", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m densenet_exp.study", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("show", "run", "estimate"))
     parser.add_argument("plan", help="the plan file (YAML)")
     parser.add_argument("--stage", choices=STAGES, default="confirmation")
@@ -243,12 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from .claims import describe, load_plan
 
-    try:
-        plan = load_plan(args.plan)
-        check_names(plan)
-    except InvalidValue as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    plan = load_plan(args.plan)
+    check_names(plan)
     from .runs.store import tracking_uri
 
     uri = tracking_uri(args.tracking_uri, Path.cwd())
@@ -282,12 +280,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{len(plan.jobs(args.stage))} jobs to run, {args.jobs} at a time; store "
                   f"{', '.join(sorted(set(stores.values()))) or uri}", flush=True)
             return Runner(plan, args.stage, args.jobs).run(todo)
-    except PlanBusy as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BUSY
-    except (PlanChanged, StoreConfigError, InvalidValue) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     except StoreUnreachable as err:
         print(f"error: {err}: start it, or point the plan's tracking.uri elsewhere", file=sys.stderr)
         return EXIT_STORE_DOWN

@@ -237,3 +237,41 @@ def test_a_confirmation_with_claims_starts_only_under_a_declared_rule(rule, tmp_
     else:
         assert code == EXIT_BAD_INPUT and not started and err.count("\n") == 1 and err.startswith("error: settled")
         assert "declared before a confirmation starts" in err and not (tmp_path / "mlflow.db").exists()
+
+
+TOOLS = ("report", "export", "replay", "search", "study")
+
+
+@pytest.mark.parametrize("tool", [*TOOLS, "bench"])
+def test_a_bad_flag_is_one_line_naming_the_tool_in_every_tool(tool, capsys):
+    """Issue 31: one error boundary (checks.ArgumentParser): no usage block, one line, exit 2."""
+    import importlib
+
+    main = importlib.import_module(f"densenet_exp.{tool}").main
+    with pytest.raises(SystemExit) as exit_:
+        main(["--no-such-flag"] if tool != "export" else ["save", "--no-such-flag"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == EXIT_BAD_INPUT and err.count("\n") == 1 and "usage:" not in err, err
+    assert err.startswith(f"error: python -m densenet_exp.{tool}") and ("--no-such-flag" in err or "required" in err)
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_every_tool_reports_a_one_line_error_raised_anywhere_below_it(tool, monkeypatch, capsys):
+    """checks.entry_point wraps each tool's main: a OneLineError from deep inside (here from the
+    argument parsing itself) is its line and its exit code, never a traceback."""
+    import importlib
+
+    from densenet_exp.checks import OneLineError
+
+    class Refused(OneLineError):
+        exit_code = 7
+
+    module = importlib.import_module(f"densenet_exp.{tool}")
+    assert hasattr(module.main, "__wrapped__"), f"{tool}.main is not wrapped by checks.entry_point"
+
+    def refuse(*args, **kwargs):
+        raise Refused("deep down: no")
+
+    monkeypatch.setattr(module.ArgumentParser, "parse_args", refuse)
+    assert module.main([]) == 7
+    assert capsys.readouterr().err == "error: deep down: no\n"

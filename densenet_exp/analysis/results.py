@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from .. import record
+from ..checks import OneLineError
 from ..config import DENSENET_KNOBS
 from ..options import milestone_epochs, train_batches
 from ..measures.gradients import assign_roles
@@ -102,11 +103,11 @@ def network_depth(arch: object, depth: object, block_config: object, bottleneck:
     return float(1 + per_layer * sum(blocks) + len(blocks) - 1 + 1)
 
 
-class ExperimentNotFound(LookupError):
+class ExperimentNotFound(OneLineError, LookupError):
     pass
 
 
-class InvalidRunId(ValueError):
+class InvalidRunId(OneLineError, ValueError):
     pass
 
 

@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..checks import InvalidValue, require
+from ..checks import EXIT_STORE_DOWN, InvalidValue, OneLineError, require
 from ..config import CONFIG_FILE
 
 T = TypeVar("T")
@@ -54,12 +54,14 @@ SIDE_FILES = ("-journal", "-wal", "-shm")  # SQLite's files beside a database, n
 _down: set[str] = set()  # servers found unreachable in this process: no call waits on them again
 
 
-class StoreConfigError(ValueError):
+class StoreConfigError(OneLineError, ValueError):
     """A store URI or file that cannot work; one line naming it and what to do."""
 
 
-class StoreUnreachable(RuntimeError):
+class StoreUnreachable(OneLineError, RuntimeError):
     """The tracking server did not answer within `tracking.http`'s retries."""
+
+    exit_code = EXIT_STORE_DOWN
 
     def __init__(self, uri: str, unsent: Path | None = None) -> None:
         self.uri, self.unsent = uri, unsent
