@@ -104,3 +104,15 @@ def test_the_config_group_table_lists_every_preset(group):
     assert row, f"README's config-group table has no `{group}` row"
     listed = set(re.findall(r"`([\w.]+)`", row.group(1)))
     assert listed == {p.stem for p in (ROOT / "conf" / group).glob("*.yaml")}
+
+
+def test_readme_serves_the_researcher_first():
+    """Issue 37: the first screen says what the tool is, gives the two commands and points to the
+    own-data walkthrough, which comes before the study results."""
+    text = (ROOT / "README.md").read_text()
+    first_screen = "\n".join(text.splitlines()[:40])
+    assert "make run" in first_screen and "make test" in first_screen and "(#your-own-data)" in first_screen
+    headings = re.findall(r"^## (.+)$", text, re.M)
+    assert headings.index("Your own data") < headings.index("Results")
+    walkthrough = text[text.index("## Your own data"):text.index("## Results")]
+    assert "densenet_exp.report" in walkthrough and "model=densenet_small,resnet20" in walkthrough
