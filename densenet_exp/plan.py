@@ -34,7 +34,9 @@ from . import record
 from .checks import is_number, require
 from .config import load_yaml
 
-STAGES = ("exploration", "confirmation")
+# `budget`: the confirmation arms again at a larger training budget on fresh seeds (claims/evidence.py,
+# BUDGET_RULE), optional.
+STAGES = ("exploration", "confirmation", "budget")
 PROCEDURES = ("holm", "fixed_sequence")
 # What a paired plan's arms must share per seed: the seed (initialization draws and batch order,
 # training/data.py seeds its sampler from it) and the train/validation split.
@@ -99,7 +101,7 @@ class Plan:
         """The plan as the report and `study show` print it."""
         lines = [f"plan `{self.name}` ({self.path}, sha256 {self.hash[:12]}): {self.description}".rstrip(": "),
                  f"recipe: {' '.join(self.recipe) or '(defaults)'}; MLflow experiment `{self.experiment}`"]
-        for stage in STAGES:
+        for stage in (s for s in STAGES if s != "budget" or self.arms["budget"]):
             arms = "; ".join(f"{a}: {' '.join(o)}" + (f" (seeds {', '.join(map(str, self.seeds_of(stage, a)))})"
                                                        if a in self.arm_seeds.get(stage, {}) else "")
                              for a, o in self.arms[stage].items())
@@ -195,9 +197,16 @@ def load_plan(path: str | Path) -> Plan:
                 arm_seeds[stage][str(arm)] = _seeds(f"{stage}.arms.{arm}.seeds", spec.get("seeds"))
                 spec = spec.get("overrides")
             arms[stage][str(arm)] = _overrides(f"{stage}.arms.{arm}", spec)
-    explored = set(seeds["exploration"]).union(*arm_seeds["exploration"].values())
-    overlap = explored & set(seeds["confirmation"]).union(*arm_seeds["confirmation"].values())
+    used = {stage: set(seeds[stage]).union(*arm_seeds[stage].values()) for stage in STAGES}
+    overlap = used["exploration"] & used["confirmation"]
     require("confirmation.seeds", sorted(overlap), not overlap, "seeds the exploration stage did not use")
+    overlap = used["budget"] & (used["exploration"] | used["confirmation"])
+    require("budget.seeds", sorted(overlap), not overlap, "seeds neither the exploration nor the confirmation used")
+    for arm, overrides in arms["budget"].items():  # the same arm, trained longer: its overrides, then the budget's
+        own = arms["confirmation"].get(arm)
+        require(f"budget.arms.{arm}", " ".join(overrides), own is not None and overrides[:len(own)] == own
+                and len(overrides) > len(own), "a confirmation arm's name and overrides, followed by the budget's "
+                "own (e.g. trainer.max_epochs)")
     claims = tuple(_claim(i, c) for i, c in enumerate(raw.get("claims") or []))
     paired, procedure = raw.get("paired", False), raw.get("procedure", "holm")
     require("paired", paired, isinstance(paired, bool), "true or false")

@@ -143,7 +143,7 @@ def finished_jobs(plan: Plan, stage: str, stores: dict[str, str]) -> set[tuple[s
     for uri in set(stores.values()):
         for r in plan_runs(plan, stage, uri, "FINISHED"):
             arm = r.data.tags.get(record.STUDY_ARM, "")
-            current = stage != "confirmation" or r.data.tags.get(record.STUDY_PLAN_HASH) == plan.hash
+            current = stage == "exploration" or r.data.tags.get(record.STUDY_PLAN_HASH) == plan.hash
             if stores.get(arm) == uri and current:
                 done.add((arm, int(r.data.params.get("seed", -1))))
     return done

@@ -5,6 +5,7 @@ here and judged by the report's own path."""
 from __future__ import annotations
 
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -414,3 +415,74 @@ def test_test_predictions_are_read_only_when_a_plan_is_judged_and_only_for_its_r
     report.judge(evidence, 0.5, plan)
     (ids,) = asked
     assert len(ids) == 8 * 6 and ids < set(evidence.done["run_id"])  # the stray run is not the plan's
+
+
+# --- the budget check -----------------------------------------------------------------------------
+
+BUDGET_PLAN = """
+name: budget
+experiment: {experiment}
+convergence: {{max_gain_pp: 0.3}}
+confirmation:
+  seeds: [400, 401, 402, 403, 404, 405]
+  arms:
+    d: [model=densenet_bc28_k12]
+    r: [model=resnet20]
+budget:
+  seeds: [500, 501, 502, 503, 504, 505]
+  arms:
+    d: [model=densenet_bc28_k12, trainer.max_epochs=6]
+    r: [model=resnet20, trainer.max_epochs=6]
+claims:
+  - {{kind: fewer_params, smaller: d, larger: r, margin_pp: 0.5}}
+"""
+
+
+def budget_store(tmp_path, experiment: str, moved_pp: float, budget_seeds: int = 6):
+    """d 0.1 pp above r at the confirmation's budget (6 seeds, SD 0.1 pp), and `moved_pp` further at
+    twice the budget, on the budget stage's own seeds (the first `budget_seeds` of them)."""
+    plan = write(tmp_path, BUDGET_PLAN.format(experiment=experiment), f"{experiment}.yaml")
+    store = Store(tmp_path / experiment)
+    client = store.client()
+    eid = client.create_experiment(experiment, artifact_location=(store.path / "a").as_uri())
+    rng = np.random.default_rng(3)
+    arms = {"d": ({"model.name": "densenet_bc28_k12", "model.arch": "densenet_cifar"}, 100_000),
+            "r": ({"model.name": "resnet20", "model.arch": "resnet_cifar"}, 270_000)}
+    for stage, seeds, epochs in (("confirmation", SEEDS, 3), ("budget", [500 + i for i in range(budget_seeds)], 6)):
+        for (arm, (params, n)), seed in itertools.product(arms.items(), seeds):
+            pp = 91 + (0.1 if arm == "d" else 0) + (1 + (moved_pp if arm == "d" else 0)) * (stage == "budget")
+            acc = (pp + rng.normal(0, 0.1)) / 100
+            run_id = add_run(client, eid, arm, {**RECIPE, **params, "trainer.max_epochs": epochs, "data.split_seed": seed},
+                             {record.TEST_ACC: acc, record.PARAMS: n}, seed, "fashion_mnist",
+                             tags={record.STUDY_PLAN: plan.name, record.STUDY_PLAN_HASH: plan.hash,
+                                   record.STUDY_STAGE: stage, record.STUDY_ARM: arm})
+            client.log_batch(run_id, metrics=[Metric(record.VAL_ACC, acc, 0, s) for s in range(6)])
+    return store, plan
+
+
+@pytest.mark.parametrize("moved_pp, budget_seeds, holds", [(0.05, 6, True), (0.6, 6, False), (0.05, 1, False)])
+def test_a_claim_that_moves_at_twice_the_budget_holds_at_this_budget_only(tmp_path, moved_pp, budget_seeds, holds):
+    """Issue 30: doubling the budget must move the arm difference by less than half the margin."""
+    store, plan = budget_store(tmp_path, f"budget{len(str(moved_pp))}{budget_seeds}", moved_pp, budget_seeds)
+    (claim,) = verdicts_of(store, plan)
+    assert claim.verdict == SUPPORTED, claim.label
+    if holds:
+        assert claim.reason == "" and "budget check (trainer.max_epochs=6; 6, 6 seeds)" in claim.evidence
+        assert abs(float(re.search(r"moved ([+-][0-9.]+) pp", claim.evidence).group(1))) < 0.25  # half the margin
+    elif budget_seeds == 1:
+        assert claim.reason.startswith("holds at this budget only: the budget stage (trainer.max_epochs=6) has 1 and 1")
+    else:
+        assert claim.reason.startswith("holds at this budget only: at trainer.max_epochs=6 the difference moved +0.")
+        assert "half the margin is 0.25" in claim.reason
+    assert ("budget", claims.evidence.BUDGET_RULE) in claims.rules(plan)
+
+
+def test_a_budget_arm_is_a_confirmation_arm_trained_longer_on_its_own_seeds(tmp_path):
+    base = BUDGET_PLAN.format(experiment="b")
+    for bad, key in ((base.replace("    d: [model=densenet_bc28_k12, trainer.max_epochs=6]", "    x: [model=resnet20]"), "budget.arms.x"),
+                     (base.replace("[model=densenet_bc28_k12, trainer.max_epochs=6]", "[model=resnet56, trainer.max_epochs=6]"),
+                      "budget.arms.d"),
+                     (base.replace("[model=densenet_bc28_k12, trainer.max_epochs=6]", "[model=densenet_bc28_k12]"), "budget.arms.d"),
+                     (base.replace("seeds: [500, 501", "seeds: [400, 501"), "budget.seeds")):
+        with pytest.raises(InvalidValue, match=rf"^{re.escape(key)}="):
+            write(tmp_path, bad, "bad.yaml")

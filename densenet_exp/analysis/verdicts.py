@@ -66,6 +66,7 @@ class Claim:
     direction: int = 0
     in_family: bool = True
     gates: list = field(default_factory=list, repr=False, compare=False)
+    budget: tuple | None = field(default=None, repr=False, compare=False)  # (smaller, larger, margin_pp) of a pair
 
     @property
     def label(self) -> str:

@@ -29,7 +29,8 @@ from ..checks import is_number, require
 from ..plan import DeclaredClaim, Plan
 from ..plan import load_plan as load_declared
 from . import degradation, family, feature_reuse, fewer_params, frontier, gradient_flow, knob_effect, matched_cost
-from .evidence import SETTLED_RULE, STAGE_RULE, VARIANCE_RULE, Arm, arms_of, confirmation_runs, notes, paired_problems
+from .evidence import (BUDGET_RULE, SETTLED_RULE, STAGE_RULE, VARIANCE_RULE, Arm, arms_of, budget_check,
+                       confirmation_runs, notes, paired_problems)
 
 KINDS = {kind.KIND: kind for kind in (fewer_params, matched_cost, degradation, feature_reuse, gradient_flow,
                                       knob_effect, frontier)}
@@ -120,6 +121,7 @@ def judge_plan(plan: Plan, runs: pd.DataFrame, curves: pd.DataFrame, matrices: M
     for claim in claims if unpaired else []:  # a within-seed test on seeds that did not share their split
         claim.p_value, claim.verdict, claim.reason = None, INCONCLUSIVE, f"declared paired, but {unpaired[0]}"
     decided = family.decide(plan, claims)
+    budget_check(plan, runs, ctx.arms, claims)
     data = ", ".join(sorted(mine["data"].dropna().astype(str).unique()))
     for claim in claims if data else []:  # named by their runs' data set, as the configuration tables name it
         claim.data = data
@@ -144,6 +146,7 @@ def rules(plan: Plan) -> list[tuple[str, str]]:
         ("power", stats.POWER_RULE + " " + stats.TOST_POWER_RULE),
         ("variance over seeds and test images", VARIANCE_RULE),
         *([("paired design", stats.PAIRED_RULE)] if plan.paired else []),
+        *([("budget", BUDGET_RULE)] if plan.arms["budget"] else []),
     ]
     first = {}
     for c in plan.claims:

@@ -13,7 +13,7 @@ import pandas as pd
 
 from .. import record
 from ..analysis import stats
-from ..analysis.verdicts import INCONCLUSIVE, Claim, Config, recipe_differences, window_reason
+from ..analysis.verdicts import CONTRADICTED, INCONCLUSIVE, SUPPORTED, Claim, Config, recipe_differences, window_reason
 from ..plan import Plan
 
 STAGE_RULE = (
@@ -100,6 +100,48 @@ def confirmation_runs(plan: Plan, runs: pd.DataFrame) -> pd.DataFrame:
     keep = (tag(record.STUDY_PLAN).eq(plan.name) & tag(record.STUDY_STAGE).eq("confirmation")
             & runs["status"].eq("FINISHED"))
     return runs[keep.fillna(False).astype(bool)]
+
+
+BUDGET_RULE = (
+    "A plan may declare a `budget` stage: confirmation arms again, with the overrides of a larger training budget "
+    "(e.g. twice the epochs), on fresh seeds. For each pair claim on two of those arms, the difference of mean test "
+    "accuracy at that budget is compared with the confirmation's: a move of less than half the claim's margin leaves "
+    "the verdict as stated; a larger move, or fewer than the minimum seeds finished on either arm, makes a decided "
+    "verdict read \"holds at this budget only\". Descriptive: no test, outside the family.")
+
+
+def budget_check(plan: Plan, runs: pd.DataFrame, arms: dict[str, Arm], claims: list[Claim]) -> None:
+    """BUDGET_RULE on the decided `claims` (in place): `runs` holds the plan's runs of every stage,
+    `arms` the confirmation arms."""
+    budget = plan.arms["budget"]
+    if not budget:
+        return
+    tag = lambda name: runs.get(f"tags.{name}", pd.Series(pd.NA, runs.index))  # noqa: E731
+    done = runs[(tag(record.STUDY_PLAN).eq(plan.name) & tag(record.STUDY_STAGE).eq("budget")
+                 & runs["status"].eq("FINISHED")).fillna(False).astype(bool)]
+    for claim in claims:
+        if claim.budget is None or not all(arm in budget for arm in claim.budget[:2]):
+            continue
+        small, large, margin = claim.budget
+        longer = [Arm(arm, done[tag(record.STUDY_ARM).loc[done.index].eq(arm)
+                                & done["seed"].isin(plan.seeds_of("budget", arm))]
+                      .sort_values("start_time", kind="stable").drop_duplicates("seed"))  # one run a seed
+                  for arm in (small, large)]
+        a, b = (arm.values(record.TEST_ACC) for arm in longer)
+        extra = " ".join(budget[small][len(plan.arms["confirmation"][small]):])
+        if min(len(a), len(b)) < stats.MIN_SEEDS:
+            why = f"the budget stage ({extra}) has {len(a)} and {len(b)} finished seeds, fewer than {stats.MIN_SEEDS}"
+        else:
+            before = 100 * (arms[small].values(record.TEST_ACC, arms[small].trained).mean()
+                            - arms[large].values(record.TEST_ACC, arms[large].trained).mean())
+            after = 100 * (a.mean() - b.mean())
+            claim.evidence += (f"; budget check ({extra}; {len(a)}, {len(b)} seeds): difference {after:+.2f} pp, "
+                               f"moved {after - before:+.2f} pp")
+            if abs(after - before) < margin / 2:
+                continue
+            why = f"at {extra} the difference moved {after - before:+.2f} pp, half the margin is {margin / 2:g}"
+        if claim.verdict in (SUPPORTED, CONTRADICTED):
+            claim.reason = f"holds at this budget only: {why}"
 
 
 def planned_seeds(plan: Plan, runs: pd.DataFrame) -> dict[str, int]:

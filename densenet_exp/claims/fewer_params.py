@@ -40,6 +40,7 @@ def judge(ctx, k) -> list[Claim]:
         f"{small.describe(record.TEST_ACC, 100, unit=' %')} with {small.cost(record.PARAMS):,.0f} parameters; "
         f"{large.describe(record.TEST_ACC, 100, unit=' %')} with {large.cost(record.PARAMS):,.0f}; "
         f"{factor:.2f}x fewer"))
+    claim.budget = (k["smaller"], k["larger"], k["margin_pp"])
     if len(acc.a) and len(acc.b):
         claim.evidence += f"; difference {100 * (acc.a.mean() - acc.b.mean()):+.2f} pp (margin {k['margin_pp']:g})"
     claim.evidence += power_line(ctx, k, acc) + variance_split(ctx, small, large, acc)

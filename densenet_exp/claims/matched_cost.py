@@ -54,6 +54,7 @@ def judge(ctx, k) -> list[Claim]:
                                   f"(within ±{k['margin_pp']:g} pp)",
                         f"{small.describe(record.TEST_ACC, 100, unit=' %')}; "
                         f"{large.describe(record.TEST_ACC, 100, unit=' %')}")
+    same.budget = (k["smaller"], k["larger"], k["margin_pp"])
     differ = undeclared_differences(ctx.plan, small, large)
     if differ:
         same.verdict, same.reason = NOT_COMPARABLE, "; ".join(differ)
