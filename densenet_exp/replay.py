@@ -73,11 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         counts = replay(args.file, args.tracking_uri)
     except Exception as err:
-        if isinstance(err, OneLineError):
-            raise
-        if unreachable(err):
+        if unreachable(err):  # StoreUnreachable too: replay's own advice, not the run's
             print("error: the tracking store is still unreachable: try again once it is back", file=sys.stderr)
             return EXIT_STORE_DOWN
+        if isinstance(err, OneLineError):
+            raise
         print(f"error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", file=sys.stderr)
         return 1
     done = args.file.with_name(args.file.name + ".replayed")
