@@ -69,24 +69,27 @@ def configuration(params: Mapping[str, Any]) -> dict[str, str]:
     return {k: str(v)[:PARAM_LENGTH] for k, v in params.items() if shapes_result(k, data_name)}
 
 
+def _digest(value: Any, length: int) -> str:
+    """The first `length` hex digits of the SHA-256 of `value` as sorted JSON."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
 def config_hash(cfg: Mapping[str, Any]) -> str:
     """The run hash of resolved config `cfg`: a short, stable hash of the whole config but where it
     is tracked and the MACHINE keys. Unlike config_key it keeps the seed and the bookkeeping (probes,
     printing): a run resumes, or is skipped as finished, only under this hash."""
-    flat = {k: v for k, v in flatten(cfg).items() if not k.startswith("tracking.") and key_class(k) != MACHINE}
-    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    kept = {k: v for k, v in flatten(cfg).items() if not k.startswith("tracking.") and key_class(k) != MACHINE}
+    return _digest(kept, 16)
 
 
 def older_config_hash(cfg: Mapping[str, Any]) -> str:
-    """The run hash before 2026-12-08, which kept the MACHINE keys: a run killed under it still
-    resumes (and is re-tagged with config_hash)."""
-    relevant = {k: v for k, v in cfg.items() if k not in ("tracking",)}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """The run hash before commit f1c8f87 (2026-12-07), which kept the MACHINE keys: a run killed
+    under it still resumes (and is re-tagged with config_hash)."""
+    return _digest({k: v for k, v in cfg.items() if k != "tracking"}, 16)
 
 
 def config_key(params: Mapping[str, Any]) -> str:
     """A short hash of `configuration(params)`: `params` flattened (a run's logged params) or a
     resolved config (nested)."""
     flat = flatten(params) if any(isinstance(v, Mapping) for v in params.values()) else params
-    text = json.dumps(configuration(flat), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    return _digest(configuration(flat), 12)

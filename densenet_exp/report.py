@@ -357,12 +357,12 @@ def judge(evidence: Evidence, margin_pp: float, plan: Plan | None = None) -> Fin
         # ONCE_RULE first: a duplicate or a run of another config never reaches a verdict or a table.
         runs, left_out = one_per_declared(plan, evidence.runs)
         done = done[done["run_id"].isin(runs["run_id"])]
+        mine = confirmation_runs(plan, done)
         if evidence.predictions is None:  # a plan's runs only: one download per run, so not for every report
-            evidence.predictions = test_predictions(confirmation_runs(plan, done), evidence.uri) if evidence.uri else {}
+            evidence.predictions = test_predictions(mine, evidence.uri) if evidence.uri else {}
         confirmation = judge_plan(plan, runs, evidence.curves, evidence.matrices, evidence.init, evidence.grads,
                                   evidence.predictions)
         confirmation.notes += left_out
-        mine = confirmation_runs(plan, done)
         explored = done[~done["run_id"].isin(mine["run_id"])]
         arm = mine[f"tags.{record.STUDY_ARM}"]  # a plan's rows are named by its arms
         confirmed = summarize(mine.assign(model=arm, variant=arm), [*SUMMARY_METRICS, record.TRAIN_LOSS])

@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from . import record
-from .checks import EXIT_BAD_INPUT, EXIT_BUSY, EXIT_STORE_DOWN, ArgumentParser, OneLineError, entry_point, require_flag, require_name
+from .checks import (EXIT_BUSY, EXIT_STORE_DOWN, ArgumentParser, InvalidValue, OneLineError, entry_point, require_flag,
+                     require_name)
 from .plan import STAGES, Job, Plan, require_declared_rule
 
 OUTPUT_ROOT = Path("outputs/studies")
@@ -258,13 +259,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "estimate":
         from .claims.sizing import print_estimate
 
-        try:
-            return print_estimate(plan, uri, args.jobs, args.sd)
-        except InvalidValue as err:  # an arm's image folder that does not read as one
-            print(f"error: {err}", file=sys.stderr)
-            return EXIT_BAD_INPUT
+        return print_estimate(plan, uri, args.jobs, args.sd)  # an unreadable arm folder: entry_point's one line
     os.environ.setdefault("MLFLOW_TRACKING_URI", uri)
-    from .runs.store import StoreConfigError, StoreUnreachable
+    from .runs.store import StoreUnreachable
 
     try:
         with plan_lock(plan, args.stage):

@@ -275,3 +275,18 @@ def test_every_tool_reports_a_one_line_error_raised_anywhere_below_it(tool, monk
     monkeypatch.setattr(module.ArgumentParser, "parse_args", refuse)
     assert module.main([]) == 7
     assert capsys.readouterr().err == "error: deep down: no\n"
+
+
+def test_a_plan_arm_that_does_not_compose_is_one_line(tmp_path, monkeypatch, capsys):
+    """study.job_stores raises InvalidValue for an arm whose overrides do not compose: one line
+    naming the arm, before any run (the tool's error boundary prints it)."""
+    from densenet_exp import study
+
+    monkeypatch.chdir(tmp_path)
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("name: p\nrecipe: [experiment=smoke]\nconfirmation:\n  seeds: [1]\n  arms:\n"
+                    "    a: [model=no_such_model]\n")
+    code = study.main(["run", str(plan), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT and err.count("\n") == 1, err
+    assert err.startswith("error: confirmation.arms.a=['model=no_such_model'] (after the recipe) does not compose")

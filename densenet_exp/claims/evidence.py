@@ -94,10 +94,10 @@ class Arm:
         return Config(self.name, str(self.runs["family"].iloc[0]) if len(self.runs) else "", self.runs)
 
 
-def confirmation_runs(plan: Plan, runs: pd.DataFrame) -> pd.DataFrame:
-    """STAGE_RULE: the plan's confirmation runs that finished, on its declared seeds."""
+def confirmation_runs(plan: Plan, runs: pd.DataFrame, stage: str = "confirmation") -> pd.DataFrame:
+    """STAGE_RULE: the plan's confirmation runs that finished (or those of another `stage`)."""
     tag = lambda name: runs.get(f"tags.{name}", pd.Series(pd.NA, runs.index))  # noqa: E731
-    keep = (tag(record.STUDY_PLAN).eq(plan.name) & tag(record.STUDY_STAGE).eq("confirmation")
+    keep = (tag(record.STUDY_PLAN).eq(plan.name) & tag(record.STUDY_STAGE).eq(stage)
             & runs["status"].eq("FINISHED"))
     return runs[keep.fillna(False).astype(bool)]
 
@@ -116,15 +116,12 @@ def budget_check(plan: Plan, runs: pd.DataFrame, arms: dict[str, Arm], claims: l
     budget = plan.arms["budget"]
     if not budget:
         return
-    tag = lambda name: runs.get(f"tags.{name}", pd.Series(pd.NA, runs.index))  # noqa: E731
-    done = runs[(tag(record.STUDY_PLAN).eq(plan.name) & tag(record.STUDY_STAGE).eq("budget")
-                 & runs["status"].eq("FINISHED")).fillna(False).astype(bool)]
+    done = confirmation_runs(plan, runs, "budget")
     for claim in claims:
         if claim.budget is None or not all(arm in budget for arm in claim.budget[:2]):
             continue
         small, large, margin = claim.budget
-        longer = [Arm(arm, done[tag(record.STUDY_ARM).loc[done.index].eq(arm)
-                                & done["seed"].isin(plan.seeds_of("budget", arm))]
+        longer = [Arm(arm, done[done[f"tags.{record.STUDY_ARM}"].eq(arm) & done["seed"].isin(plan.seeds_of("budget", arm))]
                       .sort_values("start_time", kind="stable").drop_duplicates("seed"))  # one run a seed
                   for arm in (small, large)]
         a, b = (arm.values(record.TEST_ACC) for arm in longer)
